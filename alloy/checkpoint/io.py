@@ -1,0 +1,262 @@
+"""Hugging Face directories in and out: config.json + (sharded) safetensors + tokenizer files.
+
+Safetensors only: nothing here ever unpickles. Every source tensor is consumed by a rule or
+explicitly ignored, every parameter is filled, every shape checked; otherwise one
+CheckpointError names the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from alloy.checkpoint.keymap import HEAD_KEYS, LAYOUTS, Layout, Rule
+from alloy.errors import CheckpointError, ConfigError
+from alloy.model import Transformer
+from alloy.model.layers import rope_inv_freq
+from alloy.spec import ModelSpec, read_config
+
+# Files beside the weights that describe the tokenizer and generation; copied through on save.
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+    "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja",
+)
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+MAX_SHARD_BYTES = 2 * 1024**3
+_LIST_AT_MOST = 5  # names shown in an error before "... and N more"
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _names(keys) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_LIST_AT_MOST])
+    return shown + (f" ... and {len(keys) - _LIST_AT_MOST} more" if len(keys) > _LIST_AT_MOST else "")
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        raise CheckpointError(
+            f"{directory}: only pickled weights ({_names(pickled)}); Alloy reads safetensors only "
+            "— re-save them with safetensors"
+        )
+    raise CheckpointError(f"{directory}: no weights (*.safetensors) found")
+
+
+class _Source:
+    """Lazy access to every tensor in a directory's safetensors files, by canonical name."""
+
+    def __init__(self, directory: Path, layout: Layout):
+        self.handles = {}
+        self.where: dict[str, tuple[Path, str]] = {}  # canonical name -> (file, stored name)
+        for path in _weight_files(directory):
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as err:  # safetensors raises its own error types for corrupt files
+                raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(err)})") from None
+            self.handles[path] = handle
+            for stored in handle.keys():
+                name = _strip_prefix(stored, layout)
+                if name in self.where:
+                    raise CheckpointError(f"{directory}: tensor {stored!r} appears in two files")
+                self.where[name] = (path, stored)
+
+    def get(self, name: str) -> torch.Tensor:
+        path, stored = self.where[name]
+        try:
+            return self.handles[path].get_tensor(stored)
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot read tensor {stored!r} ({_one_line(err)})") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        path, stored = self.where[name]
+        return tuple(self.handles[path].get_slice(stored).get_shape())
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:200]
+
+
+def _strip_prefix(key: str, layout: Layout) -> str:
+    for prefix in layout.load_prefixes:
+        if prefix and key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def load(
+    path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    layers: tuple[int, int] | None = None,
+) -> Transformer:
+    """Read an HF directory into a Transformer (or just its layer range [a, b))."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    spec = ModelSpec.from_hf_config(read_config(directory / "config.json"))
+    layout = LAYOUTS[spec.family]
+    source = _Source(directory, layout)
+    target_dtype = parse_dtype(dtype)
+
+    with torch.device("meta"):
+        model = Transformer(spec, layers)
+    wanted = dict(model.state_dict())
+    rules = layout.expand(spec)
+    if "head.weight" in wanted and spec.tie_embeddings:  # a head-only slice of a tied model
+        embed_rule = next(r for r in rules if r.ours == ("embed.tok.weight",))
+        rules.append(Rule(embed_rule.hf, ("head.weight",)))
+    _check_accounted(source, rules, layout, spec, directory)
+
+    state: dict[str, torch.Tensor] = {}
+    for rule in rules:
+        if not any(name in wanted for name in rule.ours):
+            continue  # belongs to layers outside this slice
+        try:
+            tensors = rule.transform.load([source.get(name) for name in rule.hf], spec)
+        except RuntimeError:  # a fused tensor whose size does not split as the config says
+            raise CheckpointError(
+                f"{directory}: tensor {rule.hf[0]!r} has shape {list(source.shape(rule.hf[0]))}, "
+                f"which does not match the config"
+            ) from None
+        for name, tensor in zip(rule.ours, tensors):
+            expected = tuple(wanted[name].shape)
+            if tuple(tensor.shape) != expected:
+                raise CheckpointError(
+                    f"{directory}: tensor {rule.hf[0]!r} has shape {list(source.shape(rule.hf[0]))}; "
+                    f"the config implies {list(expected)} for {name}"
+                )
+            tensor = tensor.to(device=device or "cpu", dtype=target_dtype or tensor.dtype)
+            state[name] = tensor.contiguous()
+    missing = set(wanted) - set(state)
+    if missing:
+        raise CheckpointError(f"{directory}: no tensor for {_names(missing)}")
+    model.load_state_dict(state, strict=True, assign=True)
+    if spec.positions == "rope":  # non-persistent buffer: recompute off the meta device
+        model.inv_freq = rope_inv_freq(spec).to(device or "cpu")
+    model.tokenizer, model.side_files = _read_side_files(directory)
+    return model.eval()
+
+
+def _check_accounted(source: _Source, rules: list[Rule], layout: Layout, spec: ModelSpec, directory: Path):
+    needed = {name for rule in rules for name in rule.hf}
+    missing = needed - set(source.where)
+    extra = {
+        name for name in set(source.where) - needed
+        if not layout.ignored(name) and not (spec.tie_embeddings and name in HEAD_KEYS)
+    }
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {_names(missing)}")
+        if extra:
+            parts.append(f"unexpected {_names(extra)}")
+        raise CheckpointError(f"{directory}: weights do not match the {spec.family} config: {'; '.join(parts)}")
+
+
+def _read_side_files(directory: Path):
+    side = {name: (directory / name).read_bytes() for name in SIDE_FILES if (directory / name).is_file()}
+    tokenizer = None
+    if "tokenizer.json" in side:
+        from tokenizers import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.from_str(side["tokenizer.json"].decode())
+        except Exception as err:
+            raise CheckpointError(f"{directory}/tokenizer.json: unreadable ({_one_line(err)})") from None
+    return tokenizer, side
+
+
+def save(model: Transformer, path: str | Path, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write `model` as an HF directory in its family's own layout; atomic (temp dir, rename)."""
+    spec = model.spec
+    if model.layer_range != (0, spec.num_layers) or not model.has_embed or (spec.causal and not model.has_head):
+        raise CheckpointError(
+            f"cannot save a slice (layers {list(model.layer_range)}) as a model; fuse the stages first"
+        )
+    layout = LAYOUTS[spec.family]
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for rule in layout.expand(spec):
+        for name, tensor in zip(rule.hf, rule.transform.save([state[n] for n in rule.ours], spec)):
+            full = name if name in HEAD_KEYS else layout.prefix + name
+            tensors[full] = tensor.detach().to("cpu").contiguous()
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _write_shards(tensors, staging, max_shard_bytes)
+        config = spec.to_hf_config()
+        config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name, data in model.side_files.items():
+            (staging / name).write_bytes(data)
+        if model.tokenizer is not None and "tokenizer.json" not in model.side_files:
+            model.tokenizer.save(str(staging / "tokenizer.json"))
+        _replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map: dict[str, Any] = {}
+    for n, shard in enumerate(shards, 1):
+        filename = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / filename), metadata={"format": "pt"})
+        weight_map.update({name: filename for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Move the finished staging dir into place; an existing target is replaced only then."""
+    for f in staging.iterdir():
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(target)

@@ -1,0 +1,45 @@
+"""`alloy VERB ...`: thin wrappers over the library. A user error prints one line and exits 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from alloy.errors import AlloyError
+
+# verb -> module under alloy.cli; each module has `add_arguments(parser)` and `run(args) -> int`.
+VERBS = {
+    "inspect": "Show a model's architecture (spec) and size: preset, HF directory or config.json.",
+    "demo": "Run the main job on a built-in default model.",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alloy",
+        description="Run standard-architecture language models on every chip you have, at once.",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb, help_text in VERBS.items():
+        module = importlib.import_module(f"alloy.cli.{verb}")
+        verb_parser = sub.add_parser(verb, help=help_text, description=help_text)
+        module.add_arguments(verb_parser)
+        verb_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args._run(args) or 0
+    except AlloyError as err:
+        print(f"alloy {args.verb}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"alloy {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

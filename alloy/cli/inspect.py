@@ -1,0 +1,29 @@
+"""`alloy inspect MODEL`: the ModelSpec a model resolves to, and its size."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from alloy.spec import resolve_spec
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="preset name, HF model directory, or config.json path")
+    parser.add_argument("--json", action="store_true", help="print the spec as JSON")
+
+
+def run(args) -> int:
+    spec = resolve_spec(args.model)
+    if args.json:
+        print(json.dumps(spec.to_dict() | {"num_params": spec.num_params()}, indent=2))
+        return 0
+    table = Table(title=f"{args.model}: {spec.family}, {spec.num_params() / 1e6:,.1f}M parameters")
+    table.add_column("knob")
+    table.add_column("value")
+    for key, value in spec.to_dict().items():
+        table.add_row(key, str(value))
+    Console().print(table)
+    return 0

@@ -1,0 +1,193 @@
+"""ModelSpec: one flat, frozen description of a standard transformer.
+
+Every field is an orthogonal architecture knob. The model reads knobs, never names: `family`
+only tells the checkpoint adapters which Hugging Face layout to read and write.
+Plain Python (no torch), so a 70B spec can be planned on a laptop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alloy.errors import ConfigError, UnsupportedModelError
+
+NORMS = ("rmsnorm", "layernorm")
+NORM_PLACEMENTS = ("pre", "post", "sandwich")
+POSITIONS = ("rope", "learned")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+MLPS = ("gated", "plain")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+LAYER_TYPES = ("full", "sliding")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    family: str  # Hugging Face model_type; only the checkpoint adapters read it
+    causal: bool = True  # decoder (logits) or bidirectional encoder (hidden states)
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_seq_len: int
+
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-6
+    norm_offset: float = 0.0  # scale = offset + weight (Gemma stores weight - 1)
+    norm_placement: str = "pre"  # pre: x + f(n(x)); post: n(x + f(x)); sandwich: x + n2(f(n1(x)))
+    parallel_residual: bool = False  # x + attn(n1(x)) + mlp(n2(x)) (GPT-NeoX)
+    final_norm: bool = True
+    embedding_norm: bool = False  # LayerNorm right after the embeddings (BERT)
+    embedding_scaled: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
+
+    positions: str = "rope"  # rope, or learned absolute positions
+    rope_theta: float = 10000.0
+    rotary_dim: int = 0  # leading dims of each head that rotate; 0 means all of head_dim
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 0
+    type_vocab_size: int = 0  # token-type (segment) embeddings (BERT)
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    attn_scale: float = 0.0  # 0 means head_dim ** -0.5
+    attn_softcap: float = 0.0  # 0 means none; else cap * tanh(scores / cap)
+    sliding_window: int = 0  # keys within this many positions, on "sliding" layers
+    layer_types: tuple[str, ...] = ()  # per layer "full" | "sliding"; () means all full
+
+    mlp: str = "gated"  # gated: down(act(gate(x)) * up(x)); plain: down(act(up(x)))
+    activation: str = "silu"
+    mlp_bias: bool = False
+
+    tie_embeddings: bool = False
+    final_softcap: float = 0.0  # 0 means none
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("norm", NORMS),
+            ("norm_placement", NORM_PLACEMENTS),
+            ("positions", POSITIONS),
+            ("rope_scaling", ROPE_SCALINGS),
+            ("mlp", MLPS),
+            ("activation", ACTIVATIONS),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise UnsupportedModelError(
+                    f"ModelSpec.{name}={value!r} is not supported; supported: {', '.join(allowed)}"
+                )
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "intermediate_size", "max_seq_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(f"ModelSpec.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        bad = set(self.layer_types) - set(LAYER_TYPES)
+        if bad:
+            raise UnsupportedModelError(f"layer_types value {sorted(bad)[0]!r}; supported: full, sliding")
+        if "sliding" in self.layer_types and self.sliding_window <= 0:
+            raise ConfigError("layer_types has sliding layers but sliding_window is not set")
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise ConfigError(f"rotary_dim={self.rotary_dim} must be even and at most head_dim={self.head_dim}")
+
+    # Derived figures, used by the model and the planner alike.
+    @property
+    def rope_dim(self) -> int:
+        return self.rotary_dim or self.head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.attn_scale or self.head_dim**-0.5
+
+    @property
+    def embedding_multiplier(self) -> float:
+        return math.sqrt(self.hidden_size) if self.embedding_scaled else 1.0
+
+    def layer_window(self, layer: int) -> int:
+        """Sliding window of `layer` in positions, 0 for full attention."""
+        if self.layer_types and self.layer_types[layer] == "sliding":
+            return self.sliding_window
+        return 0
+
+    def num_params(self) -> int:
+        """Parameter count (tied embeddings counted once)."""
+        h, hd, kv = self.hidden_size, self.head_dim, self.num_kv_heads
+        norm_params = h * (2 if self.norm == "layernorm" else 1)
+        attn = h * hd * (self.num_heads * 2 + kv * 2)
+        attn += (self.num_heads + 2 * kv) * hd * self.qkv_bias + h * self.o_bias
+        attn += 2 * hd * self.qk_norm
+        mlp_in = 2 if self.mlp == "gated" else 1
+        mlp = h * self.intermediate_size * (mlp_in + 1)
+        mlp += (self.intermediate_size * mlp_in + h) * self.mlp_bias
+        norms = norm_params * (4 if self.norm_placement == "sandwich" else 2)
+        embed = self.vocab_size * h
+        embed += self.max_seq_len * h * (self.positions == "learned")
+        embed += self.type_vocab_size * h + norm_params * self.embedding_norm
+        head = 0 if (self.tie_embeddings or not self.causal) else self.vocab_size * h
+        return self.num_layers * (attn + mlp + norms) + embed + head + norm_params * self.final_norm
+
+    def replace(self, **changes: Any) -> "ModelSpec":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["layer_types"] = list(self.layer_types)
+        out["eos_token_id"] = list(self.eos_token_id)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown ModelSpec field {unknown[0]!r}")
+        data = dict(data)
+        data["layer_types"] = tuple(data.get("layer_types", ()))
+        data["eos_token_id"] = tuple(data.get("eos_token_id", ()))
+        return cls(**data)
+
+    # Hugging Face config.json in and out; the per-family adapters live in alloy.spec.hf.
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any] | str | Path) -> "ModelSpec":
+        from alloy.spec.hf import spec_from_hf_config
+
+        return spec_from_hf_config(read_config(config) if not isinstance(config, dict) else config)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        from alloy.spec.hf import hf_config_from_spec
+
+        return hf_config_from_spec(self)
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """Read a config.json (or the one inside a directory) with a one-line error on failure."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
