@@ -1,0 +1,159 @@
+"""Device profiles and inventories: plain versioned JSON documents (pydantic models).
+
+A profile says what one device can measurably do — sustained matmul FLOP/s per dtype, memory
+bandwidth, capacity, its link to the host. An inventory is the devices of a job (measured
+here, gathered from several ranks, or declared by hand for a cluster that is not here) plus the
+links between them. The planner reads inventories; it never measures anything itself.
+
+Units are in the names: `_bytes`, `_bytes_per_s`, `_flops` (FLOP/s), `_s`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from alloy.errors import ConfigError
+
+SCHEMA_VERSION = 1
+Dtype = Literal["fp32", "bf16", "fp16", "fp8", "int8"]
+DeviceKind = Literal["cpu", "cuda", "mps", "xpu"]
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LinkSpec(_Doc):
+    bandwidth_bytes_per_s: float = Field(gt=0)
+    latency_s: float = Field(default=0.0, ge=0)
+
+
+class Link(LinkSpec):
+    """A measured or declared link between two named devices (symmetric)."""
+
+    a: str
+    b: str
+
+
+class CpuSlice(_Doc):
+    """An emulated CPU device: a set of cores and/or a CPU quota (fraction of one core's time)."""
+
+    cores: list[int] = Field(default_factory=list)
+    quota: float | None = Field(default=None, gt=0)  # cores' worth of CPU time, e.g. 0.5
+
+
+class DeviceProfile(_Doc):
+    name: str = Field(min_length=1)  # unique within an inventory, e.g. "cpu", "cuda:0", "a100-3"
+    kind: DeviceKind
+    model: str = ""  # marketing name, e.g. "NVIDIA A100-SXM4-40GB"
+    node: str = "local"  # the machine it sits in; devices on one node share its intra-node links
+    count: int = Field(default=1, ge=1)  # declared files may say "8 of these"; expanded on load
+    memory_bytes: int = Field(gt=0)  # capacity usable for weights, activations and caches
+    free_memory_bytes: int | None = Field(default=None, ge=0)
+    matmul_flops: dict[Dtype, float] = Field(min_length=1)  # sustained FLOP/s per well-supported dtype
+    slow_dtypes: dict[Dtype, str] = Field(default_factory=dict)  # dtype -> why it was not timed
+    memory_bandwidth_bytes_per_s: float = Field(gt=0)
+    host_link_bytes_per_s: float | None = Field(default=None, gt=0)  # host <-> device copies
+    threads: int | None = Field(default=None, ge=1)  # CPU threads this device's worker may use
+    cpu_slice: CpuSlice | None = None
+    isa_flags: list[str] = Field(default_factory=list)  # CPU features that matter (avx512_bf16, amx...)
+    measured: bool = False  # True when timed on this hardware, False when declared
+
+    @model_validator(mode="after")
+    def _rates_positive(self) -> "DeviceProfile":
+        for dtype, rate in self.matmul_flops.items():
+            if not rate > 0:
+                raise ValueError(f"matmul_flops[{dtype}] must be > 0, got {rate}")
+        return self
+
+    def flops(self, dtype: str) -> float:
+        """Sustained matmul FLOP/s in `dtype`; falls back to fp32 for a dtype not profiled."""
+        if dtype in self.matmul_flops:
+            return self.matmul_flops[dtype]
+        if "fp32" in self.matmul_flops:
+            return self.matmul_flops["fp32"]
+        raise ConfigError(f"device {self.name!r} has no matmul rate for {dtype} (profiled: {list(self.matmul_flops)})")
+
+
+class Inventory(_Doc):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = "local"
+    fingerprint: str | None = None  # hardware fingerprint of a measured inventory (cache key)
+    devices: list[DeviceProfile] = Field(min_length=1)
+    links: list[Link] = Field(default_factory=list)  # explicit pairs win over the defaults below
+    intra_node_link: LinkSpec = LinkSpec(bandwidth_bytes_per_s=16e9, latency_s=10e-6)  # PCIe 4 x16-ish
+    inter_node_link: LinkSpec = LinkSpec(bandwidth_bytes_per_s=1.25e9, latency_s=100e-6)  # 10 GbE
+
+    @model_validator(mode="after")
+    def _expand_and_check(self) -> "Inventory":
+        expanded: list[DeviceProfile] = []
+        for device in self.devices:
+            if device.count == 1:
+                expanded.append(device)
+            else:
+                expanded += [device.model_copy(update={"name": f"{device.name}-{i}", "count": 1})
+                             for i in range(device.count)]
+        names = [d.name for d in expanded]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate:
+            raise ValueError(f"device name {duplicate!r} appears twice")
+        for link in self.links:
+            for end in (link.a, link.b):
+                if end not in names:
+                    raise ValueError(f"link names unknown device {end!r}")
+        object.__setattr__(self, "devices", expanded)
+        return self
+
+    def device(self, name: str) -> DeviceProfile:
+        for device in self.devices:
+            if device.name == name:
+                return device
+        raise ConfigError(f"unknown device {name!r}; the inventory has {', '.join(d.name for d in self.devices)}")
+
+    def link(self, a: str, b: str) -> LinkSpec:
+        """Bandwidth and latency between two devices: an explicit link, else the node defaults."""
+        for link in self.links:
+            if {link.a, link.b} == {a, b}:
+                return link
+        if self.device(a).node == self.device(b).node:
+            return self.intra_node_link
+        return self.inter_node_link
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2, exclude_none=True) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+
+    @classmethod
+    def parse(cls, data: dict | str, source: str = "inventory") -> "Inventory":
+        """Validate a document; errors name the offending field in one line."""
+        try:
+            if isinstance(data, str):
+                return cls.model_validate_json(data)
+            return cls.model_validate(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise ConfigError(f"{source}: {where}: {first['msg']}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Inventory":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such device/cluster file")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.parse(data, source=str(path))
