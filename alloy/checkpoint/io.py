@@ -112,8 +112,12 @@ def load(
     dtype: str | torch.dtype | None = None,
     *,
     layers: tuple[int, int] | None = None,
+    embed: bool | None = None,
+    head: bool | None = None,
 ) -> Transformer:
-    """Read an HF directory into a Transformer (or just its layer range [a, b))."""
+    """Read an HF directory into a Transformer, or just a pipeline stage of it: layers [a, b)
+    with or without the embeddings and head (by default: with them when the range touches
+    that end). Only the stage's own tensors are read."""
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
@@ -123,7 +127,7 @@ def load(
     target_dtype = parse_dtype(dtype)
 
     with torch.device("meta"):
-        model = Transformer(spec, layers)
+        model = Transformer(spec, layers, embed=embed, head=head)
     wanted = dict(model.state_dict())
     rules = layout.expand(spec)
     if "head.weight" in wanted and spec.tie_embeddings:  # a head-only slice of a tied model

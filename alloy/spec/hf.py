@@ -38,8 +38,9 @@ def _get(cfg: dict[str, Any], *names: str, default: Any = _MISSING) -> Any:
 def _activation(cfg: dict[str, Any], *names: str, default: str | None = None) -> str:
     name = _get(cfg, *names, default=default)
     if name not in _ACTIVATIONS:
+        field = next((n for n in names if cfg.get(n) is not None), names[0])
         raise UnsupportedModelError(
-            f"{names[0]}={name!r} is not supported; supported: {', '.join(sorted(_ACTIVATIONS))}"
+            f"{field}={name!r} is not supported; supported: {', '.join(sorted(_ACTIVATIONS))}"
         )
     return _ACTIVATIONS[name]
 
@@ -272,12 +273,17 @@ def _gemma2_from(cfg):
 
 def _gemma2_to(spec):
     return _gemma_to(spec, "Gemma2ForCausalLM") | {
-        "query_pre_attn_scalar": round(spec.softmax_scale**-2, 6),
+        "query_pre_attn_scalar": _int_if_whole(spec.softmax_scale**-2),
         "attn_logit_softcapping": spec.attn_softcap or None,
         "final_logit_softcapping": spec.final_softcap or None,
         "sliding_window": spec.sliding_window or None,
         "layer_types": [f"{t}_attention" for t in spec.layer_types] or None,
     }
+
+
+def _int_if_whole(x: float) -> float | int:
+    x = round(x, 6)
+    return int(x) if x == int(x) else x
 
 
 def _phi3_from(cfg):

@@ -64,7 +64,7 @@ class ModelSpec:
     attn_scale: float = 0.0  # 0 means head_dim ** -0.5
     attn_softcap: float = 0.0  # 0 means none; else cap * tanh(scores / cap)
     sliding_window: int = 0  # keys within this many positions, on "sliding" layers
-    layer_types: tuple[str, ...] = ()  # per layer "full" | "sliding"; () means all full
+    layer_types: tuple[str, ...] = ()  # per layer "full" | "sliding"; () means all full (no window)
 
     mlp: str = "gated"  # gated: down(act(gate(x)) * up(x)); plain: down(act(up(x)))
     activation: str = "silu"
@@ -105,6 +105,9 @@ class ModelSpec:
             raise UnsupportedModelError(f"layer_types value {sorted(bad)[0]!r}; supported: full, sliding")
         if "sliding" in self.layer_types and self.sliding_window <= 0:
             raise ConfigError("layer_types has sliding layers but sliding_window is not set")
+        if "sliding" not in self.layer_types:  # one canonical form for "no sliding window"
+            object.__setattr__(self, "layer_types", ())
+            object.__setattr__(self, "sliding_window", 0)
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
             raise ConfigError(f"rotary_dim={self.rotary_dim} must be even and at most head_dim={self.head_dim}")
 
