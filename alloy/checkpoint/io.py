@@ -119,6 +119,8 @@ def load(
     with or without the embeddings and head (by default: with them when the range touches
     that end). Only the stage's own tensors are read."""
     directory = Path(path)
+    if directory.is_file():  # a config.json or weights file inside the model directory
+        directory = directory.parent
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     spec = ModelSpec.from_hf_config(read_config(directory / "config.json"))
