@@ -1,0 +1,84 @@
+"""Start a job with `torchrun` (PyTorch's own launcher): locally, or one node of several.
+
+Alloy invents no cluster manager: a local job is `torchrun --nproc-per-node N` on a free
+loopback port; a multi-machine job is the same worker under
+`torchrun --nnodes N --node-rank K --rdzv-backend c10d --rdzv-endpoint HOST:PORT` on each node.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from alloy.errors import AlloyError
+
+
+class LaunchError(AlloyError):
+    """A job that could not start, or whose workers failed or did not finish in time."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    nnodes: int = 1
+    node_rank: int = 0
+    endpoint: str = ""  # HOST:PORT of node 0; empty means a free loopback port (single node)
+    join_timeout_s: float = 60.0
+
+
+def torchrun_command(job_path: Path, nproc_per_node: int, rdzv: Rendezvous, endpoint: str) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc-per-node={nproc_per_node}",
+        f"--nnodes={rdzv.nnodes}",
+        f"--node-rank={rdzv.node_rank}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-conf=join_timeout={int(rdzv.join_timeout_s)},read_timeout={int(rdzv.join_timeout_s)}",
+        "--max-restarts=0",
+        "--monitor-interval=0.5",
+        "-m", "alloy.runtime.worker", str(job_path),
+    ]
+
+
+def launch(job: dict, nproc_per_node: int, *, rdzv: Rendezvous = Rendezvous(), timeout_s: float = 600.0,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """Write the job beside its outputs and run this node's workers to completion."""
+    out_dir = Path(job["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    job_path = out_dir / f"job-node{rdzv.node_rank}.json"
+    job_path.write_text(json.dumps(job, indent=1))
+    endpoint = rdzv.endpoint or f"127.0.0.1:{free_port()}"
+    cmd = torchrun_command(job_path, nproc_per_node, rdzv, endpoint)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"the job did not finish within {timeout_s:.0f} s (rendezvous {endpoint})") from None
+    (out_dir / f"torchrun-node{rdzv.node_rank}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise LaunchError(_first_error(proc.stderr + proc.stdout, endpoint))
+    return proc
+
+
+def _first_error(log: str, endpoint: str) -> str:
+    for line in log.splitlines():
+        if line.startswith("alloy worker"):
+            return line
+    for line in log.splitlines():  # an unexpected exception in a worker: its last line says what
+        match = re.match(r"\[rank(\d+)\]: (\w+(Error|Exception): .*)", line)
+        if match:
+            return f"worker rank {match.group(1)} failed: {match.group(2)[:300]}"
+    if "RendezvousTimeoutError" in log or "RendezvousConnectionError" in log or "timed out" in log.lower():
+        return f"could not reach the rendezvous at {endpoint} in time"
+    tail = [l for l in log.strip().splitlines() if l.strip()][-1:] or ["(no output)"]
+    return f"workers failed: {tail[0][:300]}"

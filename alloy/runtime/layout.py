@@ -1,0 +1,127 @@
+"""Who does what: ranks, replicas, stages, batch shares — read from a Plan and checked.
+
+Ranks are numbered replica-major: replica 0's stages first (in pipeline order), then replica
+1's, and so on. That is the order `torchrun` hands out ranks, node by node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from alloy.errors import ConfigError
+from alloy.spec import ModelSpec
+
+
+class PlanMismatchError(ConfigError):
+    """A plan that does not fit the model, the devices or the job it is given to."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    device: str
+    first: int  # layers [first, last)
+    last: int
+    embed: bool
+    head: bool
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    replica: int
+    stage_index: int
+    stage: Stage
+    pipeline_ranks: tuple[int, ...]  # this replica's ranks, in stage order
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    replicas: tuple[tuple[Stage, ...], ...]
+    batch_shares: tuple[int, ...]  # samples per step, per replica
+    micro_batches: tuple[int, ...]  # per replica
+
+    @property
+    def world_size(self) -> int:
+        return sum(len(r) for r in self.replicas)
+
+    @property
+    def global_batch(self) -> int:
+        return sum(self.batch_shares)
+
+    def ranks(self) -> list[RankInfo]:
+        out, rank = [], 0
+        for r, stages in enumerate(self.replicas):
+            pipeline = tuple(range(rank, rank + len(stages)))
+            for s, stage in enumerate(stages):
+                out.append(RankInfo(rank, r, s, stage, pipeline))
+                rank += 1
+        return out
+
+    def rank(self, rank: int) -> RankInfo:
+        if not 0 <= rank < self.world_size:
+            raise PlanMismatchError(f"rank {rank} is outside the plan's world of {self.world_size}")
+        return self.ranks()[rank]
+
+    def sample_offset(self, replica: int) -> int:
+        """Index of this replica's first sample in the global batch."""
+        return sum(self.batch_shares[:replica])
+
+    def micro_batches_for(self, replica: int) -> int:
+        """The plan's micro-batch count, lowered to a divisor of this replica's share: pipeline
+        schedules need equal micro-batches, and the loss weighting keeps the result exact."""
+        share = self.batch_shares[replica]
+        return max(d for d in range(1, min(self.micro_batches[replica], share) + 1) if share % d == 0)
+
+    def validate(self, spec: ModelSpec) -> None:
+        """Every replica must tile the model's layers exactly once, in order."""
+        if not len(self.batch_shares) == len(self.micro_batches) == len(self.replicas):
+            raise PlanMismatchError(f"plan has {len(self.replicas)} replicas but {len(self.batch_shares)} "
+                                    f"batch shares and {len(self.micro_batches)} micro-batch counts")
+        for r, stages in enumerate(self.replicas):
+            if not stages:
+                raise PlanMismatchError(f"replica {r} has no stages")
+            if self.batch_shares[r] < 1:
+                raise PlanMismatchError(f"replica {r} has batch share {self.batch_shares[r]}; each needs >= 1")
+            expected = 0
+            for s, stage in enumerate(stages):
+                where = f"replica {r} stage {s} ({stage.device}) layers [{stage.first}, {stage.last})"
+                if stage.first != expected:
+                    kind = "gap" if stage.first > expected else "overlap"
+                    raise PlanMismatchError(f"{where}: {kind} — expected it to start at layer {expected}")
+                if stage.last < stage.first:
+                    raise PlanMismatchError(f"{where}: empty or reversed range")
+                if stage.embed != (s == 0) or stage.head != (s == len(stages) - 1):
+                    raise PlanMismatchError(f"{where}: embeddings belong on the first stage, the head on the last")
+                expected = stage.last
+            if expected != spec.num_layers:
+                raise PlanMismatchError(
+                    f"replica {r} covers layers [0, {expected}) but the model has {spec.num_layers} layers")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunLayout":
+        return cls(
+            replicas=tuple(tuple(Stage(**s) for s in stages) for stages in data["replicas"]),
+            batch_shares=tuple(data["batch_shares"]),
+            micro_batches=tuple(data["micro_batches"]),
+        )
+
+    @classmethod
+    def from_plan(cls, plan) -> "RunLayout":
+        """The execution view of an `alloy.plan.Plan` document."""
+        replicas = sorted(plan.replicas, key=lambda r: r.index)
+        return cls(
+            replicas=tuple(
+                tuple(Stage(s.device, s.layers[0], s.layers[1], s.has_embed, s.has_head)
+                      for s in sorted(r.stages, key=lambda s: s.position))
+                for r in replicas),
+            batch_shares=tuple(r.batch_share for r in replicas),
+            micro_batches=tuple(max(1, r.micro_batches) for r in replicas),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "replicas": [[vars(s) for s in stages] for stages in self.replicas],
+            "batch_shares": list(self.batch_shares),
+            "micro_batches": list(self.micro_batches),
+        }
