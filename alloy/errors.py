@@ -17,3 +17,7 @@ class ConfigError(AlloyError):
 
 class CheckpointError(AlloyError):
     """Weights that are missing, extra, mis-shaped, corrupt, or not safetensors."""
+
+
+class PlanError(AlloyError):
+    """A planning request that cannot be met: it does not fit, or asks for an impossible layout."""

@@ -125,3 +125,14 @@ def test_world_size_that_does_not_match_the_plan_fails_cleanly(tmp_path):
     job = job_document(SPEC, layout, steps=1, seq_len=SEQ, out_dir=tmp_path, threads=1, timeout_s=20)
     with pytest.raises(LaunchError, match="the job has 2 ranks but the plan needs 3"):
         launch(job, 2, timeout_s=120)
+
+
+def test_a_stalled_rank_fails_the_job_within_the_collective_timeout(tmp_path):
+    """gloo collectives can hang (PyTorch #132644); every one carries the job's timeout."""
+    layout = LAYOUTS["pp-3-2-1"]
+    job = job_document(SPEC, layout, steps=2, seq_len=SEQ, out_dir=tmp_path, threads=1, timeout_s=8)
+    job["stall_rank"] = 2
+    start = time.monotonic()
+    with pytest.raises(LaunchError, match="rank [01]"):
+        run_job(job, timeout_s=180)
+    assert time.monotonic() - start < 120

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 from datetime import timedelta
@@ -74,6 +75,8 @@ def run_worker(job: dict) -> None:
         )
         data = DataSource(**job.get("data", {}))
         records = []
+        if job.get("stall_rank") == rank:  # fault injection: a rank that never arrives (timeout tests)
+            time.sleep(10 * timeout.total_seconds())
         for step in range(int(job["steps"])):
             batch = data.batch(step, layout.global_batch, int(job["seq_len"]), spec.vocab_size)
             records.append(asdict(runner.step(step, batch)))

@@ -1,0 +1,65 @@
+"""`alloy plan`: split a model's layers and a batch over devices by what each can measurably do."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from alloy.devices import Inventory
+from alloy.errors import PlanError
+from alloy.plan import Workload, make_plan
+from alloy.spec import resolve_spec
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="preset name, HF model directory, or config.json path")
+    parser.add_argument("--devices", default="auto",
+                        help="'auto' (measure this machine's devices) or a cluster/inventory JSON file")
+    parser.add_argument("--use", help="comma-separated device names to plan over (default: all)")
+    parser.add_argument("--task", choices=("train", "infer"), default="train")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="samples per optimizer step (train) or concurrent requests (infer)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sample / prompt (default: 2048 "
+                        "or the model's maximum if smaller)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="infer: tokens generated per request")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "fp8", "int8"), default="bf16")
+    parser.add_argument("--micro-batches", type=int, default=None, help="pipeline micro-batches (default: search)")
+    parser.add_argument("--replicas", type=int, default=None, help="data-parallel replicas (default: search)")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing (train)")
+    parser.add_argument("--json", action="store_true", help="print the plan document instead of the table")
+    parser.add_argument("--out", help="write the plan document (JSON) here")
+    parser.add_argument("--png", help="draw the layout and the pipeline timeline into this PNG")
+
+
+def load_devices(source: str) -> Inventory:
+    if source != "auto":
+        return Inventory.load(source)
+    try:
+        from alloy.devices.local import profile
+    except ImportError as err:
+        raise PlanError(f"--devices auto needs device measurement, which is unavailable ({err}); "
+                        "pass a cluster JSON instead") from None
+    return profile()
+
+
+def run(args) -> int:
+    spec = resolve_spec(args.model)
+    inventory = load_devices(args.devices)
+    names = None if args.use is None else [n.strip() for n in args.use.split(",") if n.strip()]
+    work = Workload(task=args.task, batch_size=args.batch_size,
+                    seq_len=args.seq_len or min(2048, spec.max_seq_len - (args.task == "infer") * args.new_tokens),
+                    dtype=args.dtype, micro_batches=args.micro_batches, checkpointing=args.checkpointing,
+                    new_tokens=args.new_tokens)
+    plan = make_plan(spec, inventory, work, device_names=names, replicas=args.replicas)
+    if args.out:
+        plan.save(args.out)
+    if args.png:
+        from alloy.plan.explain import write_png
+
+        write_png(plan, args.png)
+    if args.json:
+        print(plan.to_json(), end="")
+        return 0
+    from alloy.plan.explain import plan_tables
+
+    Console().print(plan_tables(plan))
+    return 0

@@ -1,0 +1,157 @@
+"""The cost model: FLOPs and bytes of each piece of a model, derived from its ModelSpec.
+
+Pieces are the embedding, each transformer layer, and the head. Everything is per *token* (or
+per sample for sequence-long quantities) so the timing model can scale by micro-batch size.
+Per-layer arrays (not one number) because sliding-window layers cost less attention.
+Formulas are written out in docs/PLANNER.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from alloy.errors import PlanError
+from alloy.spec import ModelSpec
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32 each
+MASTER_WEIGHT_BYTES = 4  # fp32 master copy kept when training in a 16/8-bit dtype
+LOGITS_BYTES = 4  # logits are upcast to fp32 for the loss / sampling
+
+
+@dataclass(frozen=True)
+class Workload:
+    task: Literal["train", "infer"]
+    batch_size: int  # samples per optimizer step (train) or concurrent requests (infer)
+    seq_len: int  # tokens per sample (train) or prompt length (infer)
+    dtype: str = "bf16"
+    micro_batches: int | None = None  # None: the search picks
+    checkpointing: bool = False  # activation checkpointing: keep layer inputs, recompute the rest
+    new_tokens: int = 128  # infer: tokens generated per request
+
+    def __post_init__(self) -> None:
+        if self.task not in ("train", "infer"):
+            raise PlanError(f"task must be train or infer, got {self.task!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise PlanError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+        for name in ("batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise PlanError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.micro_batches is not None and self.micro_batches < 1:
+            raise PlanError(f"micro_batches must be at least 1, got {self.micro_batches}")
+        if self.new_tokens < 0:
+            raise PlanError(f"new_tokens must be >= 0, got {self.new_tokens}")
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """Per-piece costs of one model under one workload. Arrays have one entry per layer."""
+
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    dtype_bytes: int
+    param_state_bytes: int  # bytes held per parameter: weights (+ grads, master, AdamW when training)
+    layer_params: np.ndarray  # (L,)
+    layer_step_flops_per_sample: np.ndarray  # (L,) fwd (+bwd, +recompute) FLOPs for one sample
+    layer_act_bytes_per_sample: np.ndarray  # (L,) bytes kept per sample until its backward
+    layer_peak_bytes_per_sample: np.ndarray  # (L,) transient bytes while one layer runs
+    layer_kv_bytes_per_sample: np.ndarray  # (L,) KV cache of one request (infer)
+    layer_decode_flops_per_sample: np.ndarray  # (L,) one generated token (infer)
+    layer_kv_read_bytes_per_sample: np.ndarray  # (L,) KV bytes one decode step reads (infer)
+    embed_params: int
+    head_params: int  # the LM head's own weights; with tied embeddings a copy on the last stage
+    tied: bool
+    head_step_flops_per_sample: float
+    head_peak_bytes_per_sample: float  # logits (and their grad when training)
+    head_decode_flops_per_sample: float
+    boundary_bytes_per_sample: float  # hidden states crossing a stage boundary, one direction
+    boundary_decode_bytes_per_sample: float
+    total_param_bytes: float  # the gradient an all-reduce moves (whole model, in dtype)
+
+    @property
+    def prefix_params(self) -> np.ndarray:
+        return np.concatenate([[0.0], np.cumsum(self.layer_params)])
+
+
+def mean_keys_per_query(seq_len: int, window: int, causal: bool) -> float:
+    """How many keys each query attends to on average (causal halves a full square)."""
+    if not causal:
+        return float(min(seq_len, window) if window else seq_len)
+    positions = np.arange(1, seq_len + 1)
+    if window:
+        positions = np.minimum(positions, window)
+    return float(positions.mean())
+
+
+def model_costs(spec: ModelSpec, work: Workload) -> ModelCosts:
+    if work.seq_len > spec.max_seq_len:
+        raise PlanError(f"seq-len {work.seq_len} is over the model's maximum of {spec.max_seq_len}")
+    if work.task == "infer" and work.seq_len + work.new_tokens > spec.max_seq_len:
+        raise PlanError(f"seq-len {work.seq_len} + {work.new_tokens} new tokens is over the model's "
+                        f"maximum of {spec.max_seq_len}")
+    h, hd, nh, kv, ff = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads, spec.intermediate_size
+    L, S = spec.num_layers, work.seq_len
+    b = DTYPE_BYTES[work.dtype]
+    train = work.task == "train"
+
+    mlp_in = 2 if spec.mlp == "gated" else 1
+    matmul_params = h * hd * (2 * nh + 2 * kv) + h * ff * (mlp_in + 1)  # q, k, v, o, mlp
+    # Layer params without embeddings: total minus embeddings/head, spread evenly.
+    non_layer = spec.vocab_size * h * (1 + (not spec.tie_embeddings and spec.causal))
+    layer_param_count = (spec.num_params() - non_layer) / L
+    windows = [spec.layer_window(i) for i in range(L)]
+
+    # Forward FLOPs per token: 2 per matmul weight, plus QK^T and AV (2 * 2 * heads * head_dim per key).
+    fwd_flops_per_token = np.array([
+        2 * matmul_params + 4 * nh * hd * mean_keys_per_query(S, w, spec.causal) for w in windows
+    ])
+    # Backward is twice the forward; checkpointing recomputes the forward once more.
+    step_factor = (4 if work.checkpointing else 3) if train else 1
+    head_flops_per_token = 2 * h * spec.vocab_size if spec.causal else 0
+
+    # Tensors a layer keeps for its backward, in elements per token: both norms' inputs and
+    # outputs, q k v, the attention output, and the MLP's up/gate, activation and product.
+    act_elems = 4 * h + 2 * nh * hd + 2 * kv * hd + (4 if spec.mlp == "gated" else 2) * ff
+    full_act_bytes = act_elems * b * S
+    if train:
+        kept_act = h * b * S if work.checkpointing else full_act_bytes
+        # Checkpointing rebuilds one layer's activations at a time during backward.
+        peak = full_act_bytes if work.checkpointing else 0.0
+    else:
+        kept_act, peak = 0.0, full_act_bytes  # inference keeps nothing between layers
+
+    context = S + work.new_tokens
+    kv_per_token = 2 * kv * hd * b
+    kv_tokens = [min(context, w) if w else context for w in windows]
+    mean_ctx = [min(S + work.new_tokens / 2, w) if w else S + work.new_tokens / 2 for w in windows]
+
+    param_state_bytes = (2 * b + (MASTER_WEIGHT_BYTES if b < 4 else 0) + ADAMW_STATE_BYTES) if train else b
+    ones = np.ones(L)
+    return ModelCosts(
+        num_layers=L, hidden_size=h, vocab_size=spec.vocab_size, dtype_bytes=b,
+        param_state_bytes=param_state_bytes,
+        layer_params=layer_param_count * ones,
+        layer_step_flops_per_sample=step_factor * S * fwd_flops_per_token,
+        layer_act_bytes_per_sample=kept_act * ones,
+        layer_peak_bytes_per_sample=peak * ones,
+        layer_kv_bytes_per_sample=np.array([t * kv_per_token for t in kv_tokens]) * (not train),
+        layer_decode_flops_per_sample=np.array(
+            [2 * matmul_params + 4 * nh * hd * c for c in mean_ctx]) * (not train),
+        layer_kv_read_bytes_per_sample=np.array([c * kv_per_token for c in mean_ctx]) * (not train),
+        embed_params=spec.num_params() - layer_param_count * L - (0 if spec.tie_embeddings or not spec.causal
+                                                                  else spec.vocab_size * h),
+        head_params=spec.vocab_size * h if spec.causal else 0,
+        tied=spec.tie_embeddings,
+        # Prefill needs logits for the last position only.
+        head_step_flops_per_sample=step_factor * (S if train else 1) * head_flops_per_token,
+        # Train: logits and their gradient for every position; infer: the last position only.
+        head_peak_bytes_per_sample=(2 * S if train else 1) * spec.vocab_size * LOGITS_BYTES * spec.causal,
+        head_decode_flops_per_sample=head_flops_per_token * (not train),
+        boundary_bytes_per_sample=S * h * b,
+        boundary_decode_bytes_per_sample=h * b * (not train),
+        total_param_bytes=spec.num_params() * b,
+    )

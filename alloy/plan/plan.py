@@ -1,0 +1,146 @@
+"""The Plan: a plain, versioned JSON document. The planner writes it; the runtime reads only it.
+
+Ranks are numbered replica-major: replica 0's stages first (in pipeline order), then replica 1's...
+`Plan.model_json_schema()` is kept in alloy/plan/plan.schema.json (a test checks it is current).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from alloy.devices import DeviceProfile
+from alloy.errors import ConfigError
+
+PLAN_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("plan.schema.json")
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSummary(_Doc):
+    family: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    num_params: int
+    max_seq_len: int
+    spec: dict  # the full ModelSpec (ModelSpec.from_dict reads it back)
+
+
+class Stage(_Doc):
+    rank: int  # global rank, replica-major
+    replica: int
+    position: int  # place in its replica's pipeline, 0 = first
+    device: str
+    layers: tuple[int, int]  # transformer layers [start, stop)
+    has_embed: bool
+    has_head: bool
+    predicted_memory_bytes: float
+    memory_capacity_bytes: float
+    predicted_busy_s: float  # compute time per step on this device
+    predicted_utilisation: float  # busy / step time
+
+
+class ReplicaPlan(_Doc):
+    index: int
+    batch_share: int  # samples (train) or requests (infer) of the global batch
+    micro_batches: int  # this replica's micro-batch count (min of the plan's and its share)
+    predicted_time_s: float  # its pipeline time per step, before the all-reduce
+    stages: list[Stage]
+
+
+class Prediction(_Doc):
+    step_s: float  # train: one optimizer step; infer: prefill plus all new tokens for the batch
+    tokens_per_s: float  # train: tokens trained per second; infer: tokens generated per second
+    allreduce_s: float = 0.0
+    prefill_s: float | None = None  # infer only
+    decode_token_s: float | None = None  # infer only: one new token for the whole batch
+
+
+class BaselinePrediction(_Doc):
+    name: str
+    description: str
+    step_s: float | None  # None: it does not fit
+    tokens_per_s: float | None
+    speedup: float | None  # baseline step_s / plan step_s
+    note: str = ""
+
+
+class SearchInfo(_Doc):
+    mode: Literal["exact", "heuristic"]
+    layouts_scored: int
+    seconds: float
+
+
+class Plan(_Doc):
+    version: Literal[1] = PLAN_VERSION
+    task: Literal["train", "infer"]
+    model: ModelSummary
+    batch_size: int
+    seq_len: int
+    new_tokens: int
+    dtype: str
+    checkpointing: bool
+    micro_batches: int
+    devices: list[DeviceProfile]  # the devices the plan uses, as profiled or declared
+    replicas: list[ReplicaPlan]
+    predicted: Prediction
+    bottleneck: str
+    baselines: list[BaselinePrediction]
+    search: SearchInfo
+    unused_devices: list[str] = Field(default_factory=list)
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [s for r in self.replicas for s in r.stages]
+
+    @property
+    def world_size(self) -> int:
+        return len(self.stages)
+
+    def stage_for_rank(self, rank: int) -> Stage:
+        stages = self.stages
+        if not 0 <= rank < len(stages):
+            raise ConfigError(f"rank {rank} is not in this plan (world size {len(stages)})")
+        return stages[rank]
+
+    def replica_for_rank(self, rank: int) -> ReplicaPlan:
+        return self.replicas[self.stage_for_rank(rank).replica]
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such plan file")
+        try:
+            return cls.model_validate(json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+
+
+def plan_schema() -> str:
+    return json.dumps(Plan.model_json_schema(), indent=2) + "\n"
+
+
+if __name__ == "__main__":  # python -m alloy.plan.plan: rewrite plan.schema.json after a change
+    SCHEMA_PATH.write_text(plan_schema())

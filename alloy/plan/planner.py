@@ -1,0 +1,169 @@
+"""make_plan: spec + devices + workload -> Plan. Search, then describe the winner and the baselines."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from alloy.devices import Inventory
+from alloy.errors import PlanError
+from alloy.plan.baselines import baselines, score
+from alloy.plan.cost import Workload
+from alloy.plan.plan import (BaselinePrediction, ModelSummary, Plan, Prediction, ReplicaPlan, SearchInfo,
+                             Stage)
+from alloy.plan.search import Search
+from alloy.plan.timing import (Layout, Problem, build_problem, decode_token_s, micro_batching,
+                               pipeline_time_s, send_s, stage_memory_bytes, step_timing)
+from alloy.spec import ModelSpec
+
+GIB = 2**30
+
+
+def make_plan(spec: ModelSpec, inventory: Inventory, work: Workload, device_names: list[str] | None = None,
+              replicas: int | None = None) -> Plan:
+    """The fastest layout the search finds. `replicas` pins the data-parallel degree."""
+    started = time.perf_counter()
+    problem = build_problem(spec, inventory, work, device_names)
+    if replicas is not None:
+        if replicas < 1 or replicas > len(problem.devices):
+            raise PlanError(f"--replicas {replicas} needs between 1 and {len(problem.devices)} replicas")
+        if work.batch_size < replicas:
+            raise PlanError(f"batch size {work.batch_size} is smaller than the {replicas} replicas asked for; "
+                            "every replica needs at least one sample")
+    choices = (work.micro_batches,) if work.micro_batches else micro_batch_choices(work.batch_size)
+    search = Search(problem, replicas=replicas)
+    result = search.run(choices)
+    if result is None:
+        raise PlanError(_does_not_fit(problem))
+    layout = result.layout
+    if replicas is None:
+        # Safety net for the heuristic mode: never hand out a plan that a baseline beats.
+        for base in baselines(problem, layout.micro_batches):
+            step_s, _ = score(problem, base)
+            if step_s is not None and step_s < result.step_s:
+                layout, result.step_s = base.layout, step_s
+    return describe(problem, layout, result.mode, search.layouts_scored, time.perf_counter() - started)
+
+
+def micro_batch_choices(batch_size: int) -> tuple[int, ...]:
+    """Powers of two up to the batch, and the batch itself (one sample per micro-batch)."""
+    choices = {batch_size}
+    m = 1
+    while m < batch_size:
+        choices.add(m)
+        m *= 2
+    return tuple(sorted(choices))
+
+
+def _does_not_fit(p: Problem) -> str:
+    """What is missing: the least memory any layout could need against what the devices have."""
+    w, L = p.work, p.num_layers
+    need = float(stage_memory_bytes(p, 0, L, 1, 1, 1)) * 1.0
+    have = float(p.memory_bytes.sum())
+    hints = ["--dtype bf16" if w.dtype == "fp32" else None,
+             "--checkpointing" if w.task == "train" and not w.checkpointing else None,
+             "a smaller --batch-size or --seq-len", "more devices"]
+    hint = ", ".join(h for h in hints if h)
+    if need > have:
+        return (f"{w.task} in {w.dtype} needs {need / GIB:.1f} GiB, the devices have {have / GIB:.1f} GiB; "
+                f"try {hint}")
+    largest = float(p.memory_bytes.max())
+    return (f"no layout fits: the devices have {have / GIB:.1f} GiB in all (largest {largest / GIB:.1f} GiB) "
+            f"but every split overflows one of them; try {hint}")
+
+
+def describe(p: Problem, layout: Layout, mode: str, layouts_scored: int, seconds: float) -> Plan:
+    timing = step_timing(p, layout)
+    w, spec = p.work, p.spec
+    replicas, rank = [], 0
+    for index, (replica, t) in enumerate(zip(layout.replicas, timing.replicas)):
+        stages = []
+        for pos, (d, a, b) in enumerate(replica.stages()):
+            busy_s = t.micro_batches * t.compute_s[pos]
+            stages.append(Stage(
+                rank=rank, replica=index, position=pos, device=p.devices[d].name, layers=(a, b),
+                has_embed=a == 0, has_head=b == p.num_layers,
+                predicted_memory_bytes=t.memory_bytes[pos], memory_capacity_bytes=float(p.memory_bytes[d]),
+                predicted_busy_s=busy_s, predicted_utilisation=busy_s / timing.step_s))
+            rank += 1
+        replicas.append(ReplicaPlan(index=index, batch_share=replica.share, micro_batches=t.micro_batches,
+                                    predicted_time_s=t.time_s, stages=stages))
+    used = sorted({d for r in layout.replicas for d in r.devices})
+    baseline_docs = []
+    for base in baselines(p, layout.micro_batches):
+        step_s, note = score(p, base)
+        baseline_docs.append(BaselinePrediction(
+            name=base.name, description=base.description, step_s=step_s,
+            tokens_per_s=None if step_s is None else _tokens(w) / step_s,
+            speedup=None if step_s is None else step_s / timing.step_s, note=note))
+    return Plan(
+        task=w.task,
+        model=ModelSummary(family=spec.family, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+                           vocab_size=spec.vocab_size, num_params=spec.num_params(),
+                           max_seq_len=spec.max_seq_len, spec=spec.to_dict()),
+        batch_size=w.batch_size, seq_len=w.seq_len, new_tokens=w.new_tokens if w.task == "infer" else 0,
+        dtype=w.dtype, checkpointing=w.checkpointing, micro_batches=layout.micro_batches,
+        devices=[p.devices[d] for d in used],
+        unused_devices=[dev.name for i, dev in enumerate(p.devices) if i not in used],
+        replicas=replicas,
+        predicted=_prediction(p, layout, timing),
+        bottleneck=bottleneck(p, layout, timing),
+        baselines=baseline_docs,
+        search=SearchInfo(mode=mode, layouts_scored=layouts_scored, seconds=seconds),
+    )
+
+
+def _tokens(w: Workload) -> int:
+    return w.batch_size * (w.new_tokens if w.task == "infer" and w.new_tokens else w.seq_len)
+
+
+def _prediction(p: Problem, layout: Layout, timing) -> Prediction:
+    w = p.work
+    if w.task == "train":
+        return Prediction(step_s=timing.step_s, tokens_per_s=_tokens(w) / timing.step_s,
+                          allreduce_s=timing.allreduce_s)
+    # Prefill and decode split out of the combined slot times, each as its own pipeline.
+    prefill_s, decode_s = 0.0, 0.0
+    for replica in layout.replicas:
+        m, mb, _ = micro_batching(replica.share, layout.micro_batches)
+        stages = list(replica.stages())
+        pre, dec = [], []
+        for k, (d, a, b) in enumerate(stages):
+            nxt = stages[k + 1][0] if k + 1 < len(stages) else None
+            flops = mb * (p.prefix_step_flops[b] - p.prefix_step_flops[a]
+                          + p.costs.head_step_flops_per_sample * (b == p.num_layers))
+            hop_s = 0.0 if nxt is None else (mb * p.costs.boundary_bytes_per_sample / p.link_bytes_per_s[d, nxt]
+                                             + p.link_latency_s[d, nxt])
+            pre.append(flops / p.flops[d] + hop_s)
+            dec.append(float(decode_token_s(p, d, a, b, mb)) + (send_s(p, d, nxt, mb) - hop_s) /
+                       max(w.new_tokens, 1))
+        prefill_s = max(prefill_s, pipeline_time_s(pre, m))
+        decode_s = max(decode_s, pipeline_time_s(dec, m))
+    return Prediction(step_s=timing.step_s, tokens_per_s=_tokens(w) / timing.step_s,
+                      prefill_s=prefill_s, decode_token_s=decode_s)
+
+
+def bottleneck(p: Problem, layout: Layout, timing) -> str:
+    """The one or two things that set the step time, in words."""
+    slowest = int(np.argmax([t.time_s for t in timing.replicas]))
+    replica, t = layout.replicas[slowest], timing.replicas[slowest]
+    pos = int(np.argmax(t.slot_s))
+    d, a, b = list(replica.stages())[pos]
+    name = p.devices[d].name
+    words = [f"{name} (replica {slowest}, layers {a}-{b}) paces the step at "
+             f"{t.slot_s[pos] * 1e3:.3g} ms per micro-batch"]
+    send = t.slot_s[pos] - t.compute_s[pos]
+    if send > 0.3 * t.slot_s[pos]:
+        words.append(f"{send / t.slot_s[pos]:.0%} of that is sending activations to the next stage")
+    bubble = (sum(t.slot_s) - max(t.slot_s)) / timing.step_s
+    if len(replica.devices) > 1 and bubble > 0.2:
+        words.append(f"pipeline fill and drain take {bubble:.0%} of the step (more micro-batches shrink it)")
+    if timing.allreduce_s > 0.1 * timing.step_s:
+        words.append(f"the gradient all-reduce takes {timing.allreduce_s / timing.step_s:.0%} of the step")
+    for replica, t in zip(layout.replicas, timing.replicas):
+        for d, mem in zip(replica.devices, t.memory_bytes):
+            if mem > 0.9 * p.memory_bytes[d]:
+                words.append(f"memory is tight on {p.devices[d].name} ({mem / p.memory_bytes[d]:.0%} used)")
+                break
+    return "; ".join(words)

@@ -1,0 +1,395 @@
+"""The search: which devices form which replicas, in what pipeline order, with which layers and
+which share of the batch.
+
+- Layer ranges for one ordered device list: exact dynamic programming (`best_cuts`).
+- Batch shares: water-filling, exact for the min-max of non-decreasing replica times.
+- Grouping devices into replicas and ordering them: exhaustive up to EXACT_MAX_DEVICES devices,
+  beyond that a fixed family of heuristics (docs/PLANNER.md states what each one covers).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from alloy.plan.timing import Layout, Problem, Replica, allreduce_s, micro_batching, replica_timing
+from alloy.plan.timing import send_s, stage_compute_s, stage_memory_bytes
+
+EXACT_MAX_DEVICES = 5  # every grouping and order is tried up to here (958 ordered groupings at 5)
+EXACT_MAX_BATCH = 16  # shares water-filled over each share's own best layout up to here
+EXACT_MAX_THRESHOLDS = 4096  # bottleneck candidates the pipeline DP tries before thinning to a grid
+HEURISTIC_THRESHOLDS = 24
+SHORTLIST = 4  # groupings whose micro-batch count is searched in full (heuristic mode)
+
+
+@dataclass
+class SearchResult:
+    layout: Layout
+    step_s: float
+    mode: str  # "exact" or "heuristic"
+    layouts_scored: int
+    notes: list[str] = field(default_factory=list)
+
+
+class Search:
+    def __init__(self, problem: Problem, replicas: int | None = None):
+        self.p = problem
+        self.replicas = replicas  # pin the number of replicas; None searches it
+        n = problem.num_layers + 1
+        self.start, self.stop = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")  # (L+1, L+1)
+        self.exact = len(problem.devices) <= EXACT_MAX_DEVICES
+        self._valid = self.start < self.stop
+        self._cuts_cache: dict = {}
+        self._rows: dict = {}  # stage-table rows shared by devices with the same speed / position
+        self.layouts_scored = 0
+
+    # ---- one pipeline ------------------------------------------------------------------------
+
+    def stage_table(self, order: tuple[int, ...], share: int, micro_batches: int) -> np.ndarray:
+        """(stages, L+1, L+1): slot time of layers [i, j) at each pipeline position; inf = no fit."""
+        p, i, j = self.p, self.start, self.stop
+        m, mb, mb_max = micro_batching(share, micro_batches)
+        table = np.empty((len(order),) + i.shape)
+        for pos, d in enumerate(order):
+            nxt = order[pos + 1] if pos + 1 < len(order) else None
+            compute_key = ("compute", p.flops[d], p.memory_bandwidth_bytes_per_s[d], mb)
+            if compute_key not in self._rows:
+                with np.errstate(invalid="ignore"):
+                    self._rows[compute_key] = stage_compute_s(p, d, i, j, mb)
+            memory_key = ("memory", min(len(order) - pos, m), mb_max, share)
+            if memory_key not in self._rows:
+                with np.errstate(invalid="ignore"):
+                    self._rows[memory_key] = stage_memory_bytes(p, i, j, memory_key[1], mb_max, share)
+            slot = self._rows[compute_key] + send_s(p, d, nxt, mb)
+            table[pos] = np.where(self._valid & (self._rows[memory_key] <= p.memory_bytes[d]), slot, np.inf)
+        return table
+
+    def best_cuts(self, order: tuple[int, ...], share: int, micro_batches: int):
+        """(time_s, cuts) minimising sum(slots) + (m-1) * max(slot) over contiguous splits, or None.
+
+        Exact: the optimum's bottleneck B* is one of the table's values, and for that B the DP
+        "least sum of slots with every slot <= B" finds a split at least as good. Every candidate
+        B is tried unless there are more than the cap; then a geometric grid of ratio r is used and
+        the result is within a factor r of the optimum for this order (r is logged in the notes).
+        """
+        key = (self._signature(order), share, micro_batches)
+        if key in self._cuts_cache:
+            return self._cuts_cache[key]
+        result = self._solve_cuts(order, share, micro_batches)
+        self._cuts_cache[key] = result
+        return result
+
+    def _solve_cuts(self, order, share, micro_batches):
+        L = self.p.num_layers
+        if len(order) > L:
+            return None
+        m = micro_batching(share, micro_batches)[0]
+        table = self.stage_table(order, share, micro_batches)
+        bottleneck = np.full(L + 1, np.inf)
+        bottleneck[0] = 0.0
+        for pos in range(len(order)):
+            bottleneck = np.min(np.maximum(bottleneck[:, None], table[pos]), axis=0)
+        if not np.isfinite(bottleneck[L]):
+            return None
+        if m == 1:
+            thresholds = np.array([np.inf])
+        else:
+            b_star = bottleneck[L]
+            sums = _least_sums(table, np.array([b_star, np.inf]))
+            # No B above this can win: even the unconstrained least sum plus (m-1)*B is worse.
+            b_hi = max(b_star, (sums[0] + (m - 1) * b_star - sums[1]) / (m - 1))
+            values = np.unique(table[np.isfinite(table)])
+            thresholds = values[(values >= b_star) & (values <= b_hi)]
+            cap = EXACT_MAX_THRESHOLDS if self.exact else HEURISTIC_THRESHOLDS
+            if len(thresholds) > cap:
+                thresholds = np.geomspace(b_star, b_hi, cap)
+        sums = _least_sums(table, thresholds)
+        totals = sums + (m - 1) * np.where(np.isfinite(thresholds), thresholds, 0.0)
+        best = int(np.argmin(totals))
+        cuts = _backtrack(table, thresholds[best])
+        self.layouts_scored += len(thresholds)
+        timing = replica_timing(self.p, order, cuts, share, micro_batches)
+        return timing.time_s, cuts
+
+    def _signature(self, order):
+        """Orders on identical hardware get identical answers: key the cache by what the DP reads."""
+        p = self.p
+        sig = [(p.flops[d], p.memory_bytes[d], p.memory_bandwidth_bytes_per_s[d]) for d in order]
+        links = [(p.link_bytes_per_s[a, b], p.link_latency_s[a, b]) for a, b in zip(order, order[1:])]
+        return tuple(sig), tuple(links)
+
+    # ---- one replica group (a set of devices) ------------------------------------------------
+
+    def orders(self, group: tuple[int, ...]) -> list[tuple[int, ...]]:
+        if self.exact or len(group) <= 3:
+            return list(itertools.permutations(group))
+        p = self.p
+        by_node_speed = tuple(sorted(group, key=lambda d: (p.devices[d].node, -p.flops[d], d)))
+        # 1F1B keeps the most activations on the first stages: roomy devices first.
+        by_memory = tuple(sorted(group, key=lambda d: (-p.memory_bytes[d], -p.flops[d], d)))
+        by_speed = tuple(sorted(group, key=lambda d: (-p.flops[d], d)))
+        # The last stage holds the head: the second-roomiest device there, the rest roomiest first.
+        roomy_ends = by_memory[:1] + by_memory[2:] + by_memory[1:2]
+        return list(dict.fromkeys([by_node_speed, by_memory, by_speed, roomy_ends]))
+
+    def best_pipeline(self, group, share, micro_batches):
+        """(time_s, order, cuts) of the best order of `group` at this share, or None if nothing fits."""
+        best = None
+        for order in self.orders(group):
+            found = self.best_cuts(order, share, micro_batches)
+            if found and (best is None or found[0] < best[0]):
+                best = (found[0], order, found[1])
+        return best
+
+    # ---- replicas and shares -----------------------------------------------------------------
+
+    def assemble(self, groups: list[tuple[int, ...]], micro_batches: int, best_s: float):
+        """Best layout with exactly these replica groups, or None (no fit, or cannot beat best_s)."""
+        total = self.p.work.batch_size
+        if len(groups) > total:
+            return None
+        sync_s = allreduce_s(self.p, groups)
+        if sync_s >= best_s:
+            return None
+        if self.exact and total <= EXACT_MAX_BATCH:
+            # Each share gets its own best layout: exact, because each replica's best time is
+            # non-decreasing in its share and water-filling is exact for such functions.
+            time_of = [lambda n, g=g: _time(self.best_pipeline(g, n, micro_batches)) for g in groups]
+            shares = fill_shares(time_of, total)
+        else:
+            shares = self._shares_for_fixed_layouts(groups, micro_batches)
+        if shares is None:
+            return None
+        replicas = []
+        for g, n in zip(groups, shares):
+            found = self.best_pipeline(g, n, micro_batches)
+            if found is None:
+                return None
+            replicas.append(Replica(found[1], tuple(int(c) for c in found[2]), n))
+        step_s = max(_time(self.best_pipeline(g, n, micro_batches)) for g, n in zip(groups, shares)) + sync_s
+        return step_s, Layout(tuple(replicas), micro_batches)
+
+    def _shares_for_fixed_layouts(self, groups, micro_batches):
+        """Heuristic for big batches: lay each replica out at a throughput-proportional share,
+        water-fill shares over those fixed layouts, then lay out again at the final shares."""
+        p = self.p
+        speed = [float(sum(p.flops[d] for d in g)) for g in groups]
+        shares = largest_remainder(p.work.batch_size, speed)
+        if shares is None:
+            return None
+        layouts = [self.best_pipeline(g, n, micro_batches) for g, n in zip(groups, shares)]
+        if any(found is None for found in layouts):
+            return None
+        time_of = [_memo(lambda n, f=f: replica_timing(p, f[1], f[2], n, micro_batches).time_s)
+                   for f in layouts]
+        return rebalance_shares(time_of, shares)
+
+    # ---- the whole search --------------------------------------------------------------------
+
+    def run(self, micro_batch_choices: tuple[int, ...]) -> SearchResult | None:
+        best: tuple[float, Layout] | None = None
+        groupings = list(self.groupings())
+        if not self.exact and len(micro_batch_choices) > 1:
+            groupings = self._shortlist(groupings, micro_batch_choices[-1])
+        for groups in groupings:
+            previous_s = math.inf
+            for m in micro_batch_choices:
+                found = self.assemble(groups, m, best[0] if best else math.inf)
+                if found is None:
+                    continue
+                if best is None or found[0] < best[0]:
+                    best = found
+                # Heuristic: past the best micro-batch count, more only adds latency and memory.
+                if not self.exact and found[0] >= previous_s:
+                    break
+                previous_s = found[0]
+        if best is None:
+            return None
+        return SearchResult(best[1], best[0], "exact" if self.exact else "heuristic", self.layouts_scored)
+
+    def _shortlist(self, groupings, micro_batches: int):
+        """Heuristic: rank groupings at the most micro-batches (least memory, smallest bubble)
+        and search the micro-batch count only for the best SHORTLIST of them."""
+        scored = []
+        for groups in groupings:
+            found = self.assemble(groups, micro_batches, math.inf)
+            scored.append((found[0] if found else math.inf, len(scored), groups))
+        scored.sort(key=lambda item: item[:2])
+        return [groups for _, _, groups in scored[:SHORTLIST]]
+
+    def groupings(self) -> Iterator[list[tuple[int, ...]]]:
+        n = len(self.p.devices)
+        if self.exact:
+            for size in range(1, n + 1):
+                for subset in itertools.combinations(range(n), size):
+                    for groups in set_partitions(subset):
+                        if self.replicas in (None, len(groups)):
+                            yield groups
+            return
+        yield from heuristic_groupings(self.p, self.replicas)
+
+
+def heuristic_groupings(p: Problem, replicas: int | None = None) -> Iterator[list[tuple[int, ...]]]:
+    """Replica counts 1, 2, 3, 4, 6, 8, 12, ... and the node count; for each, devices dealt by
+    speed (snake order, balancing throughput), whole nodes per replica (fast pipeline links),
+    and speed tiers (similar devices together). Also the same with the slowest speed class left
+    out, one class at a time, so a device that only slows the others can be dropped."""
+    L, total = p.num_layers, p.work.batch_size
+    speeds = sorted(set(p.flops.tolist()))
+    seen = set()
+    for dropped in range(len(speeds)):
+        members = [d for d in range(len(p.devices)) if p.flops[d] >= speeds[dropped]]
+        members.sort(key=lambda d: (-p.flops[d], d))
+        nodes = sorted({p.devices[d].node for d in members})
+        counts = {1, 2, 3, 4, len(nodes), len(members)} | {2 ** k * c for k in range(1, 12) for c in (3, 4)}
+        if replicas is not None:
+            counts = {replicas}
+        for r in sorted(c for c in counts if c <= min(len(members), total)):
+            if math.ceil(len(members) / r) > L:
+                continue  # some replica would have more stages than layers
+            for groups in (_snake(members, r), _by_node(p, members, r), _tiers(members, r)):
+                if groups is None:
+                    continue
+                key = tuple(sorted(tuple(sorted(g)) for g in groups))
+                if key not in seen:
+                    seen.add(key)
+                    yield [tuple(g) for g in groups]
+
+
+def _snake(members, r):
+    groups = [[] for _ in range(r)]
+    for i, d in enumerate(members):
+        lap, k = divmod(i, r)
+        groups[k if lap % 2 == 0 else r - 1 - k].append(d)
+    return groups
+
+
+def _tiers(members, r):
+    size = math.ceil(len(members) / r)
+    groups = [members[i:i + size] for i in range(0, len(members), size)]
+    return groups if len(groups) == r else None
+
+
+def _by_node(p: Problem, members, r):
+    by_node: dict[str, list[int]] = {}
+    for d in members:
+        by_node.setdefault(p.devices[d].node, []).append(d)
+    if len(by_node) < r or len(by_node) == 1:
+        return None
+    groups, load = [[] for _ in range(r)], [0.0] * r
+    for node_devices in sorted(by_node.values(), key=lambda ds: -sum(p.flops[d] for d in ds)):
+        k = load.index(min(load))
+        groups[k] += node_devices
+        load[k] += sum(p.flops[d] for d in node_devices)
+    return groups
+
+
+def set_partitions(items: tuple[int, ...]) -> Iterator[list[tuple[int, ...]]]:
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in set_partitions(rest):
+        yield [(first,)] + partition
+        for k in range(len(partition)):
+            yield partition[:k] + [(first,) + partition[k]] + partition[k + 1:]
+
+
+def fill_shares(time_of: list[Callable[[int], float]], total: int) -> list[int] | None:
+    """Integer shares (each >= 1) minimising the largest time_of[r](share[r]); None if none fits.
+
+    Exact when every time_of[r] is non-decreasing: handing each next sample to the replica whose
+    time grows least never exceeds the optimum's bottleneck (classic min-max allocation)."""
+    shares = [1] * len(time_of)
+    if total < len(shares) or any(not math.isfinite(f(1)) for f in time_of):
+        return None
+    heap = [(f(2), r) for r, f in enumerate(time_of)]
+    heapq.heapify(heap)
+    for _ in range(total - len(shares)):
+        t, r = heapq.heappop(heap)
+        if not math.isfinite(t):
+            return None
+        shares[r] += 1
+        heapq.heappush(heap, (time_of[r](shares[r] + 1), r))
+    return shares
+
+
+def rebalance_shares(time_of: list[Callable[[int], float]], shares: list[int]) -> list[int] | None:
+    """Move samples off the slowest replica while that lowers it, starting from a good guess.
+
+    Exact for non-decreasing times, like fill_shares: if a better split existed, the slowest
+    replica would hold fewer samples and some other replica r more, so time_of[r](shares[r]+1)
+    would be below the current maximum and a move would still be open."""
+    shares = list(shares)
+    while True:
+        times = [f(n) for f, n in zip(time_of, shares)]
+        slow = max(range(len(shares)), key=lambda r: times[r])
+        if shares[slow] == 1:
+            return shares if math.isfinite(times[slow]) else None
+        grown = [time_of[r](shares[r] + 1) if r != slow else math.inf for r in range(len(shares))]
+        fast = min(range(len(shares)), key=lambda r: grown[r])
+        if not grown[fast] < times[slow]:
+            return shares if math.isfinite(times[slow]) else None
+        shares[slow] -= 1
+        shares[fast] += 1
+
+
+def _memo(f: Callable[[int], float]) -> Callable[[int], float]:
+    cache: dict[int, float] = {}
+
+    def memoised(n: int) -> float:
+        if n not in cache:
+            cache[n] = f(n)
+        return cache[n]
+    return memoised
+
+
+def largest_remainder(total: int, weights: list[float]) -> list[int] | None:
+    """Integer shares proportional to weights, each >= 1 (one sample each first, the rest split)."""
+    r = len(weights)
+    if total < r:
+        return None
+    rest = total - r
+    exact = [rest * w / sum(weights) for w in weights]
+    shares = [int(x) for x in exact]
+    by_remainder = sorted(range(r), key=lambda k: (-(exact[k] - shares[k]), k))
+    for k in by_remainder[: rest - sum(shares)]:
+        shares[k] += 1
+    return [s + 1 for s in shares]
+
+
+def _time(found) -> float:
+    return math.inf if found is None else found[0]
+
+
+def _least_sums(table: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """For each threshold B: least sum of slot times over splits with every slot <= B."""
+    L1 = table.shape[1]
+    f = np.full((len(thresholds), L1), np.inf)
+    f[:, 0] = 0.0
+    for stage in table:
+        allowed = np.where(stage[None] <= thresholds[:, None, None], stage[None], np.inf)
+        f = np.min(f[:, :, None] + allowed, axis=1)
+    return f[:, -1]
+
+
+def _backtrack(table: np.ndarray, threshold: float) -> tuple[int, ...]:
+    L1 = table.shape[1]
+    f = np.full(L1, np.inf)
+    f[0] = 0.0
+    choices = []
+    for stage in table:
+        candidates = f[:, None] + np.where(stage <= threshold, stage, np.inf)
+        choice = np.argmin(candidates, axis=0)
+        f = candidates[choice, np.arange(L1)]
+        choices.append(choice)
+    cuts, j = [L1 - 1], L1 - 1
+    for choice in reversed(choices):
+        j = int(choice[j])
+        cuts.append(j)
+    return tuple(reversed(cuts))

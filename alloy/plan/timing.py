@@ -1,0 +1,238 @@
+"""The step-time model: how long a layout takes on given devices, and how much memory it needs.
+
+A layout is data-parallel replicas, each a pipeline of stages; a stage is one device and a
+contiguous layer range [start, stop). The embedding sits on the stage that starts at layer 0
+and the head on the stage that ends at layer L, so every stage holds at least one layer.
+
+The stage formulas take numpy arrays for `start` and `stop` so the search can tabulate every
+range at once with exactly the code that scores a single layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from alloy.devices import DeviceProfile, Inventory
+from alloy.errors import PlanError
+from alloy.plan.cost import ModelCosts, Workload, model_costs
+from alloy.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything the timing model reads, flattened into arrays indexed by device number."""
+
+    spec: ModelSpec
+    work: Workload
+    costs: ModelCosts
+    devices: tuple[DeviceProfile, ...]
+    flops: np.ndarray  # (D,) matmul FLOP/s in the workload's dtype
+    memory_bytes: np.ndarray  # (D,) usable: free memory when measured, else capacity
+    memory_bandwidth_bytes_per_s: np.ndarray  # (D,)
+    link_bytes_per_s: np.ndarray  # (D, D)
+    link_latency_s: np.ndarray  # (D, D)
+    # prefix sums over layers, (L+1,)
+    prefix_params: np.ndarray
+    prefix_step_flops: np.ndarray
+    prefix_act_bytes: np.ndarray
+    prefix_kv_bytes: np.ndarray
+    prefix_decode_flops: np.ndarray
+    prefix_kv_read_bytes: np.ndarray
+    max_layer_peak_bytes_per_sample: float
+
+    @property
+    def num_layers(self) -> int:
+        return self.costs.num_layers
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.devices]
+
+
+def build_problem(spec: ModelSpec, inventory: Inventory, work: Workload,
+                  device_names: list[str] | None = None) -> Problem:
+    if device_names is not None:
+        if not device_names:
+            raise PlanError("the device list is empty")
+        devices = [inventory.device(n) for n in device_names]  # ConfigError names an unknown device
+    else:
+        devices = list(inventory.devices)
+    for d in devices:
+        if usable_memory_bytes(d) <= 0:
+            raise PlanError(f"device {d.name!r} has no free memory")
+    costs = model_costs(spec, work)
+    n = len(devices)
+    bw, lat = np.full((n, n), np.inf), np.zeros((n, n))
+    for a in range(n):
+        for b in range(a + 1, n):
+            link = inventory.link(devices[a].name, devices[b].name)
+            bw[a, b] = bw[b, a] = link.bandwidth_bytes_per_s
+            lat[a, b] = lat[b, a] = link.latency_s
+
+    def prefix(values: np.ndarray) -> np.ndarray:
+        return np.concatenate([[0.0], np.cumsum(values)])
+
+    return Problem(
+        spec=spec, work=work, costs=costs, devices=tuple(devices),
+        flops=np.array([d.flops(work.dtype) for d in devices]),
+        memory_bytes=np.array([usable_memory_bytes(d) for d in devices], dtype=float),
+        memory_bandwidth_bytes_per_s=np.array([d.memory_bandwidth_bytes_per_s for d in devices]),
+        link_bytes_per_s=bw, link_latency_s=lat,
+        prefix_params=prefix(costs.layer_params),
+        prefix_step_flops=prefix(costs.layer_step_flops_per_sample),
+        prefix_act_bytes=prefix(costs.layer_act_bytes_per_sample),
+        prefix_kv_bytes=prefix(costs.layer_kv_bytes_per_sample),
+        prefix_decode_flops=prefix(costs.layer_decode_flops_per_sample),
+        prefix_kv_read_bytes=prefix(costs.layer_kv_read_bytes_per_sample),
+        max_layer_peak_bytes_per_sample=float(costs.layer_peak_bytes_per_sample.max()),
+    )
+
+
+def usable_memory_bytes(device: DeviceProfile) -> int:
+    # A measured profile's free memory is what is really left; a declared one has only capacity.
+    return device.free_memory_bytes if device.free_memory_bytes is not None else device.memory_bytes
+
+
+def micro_batching(share: int, micro_batches: int) -> tuple[int, float, int]:
+    """(micro-batches this replica runs, mean samples per micro-batch, largest micro-batch)."""
+    m = min(micro_batches, share)
+    return m, share / m, math.ceil(share / m)
+
+
+# ---- one stage, vectorised over layer ranges -------------------------------------------------
+
+def stage_params(p: Problem, start, stop):
+    c = p.costs
+    params = p.prefix_params[stop] - p.prefix_params[start]
+    first, last = (start == 0), (stop == p.num_layers)
+    # Tied embeddings: the last stage needs its own copy of the matrix, unless it is also the first.
+    head_here = np.logical_and(last, np.logical_not(first)) if c.tied else last
+    return params + c.embed_params * first + c.head_params * head_here
+
+
+def stage_weight_bytes(p: Problem, start, stop):
+    return stage_params(p, start, stop) * p.costs.dtype_bytes
+
+
+def stage_compute_s(p: Problem, device: int, start, stop, mb_samples: float):
+    """Busy time of one micro-batch on one stage: forward+backward (train), or prefill+decode (infer)."""
+    c, last = p.costs, (stop == p.num_layers)
+    flops = p.prefix_step_flops[stop] - p.prefix_step_flops[start] + c.head_step_flops_per_sample * last
+    busy_s = mb_samples * flops / p.flops[device]
+    if p.work.task == "infer" and p.work.new_tokens:
+        busy_s = busy_s + p.work.new_tokens * decode_token_s(p, device, start, stop, mb_samples)
+    return busy_s
+
+
+def decode_token_s(p: Problem, device: int, start, stop, mb_samples: float):
+    """One generated token for a micro-batch: the slower of reading weights+KV and the matmuls."""
+    c, last = p.costs, (stop == p.num_layers)
+    read_bytes = stage_weight_bytes(p, start, stop) + mb_samples * (
+        p.prefix_kv_read_bytes[stop] - p.prefix_kv_read_bytes[start])
+    flops = mb_samples * (p.prefix_decode_flops[stop] - p.prefix_decode_flops[start]
+                          + c.head_decode_flops_per_sample * last)
+    return np.maximum(read_bytes / p.memory_bandwidth_bytes_per_s[device], flops / p.flops[device])
+
+
+def send_s(p: Problem, src: int, dst: int | None, mb_samples: float) -> float:
+    """Hidden states of one micro-batch to the next stage (and their gradient back, when training)."""
+    if dst is None:
+        return 0.0
+    bw, lat = p.link_bytes_per_s[src, dst], p.link_latency_s[src, dst]
+    one_way_s = mb_samples * p.costs.boundary_bytes_per_sample / bw + lat
+    if p.work.task == "train":
+        return 2 * one_way_s
+    return one_way_s + p.work.new_tokens * (mb_samples * p.costs.boundary_decode_bytes_per_sample / bw + lat)
+
+
+def stage_memory_bytes(p: Problem, start, stop, in_flight: int, mb_max_samples: int, share: int):
+    """Peak bytes on a stage. 1F1B keeps `in_flight` micro-batches of activations alive at once."""
+    c, last = p.costs, (stop == p.num_layers)
+    state = stage_params(p, start, stop) * c.param_state_bytes
+    transient = mb_max_samples * (p.max_layer_peak_bytes_per_sample + c.head_peak_bytes_per_sample * last)
+    if p.work.task == "train":
+        kept = in_flight * mb_max_samples * (p.prefix_act_bytes[stop] - p.prefix_act_bytes[start])
+    else:
+        kept = share * (p.prefix_kv_bytes[stop] - p.prefix_kv_bytes[start])  # every request's KV cache
+    return state + kept + transient
+
+
+# ---- whole layouts ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Replica:
+    devices: tuple[int, ...]  # pipeline order
+    cuts: tuple[int, ...]  # len(devices)+1 layer boundaries, 0 ... L
+    share: int  # samples of the global batch
+
+    def stages(self):
+        return zip(self.devices, self.cuts[:-1], self.cuts[1:])
+
+
+@dataclass(frozen=True)
+class Layout:
+    replicas: tuple[Replica, ...]
+    micro_batches: int
+
+
+@dataclass(frozen=True)
+class ReplicaTiming:
+    time_s: float  # inf when a stage does not fit
+    slot_s: tuple[float, ...]  # per stage: compute + send to the next stage, one micro-batch
+    compute_s: tuple[float, ...]
+    memory_bytes: tuple[float, ...]
+    micro_batches: int
+
+
+def pipeline_time_s(slot_s, micro_batches: int):
+    """1F1B: the first micro-batch crosses every stage, the rest follow at the slowest stage's pace."""
+    return sum(slot_s) + (micro_batches - 1) * max(slot_s)
+
+
+def replica_timing(p: Problem, devices: tuple[int, ...], cuts: tuple[int, ...], share: int,
+                   micro_batches: int) -> ReplicaTiming:
+    m, mb, mb_max = micro_batching(share, micro_batches)
+    n = len(devices)
+    slots, computes, mems, fits = [], [], [], True
+    for k, (d, a, b) in enumerate(zip(devices, cuts[:-1], cuts[1:])):
+        compute = float(stage_compute_s(p, d, a, b, mb))
+        slots.append(compute + send_s(p, d, devices[k + 1] if k + 1 < n else None, mb))
+        computes.append(compute)
+        mem = float(stage_memory_bytes(p, a, b, min(n - k, m), mb_max, share))
+        mems.append(mem)
+        fits &= mem <= p.memory_bytes[d]
+    time_s = pipeline_time_s(slots, m) if fits else math.inf
+    return ReplicaTiming(time_s, tuple(slots), tuple(computes), tuple(mems), m)
+
+
+def allreduce_s(p: Problem, groups: list[tuple[int, ...]]) -> float:
+    """Ring all-reduce of the whole gradient among replicas, paced by the slowest cross-replica link."""
+    r = len(groups)
+    if r < 2 or p.work.task != "train":
+        return 0.0
+    owner = np.full(len(p.devices), -1)
+    for i, g in enumerate(groups):
+        owner[list(g)] = i
+    used = owner >= 0
+    cross = used[:, None] & used[None, :] & (owner[:, None] != owner[None, :])
+    bw = p.link_bytes_per_s[cross].min()
+    lat = p.link_latency_s[cross].max()
+    return 2 * (r - 1) / r * p.costs.total_param_bytes / bw + 2 * (r - 1) * lat
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    step_s: float
+    replicas: tuple[ReplicaTiming, ...]
+    allreduce_s: float
+
+
+def step_timing(p: Problem, layout: Layout) -> StepTiming:
+    """The slowest replica bounds the step; the gradient all-reduce follows it (no overlap assumed)."""
+    timings = tuple(replica_timing(p, r.devices, r.cuts, r.share, layout.micro_batches)
+                    for r in layout.replicas)
+    sync_s = allreduce_s(p, [r.devices for r in layout.replicas])
+    return StepTiming(max(t.time_s for t in timings) + sync_s, timings, sync_s)

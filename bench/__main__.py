@@ -1,0 +1,63 @@
+"""python -m bench NAME [--quick] [--json] [--reps N]: one benchmark, side by side with its baseline.
+
+Writes every raw sample with the machine, versions and commit to bench/results/NAME-*.json and
+prints a Markdown table (or, with --json, one object with the headline figures and the samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from bench import harness
+
+BENCHMARKS = {
+    "train": "training step tokens/s vs. transformers, fp32 and bf16, one device",
+}
+
+
+def machine_flops() -> dict[str, float]:
+    """This machine's measured sustained matmul FLOP/s per dtype (the devices profile, cached)."""
+    try:
+        from alloy.devices.local import profile
+
+        cpu = next(d for d in profile().devices if d.kind == "cpu")
+        return dict(cpu.matmul_flops)
+    except Exception as err:  # the benchmark still runs; MFU is left out
+        print(f"(no devices profile: {err}; MFU left out)", file=sys.stderr)
+        return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("name", choices=sorted(BENCHMARKS) + ["all"])
+    parser.add_argument("--quick", action="store_true", help="smoke-test sizes: each benchmark under a minute")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--reps", type=int, default=None, help="alternating rounds (default 3, quick 1)")
+    args = parser.parse_args(argv)
+    names = sorted(BENCHMARKS) if args.name == "all" else [args.name]
+    reps = args.reps or (1 if args.quick else 3)
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    outputs = {}
+    for name in names:
+        module = importlib.import_module(f"bench.{name}")
+        log(f"== {name}: {BENCHMARKS[name]} ({'quick' if args.quick else 'full'}, {reps} rounds)")
+        samples = harness.alternate(name, module.variants(args.quick), reps, warmup=0 if args.quick else 1, log=log)
+        summary = harness.summarize(samples, module.PAIRS)
+        headline = module.headline(summary, machine_flops())
+        record = {"benchmark": name, "quick": args.quick, "environment": harness.environment(),
+                  "headline": headline, **summary, "samples": samples}
+        path = harness.save(name, record)
+        outputs[name] = record
+        log(harness.markdown(name, summary))
+        log("headline: " + ", ".join(f"{k}={v:.4g}" for k, v in headline.items()))
+        log(f"raw samples: {path}")
+    if args.json:
+        print(json.dumps(outputs[names[0]] if len(names) == 1 else outputs, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
