@@ -136,3 +136,33 @@ def test_a_stalled_rank_fails_the_job_within_the_collective_timeout(tmp_path):
     with pytest.raises(LaunchError, match="rank [01]"):
         run_job(job, timeout_s=180)
     assert time.monotonic() - start < 120
+
+
+def test_a_plan_from_the_planner_runs_and_equals_a_single_process(tmp_path):
+    """The runtime consumes exactly the planner's document: plan 3 unequal CPUs, run, compare."""
+    from alloy.devices import DeviceProfile, Inventory
+    from alloy.plan import Workload, make_plan
+    from alloy.runtime import run
+
+    inventory = Inventory(name="three-cpus", devices=[
+        DeviceProfile(name=f"cpu{i}", kind="cpu", memory_bytes=2**30, matmul_flops={"fp32": rate},
+                      memory_bandwidth_bytes_per_s=1e10) for i, rate in enumerate((4e10, 2e10, 1e10))])
+    plan = make_plan(SPEC, inventory, Workload("train", batch_size=7, seq_len=SEQ, dtype="fp32"))
+    assert plan.world_size >= 2
+    _, ref_state = reference_run(SPEC, steps=STEPS, global_batch=7, seq_len=SEQ, data=DATA, optim=OPTIM)
+    report = run(plan, steps=STEPS, out_dir=tmp_path, data=DATA, optim=OPTIM, threads=1, timeout_s=240)
+    assert _relative(report.state_dict(), ref_state) <= 1e-5
+    assert report.predicted_step_s == plan.predicted.step_s and report.prediction_error is not None
+    assert (tmp_path / "report.json").is_file()
+
+
+def test_a_plan_for_another_model_is_refused(tmp_path):
+    from alloy.devices import DeviceProfile, Inventory
+    from alloy.plan import Workload, make_plan
+    from alloy.runtime import run
+
+    inventory = Inventory(devices=[DeviceProfile(name="cpu", kind="cpu", memory_bytes=2**30,
+                                                 matmul_flops={"fp32": 1e10}, memory_bandwidth_bytes_per_s=1e10)])
+    plan = make_plan(SPEC, inventory, Workload("train", batch_size=2, seq_len=SEQ, dtype="fp32"))
+    with pytest.raises(PlanMismatchError, match="num_layers: 6 in the plan, 4 given"):
+        run(plan, steps=1, out_dir=tmp_path, spec=SPEC.replace(num_layers=4))

@@ -1,15 +1,18 @@
 """Planner runtime on declared heterogeneous clusters of 8, 64 and 256 devices.
 
-Run: .venv/bin/python bench/plan_speed.py [--repeat N]
+Run: python -m bench plan  (or python -m bench.plan --table [--repeat N] for the table alone)
 Targets (issue #4): 8 devices < 0.2 s, 64 < 2 s, 256 < 20 s. A benchmark, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 from alloy.devices import DeviceProfile, Inventory, LinkSpec
+from alloy.errors import PlanError
 from alloy.plan import Workload, make_plan
 from alloy.spec import resolve_spec
 
@@ -42,10 +45,53 @@ CASES = [  # devices, model, batch size
 ]
 
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "clusters"
+EXAMPLE_WORK = dict(model="llama-3.2-1b", batch_size=16, seq_len=512)
+
+
+def measure(quick: bool) -> dict:
+    """Planner seconds per cluster size, and the predicted gain over each baseline on the examples."""
+    out: dict = {}
+    for num_devices, model, batch in CASES[:2] if quick else CASES:
+        spec, inventory = resolve_spec(model), cluster(num_devices)
+        work = Workload(task="train", batch_size=batch, seq_len=4096, checkpointing=True)
+        started = time.perf_counter()
+        make_plan(spec, inventory, work)
+        out[f"planner_s_{num_devices}"] = time.perf_counter() - started
+    spec = resolve_spec(EXAMPLE_WORK["model"])
+    work = Workload(task="train", batch_size=EXAMPLE_WORK["batch_size"], seq_len=EXAMPLE_WORK["seq_len"],
+                    checkpointing=True)
+    for path in sorted(EXAMPLES.glob("*.json")):
+        try:
+            plan = make_plan(spec, Inventory.load(path), work)
+        except PlanError:
+            continue  # the example model does not fit this cluster (the emulated 2-core one)
+        for base in plan.baselines:
+            if base.speedup:
+                out[f"gain_{path.stem}_vs_{base.name.replace(' ', '_')}"] = base.speedup
+    return out
+
+
+def variants(quick: bool) -> dict[str, list[str]]:
+    return {"alloy": ["--quick"] if quick else []}
+
+
+PAIRS: list = []  # no baseline process: the baselines are predictions inside each plan
+
+
+def headline(summary: dict, machine_flops: dict) -> dict:
+    return {k: v["median"] for k, v in summary["figures"]["alloy"].items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print the human table instead of one JSON line")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
+    if not args.table:
+        print(json.dumps(measure(args.quick)))
+        return
     print(f"{'devices':>7}  {'model':<14} {'batch':>5}  {'plan s':>7}  {'mode':<9} {'replicas':>8}  "
           f"{'step s':>8}  best baseline speedup")
     for num_devices, model, batch in CASES:
