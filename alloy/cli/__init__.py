@@ -12,6 +12,8 @@ from alloy.errors import AlloyError
 VERBS = {
     "inspect": "Show a model's architecture (spec) and size: preset, HF directory or config.json.",
     "demo": "Run the main job on a built-in default model.",
+    "plan": "Split a model's layers and a batch over devices by measured speed and memory.",
+    "devices": "Show this machine's devices, measured (cached), or validate a declared cluster file.",
 }
 
 

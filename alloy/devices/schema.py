@@ -11,6 +11,7 @@ Units are in the names: `_bytes`, `_bytes_per_s`, `_flops` (FLOP/s), `_s`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -46,6 +47,36 @@ class CpuSlice(_Doc):
     quota: float | None = Field(default=None, gt=0)  # cores' worth of CPU time, e.g. 0.5
 
 
+class MeasuredLayerTimes(_Doc):
+    """Measured wall time of one transformer layer by batch size, for one model and one phase.
+
+    Used by the cost model in place of its FLOP-rate estimate when the model matches (same hidden
+    size and layer count); linearly interpolated between rows, extrapolated from the last two.
+    `batch` is samples per micro-batch (train: forward+backward), prompt tokens (prefill) or
+    requests (decode). `first_s` / `last_s` are the extra time of the embedding / head pieces.
+    """
+
+    model: str = ""  # a readable name of the profiled model
+    hidden_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    phase: Literal["train", "prefill", "decode"]
+    batch: list[float] = Field(min_length=1)
+    layer_s: list[float] = Field(min_length=1)
+    first_s: list[float] = Field(default_factory=list)  # same length as batch, or empty
+    last_s: list[float] = Field(default_factory=list)
+    source: str = ""  # where the numbers come from
+
+    @model_validator(mode="after")
+    def _rows_match(self) -> "MeasuredLayerTimes":
+        for name in ("layer_s", "first_s", "last_s"):
+            values = getattr(self, name)
+            if values and len(values) != len(self.batch):
+                raise ValueError(f"{name} has {len(values)} rows, batch has {len(self.batch)}")
+        if any(b2 <= b1 for b1, b2 in zip(self.batch, self.batch[1:])):
+            raise ValueError("batch sizes must be strictly increasing")
+        return self
+
+
 class DeviceProfile(_Doc):
     name: str = Field(min_length=1)  # unique within an inventory, e.g. "cpu", "cuda:0", "a100-3"
     kind: DeviceKind
@@ -62,6 +93,12 @@ class DeviceProfile(_Doc):
     cpu_slice: CpuSlice | None = None
     isa_flags: list[str] = Field(default_factory=list)  # CPU features that matter (avx512_bf16, amx...)
     measured: bool = False  # True when timed on this hardware, False when declared
+    compute_capability: str | None = None  # CUDA only, e.g. "8.0"
+    measure_s: float | None = None  # how long measuring this device took
+    # Several GPUs of one node acting as one stage (tensor parallel inside the stage, a fixed
+    # input): memory and rates above are then the group's totals.
+    tensor_parallel: int = Field(default=1, ge=1)
+    layer_times: list[MeasuredLayerTimes] = Field(default_factory=list)  # measured per-layer profiles
 
     @model_validator(mode="after")
     def _rates_positive(self) -> "DeviceProfile":
@@ -69,6 +106,13 @@ class DeviceProfile(_Doc):
             if not rate > 0:
                 raise ValueError(f"matmul_flops[{dtype}] must be > 0, got {rate}")
         return self
+
+    def measured_layers(self, hidden_size: int, num_layers: int, phase: str) -> "MeasuredLayerTimes | None":
+        """The measured per-layer profile of this model and phase, if the profile carries one."""
+        for m in self.layer_times:
+            if (m.hidden_size, m.num_layers, m.phase) == (hidden_size, num_layers, phase):
+                return m
+        return None
 
     def flops(self, dtype: str) -> float:
         """Sustained matmul FLOP/s in `dtype`; falls back to fp32 for a dtype not profiled."""
@@ -129,7 +173,7 @@ class Inventory(_Doc):
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # several ranks may save at once
         tmp.write_text(self.to_json())
         tmp.replace(path)
 

@@ -1,0 +1,85 @@
+"""Measure a CPU slice from inside it: a child process that enters the slice before it starts.
+
+`measure_slice(CpuSlice(quota=0.5))` gives the profile of "half a core of this machine", timed
+for real, so plans and benchmarks can use emulated devices of different speeds.
+Run as `python -m alloy.devices.slice_worker SLICE_JSON BUDGET_S` (the child side).
+"""
+
+from __future__ import annotations
+
+import select
+import subprocess
+import sys
+import time
+
+from alloy.devices.emulate import SliceGroup, slice_threads
+from alloy.devices.measure import DeviceError
+from alloy.devices.schema import CpuSlice, DeviceProfile
+
+
+def measure_slice(spec: CpuSlice, *, name: str | None = None, budget_s: float = 2.0,
+                  timeout_s: float = 120.0) -> DeviceProfile:
+    """The measured profile of a CPU slice of this machine (its cgroup is removed afterwards)."""
+    name = name or _slice_name(spec)
+    deadline = time.monotonic() + timeout_s
+    with SliceGroup(spec) as group:
+        # The child imports torch at full speed and says "ready"; only then is it put in the slice
+        # (importing under a 25% quota alone takes ~15 s here).
+        child = subprocess.Popen(
+            [sys.executable, "-m", "alloy.devices.slice_worker", spec.model_dump_json(), str(budget_s)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            if _read_line(child, deadline) != "ready":
+                child.kill()
+            else:
+                group.add(child.pid)
+                child.stdin.write("go\n")
+                child.stdin.flush()
+            out, err = child.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise DeviceError(f"measuring slice {name} took over {timeout_s:.0f} s") from None
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+    if child.returncode != 0:
+        last = (err.strip().splitlines() or ["no output"])[-1]
+        raise DeviceError(f"measuring slice {name} failed: {last}")
+    measured = DeviceProfile.model_validate_json(out.strip().splitlines()[-1])
+    return measured.model_copy(update={"name": name})
+
+
+def _read_line(child: subprocess.Popen, deadline: float) -> str:
+    ready, _, _ = select.select([child.stdout], [], [], max(0.0, deadline - time.monotonic()))
+    if not ready:
+        raise subprocess.TimeoutExpired(child.args, 0)
+    return child.stdout.readline().strip()
+
+
+def _slice_name(spec: CpuSlice) -> str:
+    parts = ["cpu"]
+    if spec.cores:
+        parts.append("c" + ".".join(map(str, spec.cores)))
+    if spec.quota is not None:
+        parts.append(f"q{spec.quota:g}")
+    return "-".join(parts)
+
+
+def _main(slice_json: str, budget_s: str) -> None:
+    import torch
+
+    from alloy.devices.discovery import discover
+    from alloy.devices.measure import measure
+
+    spec = CpuSlice.model_validate_json(slice_json)
+    torch.set_num_threads(slice_threads(spec))
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        sys.exit("slice_worker: parent did not say go")
+    cpu = next(d for d in discover() if d.kind == "cpu")
+    profile = measure(cpu, float(budget_s)).model_copy(update={"cpu_slice": spec})
+    print(profile.model_dump_json(exclude_none=True))
+
+
+if __name__ == "__main__":
+    _main(*sys.argv[1:3])
