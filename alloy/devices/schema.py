@@ -115,7 +115,12 @@ class DeviceProfile(_Doc):
         return None
 
     def flops(self, dtype: str) -> float:
-        """Sustained matmul FLOP/s in `dtype`; falls back to fp32 for a dtype not profiled."""
+        """Sustained matmul FLOP/s in `dtype`; falls back to fp32 for a dtype not profiled, and
+        refuses one the device is known to run pathologically slowly (no fast path)."""
+        if dtype in self.slow_dtypes and dtype not in self.matmul_flops:
+            fast = ", ".join(self.matmul_flops)
+            raise ConfigError(f"device {self.name!r} has no fast {dtype} path ({self.slow_dtypes[dtype]}); "
+                              f"use a dtype it runs well: {fast}")
         if dtype in self.matmul_flops:
             return self.matmul_flops[dtype]
         if "fp32" in self.matmul_flops:
