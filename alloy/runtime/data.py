@@ -1,43 +1,68 @@
 """Global batches that every rank can rebuild alone: the same step gives the same tokens.
 
 Each rank slices its replica's rows out of the global batch, so no data moves between ranks
-and a single process given the same source sees exactly the same batches.
+and a single process given the same source sees exactly the same batches — which is also what
+makes a resumed run continue exactly: the batch depends on the step number only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from alloy.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class DataSource:
-    kind: str = "random"  # "random": seeded token ids; "tokens": a 1-D token stream in safetensors
+    kind: str = "random"  # "random": seeded token ids; "tokens": an int32 token file (alloy.train.data)
     seed: int = 0
     path: str = ""
+    start: int = 0  # token range [start, end) of the file; end 0 means to the end
+    end: int = 0
 
     def batch(self, step: int, batch_size: int, seq_len: int, vocab_size: int) -> torch.Tensor:
         """Token ids [batch_size, seq_len + 1] for `step` (inputs and their next-token targets)."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         if self.kind == "random":
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
             return torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=generator)
         if self.kind == "tokens":
-            stream = self._stream()
-            blocks = (stream.numel() - 1) // seq_len
-            if blocks < 1:
-                raise ConfigError(f"{self.path}: {stream.numel()} tokens is shorter than one block of {seq_len + 1}")
-            picks = torch.randint(0, blocks, (batch_size,), generator=generator)
-            return torch.stack([stream[i * seq_len : i * seq_len + seq_len + 1] for i in picks.tolist()])
+            return self._blocks(step, batch_size, seq_len)
         raise ConfigError(f"data kind {self.kind!r} is not one of: random, tokens")
 
-    def _stream(self) -> torch.Tensor:
-        if not hasattr(self, "_cached"):
-            tensors = load_file(self.path)
-            if "tokens" not in tensors:
-                raise ConfigError(f"{self.path}: no 'tokens' tensor")
-            object.__setattr__(self, "_cached", tensors["tokens"].long().flatten())
-        return self._cached
+    def num_blocks(self, seq_len: int) -> int:
+        tokens = self._tokens()
+        return max(0, (len(tokens) - 1) // seq_len)
+
+    def _blocks(self, step: int, batch_size: int, seq_len: int) -> torch.Tensor:
+        """Packed blocks of seq_len + 1 tokens; each epoch visits every block once, shuffled by a
+        permutation seeded by (seed, epoch)."""
+        tokens = self._tokens()
+        blocks = self.num_blocks(seq_len)
+        if blocks < 1:
+            raise ConfigError(f"{self.path}: {len(tokens)} tokens is shorter than one block of {seq_len + 1}")
+        rows = []
+        for sample in range(step * batch_size, (step + 1) * batch_size):
+            epoch, index = divmod(sample, blocks)
+            block = int(self._permutation(epoch, blocks)[index])
+            rows.append(np.asarray(tokens[block * seq_len : block * seq_len + seq_len + 1], dtype=np.int64))
+        return torch.from_numpy(np.stack(rows))
+
+    def _permutation(self, epoch: int, blocks: int) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_perms", {})
+        if epoch not in cache:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            cache.clear()  # one epoch at a time is enough: samples arrive in order
+            cache[epoch] = torch.randperm(blocks, generator=generator)
+        return cache[epoch]
+
+    def _tokens(self) -> np.ndarray:
+        if "_map" not in self.__dict__:
+            try:
+                mapped = np.memmap(self.path, dtype=np.int32, mode="r")
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"{self.path}: cannot map the token file ({err})") from None
+            self.__dict__["_map"] = mapped[self.start : self.end or len(mapped)]
+        return self.__dict__["_map"]

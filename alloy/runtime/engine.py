@@ -2,18 +2,22 @@
 
 A one-stage replica runs forward and backward itself; a longer pipeline runs a
 `torch.distributed.pipelining` schedule (1F1B or GPipe) over its replica's process group.
-The model stays an unmodified Transformer slice: parallelism is applied around it.
+The model stays an unmodified Transformer slice: precision, activation checkpointing and
+parallelism are applied around it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from alloy.checkpoint import load as load_checkpoint
 from alloy.model import Transformer
@@ -22,7 +26,7 @@ from alloy.runtime.layout import RunLayout
 from alloy.runtime.sync import GradientSync
 from alloy.spec import ModelSpec
 
-SCHEDULES = ("1f1b", "gpipe")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 
 
 @dataclass
@@ -31,26 +35,55 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     eps: float = 1e-8
+    warmup_steps: int = 0  # linear warm-up, then cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 1.0  # 1.0: constant learning rate
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(1, total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        floor = self.lr * self.min_lr_ratio
+        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
 class StepRecord:
     step: int
     loss: float  # the full global batch's mean loss (same on every rank)
+    lr: float
+    grad_norm: float  # before clipping, over the whole model
     step_s: float  # wall time of the whole step on this rank
-    sync_s: float  # of which: gradient all-reduce
-    extra: dict = field(default_factory=dict)
+    sync_s: float  # of which: gradient all-reduce and loss/norm reductions
 
 
-class HostBoundary(nn.Module):
-    """Runs a stage on an accelerator while the pipeline's messages stay on the host (gloo)."""
+class StageModule(nn.Module):
+    """The stage as the pipeline sees it: autocast, and a host boundary for accelerators (the
+    pipeline's messages travel over gloo, on the host)."""
 
-    def __init__(self, module: nn.Module, device: torch.device):
+    def __init__(self, model: Transformer, device: torch.device, precision: str):
         super().__init__()
-        self.module, self.device = module, device
+        self.model, self.device, self.precision = model, device, precision
 
     def forward(self, x):
-        return self.module(x.to(self.device)).to("cpu")
+        with autocast(self.device, self.precision):
+            out = self.model(x.to(self.device))
+        return out.float().to("cpu") if self.device.type != "cpu" else out
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def apply_activation_checkpointing(model: Transformer) -> Transformer:
+    """Recompute each block in the backward pass instead of keeping its activations."""
+    for block in model.layers.values():
+        forward = block.forward
+        block.forward = lambda *args, _f=forward, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
+    return model
 
 
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -60,19 +93,24 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class StageRunner:
     def __init__(self, spec: ModelSpec, layout: RunLayout, rank: int, *, device: torch.device,
                  seed: int = 0, init_dir: str | None = None, optim: OptimConfig | None = None,
-                 schedule: str = "1f1b", timeout=None):
+                 pipeline_schedule: str = "1f1b", precision: str = "fp32", activation_checkpointing: bool = False,
+                 timeout=None):
         self.spec, self.layout, self.rank = spec, layout, rank
         self.info = layout.rank(rank)
-        self.device = device
+        self.device, self.precision = device, precision
         stage = self.info.stage
         if init_dir:
-            model = load_checkpoint(init_dir, layers=(stage.first, stage.last), embed=stage.embed, head=stage.head)
+            model = load_checkpoint(init_dir, dtype="fp32", layers=(stage.first, stage.last),
+                                    embed=stage.embed, head=stage.head)
         else:
             model = init_params(Transformer(spec, (stage.first, stage.last), embed=stage.embed, head=stage.head), seed)
         self.model = model.to(device).train()
-        optim = optim or OptimConfig()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=optim.betas,
-                                           weight_decay=optim.weight_decay, eps=optim.eps)
+        if activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        self.module = StageModule(self.model, device, precision)
+        self.optim = optim or OptimConfig()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.optim.lr, betas=self.optim.betas,
+                                           weight_decay=self.optim.weight_decay, eps=self.optim.eps)
         self.sync = GradientSync(spec, layout, self.model, rank, timeout=timeout)
         self.micro_batches = layout.micro_batches_for(self.info.replica)
         self._loss_scale = 1.0
@@ -81,13 +119,12 @@ class StageRunner:
         groups = {ranks: dist.new_group(list(ranks), timeout=timeout) for ranks in pipelines}
         self.schedule = None
         if len(self.info.pipeline_ranks) > 1:
-            self.schedule = self._pipeline(schedule, groups[self.info.pipeline_ranks])
+            self.schedule = self._pipeline(pipeline_schedule, groups[self.info.pipeline_ranks])
 
     def _pipeline(self, kind: str, group):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-        module = self.model if self.device.type == "cpu" else HostBoundary(self.model, self.device)
-        stage = PipelineStage(module, self.info.stage_index, len(self.info.pipeline_ranks),
+        stage = PipelineStage(self.module, self.info.stage_index, len(self.info.pipeline_ranks),
                               torch.device("cpu"), group=group)
         if kind == "1f1b" and self.micro_batches < len(self.info.pipeline_ranks):
             kind = "gpipe"  # 1F1B needs a micro-batch per stage in flight; GPipe is its fill-drain limit
@@ -98,38 +135,86 @@ class StageRunner:
     def _mb_loss(self, logits, targets):
         return token_loss_sum(logits, targets) * self._loss_scale
 
-    def step(self, step: int, batch: torch.Tensor) -> StepRecord:
-        """batch: the global batch of token ids [global_batch, seq_len + 1]; this rank takes its share."""
-        start_s = time.perf_counter()
+    def _my_rows(self, batch: torch.Tensor) -> torch.Tensor:
         share = self.layout.batch_shares[self.info.replica]
         offset = self.layout.sample_offset(self.info.replica)
-        rows = batch[offset : offset + share]
-        inputs, targets = rows[:, :-1], rows[:, 1:]
-        # Each token's loss weighs 1 / (all tokens of the global batch): summed over micro-batches
-        # and replicas this is the full-batch mean, whatever the shares.
-        self._loss_scale = 1.0 / (batch.shape[0] * inputs.shape[1])
+        return batch[offset : offset + share]
+
+    def step(self, step: int, batches: list[torch.Tensor], lr: float) -> StepRecord:
+        """One optimizer step over `batches` (gradient accumulation: each is a global batch of
+        token ids [global_batch, seq_len + 1]); this rank takes its replica's rows of each."""
+        start_s = time.perf_counter()
+        # Each token's loss weighs 1 / (all tokens of all accumulated global batches): summed over
+        # micro-batches, accumulation and replicas this is the full-batch mean, whatever the shares.
+        self._loss_scale = 1.0 / (len(batches) * batches[0].shape[0] * (batches[0].shape[1] - 1))
         self.optimizer.zero_grad(set_to_none=True)
-        stage = self.info.stage
         local_loss = torch.zeros((), dtype=torch.float64)
+        for batch in batches:
+            local_loss += self._forward_backward(self._my_rows(batch))
+        sync_start_s = time.perf_counter()
+        self.sync.all_reduce()
+        dist.all_reduce(local_loss)  # only last stages contribute: the global mean loss
+        grad_norm = self._clip()
+        sync_s = time.perf_counter() - sync_start_s
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return StepRecord(step, float(local_loss), lr, grad_norm, time.perf_counter() - start_s, sync_s)
+
+    def _forward_backward(self, rows: torch.Tensor) -> torch.Tensor:
+        inputs, targets = rows[:, :-1], rows[:, 1:]
+        stage = self.info.stage
         if self.schedule is None:
-            logits = self.model(inputs.to(self.device))
-            loss = token_loss_sum(logits, targets.to(self.device)) * self._loss_scale
+            logits = self.module(inputs)
+            loss = token_loss_sum(logits, targets.to(logits.device)) * self._loss_scale
             loss.backward()
-            local_loss += loss.detach().double().cpu()
-        elif stage.embed:
+            return loss.detach().double().cpu()
+        if stage.embed:
             self.schedule.step(inputs)
         elif stage.head:
             losses: list[torch.Tensor] = []
             self.schedule.step(target=targets, losses=losses)
-            local_loss += sum(l.detach().double() for l in losses)
+            return sum(l.detach().double() for l in losses)
         else:
             self.schedule.step()
-        sync_start_s = time.perf_counter()
-        self.sync.all_reduce()
-        dist.all_reduce(local_loss)  # only last stages contribute: the global mean loss
-        sync_s = time.perf_counter() - sync_start_s
-        self.optimizer.step()
-        return StepRecord(step, float(local_loss), time.perf_counter() - start_s, sync_s)
+        return torch.zeros((), dtype=torch.float64)
+
+    def _clip(self) -> float:
+        """Global gradient norm over the logical model (each parameter counted once: replica 0's
+        copies, after the all-reduce made every replica equal); clip to optim.grad_clip."""
+        squares = torch.zeros((), dtype=torch.float64)
+        if self.info.replica == 0:
+            for name, p in self.model.named_parameters():
+                if p.grad is not None and canonical_name(self.model, name) == name:
+                    squares += p.grad.detach().double().pow(2).sum().cpu()
+        dist.all_reduce(squares)
+        norm = float(squares.sqrt())
+        if self.optim.grad_clip and norm > self.optim.grad_clip:
+            scale = self.optim.grad_clip / (norm + 1e-6)
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        return norm
+
+    @torch.no_grad()
+    def evaluate(self, batch: torch.Tensor) -> float:
+        """Mean next-token loss of a global batch, forward only, through each replica's pipeline."""
+        rows = self._my_rows(batch)
+        inputs, targets = rows[:, :-1], rows[:, 1:]
+        stage, pipeline = self.info.stage, self.info.pipeline_ranks
+        position = self.info.stage_index
+        total = torch.zeros((), dtype=torch.float64)
+        x = inputs
+        if not stage.embed:  # hidden states from the previous stage, always sent as fp32
+            x = torch.empty(inputs.shape + (self.spec.hidden_size,), dtype=torch.float32)
+            dist.recv(x, src=pipeline[position - 1])
+        out = self.module(x)
+        if stage.head:
+            total += token_loss_sum(out, targets.to(out.device)).double().cpu()
+        else:
+            dist.send(out.float().contiguous().cpu(), dst=pipeline[position + 1])
+        dist.all_reduce(total)
+        return float(total) / (batch.shape[0] * inputs.shape[1])
 
     def named_state(self) -> dict[str, torch.Tensor]:
         """This rank's parameters under their logical names (a tied head copy is left out)."""

@@ -8,12 +8,16 @@ loopback port; a multi-machine job is the same worker under
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from alloy.errors import AlloyError
 
@@ -52,22 +56,55 @@ def torchrun_command(job_path: Path, nproc_per_node: int, rdzv: Rendezvous, endp
 
 
 def launch(job: dict, nproc_per_node: int, *, rdzv: Rendezvous = Rendezvous(), timeout_s: float = 600.0,
-           env: dict | None = None) -> subprocess.CompletedProcess:
-    """Write the job beside its outputs and run this node's workers to completion."""
+           env: dict | None = None, progress: Callable[[dict], None] | None = None) -> None:
+    """Write the job beside its outputs and run this node's workers to completion.
+
+    `progress` is called with each new line of the job's metrics file (rank 0 writes one per
+    step), so a front-end can draw a progress bar while the workers run.
+    """
     out_dir = Path(job["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     job_path = out_dir / f"job-node{rdzv.node_rank}.json"
     job_path.write_text(json.dumps(job, indent=1))
     endpoint = rdzv.endpoint or f"127.0.0.1:{free_port()}"
     cmd = torchrun_command(job_path, nproc_per_node, rdzv, endpoint)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        raise LaunchError(f"the job did not finish within {timeout_s:.0f} s (rendezvous {endpoint})") from None
-    (out_dir / f"torchrun-node{rdzv.node_rank}.log").write_text(proc.stdout + proc.stderr)
+    log_path = out_dir / f"torchrun-node{rdzv.node_rank}.log"
+    metrics = Path(job["metrics_path"]) if job.get("metrics_path") else None
+    seen = metrics.stat().st_size if metrics and metrics.exists() else 0
+    deadline = time.monotonic() + timeout_s
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"the job did not finish within {timeout_s:.0f} s (rendezvous {endpoint})")
+                seen = _follow(metrics, seen, progress)
+                time.sleep(0.2)
+            _follow(metrics, seen, progress)
+        finally:
+            if proc.poll() is None:  # timeout or Ctrl-C: stop every worker we started, then reap them
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
     if proc.returncode != 0:
-        raise LaunchError(_first_error(proc.stderr + proc.stdout, endpoint))
-    return proc
+        raise LaunchError(_first_error(log_path.read_text(errors="replace"), endpoint))
+
+
+def _follow(metrics: Path | None, seen: int, progress) -> int:
+    """Hand the metrics lines written since byte `seen` to `progress`; return the new offset."""
+    if progress is None or metrics is None or not metrics.exists():
+        return seen
+    with open(metrics) as handle:
+        handle.seek(seen)
+        chunk = handle.read()
+    complete = chunk[: chunk.rfind("\n") + 1]
+    for line in complete.splitlines():
+        if line.strip():
+            progress(json.loads(line))
+    return seen + len(complete.encode())
 
 
 def _first_error(log: str, endpoint: str) -> str:

@@ -12,7 +12,7 @@ from alloy.spec import ModelSpec
 
 
 def reference_run(spec: ModelSpec, *, steps: int, global_batch: int, seq_len: int, data: DataSource,
-                  seed: int = 0, optim: OptimConfig | None = None):
+                  seed: int = 0, optim: OptimConfig | None = None, grad_accum: int = 1):
     """Train the whole model in this process; return (losses per step, final state dict)."""
     model = init_params(Transformer(spec), seed).train()
     optim = optim or OptimConfig()
@@ -20,10 +20,17 @@ def reference_run(spec: ModelSpec, *, steps: int, global_batch: int, seq_len: in
                                   weight_decay=optim.weight_decay, eps=optim.eps)
     losses = []
     for step in range(steps):
-        batch = data.batch(step, global_batch, seq_len, spec.vocab_size)
         optimizer.zero_grad(set_to_none=True)
-        loss = token_loss_sum(model(batch[:, :-1]), batch[:, 1:]) / (global_batch * seq_len)
-        loss.backward()
+        total = 0.0
+        for k in range(grad_accum):
+            batch = data.batch(step * grad_accum + k, global_batch, seq_len, spec.vocab_size)
+            loss = token_loss_sum(model(batch[:, :-1]), batch[:, 1:]) / (grad_accum * global_batch * seq_len)
+            loss.backward()
+            total += loss.item()
+        if optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        for group in optimizer.param_groups:
+            group["lr"] = optim.lr_at(step, steps)
         optimizer.step()
-        losses.append(loss.detach().item())
+        losses.append(total)
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}

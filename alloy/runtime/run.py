@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from alloy.runtime.data import DataSource
-from alloy.runtime.engine import SCHEDULES, OptimConfig
+from alloy.runtime.engine import PIPELINE_SCHEDULES, OptimConfig
 from alloy.runtime.launch import Rendezvous, launch
 from alloy.runtime.layout import PlanMismatchError, RunLayout
 from alloy.spec import ModelSpec
@@ -49,25 +49,30 @@ class RunReport:
 
 def job_document(spec: ModelSpec, layout: RunLayout, *, steps: int, seq_len: int, out_dir: str | Path,
                  data: DataSource = DataSource(), seed: int = 0, optim: OptimConfig = OptimConfig(),
-                 schedule: str = "1f1b", devices: dict | None = None, init_dir: str | None = None,
-                 threads: int | None = None, timeout_s: float = 300.0, predicted_step_s: float | None = None) -> dict:
+                 pipeline_schedule: str = "1f1b", devices: dict | None = None, init_dir: str | None = None,
+                 threads: int | None = None, timeout_s: float = 300.0, predicted_step_s: float | None = None,
+                 **extra) -> dict:
+    """The document every worker reads. `extra` carries the training-run keys (val_data,
+    eval_every, eval_batches, grad_accum, precision, activation_checkpointing, checkpoint,
+    resume, stop_at, metrics_path): see alloy.runtime.worker."""
     layout.validate(spec)
-    if schedule not in SCHEDULES:
-        raise PlanMismatchError(f"schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if pipeline_schedule not in PIPELINE_SCHEDULES:
+        raise PlanMismatchError(f"pipeline schedule {pipeline_schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}")
     if seq_len > spec.max_seq_len:
         raise PlanMismatchError(f"seq_len {seq_len} exceeds the model's maximum {spec.max_seq_len}")
     missing = {s.device for r in layout.replicas for s in r} - set(devices or {}) if devices is not None else set()
     if missing:
         raise PlanMismatchError(f"the plan's stages use devices it does not describe: {', '.join(sorted(missing))}")
     return dict(spec=spec.to_dict(), layout=layout.to_dict(), steps=steps, seq_len=seq_len, out_dir=str(out_dir),
-                data=asdict(data), seed=seed, optim=asdict(optim), schedule=schedule, devices=devices or {},
-                init_dir=init_dir, threads=threads, timeout_s=timeout_s, predicted_step_s=predicted_step_s)
+                data=asdict(data), seed=seed, optim=asdict(optim), pipeline_schedule=pipeline_schedule,
+                devices=devices or {}, init_dir=init_dir, threads=threads, timeout_s=timeout_s,
+                predicted_step_s=predicted_step_s, **extra)
 
 
 def run(plan, *, steps: int, out_dir: str | Path, spec: ModelSpec | None = None, data: DataSource = DataSource(),
-        seq_len: int | None = None, seed: int = 0, optim: OptimConfig = OptimConfig(), schedule: str = "1f1b",
-        init_dir: str | None = None, threads: int | None = None, rdzv: Rendezvous = Rendezvous(),
-        timeout_s: float = 600.0) -> RunReport:
+        seq_len: int | None = None, seed: int = 0, optim: OptimConfig = OptimConfig(),
+        pipeline_schedule: str = "1f1b", init_dir: str | None = None, threads: int | None = None,
+        rdzv: Rendezvous = Rendezvous(), timeout_s: float = 600.0, progress=None, **extra) -> RunReport:
     """Execute an `alloy.plan.Plan` for `steps` optimizer steps on this node's share of ranks."""
     plan_spec = ModelSpec.from_dict(plan.model.spec)
     if spec is not None and spec != plan_spec:
@@ -76,17 +81,18 @@ def run(plan, *, steps: int, out_dir: str | Path, spec: ModelSpec | None = None,
                                 f"{plan_spec.to_dict()[changed]} in the plan, {spec.to_dict()[changed]} given)")
     layout = RunLayout.from_plan(plan)
     job = job_document(plan_spec, layout, steps=steps, seq_len=seq_len or plan.seq_len, out_dir=out_dir, data=data,
-                       seed=seed, optim=optim, schedule=schedule, init_dir=init_dir, threads=threads,
-                       devices={d.name: d.model_dump() for d in plan.devices}, timeout_s=timeout_s,
-                       predicted_step_s=plan.predicted.step_s)
-    return run_job(job, rdzv=rdzv, timeout_s=timeout_s)
+                       seed=seed, optim=optim, pipeline_schedule=pipeline_schedule, init_dir=init_dir,
+                       threads=threads, devices={d.name: d.model_dump() for d in plan.devices},
+                       timeout_s=timeout_s, predicted_step_s=plan.predicted.step_s, **extra)
+    return run_job(job, rdzv=rdzv, timeout_s=timeout_s, progress=progress)
 
 
-def run_job(job: dict, *, rdzv: Rendezvous = Rendezvous(), timeout_s: float = 600.0) -> RunReport:
+def run_job(job: dict, *, rdzv: Rendezvous = Rendezvous(), timeout_s: float = 600.0, progress=None) -> RunReport:
+    """Launch this node's workers; `progress(line)` is called with each metrics line as it lands."""
     layout = RunLayout.from_dict(job["layout"])
     if layout.world_size % rdzv.nnodes:
         raise PlanMismatchError(f"{layout.world_size} ranks do not split evenly over {rdzv.nnodes} nodes")
-    launch(job, layout.world_size // rdzv.nnodes, rdzv=rdzv, timeout_s=timeout_s)
+    launch(job, layout.world_size // rdzv.nnodes, rdzv=rdzv, timeout_s=timeout_s, progress=progress)
     return read_report(job)
 
 
@@ -95,9 +101,11 @@ def read_report(job: dict) -> RunReport:
     layout = RunLayout.from_dict(job["layout"])
     ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(layout.world_size)]
     steps = len(ranks[0]["records"])
+    if steps == 0:
+        raise PlanMismatchError(f"{out_dir}: the run took no step (it was already at step {ranks[0]['start_step']})")
     slowest = [max(r["records"][i]["step_s"] for r in ranks) for i in range(steps)]
     measured = statistics.median(slowest[1:] if steps > 1 else slowest)  # step 0 pays warm-up
-    tokens = layout.global_batch * int(job["seq_len"])
+    tokens = layout.global_batch * int(job["seq_len"]) * int(job.get("grad_accum", 1))
     report = RunReport(out_dir, [rec["loss"] for rec in ranks[0]["records"]], ranks, job.get("predicted_step_s"),
                        measured, tokens / measured)
     (out_dir / "report.json").write_text(json.dumps({

@@ -1,7 +1,8 @@
 """The process `torchrun` starts for each rank: `python -m alloy.runtime.worker JOB.json`.
 
-It reads the job (spec, layout, devices, data, steps), takes its rank's stage, enters its
-emulated CPU slice or its device, trains, and writes its shard and its step records.
+It reads the job (spec, layout, devices, data, steps...), takes its rank's stage, enters its
+emulated CPU slice or its device, and trains: step records and final shard always, and, when
+the job asks, evaluation, metrics (rank 0, one JSON line per step), checkpoints and resume.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 
 from alloy.devices import DeviceProfile
 from alloy.errors import AlloyError
+from alloy.runtime import checkpoint as ckpt
 from alloy.runtime.data import DataSource
 from alloy.runtime.engine import OptimConfig, StageRunner
 from alloy.runtime.layout import PlanMismatchError, RunLayout
@@ -46,6 +48,112 @@ def _slice_context(profile: DeviceProfile | None):
     return cpu_slice(profile.cpu_slice)
 
 
+def _set_threads(job: dict, profile: DeviceProfile | None) -> None:
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    elif profile is None or profile.kind == "cpu":
+        # CPU workers of one node share its cores; oversubscribing them slows every rank.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
+
+
+class Trainer:
+    """The training loop of one rank."""
+
+    def __init__(self, job: dict, rank: int, timeout: timedelta):
+        self.job, self.rank = job, rank
+        self.spec = ModelSpec.from_dict(job["spec"])
+        self.layout = RunLayout.from_dict(job["layout"])
+        self.info = self.layout.rank(rank)
+        profiles = {name: DeviceProfile.model_validate(p) for name, p in job.get("devices", {}).items()}
+        self.profile = profiles.get(self.info.stage.device)
+        self.timeout = timeout
+        self.steps = int(job["steps"])
+        self.seq_len = int(job["seq_len"])
+        self.accum = int(job.get("grad_accum", 1))
+        self.data = DataSource(**job.get("data", {}))
+        self.val_data = DataSource(**job["val_data"]) if job.get("val_data") else None
+        self.ckpt_root = Path(job["checkpoint"]["dir"]) if job.get("checkpoint") else None
+        self.metrics_path = Path(job["metrics_path"]) if job.get("metrics_path") else None
+
+    def run(self) -> None:
+        job, rank, layout = self.job, self.rank, self.layout
+        runner = StageRunner(
+            self.spec, layout, rank, device=torch_device(self.profile), seed=int(job.get("seed", 0)),
+            init_dir=job.get("init_dir"), optim=OptimConfig(**job.get("optim", {})),
+            pipeline_schedule=job.get("pipeline_schedule", "1f1b"), precision=job.get("precision", "fp32"),
+            activation_checkpointing=bool(job.get("activation_checkpointing")), timeout=self.timeout,
+        )
+        start_step = self._resume(runner) if job.get("resume") else 0
+        if job.get("stall_rank") == rank:  # fault injection: a rank that never arrives (timeout tests)
+            time.sleep(10 * self.timeout.total_seconds())
+        stop = min(self.steps, int(job.get("stop_at") or self.steps))
+        records = []
+        for step in range(start_step, stop):
+            batches = [self.data.batch(step * self.accum + k, layout.global_batch, self.seq_len,
+                                       self.spec.vocab_size) for k in range(self.accum)]
+            record = runner.step(step, batches, runner.optim.lr_at(step, self.steps))
+            records.append(asdict(record))
+            done = step + 1
+            line = {"step": done, "loss": record.loss, "lr": record.lr, "grad_norm": record.grad_norm,
+                    **self._step_times(record.step_s)}
+            if self.val_data and (done % int(job.get("eval_every", 50)) == 0 or done == stop):
+                line |= self._evaluate(runner)
+            if self.ckpt_root and (done % int(job["checkpoint"]["every"]) == 0 or done == stop):
+                self._save(runner, done)
+            self._log(line)
+        out_dir = Path(job["out_dir"])
+        save_file(runner.named_state(), str(out_dir / f"rank{rank}.safetensors"))
+        (out_dir / f"rank{rank}.json").write_text(json.dumps({
+            "rank": rank, "replica": self.info.replica, "stage": self.info.stage_index,
+            "device": self.info.stage.device, "layers": [self.info.stage.first, self.info.stage.last],
+            "start_step": start_step, "records": records,
+        }))
+        dist.barrier()
+
+    def _step_times(self, step_s: float) -> dict:
+        """Every rank's step time, gathered: the slowest paces the step; each sits beside the plan."""
+        times = torch.zeros(self.layout.world_size, dtype=torch.float64)
+        times[self.rank] = step_s
+        dist.all_reduce(times)
+        slowest = float(times.max())
+        tokens = self.layout.global_batch * self.seq_len * self.accum
+        devices = [info.stage.device for info in self.layout.ranks()]
+        return {"step_s": slowest, "tokens_per_s": tokens / slowest,
+                "device_step_s": dict(zip(devices, times.tolist())),
+                "predicted_step_s": self.job.get("predicted_step_s")}
+
+    def _evaluate(self, runner: StageRunner) -> dict:
+        losses = [runner.evaluate(self.val_data.batch(i, self.layout.global_batch, self.seq_len, self.spec.vocab_size))
+                  for i in range(int(self.job.get("eval_batches", 2)))]
+        loss = sum(losses) / len(losses)
+        return {"eval_loss": loss, "eval_ppl": float(torch.tensor(loss).exp())}
+
+    def _save(self, runner: StageRunner, step: int) -> None:
+        info = {"replica": self.info.replica, "stage": self.info.stage_index, "device": self.info.stage.device,
+                "layers": [self.info.stage.first, self.info.stage.last]}
+        ckpt.save_rank(self.ckpt_root, step, self.rank, runner.model, runner.optimizer, info)
+        dist.barrier()
+        if self.rank == 0:
+            ckpt.finalize(self.ckpt_root, step, self.spec, self.layout, int(self.job["checkpoint"]["keep_last"]),
+                          {"total_steps": self.steps, "seq_len": self.seq_len, "data": self.job.get("data")})
+        dist.barrier()
+
+    def _resume(self, runner: StageRunner) -> int:
+        found = ckpt.complete_checkpoints(self.ckpt_root) if self.ckpt_root else []
+        if not found:
+            return 0
+        latest = found[-1]
+        ckpt.check_compatible(ckpt.read_manifest(latest), self.spec, self.layout, latest)
+        record = ckpt.load_rank(latest, self.rank, runner.model, runner.optimizer)
+        return int(record["step"])
+
+    def _log(self, line: dict) -> None:
+        if self.rank == 0 and self.metrics_path:
+            with open(self.metrics_path, "a") as handle:
+                handle.write(json.dumps(line | {"time": time.time()}) + "\n")
+
+
 def run_worker(job: dict) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     spec = ModelSpec.from_dict(job["spec"])
@@ -53,39 +161,14 @@ def run_worker(job: dict) -> None:
     layout.validate(spec)
     if world != layout.world_size:
         raise PlanMismatchError(f"the job has {world} ranks but the plan needs {layout.world_size}")
-    info = layout.rank(rank)
-    profiles = {name: DeviceProfile.model_validate(p) for name, p in job.get("devices", {}).items()}
-    profile = profiles.get(info.stage.device)
-    if job.get("threads"):
-        torch.set_num_threads(int(job["threads"]))
-    elif profile is None or profile.kind == "cpu":
-        # CPU workers of one node share its cores; oversubscribing them slows every rank.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
     timeout = timedelta(seconds=float(job.get("timeout_s", 300)))
-    out_dir = Path(job["out_dir"])
+    trainer = Trainer(job, rank, timeout)
+    _set_threads(job, trainer.profile)
     with ExitStack() as stack:
-        stack.enter_context(_slice_context(profile))
+        stack.enter_context(_slice_context(trainer.profile))
         dist.init_process_group("gloo", timeout=timeout)
         stack.callback(dist.destroy_process_group)
-        runner = StageRunner(
-            spec, layout, rank, device=torch_device(profile), seed=int(job.get("seed", 0)),
-            init_dir=job.get("init_dir"), optim=OptimConfig(**job.get("optim", {})),
-            schedule=job.get("schedule", "1f1b"), timeout=timeout,
-        )
-        data = DataSource(**job.get("data", {}))
-        records = []
-        if job.get("stall_rank") == rank:  # fault injection: a rank that never arrives (timeout tests)
-            time.sleep(10 * timeout.total_seconds())
-        for step in range(int(job["steps"])):
-            batch = data.batch(step, layout.global_batch, int(job["seq_len"]), spec.vocab_size)
-            records.append(asdict(runner.step(step, batch)))
-        save_file(runner.named_state(), str(out_dir / f"rank{rank}.safetensors"))
-        (out_dir / f"rank{rank}.json").write_text(json.dumps({
-            "rank": rank, "replica": info.replica, "stage": info.stage_index, "device": info.stage.device,
-            "layers": [info.stage.first, info.stage.last], "records": records,
-        }))
-        dist.barrier()
+        trainer.run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,141 @@
+"""Per-rank checkpoint shards, written atomically, valid only once their manifest exists.
+
+Layout of RUN_DIR/checkpoints/:
+    step-00000050/rank0.safetensors   parameters (logical names) and AdamW state of rank 0's stage
+    step-00000050/rank0.json          its stage, step, and the optimizer's step counts
+    step-00000050/manifest.json       written last, by rank 0, once every rank's files are in
+Ranks write into `step-N.partial/` (temp file, fsync, rename per file); rank 0 then writes the
+manifest and renames the directory to `step-N` — so a directory named `step-N` is always
+complete, and a crash leaves at most a `.partial` directory that nothing mistakes for valid.
+The fusion step reads exactly this layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from alloy.errors import CheckpointError
+from alloy.runtime.layout import RunLayout
+from alloy.spec import ModelSpec
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def step_dir(root: Path, step: int, partial: bool = False) -> Path:
+    return root / (f"step-{step:08d}" + (".partial" if partial else ""))
+
+
+def _fsync_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_rank(root: Path, step: int, rank: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              info: dict) -> None:
+    """Write this rank's shard for the checkpoint after `step` steps."""
+    directory = step_dir(root, step, partial=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    optimizer_steps: dict[str, float] = {}
+    for name, param in model.named_parameters():
+        tensors[f"param.{name}"] = param.detach().cpu().contiguous()
+        state = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                tensors[f"{key}.{name}"] = state[key].detach().cpu().contiguous()
+        if "step" in state:
+            optimizer_steps[name] = float(state["step"])
+    _fsync_write(directory / f"rank{rank}.safetensors", lambda p: save_file(tensors, str(p)))
+    record = info | {"rank": rank, "step": step, "optimizer_steps": optimizer_steps}
+    _fsync_write(directory / f"rank{rank}.json", lambda p: p.write_text(json.dumps(record)))
+
+
+def finalize(root: Path, step: int, spec: ModelSpec, layout: RunLayout, keep_last: int, extra: dict) -> Path:
+    """Rank 0, after every rank saved: check the shards, write the manifest, publish, rotate."""
+    partial = step_dir(root, step, partial=True)
+    files = {}
+    for rank in range(layout.world_size):
+        for suffix in ("safetensors", "json"):
+            path = partial / f"rank{rank}.{suffix}"
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint step {step}: rank {rank} wrote no {path.name}")
+            files[path.name] = path.stat().st_size
+    manifest = {"format": FORMAT_VERSION, "step": step, "spec": spec.to_dict(), "layout": layout.to_dict(),
+                "world_size": layout.world_size, "files": files} | extra
+    _fsync_write(partial / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    final = step_dir(root, step)
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    _fsync_dir(root)
+    for old in complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Valid checkpoints, oldest first: `step-N` directories holding a manifest."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".partial")
+             and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def read_manifest(directory: Path) -> dict:
+    try:
+        return json.loads((directory / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{directory}: unreadable manifest ({err})") from None
+
+
+def check_compatible(manifest: dict, spec: ModelSpec, layout: RunLayout, where: Path) -> None:
+    """A checkpoint resumes only the same model on the same layout."""
+    theirs = ModelSpec.from_dict(manifest["spec"])
+    if theirs != spec:
+        field = next(k for k, v in spec.to_dict().items() if theirs.to_dict().get(k) != v)
+        raise CheckpointError(f"{where} was written for a different model ({field}: {theirs.to_dict()[field]} "
+                              f"there, {spec.to_dict()[field]} now); use another out_dir or the same model")
+    if RunLayout.from_dict(manifest["layout"]) != layout:
+        raise CheckpointError(f"{where} was written for a different plan (layers, devices or batch shares); "
+                              "resume with that plan (--plan) or start a new out_dir")
+
+
+def load_rank(directory: Path, rank: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore this rank's parameters and AdamW state; return its JSON record."""
+    try:
+        tensors = load_file(directory / f"rank{rank}.safetensors")
+        record = json.loads((directory / f"rank{rank}.json").read_text())
+    except Exception as err:
+        raise CheckpointError(f"{directory}: rank {rank}'s shard is unreadable ({' '.join(str(err).split())[:200]})") from None
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            key = f"param.{name}"
+            if key not in tensors or tensors[key].shape != param.shape:
+                raise CheckpointError(f"{directory}: rank {rank}'s shard lacks {name} or has another shape")
+            param.copy_(tensors[key])
+            if f"exp_avg.{name}" in tensors:
+                optimizer.state[param] = {
+                    "step": torch.tensor(record["optimizer_steps"][name]),
+                    "exp_avg": tensors[f"exp_avg.{name}"].to(param.device),
+                    "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].to(param.device),
+                }
+    return record
