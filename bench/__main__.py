@@ -17,6 +17,7 @@ BENCHMARKS = {
     "train": "training step tokens/s vs. transformers, fp32 and bf16, one device",
     "hetero": "3 CPU workers at 100/50/25%: Alloy's plan vs. equal split vs. the solo sum",
     "plan": "planner runtime at 8/64/256 declared devices; predicted gains on the example clusters",
+    "validate": "planner fidelity: cost model and planner vs. published heterogeneous-cluster measurements",
 }
 
 

@@ -7,13 +7,14 @@ Targets (issue #4): 8 devices < 0.2 s, 64 < 2 s, 256 < 20 s. A benchmark, not a 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import time
 from pathlib import Path
 
 from alloy.devices import DeviceProfile, Inventory, LinkSpec
 from alloy.errors import PlanError
-from alloy.plan import Workload, make_plan
+from alloy.plan import Workload, fast_dtype, make_plan
 from alloy.spec import resolve_spec
 
 # Datasheet-ish sustained rates (about 70% of peak): name -> (bf16 FLOP/s, memory bytes, bytes/s)
@@ -62,8 +63,9 @@ def measure(quick: bool) -> dict:
     work = Workload(task="train", batch_size=EXAMPLE_WORK["batch_size"], seq_len=EXAMPLE_WORK["seq_len"],
                     checkpointing=True)
     for path in sorted(EXAMPLES.glob("*.json")):
+        inventory = Inventory.load(path)
         try:
-            plan = make_plan(spec, Inventory.load(path), work)
+            plan = make_plan(spec, inventory, replace(work, dtype=fast_dtype(inventory)))
         except PlanError:
             continue  # the example model does not fit this cluster (the emulated 2-core one)
         for base in plan.baselines:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from alloy.devices import Inventory
-from alloy.plan import Plan, Workload, make_plan
+from alloy.plan import Plan, Workload, fast_dtype, make_plan
 from alloy.spec import resolve_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +32,10 @@ def test_example_clusters_exist():
 @pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.stem)
 def test_example_cluster_is_planned_and_beats_the_baselines(path):
     model = MODEL_FOR.get(path.stem, "llama-3.2-1b")
-    plan = make_plan(resolve_spec(model), Inventory.load(path),
-                     Workload(task="train", batch_size=16, seq_len=512, checkpointing=True))
+    inventory = Inventory.load(path)
+    plan = make_plan(resolve_spec(model), inventory,
+                     Workload(task="train", batch_size=16, seq_len=512, checkpointing=True,
+                              dtype=fast_dtype(inventory)))
     fitting = [b for b in plan.baselines if b.step_s is not None]
     gains = ", ".join(f"{b.name} {b.speedup:.2f}x" if b.speedup else f"{b.name} (does not fit)"
                       for b in plan.baselines)

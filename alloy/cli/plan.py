@@ -6,7 +6,7 @@ from rich.console import Console
 
 from alloy.devices import Inventory
 from alloy.errors import PlanError
-from alloy.plan import Workload, make_plan
+from alloy.plan import Workload, fast_dtype, make_plan
 from alloy.spec import resolve_spec
 
 
@@ -22,7 +22,7 @@ def add_arguments(parser) -> None:
                         "or the model's maximum if smaller)")
     parser.add_argument("--new-tokens", type=int, default=128, help="infer: tokens generated per request")
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16", "fp8", "int8"), default="auto",
-                        help="compute dtype; auto: bf16 when every device runs it fast, else fp32")
+                        help="compute dtype; auto: bf16, else fp16, when every device runs it fast; else fp32")
     parser.add_argument("--micro-batches", type=int, default=None, help="pipeline micro-batches (default: search)")
     parser.add_argument("--replicas", type=int, default=None, help="data-parallel replicas (default: search)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing (train)")
@@ -42,18 +42,12 @@ def load_devices(source: str) -> Inventory:
     return profile()
 
 
-def auto_dtype(inventory: Inventory, names: list[str] | None) -> str:
-    devices = [d for d in inventory.devices if names is None or d.name in names]
-    fast_bf16 = all("bf16" in d.matmul_flops and "bf16" not in d.slow_dtypes for d in devices)
-    return "bf16" if fast_bf16 else "fp32"
-
-
 def run(args) -> int:
     spec = resolve_spec(args.model)
     inventory = load_devices(args.devices)
     names = None if args.use is None else [n.strip() for n in args.use.split(",") if n.strip()]
     if args.dtype == "auto":
-        args.dtype = auto_dtype(inventory, names)
+        args.dtype = fast_dtype(inventory, names)
     work = Workload(task=args.task, batch_size=args.batch_size,
                     seq_len=args.seq_len or min(2048, spec.max_seq_len - (args.task == "infer") * args.new_tokens),
                     dtype=args.dtype, micro_batches=args.micro_batches, checkpointing=args.checkpointing,

@@ -3,6 +3,6 @@ search over layouts (replicas x pipeline stages x batch shares). No torch: plans
 
 from alloy.plan.cost import Workload
 from alloy.plan.plan import PLAN_VERSION, Plan
-from alloy.plan.planner import make_plan
+from alloy.plan.planner import fast_dtype, make_plan
 
-__all__ = ["PLAN_VERSION", "Plan", "Workload", "make_plan"]
+__all__ = ["PLAN_VERSION", "Plan", "Workload", "fast_dtype", "make_plan"]

@@ -46,6 +46,15 @@ def make_plan(spec: ModelSpec, inventory: Inventory, work: Workload, device_name
     return describe(problem, layout, result.mode, search.layouts_scored, time.perf_counter() - started)
 
 
+def fast_dtype(inventory: Inventory, names: list[str] | None = None) -> str:
+    """The narrowest dtype every chosen device has a fast matmul path for: bf16, fp16, else fp32."""
+    devices = [d for d in inventory.devices if names is None or d.name in names]
+    for dtype in ("bf16", "fp16"):
+        if all(dtype in d.matmul_flops and dtype not in d.slow_dtypes for d in devices):
+            return dtype
+    return "fp32"
+
+
 def micro_batch_choices(batch_size: int) -> tuple[int, ...]:
     """Powers of two up to the batch, and the batch itself (one sample per micro-batch)."""
     choices = {batch_size}

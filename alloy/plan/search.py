@@ -57,7 +57,8 @@ class Search:
         table = np.empty((len(order),) + i.shape)
         for pos, d in enumerate(order):
             nxt = order[pos + 1] if pos + 1 < len(order) else None
-            compute_key = ("compute", p.flops[d], p.memory_bandwidth_bytes_per_s[d], mb)
+            compute_key = ("compute", p.flops[d], p.memory_bandwidth_bytes_per_s[d], mb,
+                           id(p.measured[d]) if p.measured and p.measured[d] else None)
             if compute_key not in self._rows:
                 with np.errstate(invalid="ignore"):
                     self._rows[compute_key] = stage_compute_s(p, d, i, j, mb)
@@ -119,7 +120,8 @@ class Search:
     def _signature(self, order):
         """Orders on identical hardware get identical answers: key the cache by what the DP reads."""
         p = self.p
-        sig = [(p.flops[d], p.memory_bytes[d], p.memory_bandwidth_bytes_per_s[d]) for d in order]
+        sig = [(p.flops[d], p.memory_bytes[d], p.memory_bandwidth_bytes_per_s[d],
+                id(p.measured[d]) if p.measured and p.measured[d] else None) for d in order]
         links = [(p.link_bytes_per_s[a, b], p.link_latency_s[a, b]) for a, b in zip(order, order[1:])]
         return tuple(sig), tuple(links)
 

@@ -42,6 +42,9 @@ class Problem:
     prefix_decode_flops: np.ndarray
     prefix_kv_read_bytes: np.ndarray
     max_layer_peak_bytes_per_sample: float
+    # Per device: measured per-layer times for this model, replacing the FLOP-rate estimate.
+    # train: (train,); infer: (prefill, decode). None where the profile carries none.
+    measured: tuple = ()
 
     @property
     def num_layers(self) -> int:
@@ -75,8 +78,12 @@ def build_problem(spec: ModelSpec, inventory: Inventory, work: Workload,
     def prefix(values: np.ndarray) -> np.ndarray:
         return np.concatenate([[0.0], np.cumsum(values)])
 
+    phases = ("train",) if work.task == "train" else ("prefill", "decode")
+    measured = tuple(
+        tuple(d.measured_layers(spec.hidden_size, spec.num_layers, ph) for ph in phases) for d in devices)
+    measured = tuple(None if all(m is None for m in ms) else ms for ms in measured)
     return Problem(
-        spec=spec, work=work, costs=costs, devices=tuple(devices),
+        spec=spec, work=work, costs=costs, devices=tuple(devices), measured=measured,
         flops=np.array([d.flops(work.dtype) for d in devices]),
         memory_bytes=np.array([usable_memory_bytes(d) for d in devices], dtype=float),
         memory_bandwidth_bytes_per_s=np.array([d.memory_bandwidth_bytes_per_s for d in devices]),
@@ -117,9 +124,40 @@ def stage_weight_bytes(p: Problem, start, stop):
     return stage_params(p, start, stop) * p.costs.dtype_bytes
 
 
+def interpolate(batch, values, at: float) -> float:
+    """Linear in batch size between measured rows; beyond them, the line through the end rows."""
+    if not values:
+        return 0.0
+    xs, ys = np.asarray(batch, float), np.asarray(values, float)
+    if len(xs) == 1:
+        return float(ys[0] * at / xs[0])
+    if at <= xs[0]:
+        lo, hi = 0, 1
+    elif at >= xs[-1]:
+        lo, hi = len(xs) - 2, len(xs) - 1
+    else:
+        return float(np.interp(at, xs, ys))
+    return float(ys[lo] + (ys[hi] - ys[lo]) * (at - xs[lo]) / (xs[hi] - xs[lo]))
+
+
+def measured_stage_s(m, start, stop, num_layers: int, batch: float):
+    """Stage time from a measured per-layer profile: layers x time of one layer, plus embed/head."""
+    layers = stop - start
+    return (layers * interpolate(m.batch, m.layer_s, batch)
+            + (start == 0) * interpolate(m.batch, m.first_s, batch)
+            + (stop == num_layers) * interpolate(m.batch, m.last_s, batch))
+
+
 def stage_compute_s(p: Problem, device: int, start, stop, mb_samples: float):
     """Busy time of one micro-batch on one stage: forward+backward (train), or prefill+decode (infer)."""
     c, last = p.costs, (stop == p.num_layers)
+    measured = p.measured[device] if p.measured else None
+    if measured is not None and all(m is not None for m in measured):
+        if p.work.task == "train":
+            return measured_stage_s(measured[0], start, stop, p.num_layers, mb_samples)
+        prefill, decode = measured
+        busy_s = measured_stage_s(prefill, start, stop, p.num_layers, mb_samples * p.work.seq_len)
+        return busy_s + p.work.new_tokens * measured_stage_s(decode, start, stop, p.num_layers, mb_samples)
     flops = p.prefix_step_flops[stop] - p.prefix_step_flops[start] + c.head_step_flops_per_sample * last
     busy_s = mb_samples * flops / p.flops[device]
     if p.work.task == "infer" and p.work.new_tokens:

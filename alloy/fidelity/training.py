@@ -1,0 +1,224 @@
+"""Training step time of published heterogeneous 3D-parallel plans (Sailor, AMP).
+
+The step-time formula is Alloy's (`alloy.plan.timing.pipeline_time_s`: 1F1B, the first
+micro-batch crosses every stage, the rest follow at the slowest slot; a slot is a stage's
+forward+backward plus its sends), fed with *measured* per-layer times instead of FLOP
+estimates, and with the artifacts' measured link bandwidths. What Alloy's own `Layout` cannot
+express here is evaluated the same way, stage by stage:
+- a stage is a tensor-parallel group (the plan's TP degree is a fixed input, the profile was
+  measured at that degree), and replicas of one stage may be different GPU types;
+- the gradient all-reduce is per stage, among that stage's replicas, on their slowest link
+  (Megatron-DeepSpeed's data-parallel groups), followed by the optimizer update.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from alloy.plan.timing import interpolate, pipeline_time_s
+
+SAILOR = "sailor/sailor"
+SUSPECT = ("mit/N6/plan_config_N6_D2.json", "clariden/GPT-NEO/N4/plan_config_N4_D4.json")
+SAILOR_MODELS = {"OPT-350": "training_config_opt_350.json", "GPT-NEO": "training_config_gpt_neo27.json"}
+PROFILE_NAMES = {"OPT-350": "OPT-350", "GPT-NEO": "GPT-Neo-2.7"}
+FP32_BYTES = 4
+
+
+def _bandwidth_Bps(entry, nbytes: float) -> float:
+    """Sailor's fit: GB/s = a L^2 + b L + c, L = log2(bytes / 1e6), capped at the best measured."""
+    (a, b, c), best = entry
+    level = math.log2(max(nbytes, 1.0) / 1e6)
+    fitted = (a * level * level + b * level + c) * 1e9
+    return min(best, fitted) if fitted > 0 else best
+
+
+@dataclass(frozen=True)
+class SailorData:
+    profiles: dict
+    llm_info: dict
+    network: dict
+    configs: dict
+
+    @classmethod
+    def load(cls, root: Path) -> "SailorData":
+        base = root / SAILOR
+        read = lambda p: json.loads((base / p).read_text())  # noqa: E731
+        return cls(profiles=read("Planner/simulations/profiles_tmp.json"), llm_info=read("Planner/llm_info.json"),
+                   network=read("providers/multizone_bandwidths_het.json"),
+                   configs={m: read(f"Planner/simulations/configs/{f}") for m, f in SAILOR_MODELS.items()})
+
+    def slot_times(self, model: str, gpu: str, mbs: int, tp: int, slot: int) -> tuple[float, float, float]:
+        """(fwd, bwd, update) seconds of one layer slot, interpolated in micro-batch size."""
+        by_mbs = self.profiles[PROFILE_NAMES[model]][gpu]
+        sizes = sorted(int(k) for k in by_mbs if str(tp) in by_mbs[k])
+        rows = [by_mbs[str(s)][str(tp)][str(slot)] for s in sizes]
+        return tuple(interpolate(sizes, [r[k] for r in rows], mbs) for k in range(3))
+
+    def link_Bps(self, zone: str, a: tuple[str, int], b: tuple[str, int], nbytes: float) -> float:
+        return _bandwidth_Bps(self.network[zone][a[0]][str(a[1])][zone][b[0]][str(b[1])], nbytes)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    slots: tuple[int, ...]
+    replicas: tuple[tuple[str, int, int], ...]  # (gpu type, gpus in its VM, tensor-parallel degree)
+
+
+@dataclass(frozen=True)
+class SailorPlan:
+    name: str
+    model: str  # "OPT-350" or "GPT-NEO"
+    zone: str
+    stages: tuple[StagePlan, ...]
+    mbs: int
+    gbs: int
+    measured_s: float | None = None
+
+    @property
+    def dp(self) -> int:
+        return len(self.stages[0].replicas)
+
+
+def read_sailor_plan(path: Path, name: str = "") -> SailorPlan:
+    doc = json.loads(Path(path).read_text())
+    pipe = doc["pipeline_list"][0]
+    stages = []
+    for slots, replicas in zip(pipe["layers_per_stage"], pipe["tmp_per_stage"]):
+        stages.append(StagePlan(tuple(slots), tuple((r[0][0][0], r[0][0][1], r[1]) for r in replicas)))
+    model = "GPT-NEO" if "/GPT-NEO/" in str(path) else "OPT-350"
+    return SailorPlan(name or str(path), model, doc.get("zone", "us-central1-a"), tuple(stages),
+                      doc["mbs"], doc["gbs"], doc.get("real"))
+
+
+def sailor_plans(root: Path, cluster: str, skip_suspect: bool = True) -> list[SailorPlan]:
+    base = root / SAILOR / "Planner/simulations/validation"
+    plans = []
+    for path in sorted((base / cluster).rglob("plan_config_*.json")):
+        rel = str(path.relative_to(base))
+        if skip_suspect and rel in SUSPECT:
+            continue
+        plans.append(read_sailor_plan(path, rel))
+    return plans
+
+
+def sailor_step_s(data: SailorData, plan: SailorPlan) -> float:
+    """Predicted seconds per iteration of a Sailor plan."""
+    cfg = data.configs[plan.model]
+    act_bytes = plan.mbs * cfg["sequence_length"] * cfg["hidden_size"] * FP32_BYTES
+    micro_batches = max(1, plan.gbs // (plan.mbs * plan.dp))
+    pipelines = []
+    for r in range(plan.dp):
+        slots = []
+        for s, stage in enumerate(plan.stages):
+            gpu, vm, tp = stage.replicas[r]
+            compute = sum(sum(data.slot_times(plan.model, gpu, plan.mbs, tp, k)[:2]) for k in stage.slots)
+            send = 0.0
+            if s + 1 < len(plan.stages):
+                nxt = plan.stages[s + 1].replicas[r]
+                send = 2 * act_bytes / data.link_Bps(plan.zone, (gpu, vm), (nxt[0], nxt[1]), act_bytes)
+            slots.append(compute + send)
+        pipelines.append(pipeline_time_s(slots, micro_batches))
+    sync = 0.0
+    for stage in plan.stages:
+        gpu, vm, tp = stage.replicas[0]
+        params = sum(data.llm_info[PROFILE_NAMES[plan.model] if plan.model != "GPT-NEO" else "GPT-Neo-2.7"]
+                     [str(tp)][str(k)]["params_bytes"] for k in stage.slots) if _has_info(data, plan, tp) else 0.0
+        d = len(stage.replicas)
+        allreduce = 0.0
+        if d > 1:
+            bw = min(data.link_Bps(plan.zone, (a[0], a[1]), (b[0], b[1]), params / d)
+                     for i, a in enumerate(stage.replicas) for b in stage.replicas[i + 1:])
+            allreduce = 2 * (d - 1) / d * params / bw
+        update = max(sum(data.slot_times(plan.model, g, plan.mbs, t, k)[2] for k in stage.slots)
+                     for g, _, t in stage.replicas)
+        sync = max(sync, allreduce + update)
+    return max(pipelines) + sync
+
+
+def _has_info(data: SailorData, plan: SailorPlan, tp: int) -> bool:
+    name = "GPT-Neo-2.7" if plan.model == "GPT-NEO" else PROFILE_NAMES[plan.model]
+    return name in data.llm_info and str(tp) in data.llm_info[name]
+
+
+# ---- AMP (GPT-2 on AWS) -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AmpTrial:
+    trial: int
+    mbs: int
+    mp: int
+    dp: int
+    pp: int
+    boundaries: tuple[int, ...]
+    amp_predicted_s: float
+    measured_s: float | None
+
+
+def amp_trials(root: Path, experiment: str) -> list[AmpTrial]:
+    rows = csv.DictReader((root / "AMP/derived/trials_predicted_vs_measured.csv").open())
+    out = []
+    for r in rows:
+        if r["experiment"] != experiment:
+            continue
+        out.append(AmpTrial(int(r["trial"]), int(r["mbs"]), int(r["mp"]), int(r["dp"]), int(r["pp"]),
+                            tuple(int(x) for x in r["partition_boundaries"].split()),
+                            float(r["predicted_iter_s"]),
+                            float(r["measured_iter_s"]) if r["measured_iter_s"] else None))
+    return out
+
+
+def amp_forward_s(root: Path) -> dict[tuple[str, int], list[float]]:
+    """(gpu "V100"/"T4", mp) -> forward seconds of each of the 30 layer slots at micro-batch 1."""
+    table: dict[tuple[str, int], dict[int, float]] = {}
+    for r in csv.DictReader((root / "AMP/derived/layer_forward_time.csv").open()):
+        gpu = "V100" if r["instance"] == "P3" else "T4"
+        table.setdefault((gpu, int(r["mp_degree"])), {})[int(r["layer_index"])] = float(r["fwd_time_s_at_microbatch1"])
+    return {k: [v[i] for i in sorted(v)] for k, v in table.items()}
+
+
+def amp_step_s(root: Path, trial: AmpTrial, global_batch: int = 32, hidden: int = 1024, seq: int = 1024) -> float:
+    """AMP's het_cluster: nodes 0-2 are 4x V100 (10 Gbit/s out, 170 in), node 3 is 4x T4 (50/50).
+
+    Ranks are laid out model-parallel fastest, then data, then pipeline (DeepSpeed's topology),
+    four ranks per node. Forward+backward = 3x the measured forward, linear in micro-batch size
+    (AMP's own convention); the pipeline and the per-stage all-reduce are as for Sailor.
+    """
+    cluster = json.loads((root / "AMP/derived/clusters.json").read_text())["het_cluster"]["nodes"]
+    fwd = amp_forward_s(root)
+    node_of = lambda rank: rank // 4  # noqa: E731
+    gpu_of = lambda rank: cluster[node_of(rank)]["gpu"]  # noqa: E731
+
+    def link_Bps(a: int, b: int) -> float:
+        if node_of(a) == node_of(b):
+            return cluster[node_of(a)]["intra_node_gbit_s"] * 1e9 / 8
+        return min(cluster[node_of(a)]["inter_node_gbit_s"], cluster[node_of(b)]["inter_node_gbit_s"]) * 1e9 / 8
+
+    micro_batches = max(1, global_batch // (trial.mbs * trial.dp))
+    act_bytes = trial.mbs * seq * hidden * 2
+    ranks = lambda s, d: [s * trial.dp * trial.mp + d * trial.mp + m for m in range(trial.mp)]  # noqa: E731
+    pipelines = []
+    for d in range(trial.dp):
+        slots = []
+        for s in range(trial.pp):
+            lo, hi = trial.boundaries[s], trial.boundaries[s + 1]
+            compute = max(3 * trial.mbs * sum(fwd[(gpu_of(r), trial.mp)][lo:hi]) for r in ranks(s, d))
+            send = 0.0
+            if s + 1 < trial.pp:
+                send = 2 * act_bytes / link_Bps(ranks(s, d)[0], ranks(s + 1, d)[0])
+            slots.append(compute + send)
+        pipelines.append(pipeline_time_s(slots, micro_batches))
+    sync = 0.0
+    layer_param_bytes = 12 * hidden * hidden * 2  # fp16 gradients of one transformer layer
+    for s in range(trial.pp):
+        if trial.dp < 2:
+            break
+        lo, hi = trial.boundaries[s], trial.boundaries[s + 1]
+        params = (hi - lo) * layer_param_bytes / trial.mp
+        group = [ranks(s, d)[0] for d in range(trial.dp)]
+        bw = min(link_Bps(a, b) for i, a in enumerate(group) for b in group[i + 1:])
+        sync = max(sync, 2 * (trial.dp - 1) / trial.dp * params / bw)
+    return max(pipelines) + sync
