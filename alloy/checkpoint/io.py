@@ -196,6 +196,26 @@ def _read_side_files(directory: Path):
     return tokenizer, side
 
 
+def hf_tensors(spec: ModelSpec, state: dict[str, torch.Tensor], *, partial: bool = False) -> dict[str, torch.Tensor]:
+    """Alloy tensors -> the family's HF names and layout. With `partial`, rules whose tensors are
+    not all in `state` are skipped (a pipeline stage's shard); otherwise each must be there."""
+    layout = LAYOUTS[spec.family]
+    out: dict[str, torch.Tensor] = {}
+    for rule in layout.expand(spec):
+        if partial and not all(name in state for name in rule.ours):
+            continue
+        for name, tensor in zip(rule.hf, rule.transform.save([state[n] for n in rule.ours], spec)):
+            full = name if name in HEAD_KEYS else layout.prefix + name
+            out[full] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def write_hf_config(spec: ModelSpec, directory: Path, dtype: torch.dtype) -> None:
+    config = spec.to_hf_config()
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def save(model: Transformer, path: str | Path, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write `model` as an HF directory in its family's own layout; atomic (temp dir, rename)."""
     spec = model.spec
@@ -203,27 +223,18 @@ def save(model: Transformer, path: str | Path, *, max_shard_bytes: int = MAX_SHA
         raise CheckpointError(
             f"cannot save a slice (layers {list(model.layer_range)}) as a model; fuse the stages first"
         )
-    layout = LAYOUTS[spec.family]
-    state = model.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    for rule in layout.expand(spec):
-        for name, tensor in zip(rule.hf, rule.transform.save([state[n] for n in rule.ours], spec)):
-            full = name if name in HEAD_KEYS else layout.prefix + name
-            tensors[full] = tensor.detach().to("cpu").contiguous()
-
+    tensors = hf_tensors(spec, model.state_dict())
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         _write_shards(tensors, staging, max_shard_bytes)
-        config = spec.to_hf_config()
-        config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_hf_config(spec, staging, next(iter(tensors.values())).dtype)
         for name, data in model.side_files.items():
             (staging / name).write_bytes(data)
         if model.tokenizer is not None and "tokenizer.json" not in model.side_files:
             model.tokenizer.save(str(staging / "tokenizer.json"))
-        _replace_dir(staging, target)
+        replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -253,7 +264,7 @@ def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _replace_dir(staging: Path, target: Path) -> None:
+def replace_dir(staging: Path, target: Path) -> None:
     """Move the finished staging dir into place; an existing target is replaced only then."""
     for f in staging.iterdir():
         with open(f, "rb") as handle:

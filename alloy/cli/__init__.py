@@ -14,6 +14,7 @@ VERBS = {
     "demo": "Run the main job on a built-in default model.",
     "plan": "Split a model's layers and a batch over devices by measured speed and memory.",
     "devices": "Show this machine's devices, measured (cached), or validate a declared cluster file.",
+    "train": "Train or fine-tune a model from a YAML config over the planned devices.",
 }
 
 
@@ -32,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "_accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return args._run(args) or 0
     except AlloyError as err:

@@ -1,0 +1,253 @@
+"""`alloy train`: a config in; a plan, a trained model, metrics, a picture and a report out.
+
+RUN_DIR holds everything a run makes, so a run can be inspected, resumed or fused later:
+    run.json            the resolved config, model spec and step count (written first)
+    plan.json           the layout the workers ran
+    tokenizer.json      the model's own, or a byte-level BPE trained on the corpus
+    data/tokens.bin     the tokenized corpus (train, then validation tokens)
+    metrics.jsonl       one line per step: loss, lr, grad norm, tokens/s, per-device step time
+    checkpoints/        per-rank shards with a manifest (alloy.runtime.checkpoint)
+    loss.png            the loss curve
+    final/              the fused Hugging Face model (unless fuse: false)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from alloy.errors import CheckpointError, ConfigError
+from alloy.train.config import TrainConfig
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps_done: int
+    total_steps: int
+    first_loss: float | None
+    last_loss: float | None
+    eval_loss: float | None
+    tokens_per_s: float
+    predicted_step_s: float | None
+    measured_step_s: float
+    plan_path: Path
+    final_dir: Path | None
+    loss_png: Path | None
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def resolve_model(name: str):
+    """(spec, init_dir): an HF directory with weights is fine-tuned from; anything else starts fresh."""
+    from alloy.spec import ModelSpec, read_config, resolve_spec
+
+    path = Path(name)
+    if _is_hf_dir(path):
+        return ModelSpec.from_hf_config(read_config(path)), str(path)
+    return resolve_spec(name), None
+
+
+def _tokenizer(config: TrainConfig, init_dir: str | None, out_dir: Path, vocab_size: int):
+    from tokenizers import Tokenizer
+
+    from alloy.train.data import documents, train_tokenizer
+
+    saved = out_dir / "tokenizer.json"
+    if saved.is_file():
+        return Tokenizer.from_file(str(saved))
+    source = Path(init_dir) / "tokenizer.json" if init_dir else None
+    if source and source.is_file():
+        shutil.copy(source, saved)
+        return Tokenizer.from_file(str(saved))
+    tokenizer = train_tokenizer(documents(config.data), vocab_size)
+    tokenizer.save(str(saved))
+    return tokenizer
+
+
+def _inventory(devices: str):
+    from alloy.devices import Inventory
+
+    if devices == "auto":
+        from alloy.devices import profile
+
+        return profile()
+    return Inventory.load(devices)
+
+
+def _plan(config: TrainConfig, spec, out_dir: Path, plan_path: str | None, resume: bool):
+    from alloy.plan import Plan, Workload, make_plan
+    from alloy.runtime.layout import PlanMismatchError
+
+    saved = out_dir / "plan.json"
+    if plan_path:
+        plan = Plan.load(plan_path)
+    elif resume and saved.is_file():
+        plan = Plan.load(saved)  # a resumed run keeps its layout
+    else:
+        checkpointing = {"on": True, "off": False}.get(config.activation_checkpointing, False)
+        work = Workload("train", config.batch_size, config.seq_len, dtype=config.precision,
+                        micro_batches=config.micro_batches, checkpointing=checkpointing)
+        plan = make_plan(spec, _inventory(config.devices), work)
+    if plan.model.spec != spec.to_dict():
+        raise PlanMismatchError(f"{plan_path or saved}: the plan was made for another model "
+                                f"({plan.model.family}, {plan.model.num_layers} layers)")
+    if plan.batch_size != config.batch_size or plan.seq_len != config.seq_len:
+        raise PlanMismatchError(f"the plan is for batch {plan.batch_size} x {plan.seq_len} tokens; the config asks "
+                                f"for {config.batch_size} x {config.seq_len}")
+    plan.save(saved)
+    return plan
+
+
+def _check_fresh_or_resumable(out_dir: Path, resume: bool) -> None:
+    if resume:
+        if not (out_dir / "run.json").is_file():
+            raise ConfigError(f"{out_dir}: nothing to resume (no run.json); drop --resume to start a new run")
+        return
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"{out_dir} already holds files; pass --resume to continue that run, or set out_dir "
+                          "to a new directory (nothing was overwritten)")
+
+
+def _check_resume_matches(out_dir: Path, spec, plan) -> None:
+    """Refuse before launching anything when the run's checkpoints belong to another model or plan."""
+    from alloy.runtime import checkpoint as ckpt
+    from alloy.runtime.layout import RunLayout
+
+    found = ckpt.complete_checkpoints(out_dir / "checkpoints")
+    if found:
+        ckpt.check_compatible(ckpt.read_manifest(found[-1]), spec, RunLayout.from_plan(plan), found[-1])
+
+
+def _drop_metrics_after_checkpoint(out_dir: Path) -> None:
+    """Steps logged after the last checkpoint will run again on resume: drop their lines."""
+    from alloy.runtime import checkpoint as ckpt
+
+    found = ckpt.complete_checkpoints(out_dir / "checkpoints")
+    last = int(found[-1].name.split("-")[1]) if found else 0
+    metrics = out_dir / "metrics.jsonl"
+    if metrics.is_file():
+        kept = [l for l in metrics.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= last]
+        metrics.write_text("".join(l + "\n" for l in kept))
+
+
+def train(config: TrainConfig, *, plan_path: str | None = None, resume: bool = False, progress=None,
+          log=print) -> TrainResult:
+    from alloy.runtime import DataSource, OptimConfig, run
+    from alloy.train.data import TokenFile, tokenize_corpus
+
+    out_dir = Path(config.out_dir)
+    _check_fresh_or_resumable(out_dir, resume)
+    spec, init_dir = resolve_model(config.model)
+    if config.seq_len > spec.max_seq_len:
+        raise ConfigError(f"seq_len {config.seq_len} is beyond the model's maximum {spec.max_seq_len}")
+    if resume:
+        saved = json.loads((out_dir / "run.json").read_text())
+        if saved["spec"] != spec.to_dict():
+            raise CheckpointError(f"{out_dir} holds a run of another model; resume it with its own config")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    tokenizer = _tokenizer(config, init_dir, out_dir, spec.vocab_size)
+    data_meta = out_dir / "data" / "tokens.json"
+    if data_meta.is_file():
+        tokens = TokenFile.from_dict(json.loads(data_meta.read_text()))
+    else:
+        log(f"tokenizing {config.data.path} ...")
+        tokens = tokenize_corpus(config.data, tokenizer, out_dir / "data", spec.vocab_size)
+        data_meta.write_text(json.dumps(tokens.to_dict()))
+    train_data = DataSource("tokens", seed=config.seed, path=str(tokens.path), start=0, end=tokens.train_end)
+    blocks = train_data.num_blocks(config.seq_len)
+    if blocks < 1:
+        raise ConfigError(f"data.path: {config.data.path}: {tokens.train_end} training tokens do not fill one "
+                          f"block of {config.seq_len + 1}; lower seq_len or add text")
+    val_data = DataSource("tokens", seed=config.seed + 1, path=str(tokens.path), start=tokens.train_end,
+                          end=tokens.count)
+    if val_data.num_blocks(config.seq_len) < 1:
+        val_data = None
+    steps = config.steps or max(1, math.ceil(config.epochs * blocks / (config.batch_size * config.grad_accum)))
+
+    plan = _plan(config, spec, out_dir, plan_path, resume)
+    if resume:
+        _check_resume_matches(out_dir, spec, plan)
+        _drop_metrics_after_checkpoint(out_dir)
+    else:
+        (out_dir / "run.json").write_text(json.dumps({"config": config.model_dump(), "spec": spec.to_dict(),
+                                                      "steps": steps, "init_dir": init_dir}, indent=1))
+    log(f"plan: {len(plan.replicas)} replica(s), {plan.world_size} worker(s), predicted "
+        f"{plan.predicted.step_s:.3g} s/step; {steps} steps of {config.batch_size}x{config.seq_len} tokens "
+        f"(prepared in {time.perf_counter() - started:.1f} s)")
+
+    opt = config.optimizer
+    optim = OptimConfig(lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps,
+                        warmup_steps=config.schedule.warmup_steps, min_lr_ratio=config.schedule.min_lr_ratio,
+                        grad_clip=config.grad_clip)
+    metrics = out_dir / "metrics.jsonl"
+    report = run(
+        plan, steps=steps, out_dir=out_dir / "workers", data=train_data, seq_len=config.seq_len, seed=config.seed,
+        optim=optim, init_dir=init_dir, timeout_s=max(600.0, 60.0 * steps), progress=progress,
+        val_data=asdict(val_data) if val_data else None, eval_every=config.eval_every,
+        eval_batches=config.eval_batches, grad_accum=config.grad_accum, precision=config.precision,
+        activation_checkpointing=plan.checkpointing or config.activation_checkpointing == "on",
+        checkpoint={"dir": str(out_dir / "checkpoints"), "every": config.checkpoint.every,
+                    "keep_last": config.checkpoint.keep_last},
+        resume=resume, stop_at=config.stop_at, metrics_path=str(metrics),
+    )
+    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    done = lines[-1]["step"] if lines else 0
+    evals = [line["eval_loss"] for line in lines if "eval_loss" in line]
+    result = TrainResult(out_dir, done, steps, lines[0]["loss"] if lines else None, lines[-1]["loss"] if lines else None,
+                         evals[-1] if evals else None, report.tokens_per_s, report.predicted_step_s,
+                         report.measured_step_s, out_dir / "plan.json", None, None)
+    result.loss_png = _plot(lines, out_dir / "loss.png", result.notes)
+    if config.tensorboard:
+        _tensorboard(lines, out_dir / "tensorboard")
+    if config.fuse and done >= steps:
+        from alloy.fuse import fuse_run
+
+        result.final_dir = fuse_run(out_dir, out_dir / "final")
+    return result
+
+
+def _plot(lines: list[dict], path: Path, notes: list[str]) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        notes.append("no loss.png: matplotlib is not installed (pip install 'alloy-lm[plot]')")
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot([l["step"] for l in lines], [l["loss"] for l in lines], label="train loss")
+    evals = [(l["step"], l["eval_loss"]) for l in lines if "eval_loss" in l]
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _tensorboard(lines: list[dict], directory: Path) -> None:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from None
+    writer = SummaryWriter(str(directory))
+    for line in lines:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "eval_loss"):
+            if key in line:
+                writer.add_scalar(key, line[key], line["step"])
+    writer.close()
