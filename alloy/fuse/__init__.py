@@ -1,5 +1,7 @@
-"""Fusion (seed step 4): a distributed run's shards -> one standard model."""
+"""Fusion (seed step 4): a distributed run's shards -> one standard model; merging; export."""
 
+from alloy.fuse.export import export_model
 from alloy.fuse.fuse import find_checkpoint, fuse_run
+from alloy.fuse.merge import merge
 
-__all__ = ["find_checkpoint", "fuse_run"]
+__all__ = ["export_model", "find_checkpoint", "fuse_run", "merge"]

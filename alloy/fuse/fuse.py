@@ -1,8 +1,12 @@
-"""Fuse a distributed run's checkpoint shards into one standard Hugging Face directory.
+"""Fuse a distributed run's checkpoint shards into one standard model (seed step 4).
 
-Seed step 4 (model fusion). It streams: one rank's shard is read, converted to the family's
-HF names and written as one output file before the next is read, so a model larger than RAM
-still fuses. Output goes to a staging directory renamed into place only when complete.
+Before anything is written, every shard is checked against the manifest: present, the size
+the manifest recorded (not truncated), and holding exactly its stage's parameters with the
+shapes the manifest's model implies (so a manifest from another model is caught); the layout
+must tile every layer exactly once. Then it streams: one stage's shard is read, converted to
+the family's HF names and written as one output file before the next is read, and replicas
+are compared with it tensor by tensor — so a model larger than RAM still fuses. Output goes to
+a staging directory renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from alloy.checkpoint.io import hf_tensors, parse_dtype, replace_dir, write_hf_config
-from alloy.errors import CheckpointError
+from alloy.errors import AlloyError, CheckpointError
+from alloy.model import Transformer
 from alloy.runtime.checkpoint import complete_checkpoints, read_manifest, step_dir
-from alloy.runtime.layout import RunLayout
+from alloy.runtime.layout import RankInfo, RunLayout
 from alloy.spec import ModelSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+FORMATS = ("hf", "gguf", "onnx")
 
 
 def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
@@ -40,41 +46,112 @@ def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
     return found[-1]
 
 
-def _params(path: Path) -> dict[str, torch.Tensor]:
-    """The parameters of one rank's shard (not its optimizer state), read lazily."""
+def _open(path: Path):
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {k.removeprefix("param."): handle.get_tensor(k) for k in handle.keys() if k.startswith("param.")}
+        return safe_open(str(path), framework="pt")
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path}: unreadable shard ({_one_line(err)})") from None
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:200]
+
+
+def _get(handle, path: Path, name: str) -> torch.Tensor:
+    try:
+        return handle.get_tensor(f"param.{name}")
     except Exception as err:
-        raise CheckpointError(f"{path}: unreadable shard ({' '.join(str(err).split())[:200]})") from None
+        raise CheckpointError(f"{path}: cannot read {name} ({_one_line(err)})") from None
 
 
-def fuse_run(run_dir: str | Path, out: str | Path, *, step: int | None = None, dtype: str | None = None) -> Path:
-    """Write the run's checkpoint (latest complete one, or `step`) as an HF directory at `out`."""
+def expected_params(spec: ModelSpec, info: RankInfo) -> dict[str, tuple[int, ...]]:
+    """The parameter names and shapes a rank's stage holds (built on the meta device: no memory)."""
+    stage = info.stage
+    with torch.device("meta"):
+        model = Transformer(spec, (stage.first, stage.last), embed=stage.embed, head=stage.head)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def check_checkpoint(checkpoint: Path) -> tuple[ModelSpec, RunLayout]:
+    """Everything about a checkpoint that can be checked without reading its tensors' data."""
+    manifest = read_manifest(checkpoint)
+    try:
+        spec = ModelSpec.from_dict(manifest["spec"])
+        layout = RunLayout.from_dict(manifest["layout"])
+        layout.validate(spec)  # every layer exactly once per replica
+    except (AlloyError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{checkpoint}/manifest.json: {err}") from None
+    recorded = manifest.get("files", {})
+    for info in layout.ranks():
+        for name in (f"rank{info.rank}.safetensors", f"rank{info.rank}.json"):
+            path = checkpoint / name
+            if not path.is_file():
+                raise CheckpointError(f"{checkpoint}: shard {name} is missing")
+            if name in recorded and path.stat().st_size != recorded[name]:
+                raise CheckpointError(f"{path}: {path.stat().st_size} bytes but the manifest recorded "
+                                      f"{recorded[name]} — truncated or overwritten")
+        _check_shard_holds_its_stage(checkpoint / f"rank{info.rank}.safetensors", spec, info)
+    return spec, layout
+
+
+def _check_shard_holds_its_stage(path: Path, spec: ModelSpec, info: RankInfo) -> None:
+    stage = info.stage
+    where = f"{path}: replica {info.replica} stage {info.stage_index} (layers [{stage.first}, {stage.last}))"
+    wanted = expected_params(spec, info)
+    with _open(path) as handle:
+        held = {k.removeprefix("param."): tuple(handle.get_slice(k).get_shape())
+                for k in handle.keys() if k.startswith("param.")}
+    extra = sorted(set(held) - set(wanted))
+    if extra:
+        raise CheckpointError(f"{where} also holds {extra[0]}, which belongs to another stage "
+                              f"({len(extra)} such tensors) — layers duplicated across shards?")
+    missing = sorted(set(wanted) - set(held))
+    if missing:
+        raise CheckpointError(f"{where} lacks {missing[0]} ({len(missing)} missing)")
+    for name, shape in wanted.items():
+        if held[name] != shape:
+            raise CheckpointError(f"{where}: {name} has shape {list(held[name])} but the manifest's model implies "
+                                  f"{list(shape)} — is the manifest from another model?")
+
+
+def fuse_run(run_dir: str | Path, out: str | Path, *, step: int | None = None, dtype: str | None = None,
+             format: str = "hf") -> Path:
+    """Write the run's checkpoint (latest complete one, or `step`) as one model at `out`: an HF
+    directory, a GGUF file or an ONNX file."""
+    if format not in FORMATS:
+        raise CheckpointError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
     run_dir, target = Path(run_dir), Path(out)
     checkpoint = find_checkpoint(run_dir, step)
-    manifest = read_manifest(checkpoint)
-    spec = ModelSpec.from_dict(manifest["spec"])
-    layout = RunLayout.from_dict(manifest["layout"])
-    layout.validate(spec)  # every layer exactly once per replica
-    for name in manifest["files"]:
-        if not (checkpoint / name).is_file():
-            raise CheckpointError(f"{checkpoint}: shard {name} is missing")
+    spec, layout = check_checkpoint(checkpoint)
     out_dtype = parse_dtype(dtype)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if format == "hf":
+        return _fuse_hf(run_dir, checkpoint, spec, layout, target, out_dtype)
+    from alloy.fuse.export import export_model
+
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.hf.", dir=target.parent) as tmp:
+        # GGUF/ONNX read the fused HF directory layer by layer; it lives on disk, not in RAM.
+        hf_dir = _fuse_hf(run_dir, checkpoint, spec, layout, Path(tmp) / "hf", out_dtype)
+        return export_model(hf_dir, target, format=format, dtype=dtype)
+
+
+def _fuse_hf(run_dir: Path, checkpoint: Path, spec: ModelSpec, layout: RunLayout, target: Path,
+             out_dtype: torch.dtype | None) -> Path:
     ranks = layout.ranks()
     stages = [info for info in ranks if info.replica == 0]
-
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         weight_map: dict[str, str] = {}
         total_bytes = 0
         for n, info in enumerate(stages, 1):
-            state = _params(checkpoint / f"rank{info.rank}.safetensors")
-            _check_replicas_agree(checkpoint, state, [i for i in ranks if i.replica > 0], info)
+            path = checkpoint / f"rank{info.rank}.safetensors"
+            with _open(path) as handle:
+                state = {name: _get(handle, path, name) for name in expected_params(spec, info)}
+            _check_replicas_agree(checkpoint, spec, state, ranks, info)
             if spec.tie_embeddings:
                 state.pop("head.weight", None)  # the head stage's copy of the tied embeddings
             tensors = hf_tensors(spec, state, partial=True)
+            del state
             if out_dtype is not None:
                 tensors = {k: v.to(out_dtype) for k, v in tensors.items()}
             filename = f"model-{n:05d}-of-{len(stages):05d}.safetensors"
@@ -82,7 +159,7 @@ def fuse_run(run_dir: str | Path, out: str | Path, *, step: int | None = None, d
             weight_map.update({k: filename for k in tensors})
             total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
             stored_dtype = next(iter(tensors.values())).dtype
-            del state, tensors
+            del tensors
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         write_hf_config(spec, staging, stored_dtype)
@@ -96,19 +173,26 @@ def fuse_run(run_dir: str | Path, out: str | Path, *, step: int | None = None, d
     return target
 
 
-def _check_replicas_agree(checkpoint: Path, state: dict, others, info) -> None:
-    """Data-parallel replicas must hold identical weights; report the largest difference if not."""
-    for other in others:
-        overlaps = other.stage.first < info.stage.last and info.stage.first < other.stage.last
-        if not (overlaps or (other.stage.embed and info.stage.embed) or (other.stage.head and info.stage.head)):
+def _check_replicas_agree(checkpoint: Path, spec: ModelSpec, state: dict, ranks: list[RankInfo],
+                          info: RankInfo) -> None:
+    """Data-parallel replicas must hold identical weights, and a tied head's copy must equal the
+    embeddings; report the largest difference if not. Compared one tensor at a time."""
+    worst, where, who = 0.0, "", ""
+    for other in ranks:
+        if other.rank == info.rank:
             continue
-        theirs = _params(checkpoint / f"rank{other.rank}.safetensors")
-        worst, where = 0.0, ""
-        for name, tensor in theirs.items():
-            if name in state and name != "head.weight":
-                diff = (tensor.float() - state[name].float()).abs().max().item()
+        theirs = set(expected_params(spec, other))
+        pairs = [(name, name) for name in state if name in theirs]
+        if spec.tie_embeddings and "head.weight" in theirs and "embed.tok.weight" in state:
+            pairs.append(("head.weight", "embed.tok.weight"))
+        if not pairs:
+            continue
+        path = checkpoint / f"rank{other.rank}.safetensors"
+        with _open(path) as handle:  # closed at once: its mapped pages would count as resident
+            for theirs_name, ours_name in pairs:
+                diff = (_get(handle, path, theirs_name).float() - state[ours_name].float()).abs().max().item()
                 if diff > worst:
-                    worst, where = diff, name
-        if worst > 0:
-            raise CheckpointError(f"{checkpoint}: replicas diverged — replica {other.replica} differs from "
-                                  f"replica 0 by up to {worst:.3g} at {where}")
+                    worst, where, who = diff, theirs_name, f"replica {other.replica} stage {other.stage_index}"
+    if worst > 0:
+        raise CheckpointError(f"{checkpoint}: replicas diverged — {who} differs from replica 0 by up to "
+                              f"{worst:.3g} at {where}")

@@ -1,0 +1,27 @@
+"""`alloy fuse RUN_DIR --out DIR`: a run's checkpoint shards -> one standard model (seed step 4)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from alloy.fuse import fuse_run
+from alloy.fuse.fuse import FORMATS
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run_dir", help="the run's directory (holds checkpoints/step-N/)")
+    parser.add_argument("--out", required=True, help="output: a directory (hf) or a file (gguf, onnx)")
+    parser.add_argument("--step", type=int, help="the checkpoint step to fuse (default: the latest complete one)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="store weights in this dtype "
+                        "(default: as trained)")
+    parser.add_argument("--format", default="hf", choices=FORMATS, help="hf (config.json + safetensors), "
+                        "gguf (llama.cpp) or onnx (forward pass, dynamic batch and sequence)")
+
+
+def run(args) -> int:
+    start = time.monotonic()
+    out = fuse_run(args.run_dir, args.out, step=args.step, dtype=args.dtype, format=args.format)
+    size = sum(p.stat().st_size for p in (out.rglob("*") if out.is_dir() else [out]) if p.is_file())
+    print(f"fused {args.run_dir} -> {out} ({args.format}, {size / 1e6:,.1f} MB in {time.monotonic() - start:.1f} s)")
+    return 0
