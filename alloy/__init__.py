@@ -17,12 +17,16 @@ _LAZY = {
     "save": "alloy.checkpoint",
     "Transformer": "alloy.model",
     "KVCache": "alloy.model",
+    "Model": "alloy.framework",
 }
-__all__ = ["AlloyError", "CheckpointError", "ConfigError", "KVCache", "ModelSpec", "PlanError", "Transformer",
+_SUBMODULES = {"layers": "alloy.layers", "text": "alloy.text", "callbacks": "alloy.callbacks", "data": "alloy.data"}
+__all__ = ["AlloyError", "CheckpointError", "ConfigError", "KVCache", "Model", "ModelSpec", "PlanError", "Transformer",
            "UnsupportedModelError", "load", "save"]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:  # alloy.layers, alloy.text, ... : the seed example's building blocks
+        return importlib.import_module(_SUBMODULES[name])
     raise AttributeError(f"module 'alloy' has no attribute {name!r}")

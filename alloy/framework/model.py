@@ -1,0 +1,361 @@
+"""`alloy.Model`: compile / fit / evaluate / predict for any torch module, on the planned devices.
+
+The seed's workflow, unchanged in shape:
+
+    model = alloy.Model(nn.Sequential(Embedding(...), LSTM(...), Dense(2)))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x_train, y_train, epochs=10, batch_size=32)
+    loss, accuracy = model.evaluate(x_test, y_test)
+
+With several devices (a cluster file, or "auto" finding more than one), `fit` runs data
+parallel: one process per device, each batch split by measured device speed (largest
+remainder), per-sample losses weighted by 1 / global batch so the summed gradient is exactly
+the single-device one — the same exactness rule as the Transformer runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from alloy.errors import ConfigError
+from alloy.framework.callbacks import Callback, CallbackList
+from alloy.framework.data import as_inputs
+from alloy.framework.registry import make_loss, make_metric, make_optimizer
+
+
+@dataclass
+class History:
+    history: dict[str, list[float]] = field(default_factory=dict)
+    epochs: list[int] = field(default_factory=list)
+
+    def append(self, epoch: int, logs: dict[str, float]) -> None:
+        self.epochs.append(epoch)
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+
+
+@dataclass
+class _Rank:
+    rank: int = 0
+    weights: tuple[float, ...] = (1.0,)  # relative throughput of every rank
+
+    @property
+    def world(self) -> int:
+        return len(self.weights)
+
+
+def split_shares(total: int, weights: Sequence[float]) -> list[int]:
+    """Largest-remainder integer shares of `total` in proportion to `weights` (zeros allowed)."""
+    exact = [total * w / sum(weights) for w in weights]
+    shares = [math.floor(e) for e in exact]
+    order = sorted(range(len(weights)), key=lambda i: (exact[i] - shares[i], weights[i]), reverse=True)
+    for i in order[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+class Model:
+    def __init__(self, module: nn.Module, devices: Any = "auto"):
+        if not isinstance(module, nn.Module):
+            raise ConfigError(f"alloy.Model wraps a torch.nn.Module, got {type(module).__name__}")
+        self.module = module
+        self.devices = devices
+        self.compiled: dict | None = None
+        self.stop_training = False
+        self.history: History | None = None
+
+    # ---- compile ---------------------------------------------------------------------------
+
+    def compile(self, optimizer: Any = "adam", loss: Any = "sparse_categorical_crossentropy",
+                metrics: Sequence[Any] = (), lr: float | None = None) -> "Model":
+        make_loss(loss)
+        [make_metric(m) for m in metrics]  # validate names now, not at the first batch
+        self.optimizer = make_optimizer(optimizer, self.module.parameters(), lr)
+        self.compiled = {"optimizer": optimizer, "loss": loss, "metrics": list(metrics), "lr": lr}
+        return self
+
+    def _need_compiled(self) -> dict:
+        if self.compiled is None:
+            raise ConfigError("call model.compile(optimizer=..., loss=..., metrics=[...]) first")
+        return self.compiled
+
+    # ---- fit -------------------------------------------------------------------------------
+
+    def fit(self, x, y=None, *, epochs: int = 1, batch_size: int = 32, validation_data=None,
+            callbacks: Sequence[Callback] = (), shuffle: bool = True, seed: int = 0, verbose: int = 1) -> History:
+        compiled = self._need_compiled()
+        inputs, targets = as_inputs(x, y, what="training data")
+        if epochs < 1 or batch_size < 1:
+            raise ConfigError(f"epochs and batch_size must be >= 1 (got {epochs}, {batch_size})")
+        self._check_labels(inputs, targets, compiled["loss"])
+        val = as_inputs(*validation_data, what="validation data") if validation_data is not None else None
+        weights, profiles = self._device_weights()
+        run = dict(epochs=epochs, batch_size=batch_size, shuffle=shuffle, seed=seed, verbose=verbose)
+        if len(weights) == 1:
+            self.history = _fit_loop(self, inputs, targets, val, list(callbacks), run, _Rank())
+        else:
+            self.history = self._fit_parallel(inputs, targets, val, list(callbacks), run, weights, profiles)
+        return self.history
+
+    def _device_weights(self) -> tuple[tuple[float, ...], list]:
+        """Relative fp32 matmul speed of each device the fit runs on (one entry: one process)."""
+        from alloy.devices import Inventory
+
+        devices = self.devices
+        if devices in ("cpu", None):
+            return (1.0,), [None]
+        if isinstance(devices, (str, Path)) and devices != "auto":
+            devices = Inventory.load(devices)
+        if devices == "auto":
+            from alloy.devices import profile
+
+            devices = profile()
+        if not isinstance(devices, Inventory):
+            raise ConfigError("devices must be 'auto', 'cpu', a cluster JSON path or an alloy.devices.Inventory")
+        cpus = [d for d in devices.devices if d.kind == "cpu"]
+        if len(cpus) != len(devices.devices):
+            raise ConfigError("multi-device fit runs on CPU devices (and emulated CPU slices) for now")
+        return tuple(d.flops("fp32") for d in cpus), list(cpus)
+
+    def _fit_parallel(self, inputs, targets, val, callbacks, run, weights, profiles) -> History:
+        import torch.multiprocessing as mp
+
+        from alloy.runtime.launch import free_port
+
+        with tempfile.TemporaryDirectory(prefix="alloy-fit-") as result_dir:
+            payload = dict(model=self, inputs=inputs, targets=targets, val=val, callbacks=callbacks, run=run,
+                           weights=weights, profiles=[p.model_dump() if p else None for p in profiles],
+                           port=free_port(), result_dir=result_dir)
+            # spawn, not fork: a forked child hangs in OpenMP once the parent has used its threads.
+            mp.start_processes(_parallel_worker, args=(payload,), nprocs=len(weights), start_method="spawn")
+            state = load_file(os.path.join(result_dir, "state.safetensors"))
+            with torch.no_grad():
+                for name, tensor in self.module.state_dict().items():
+                    tensor.copy_(state[name])
+            saved = json.loads(Path(result_dir, "history.json").read_text())
+        history = History(saved["history"], saved["epochs"])
+        return history
+
+    def _check_labels(self, inputs, targets, loss) -> None:
+        _, class_labels = make_loss(loss)
+        if not class_labels:
+            return
+        if targets.dtype.is_floating_point and not torch.equal(targets, targets.round()):
+            raise ConfigError("labels must be class indices (integers) for a classification loss")
+        with torch.no_grad():
+            was_training = self.module.training
+            self.module.eval()
+            outputs = self.module(*(t[:1] for t in inputs))
+            self.module.train(was_training)
+        classes = outputs.shape[-1]
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= classes:
+            bad = low if low < 0 else high
+            raise ConfigError(f"label {bad} is outside the model's {classes} classes (0..{classes - 1})")
+
+    # ---- evaluate / predict ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, x, y=None, *, batch_size: int = 256, return_dict: bool = False, verbose: int = 0):
+        compiled = self._need_compiled()
+        inputs, targets = as_inputs(x, y, what="evaluation data")
+        logs = _evaluate(self.module, inputs, targets, compiled, batch_size, _Rank())
+        return logs if return_dict else list(logs.values())
+
+    @torch.no_grad()
+    def predict(self, x, *, batch_size: int = 256) -> torch.Tensor:
+        inputs, _ = as_inputs(x, None, what="prediction data")
+        self.module.eval()
+        outputs = [self.module(*(t[i : i + batch_size] for t in inputs))
+                   for i in range(0, len(inputs[0]), batch_size)]
+        return torch.cat(outputs)
+
+    # ---- save / load -----------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Weights as safetensors, plus the compile settings as JSON beside them."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        save_file(state, str(path / "model.safetensors"))
+        settings = {k: v for k, v in (self.compiled or {}).items() if isinstance(v, (str, int, float, list, type(None)))}
+        (path / "alloy_model.json").write_text(json.dumps({"compile": settings}, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, module: nn.Module, devices: Any = "auto") -> "Model":
+        """Weights from `save` into `module` (same architecture); compiled again if settings were saved."""
+        path = Path(path)
+        if not (path / "model.safetensors").is_file():
+            raise ConfigError(f"{path}: no model.safetensors (saved by alloy.Model.save)")
+        state = load_file(path / "model.safetensors")
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"{path}: weights do not fit this module (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        model = cls(module, devices)
+        settings = json.loads((path / "alloy_model.json").read_text()).get("compile") if (path / "alloy_model.json").is_file() else None
+        if settings:
+            model.compile(**settings)
+        return model
+
+
+def _batches(count: int, batch_size: int, order: torch.Tensor):
+    for start in range(0, count, batch_size):
+        yield order[start : start + batch_size]
+
+
+def _my_rows(index: torch.Tensor, rank: _Rank) -> torch.Tensor:
+    shares = split_shares(len(index), rank.weights)
+    start = sum(shares[: rank.rank])
+    return index[start : start + shares[rank.rank]]
+
+
+def _all_reduce(tensor: torch.Tensor, rank: _Rank) -> torch.Tensor:
+    if rank.world > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _fit_loop(model: Model, inputs, targets, val, callbacks, run, rank: _Rank) -> History:
+    """The training loop every rank runs (a single device is the one-rank case)."""
+    module, optimizer, compiled = model.module, model.optimizer, model.compiled
+    loss_fn, _ = make_loss(compiled["loss"])
+    history = History()
+    chief = rank.rank == 0
+    hooks = CallbackList(callbacks, model, chief)
+    model.stop_training = False
+    count = len(targets)
+    steps_per_epoch = math.ceil(count / run["batch_size"])
+    hooks.on_train_begin()
+    progress = _progress(run["verbose"] and chief)
+    for epoch in range(run["epochs"]):
+        hooks.on_epoch_begin(epoch)
+        module.train()
+        generator = torch.Generator().manual_seed(run["seed"] * 1_000_003 + epoch)
+        order = torch.randperm(count, generator=generator) if run["shuffle"] else torch.arange(count)
+        metrics = [make_metric(m) for m in compiled["metrics"]]
+        totals = torch.zeros(2, dtype=torch.float64)  # loss sum, samples
+        task = progress.add_task(f"epoch {epoch + 1}/{run['epochs']}", total=steps_per_epoch, status="") if progress else None
+        for step, index in enumerate(_batches(count, run["batch_size"], order)):
+            mine = _my_rows(index, rank)
+            optimizer.zero_grad(set_to_none=True)
+            if len(mine):
+                outputs = module(*(t[mine] for t in inputs))
+                losses = loss_fn(outputs, targets[mine])
+                (losses.sum() / len(index)).backward()  # exact share of the global batch's mean
+                totals += torch.tensor([losses.sum().item(), len(mine)], dtype=torch.float64)
+                for metric in metrics:
+                    metric.update(outputs.detach(), targets[mine], losses.detach())
+            if rank.world > 1:
+                for p in module.parameters():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+            optimizer.step()
+            hooks.on_batch_end(step)
+            if progress:
+                progress.update(task, advance=1, status=f"loss {totals[0] / max(1, totals[1]):.4f}")
+        logs = _logs(totals, metrics, rank)
+        if val is not None:
+            logs |= {f"val_{k}": v for k, v in _evaluate(module, *val, compiled, 256, rank).items()}
+        if progress:
+            progress.update(task, status="  ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+        history.append(epoch, logs)
+        hooks.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    if progress:
+        progress.stop()
+    hooks.on_train_end()
+    return history
+
+
+def _logs(totals, metrics, rank) -> dict[str, float]:
+    _all_reduce(totals, rank)
+    logs = {"loss": float(totals[0] / totals[1])}
+    for metric in metrics:
+        _all_reduce(metric.sums, rank)
+        logs[metric.name] = metric.result()
+    return logs
+
+
+@torch.no_grad()
+def _evaluate(module, inputs, targets, compiled, batch_size, rank: _Rank) -> dict[str, float]:
+    loss_fn, _ = make_loss(compiled["loss"])
+    metrics = [make_metric(m) for m in compiled["metrics"]]
+    totals = torch.zeros(2, dtype=torch.float64)
+    was_training = module.training
+    module.eval()
+    for index in _batches(len(targets), batch_size, torch.arange(len(targets))):
+        mine = _my_rows(index, rank)
+        if not len(mine):
+            continue
+        outputs = module(*(t[mine] for t in inputs))
+        losses = loss_fn(outputs, targets[mine])
+        totals += torch.tensor([losses.sum().item(), len(mine)], dtype=torch.float64)
+        for metric in metrics:
+            metric.update(outputs, targets[mine], losses)
+    module.train(was_training)
+    return _logs(totals, metrics, rank)
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[status]}"), TimeRemainingColumn())
+    progress.start()
+    return progress
+
+
+def _parallel_worker(rank: int, payload: dict) -> None:
+    """One data-parallel process: its slice of the machine, its rows of every batch."""
+    from contextlib import nullcontext
+
+    from alloy.devices import DeviceProfile
+
+    weights = payload["weights"]
+    profile = DeviceProfile.model_validate(payload["profiles"][rank]) if payload["profiles"][rank] else None
+    slice_context = nullcontext()
+    if profile is not None and profile.cpu_slice is not None:
+        from alloy.devices.emulate import cpu_slice, slice_threads
+
+        torch.set_num_threads(slice_threads(profile.cpu_slice))
+        slice_context = cpu_slice(profile.cpu_slice)
+    else:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // len(weights)))
+    with slice_context:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{payload['port']}", rank=rank,
+                                world_size=len(weights), timeout=timedelta(seconds=300))
+        try:
+            model: Model = payload["model"]
+            # Tensors arrive in shared memory: every rank would step the same storage. Own a copy.
+            with torch.no_grad():
+                for tensor in [*model.module.parameters(), *model.module.buffers()]:
+                    tensor.data = tensor.data.clone()
+            model.optimizer = make_optimizer(model.compiled["optimizer"], model.module.parameters(),
+                                             model.compiled["lr"])
+            history = _fit_loop(model, payload["inputs"], payload["targets"], payload["val"], payload["callbacks"],
+                                payload["run"], _Rank(rank, tuple(weights)))
+            if rank == 0:
+                state = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()}
+                save_file(state, os.path.join(payload["result_dir"], "state.safetensors"))
+                Path(payload["result_dir"], "history.json").write_text(
+                    json.dumps({"history": history.history, "epochs": history.epochs}))
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
