@@ -16,6 +16,7 @@ from bench import harness
 BENCHMARKS = {
     "train": "training step tokens/s vs. transformers, fp32 and bf16, one device",
     "hetero": "3 CPU workers at 100/50/25%: Alloy's plan vs. equal split vs. the solo sum",
+    "decode": "decode tokens/s vs. transformers generate: fp32, bf16, int8, batch 1 and 8; roofline fraction",
     "plan": "planner runtime at 8/64/256 declared devices; predicted gains on the example clusters",
     "validate": "planner fidelity: cost model and planner vs. published heterogeneous-cluster measurements",
 }

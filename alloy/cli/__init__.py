@@ -10,11 +10,15 @@ from alloy.errors import AlloyError
 
 # verb -> module under alloy.cli; each module has `add_arguments(parser)` and `run(args) -> int`.
 VERBS = {
-    "inspect": "Show a model's architecture (spec) and size: preset, HF directory or config.json.",
-    "demo": "Run the main job on a built-in default model.",
-    "plan": "Split a model's layers and a batch over devices by measured speed and memory.",
+    "demo": "The main job on a built-in default: measure, plan, train over emulated devices, fuse, generate.",
     "devices": "Show this machine's devices, measured (cached), or validate a declared cluster file.",
+    "plan": "Split a model's layers and a batch over devices by measured speed and memory.",
     "train": "Train or fine-tune a model from a YAML config over the planned devices.",
+    "fuse": "Fuse a run's checkpoint shards into one model: HF directory, GGUF or ONNX.",
+    "merge": "Merge same-spec models: linear, task arithmetic, TIES or SLERP.",
+    "export": "Convert a model directory to ONNX or GGUF.",
+    "generate": "Continue a prompt with a model (KV-cached; fp32, bf16 or int8; split over devices).",
+    "inspect": "Show a model's architecture (spec) and size: preset, HF directory or config.json.",
 }
 
 

@@ -1,39 +1,115 @@
-"""`alloy demo`: the main job on a built-in default.
+"""`alloy demo`: the whole pipeline on this machine, with nothing but the install.
 
-For now: build the tiny-llama preset, write it as a Hugging Face directory, read it back and
-show that the logits agree. Planning, training and fusion join as they land.
+1. measure the devices here; 2. cut the machine into emulated devices of different speed
+(CPU quotas as root, else core sets) and measure each; 3. plan a small Llama-spec model over
+them; 4. train it on Python's own standard library sources across the planned workers;
+5. fuse the shards into a Hugging Face model; 6. generate a sample; 7. report.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
 from pathlib import Path
 
-import torch
 from rich.console import Console
+from rich.table import Table
 
-import alloy
-from alloy.spec import resolve_spec
+DEMO_STEPS = 150
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="where the demo writes (default: runs/demo)")
+    parser.add_argument("--out", default="runs/demo", help="the demo's own directory, replaced on each run "
+                                                          "(default: runs/demo)")
+    parser.add_argument("--steps", type=int, default=DEMO_STEPS)
     parser.add_argument("--seed", type=int, default=0)
 
 
+def emulated_devices(console: Console):
+    """Two workers of unequal speed carved out of this machine, each measured from inside."""
+    from alloy.devices import CpuSlice, Inventory, measure_slice, quota_unavailable_reason
+
+    cores = sorted(os.sched_getaffinity(0))
+    if quota_unavailable_reason() is None:
+        slices = [CpuSlice(quota=1.0), CpuSlice(quota=0.5)]  # one full core and half of one
+        how = "CPU quotas 100% and 50% of a core (cgroup v1)"
+    elif len(cores) >= 3:
+        slices = [CpuSlice(cores=cores[:2]), CpuSlice(cores=cores[2:3])]
+        how = f"core sets {cores[:2]} and {cores[2:3]}"
+    else:
+        slices = [CpuSlice(cores=cores[:1]), CpuSlice(cores=cores[1:2] or cores[:1])]
+        how = f"one core each ({quota_unavailable_reason()})"
+    devices = [measure_slice(s, name=f"worker{i}", budget_s=1.0) for i, s in enumerate(slices)]
+    console.print(f"emulated devices: {how}")
+    return Inventory(name="demo", devices=devices)
+
+
 def run(args) -> int:
-    console = Console()
-    torch.manual_seed(args.seed)
-    spec = resolve_spec("tiny-llama")
-    model = alloy.Transformer(spec).eval()
-    console.print(f"[bold]Alloy demo[/bold]: {spec.family} spec, {spec.num_params() / 1e6:.2f}M parameters, "
-                  f"{spec.num_layers} layers")
-    model_dir = alloy.save(model, Path(args.out) / "model")
-    console.print(f"saved as a Hugging Face directory: {model_dir}")
-    loaded = alloy.load(model_dir)
-    ids = torch.randint(0, spec.vocab_size, (1, 12))
-    with torch.no_grad():
-        before, after = model(ids), loaded(ids)
-    diff = (before - after).abs().max().item()
-    console.print(f"logits {list(after.shape)}; first row: {after[0, -1, :6].tolist()}")
-    console.print(f"max |saved - reloaded| = {diff:.1e}")
-    return 0 if diff == 0 else 1
+    from alloy.devices import profile
+    from alloy.train.config import load_config
+    from alloy.train.run import train
+
+    console = Console(stderr=False)
+    started = time.perf_counter()
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)  # the demo's own output from an earlier run
+    out.mkdir(parents=True)
+
+    console.rule("[bold]1. devices")
+    local = profile()
+    for d in local.devices:
+        rates = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in d.matmul_flops.items())
+        console.print(f"{d.name}: {d.model}, {rates}, memory bandwidth {d.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s")
+    inventory = emulated_devices(console)
+    for d in inventory.devices:
+        console.print(f"  {d.name}: {d.matmul_flops['fp32'] / 1e9:.1f} GFLOP/s fp32")
+    devices_file = out / "devices.json"
+    inventory.save(devices_file)
+
+    console.rule("[bold]2-4. plan and train")
+    config = load_config(None, [
+        "model=tiny-llama", "data.path=stdlib", "data.max_bytes=3000000", f"devices={devices_file}",
+        "batch_size=8", "seq_len=128", f"steps={args.steps}", "eval_every=50", "optimizer.lr=3e-3",
+        "schedule.warmup_steps=15", f"checkpoint.every={args.steps}", f"out_dir={out / 'run'}", f"seed={args.seed}",
+    ])
+    from alloy.cli.train import _summary, progress_callback
+
+    with progress_callback(console, config.steps) as on_line:
+        result = train(config, progress=on_line, log=console.print)
+
+    console.rule("[bold]5-6. fused model and a sample")
+    sample = _sample(result.final_dir)
+    console.print(f"prompt 'def ' ->\n[cyan]def {sample}[/cyan]")
+
+    _summary(console, result)
+    table = Table(show_header=False, title="demo")
+    table.add_row("plan", _plan_line(result.plan_path))
+    table.add_row("devices", str(devices_file))
+    table.add_row("total time", f"{time.perf_counter() - started:.0f} s")
+    console.print(table)
+    return 0
+
+
+def _plan_line(path: Path) -> str:
+    from alloy.plan import Plan
+
+    plan = Plan.load(path)
+    parts = []
+    for replica in plan.replicas:
+        stages = " -> ".join(f"{s.device} layers {s.layers[0]}-{s.layers[1] - 1}" for s in replica.stages)
+        parts.append(f"replica {replica.index} ({replica.batch_share} samples): {stages}")
+    return "; ".join(parts)
+
+
+def _sample(final_dir: Path) -> str:
+    import alloy
+    from alloy.infer.generate import generate
+    from alloy.infer.sampling import Sampling
+
+    model = alloy.load(final_dir)
+    prompt = model.tokenizer.encode("def ").ids
+    (out,) = generate(model, [prompt], max_new_tokens=48, sampling=Sampling(temperature=0.8, top_k=40, seed=0),
+                      tokenizer=model.tokenizer)
+    return out.text

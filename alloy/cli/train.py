@@ -6,7 +6,7 @@ Overrides use the config's keys, dotted for sections: `--steps=200 --optimizer.l
 from __future__ import annotations
 
 import json
-import sys
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -34,27 +34,31 @@ def run(args) -> int:
     from alloy.train.run import train
 
     console = Console(stderr=True)
+    with progress_callback(console, config.steps) as on_line:
+        result = train(config, plan_path=args.plan, resume=args.resume, progress=on_line, log=console.print)
+    _summary(console, result)
+    return 0
+
+
+@contextmanager
+def progress_callback(console: Console, total_steps: int | None):
+    """A rich progress bar fed by the run's metrics lines: step, loss, tokens/s, ETA."""
     progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
-                        TimeRemainingColumn(), console=console, transient=False)
+                        TimeRemainingColumn(), console=console)
     task = None
 
     def on_line(line: dict) -> None:
         nonlocal task
         if task is None:
-            task = progress.add_task("train", total=total["steps"], status="", completed=line["step"] - 1)
+            task = progress.add_task("train", total=total_steps, status="", completed=line["step"] - 1)
         status = f"loss {line['loss']:.4f}  {line['tokens_per_s']:,.0f} tok/s"
         if "eval_loss" in line:
             status += f"  val {line['eval_loss']:.4f}"
         progress.update(task, completed=line["step"], status=status)
 
-    total = {"steps": config.steps}
-    log = lambda message: console.print(message)  # noqa: E731
     with progress:
-        result = train(config, plan_path=args.plan, resume=args.resume, progress=on_line, log=log)
-        total["steps"] = result.total_steps
-    _summary(console, result)
-    return 0
+        yield on_line
 
 
 def _summary(console: Console, r) -> None:

@@ -93,6 +93,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(h, spec.num_kv_heads * hd, bias=spec.qkv_bias)
         self.wv = nn.Linear(h, spec.num_kv_heads * hd, bias=spec.qkv_bias)
         self.wo = nn.Linear(spec.num_heads * hd, h, bias=spec.o_bias)
+        self.wqkv = None  # [wq; wk; wv] as one matmul, set by alloy.infer.optimize for decoding
         if spec.qk_norm:
             self.q_norm = Norm(spec, hd, kind="rmsnorm")
             self.k_norm = Norm(spec, hd, kind="rmsnorm")
@@ -100,9 +101,14 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, cache=None, layer=None, start=0):
         spec = self.spec
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, spec.num_heads, spec.head_dim)
-        k = self.wk(x).view(B, T, spec.num_kv_heads, spec.head_dim)
-        v = self.wv(x).view(B, T, spec.num_kv_heads, spec.head_dim)
+        if self.wqkv is not None:
+            kv_dim = spec.num_kv_heads * spec.head_dim
+            q, k, v = self.wqkv(x).split([spec.num_heads * spec.head_dim, kv_dim, kv_dim], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, spec.num_heads, spec.head_dim)
+        k = k.view(B, T, spec.num_kv_heads, spec.head_dim)
+        v = v.view(B, T, spec.num_kv_heads, spec.head_dim)
         if spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
@@ -145,8 +151,12 @@ class MLP(nn.Module):
             self.gate = nn.Linear(h, f, bias=spec.mlp_bias)
         self.up = nn.Linear(h, f, bias=spec.mlp_bias)
         self.down = nn.Linear(f, h, bias=spec.mlp_bias)
+        self.gate_up = None  # [gate; up] as one matmul, set by alloy.infer.optimize for decoding
 
     def forward(self, x):
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(self.act(gate) * up)
         if self.gated:
             return self.down(self.act(self.gate(x)) * self.up(x))
         return self.down(self.act(self.up(x)))

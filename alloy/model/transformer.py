@@ -132,8 +132,8 @@ class Transformer(nn.Module):
             x = self.norm(x)
         if not self.has_head:
             return x
-        weight = self.head.weight if hasattr(self, "head") else self.embed.tok.weight
-        logits = x @ weight.t()
+        # the head is called as a module so alloy.infer can swap its weight layout or quantize it
+        logits = self.head(x) if hasattr(self, "head") else x @ self.embed.tok.weight.t()
         if self.spec.final_softcap:
             logits = torch.tanh(logits / self.spec.final_softcap) * self.spec.final_softcap
         return logits

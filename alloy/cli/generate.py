@@ -1,0 +1,123 @@
+"""`alloy generate`: continue a prompt with a model, streaming the text to stdout.
+
+One device by default; `--devices` plans a layer split over this machine's (or a declared
+inventory's) devices by measured speed and memory, `--plan` reuses a plan made with
+`alloy plan --task infer`, and `--processes` runs each stage as its own torch.distributed rank.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from alloy.errors import ConfigError
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="HF model directory (config.json, safetensors, tokenizer.json)")
+    parser.add_argument("--prompt", required=True, help="text to continue (the user message with --chat)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (the default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 means off")
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or int8 (weight-only, bf16 activations)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--system", default=None, help="system message (with --chat)")
+    parser.add_argument("--devices", default=None,
+                        help="'auto' (this machine, measured) or an inventory JSON: plan a layer split over them")
+    parser.add_argument("--plan", default=None, help="a plan JSON from `alloy plan --task infer`")
+    parser.add_argument("--processes", action="store_true", help="run each stage as a torch.distributed process")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def _stages(args, spec, prompt_len: int):
+    from alloy.infer.partition import StageSpec, stages_from_plan
+
+    if args.plan and args.devices:
+        raise ConfigError("give --plan or --devices, not both")
+    if args.plan:
+        from alloy.plan import Plan
+
+        return stages_from_plan(Plan.load(args.plan))
+    if args.devices:
+        from alloy.cli.plan import load_devices
+        from alloy.plan import Workload, make_plan
+
+        work = Workload(task="infer", batch_size=1, seq_len=prompt_len, dtype=args.dtype,
+                        new_tokens=args.max_new_tokens)
+        return stages_from_plan(make_plan(spec, load_devices(args.devices), work))
+    return [StageSpec("cpu", (0, spec.num_layers), True, True)]
+
+
+def run(args) -> int:
+    import alloy
+    from alloy.infer.generate import stream, validate
+    from alloy.infer.optimize import parse_dtype, prepare
+    from alloy.infer.partition import Pipeline
+    from alloy.infer.sampling import Sampling
+    from alloy.infer.tokenize import TextStream, encode, require_tokenizer
+
+    dtype = parse_dtype(args.dtype)
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                        repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.prompt:
+        raise ConfigError("the prompt is empty")
+    # The tokenizer and templates, without any weights: a slice of no layers, no embeddings, no head.
+    text_side = alloy.load(args.model, layers=(0, 0), embed=False, head=False)
+    ids = encode(text_side, args.prompt, chat=args.chat, system=args.system)
+    tokenizer = require_tokenizer(text_side)
+    spec = text_side.spec
+    validate(spec, [ids], args.max_new_tokens)
+    stages = _stages(args, spec, len(ids))
+
+    started = time.perf_counter()
+    if args.processes:
+        from alloy.infer.distributed import generate_distributed
+
+        tokens = generate_distributed(args.model, stages, [ids], max_new_tokens=args.max_new_tokens,
+                                      sampling=sampling, dtype=dtype)[0]
+        steps = iter(tokens)
+    elif len(stages) == 1:
+        model = prepare(alloy.load(args.model, device=stages[0].device), dtype)
+        steps = (int(t[0]) for t in stream(model, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling))
+    else:
+        pipe = Pipeline.load(args.model, stages, dtype=dtype)
+        steps = (int(t[0]) for t in stream(pipe, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling))
+
+    text = TextStream(tokenizer, args.stop)
+    eos = set(spec.eos_token_id)
+    generated, finish = [], "length"
+    for token in steps:
+        generated.append(token)
+        if token in eos:
+            finish = "eos"
+            break
+        piece = text.push(token)
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        if text.stopped:
+            finish = "stop"
+            break
+    tail = text.flush()
+    elapsed = time.perf_counter() - started
+    if args.json:
+        print(json.dumps({"prompt_tokens": len(ids), "tokens": generated, "text": tokenizer.decode(generated)
+                          if finish != "stop" else _until_stop(tokenizer.decode(generated), args.stop),
+                          "finish_reason": finish, "dtype": dtype, "seconds": round(elapsed, 4),
+                          "stages": [{"device": s.device, "layers": list(s.layers)} for s in stages]}))
+    else:
+        sys.stdout.write(tail + "\n")
+    return 0
+
+
+def _until_stop(text: str, stop: list[str]) -> str:
+    cuts = [text.find(s) for s in stop if s in text]
+    return text[:min(cuts)] if cuts else text

@@ -1,0 +1,47 @@
+"""Weight-only int8 (per output channel, symmetric), applied to an unmodified model by module swap.
+
+Each nn.Linear becomes an Int8Linear holding int8 weights [out, in] and one scale per output
+row (max |w| / 127), so a weight is off by at most half a step: |w - s q| <= s / 2. Activations
+stay in the model's float dtype. On CPU the matmul is PyTorch's `_weight_int8pack_mm` (an int8
+GEMV that reads the int8 bytes directly — fast with bf16 activations); elsewhere the weight is
+dequantised inside the op (gpt-fast's form, which torch.compile fuses on CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [out]
+        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.scale.to(x.dtype)
+        if x.device.type == "cpu":
+            out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, scale)
+            out = out.view(*x.shape[:-1], self.out_features)
+        else:
+            out = F.linear(x, self.weight.to(x.dtype)) * scale
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def quantize_int8(model: nn.Module, *, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Swap every nn.Linear (except names containing one of `skip`) for an Int8Linear, in place."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and not any(s in full for s in skip):
+                setattr(module, child_name, Int8Linear(child))
+    return model

@@ -1,0 +1,136 @@
+"""Decode tokens/s: Alloy's generate vs. transformers' generate, fp32 / bf16 / int8, batch 1 and 8.
+
+Same Llama spec (built through LlamaConfig, untied head: the issue's ~98M reference is h768,
+12 layers, ff 2048, vocab 8192), same 16-token prompt, greedy, 128 new tokens, 2 threads.
+The roofline fraction is (weight bytes read per token / the devices profile's measured memory
+bandwidth) / measured time per token: 1.0 would be streaming every weight once per token at
+the measured rate.
+Run one measurement: python -m bench.decode --impl alloy --dtype int8 [--batch 8] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+SIZES = {  # (hidden, layers, heads, ffn, vocab, new_tokens)
+    "quick": (256, 4, 4, 688, 2048, 32),
+    "full": (768, 12, 12, 2048, 8192, 128),
+}
+PROMPT_TOKENS = 16
+
+
+def hf_config(size: str):
+    import transformers
+
+    h, layers, heads, ffn, vocab, _ = SIZES[size]
+    return transformers.LlamaConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
+                                    num_key_value_heads=heads, intermediate_size=ffn, vocab_size=vocab,
+                                    max_position_embeddings=1024, tie_word_embeddings=False)
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of every weight a decode step reads: all but the embedding table (one row of it)."""
+    total = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if "embed" in name and t.dim() == 2:
+            total += t[0].numel() * t.element_size()
+        elif "inv_freq" not in name and "rotary" not in name:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def build(impl: str, size: str, dtype_name: str):
+    torch.manual_seed(0)
+    config = hf_config(size)
+    if impl == "transformers":
+        import transformers
+
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+        model = transformers.LlamaForCausalLM(config).to(dtype).eval()
+
+        def run(ids, new):
+            return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                                  min_new_tokens=new, pad_token_id=0)
+        return model, run
+    import alloy
+    from alloy.infer import generate
+    from alloy.infer.optimize import prepare
+
+    model = prepare(alloy.Transformer(alloy.ModelSpec.from_hf_config(config.to_dict())), dtype_name)
+
+    def run(ids, new):
+        return generate(model, ids.tolist(), max_new_tokens=new, eos_ids=())
+    return model, run
+
+
+def measure(impl: str, size: str, dtype_name: str, batch: int, bandwidth: float | None) -> dict:
+    torch.set_num_threads(2)
+    model, run = build(impl, size, dtype_name)
+    new = SIZES[size][-1]
+    ids = torch.randint(1, SIZES[size][4], (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        run(ids, 4)  # warm-up: allocator, kernels
+        started = time.perf_counter()
+        run(ids, new)
+        elapsed = time.perf_counter() - started
+    token_s = elapsed / new  # one step for the whole batch (prefill included, amortised)
+    out = {"tokens_per_s": batch * new / elapsed, "step_s": token_s,
+           "weight_bytes": float(weight_bytes_per_token(model))}
+    if bandwidth:
+        out["roofline_fraction"] = out["weight_bytes"] / bandwidth / token_s
+    return out
+
+
+def memory_bandwidth() -> float | None:
+    try:
+        from alloy.devices.local import profile
+
+        return next(d for d in profile().devices if d.kind == "cpu").memory_bandwidth_bytes_per_s
+    except Exception:  # the figure is left out, the benchmark still runs
+        return None
+
+
+def variants(quick: bool) -> dict[str, list[str]]:
+    size = ["--quick"] if quick else []
+    runs = {f"{impl}-{dtype}": ["--impl", impl, "--dtype", dtype, *size]
+            for dtype in ("fp32", "bf16") for impl in ("alloy", "transformers")}
+    runs["alloy-int8"] = ["--impl", "alloy", "--dtype", "int8", *size]
+    for impl in ("alloy", "transformers"):
+        runs[f"{impl}-bf16-b8"] = ["--impl", impl, "--dtype", "bf16", "--batch", "8", *size]
+    return runs
+
+
+PAIRS = [("alloy-fp32", "transformers-fp32", "tokens_per_s"), ("alloy-bf16", "transformers-bf16", "tokens_per_s"),
+         ("alloy-int8", "transformers-bf16", "tokens_per_s"), ("alloy-bf16-b8", "transformers-bf16-b8", "tokens_per_s")]
+
+
+def headline(summary: dict, machine_flops: dict[str, float]) -> dict:
+    figures, ratios = summary["figures"], summary["ratios"]
+    out = {f"{name.replace('-', '_')}_tokens_per_s": f["tokens_per_s"]["median"] for name, f in figures.items()}
+    for a, b, key in PAIRS:
+        out[f"ratio_{a.replace('-', '_')}_vs_{b.replace('-', '_')}"] = ratios[f"{a}/{b}:{key}"]["median"]
+    for name, f in figures.items():
+        if "roofline_fraction" in f:
+            out[f"{name.replace('-', '_')}_roofline_fraction"] = f["roofline_fraction"]["median"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--impl", choices=["alloy", "transformers"], required=True)
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.impl == "transformers" and args.dtype == "int8":
+        parser.error("transformers has no CPU weight-only int8 path here; compare alloy-int8 with transformers-bf16")
+    result = measure(args.impl, "quick" if args.quick else "full", args.dtype, args.batch, memory_bandwidth())
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

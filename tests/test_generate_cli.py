@@ -1,0 +1,113 @@
+"""`alloy generate` end to end: a tiny model with a character tokenizer and a chat template."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import alloy
+from alloy.cli import main
+from alloy.infer import generate
+from alloy.infer.tokenize import TextStream, apply_chat_template, encode
+from hf_cases import build_hf
+
+CHARS = [chr(c) for c in range(32, 128)]  # 96 printable characters: one token each, ids = vocab of SMALL
+TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def char_tokenizer():
+    from tokenizers import Tokenizer, decoders, models
+
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(CHARS)}, merges=[]))
+    tokenizer.decoder = decoders.Fuse()
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("chat-model")
+    build_hf("llama-gqa").save_pretrained(directory)
+    char_tokenizer().save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "eos_token": "~"}))
+    return directory
+
+
+def _cli(capsys, *argv):
+    code = main(["generate", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_streams_the_greedy_continuation(model_dir, capsys):
+    model = alloy.load(model_dir)
+    ids = encode(model, "Hello")
+    expected = generate(model, [ids], max_new_tokens=10, eos_ids=())[0]
+    code, out, _ = _cli(capsys, "--model", model_dir, "--prompt", "Hello", "--max-new-tokens", 10)
+    assert code == 0 and out == model.tokenizer.decode(expected.tokens) + "\n"
+    code, out, _ = _cli(capsys, "--model", model_dir, "--prompt", "Hello", "--max-new-tokens", 10, "--json",
+                        "--dtype", "bf16")
+    record = json.loads(out)
+    assert code == 0 and record["prompt_tokens"] == 5 and len(record["tokens"]) == 10 and record["dtype"] == "bf16"
+
+
+def test_cli_chat_template_and_stop_string(model_dir, capsys):
+    model = alloy.load(model_dir)
+    rendered = apply_chat_template(model, [{"role": "user", "content": "hi"}])
+    assert rendered == "<user>hi<assistant>"
+    text = model.tokenizer.decode(generate(model, [encode(model, rendered)], max_new_tokens=12, eos_ids=())[0].tokens)
+    stop = text[4:6]
+    code, out, _ = _cli(capsys, "--model", model_dir, "--prompt", "hi", "--chat", "--max-new-tokens", 12,
+                        "--stop", stop, "--json")
+    record = json.loads(out)
+    assert code == 0 and record["finish_reason"] == "stop" and record["text"] == text[:text.find(stop)]
+
+
+def test_cli_split_over_processes_matches(model_dir, capsys, tmp_path):
+    code, single, _ = _cli(capsys, "--model", model_dir, "--prompt", "abc", "--max-new-tokens", 6, "--json")
+    inventory = {"schema_version": 1, "name": "two-cpus", "devices": [
+        {"name": f"cpu{i}", "kind": "cpu", "memory_bytes": 100_000, "matmul_flops": {"fp32": 1e10},
+         "memory_bandwidth_bytes_per_s": 1e10} for i in range(2)]}
+    plan_file = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(model_dir), "--devices", _write(tmp_path / "inv.json", inventory),
+                 "--task", "infer", "--batch-size", "1", "--seq-len", "3", "--new-tokens", "6", "--dtype", "fp32",
+                 "--out", str(plan_file), "--json"]) == 0
+    capsys.readouterr()
+    code, split, _ = _cli(capsys, "--model", model_dir, "--prompt", "abc", "--max-new-tokens", 6, "--json",
+                          "--plan", plan_file)
+    record = json.loads(split)
+    assert code == 0 and record["tokens"] == json.loads(single)["tokens"]
+    assert len(record["stages"]) == 2, record["stages"]  # the plan did split the layers
+    code, procs, _ = _cli(capsys, "--model", model_dir, "--prompt", "abc", "--max-new-tokens", 6, "--json",
+                          "--plan", plan_file, "--processes")
+    assert code == 0 and json.loads(procs)["tokens"] == record["tokens"]
+
+
+def _write(path, doc):
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", ""], "empty"),
+    (["--prompt", "x" * 70], "context"),
+    (["--max-new-tokens", "0"], "max-new-tokens"),
+    (["--dtype", "fp12"], "dtype"),
+    (["--top-p", "0"], "top_p"),
+    (["--top-p", "1.2"], "top_p"),
+])
+def test_cli_bad_input_exits_2_with_one_line(model_dir, capsys, argv, message):
+    argv = ["--prompt", "hi"] + argv if "--prompt" not in argv else argv
+    code, out, err = _cli(capsys, "--model", model_dir, *argv)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_text_stream_holds_back_a_possible_stop_string():
+    tokenizer = char_tokenizer()
+    stream = TextStream(tokenizer, stop=["xyz"])
+    pieces = [stream.push(CHARS.index(c)) for c in "abxyq"]
+    assert "".join(pieces) == "abxyq" and pieces[2:4] == ["", ""]  # "x", "xy" could start "xyz"
+    stream = TextStream(tokenizer, stop=["xyz"])
+    assert "".join(stream.push(CHARS.index(c)) for c in "abxyzcd") == "ab" and stream.stopped
