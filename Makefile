@@ -22,5 +22,8 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+bench: install
+	$(BIN)/python -m bench all
+
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 from alloy.devices import CpuSlice, Inventory
+from alloy.devices.schema import MeasuredLayerTimes
 from alloy.spec import ModelSpec
 
 QUOTAS = (1.0, 0.5, 0.25)
-INVENTORY_CACHE = Path(__file__).resolve().parent / "results" / "hetero-slices.json"
+RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {  # hidden, layers, heads, kv heads, ffn, vocab, global batch, seq, steps
     "quick": (128, 4, 4, 2, 352, 2048, 7, 64, 4),
     "full": (256, 8, 8, 4, 688, 4096, 14, 128, 6),
@@ -34,16 +37,40 @@ def spec_for(size: str) -> ModelSpec:
                      tie_embeddings=True)
 
 
-def slices_inventory(refresh: bool = False) -> Inventory:
-    """The three slices, each timed from inside itself (cached: measuring takes ~20 s)."""
-    if INVENTORY_CACHE.is_file() and not refresh:
-        return Inventory.load(INVENTORY_CACHE)
+def slices_inventory(size: str, refresh: bool = False) -> Inventory:
+    """The three slices, each timed from inside itself: matmul rate, memory bandwidth, and this
+    benchmark model's per-layer forward+backward times (cached: measuring takes a minute)."""
+    cache = RESULTS / f"hetero-slices-{size}.json"
+    if cache.is_file() and not refresh:
+        return Inventory.load(cache)
     from alloy.devices import measure_slice
 
-    devices = [measure_slice(CpuSlice(quota=q), name=f"cpu-q{q:g}", budget_s=2.0) for q in QUOTAS]
+    devices = []
+    for q in QUOTAS:
+        profile = measure_slice(CpuSlice(quota=q), name=f"cpu-q{q:g}", budget_s=2.0)
+        cmd = [sys.executable, "-m", "bench.hetero", "--profile-slice", str(q)] + (["--quick"] if size == "quick" else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True,
+                             cwd=Path(__file__).resolve().parent.parent).stdout
+        layers = MeasuredLayerTimes.model_validate_json(out.strip().splitlines()[-1])
+        devices.append(profile.model_copy(update={"layer_times": [layers]}))
     inventory = Inventory(name="hetero-slices", devices=devices)
-    inventory.save(INVENTORY_CACHE)
+    inventory.save(cache)
     return inventory
+
+
+def profile_slice(quota: float, size: str) -> None:
+    """Child side: enter the slice, time this benchmark model's pieces, print them as JSON."""
+    import torch
+
+    from alloy.devices.emulate import cpu_slice, slice_threads
+    from alloy.devices.layer_profile import measure_layer_times
+
+    spec, (*_, batch, seq, _) = spec_for(size), SIZES[size]
+    cpu = CpuSlice(quota=quota)
+    torch.set_num_threads(slice_threads(cpu))
+    with cpu_slice(cpu):
+        times = measure_layer_times(spec, seq, batches=(1, 2, 4, 8, batch))
+    print(times.model_dump_json())
 
 
 def measure(variant: str, size: str) -> dict:
@@ -52,7 +79,7 @@ def measure(variant: str, size: str) -> dict:
 
     spec = spec_for(size)
     *_, batch, seq, steps = SIZES[size]
-    inventory = slices_inventory()
+    inventory = slices_inventory(size)
     devices = {d.name: d.model_dump() for d in inventory.devices}
     out_dir = tempfile.mkdtemp(prefix=f"hetero-{variant}-")
     whole = lambda name: (Stage(name, 0, spec.num_layers, True, True),)  # noqa: E731
@@ -80,7 +107,7 @@ def measure(variant: str, size: str) -> dict:
 
 def variants(quick: bool) -> dict[str, list[str]]:
     size = ["--quick"] if quick else []
-    slices_inventory()  # measure once, before the timed runs
+    slices_inventory("quick" if quick else "full")  # measure once, before the timed runs
     names = ["alloy", "equal"] + [f"solo-cpu-q{q:g}" for q in QUOTAS]
     return {name: ["--variant", name, *size] for name in names}
 
@@ -104,10 +131,15 @@ def headline(summary: dict, machine_flops: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", required=True)
+    parser.add_argument("--variant")
+    parser.add_argument("--profile-slice", type=float, help="(internal) time the model inside a CPU quota")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    print(json.dumps(measure(args.variant, "quick" if args.quick else "full")))
+    size = "quick" if args.quick else "full"
+    if args.profile_slice:
+        profile_slice(args.profile_slice, size)
+    else:
+        print(json.dumps(measure(args.variant, size)))
 
 
 if __name__ == "__main__":

@@ -166,3 +166,18 @@ def test_a_plan_for_another_model_is_refused(tmp_path):
     plan = make_plan(SPEC, inventory, Workload("train", batch_size=2, seq_len=SEQ, dtype="fp32"))
     with pytest.raises(PlanMismatchError, match="num_layers: 6 in the plan, 4 given"):
         run(plan, steps=1, out_dir=tmp_path, spec=SPEC.replace(num_layers=4))
+
+
+@pytest.mark.gpu
+def test_a_cpu_stage_next_to_a_gpu_stage_equals_a_single_process(tmp_path):
+    """Pipeline messages stay on the host (gloo) while the GPU stage computes on CUDA."""
+    layout = RunLayout(((_stage("cpu", 0, 3), _stage("cuda:0", 3, 6)),), (4,), (2,))
+    devices = {"cpu": {"name": "cpu", "kind": "cpu", "memory_bytes": 2**30, "matmul_flops": {"fp32": 1e10},
+                       "memory_bandwidth_bytes_per_s": 1e10},
+               "cuda:0": {"name": "cuda:0", "kind": "cuda", "memory_bytes": 2**30, "matmul_flops": {"fp32": 1e12},
+                          "memory_bandwidth_bytes_per_s": 1e11}}
+    _, ref_state = reference_run(SPEC, steps=STEPS, global_batch=4, seq_len=SEQ, data=DATA, optim=OPTIM)
+    job = job_document(SPEC, layout, steps=STEPS, seq_len=SEQ, out_dir=tmp_path, data=DATA, optim=OPTIM,
+                       devices=devices, threads=1, timeout_s=120)
+    report = run_job(job, timeout_s=300)
+    assert _relative(report.state_dict(), ref_state) <= 1e-4  # TF32/cuBLAS may differ slightly from CPU
