@@ -11,26 +11,10 @@ from alloy.errors import ConfigError
 from alloy.infer import Sampling, generate
 from alloy.infer.optimize import prepare
 from alloy.infer.partition import Pipeline, even_split
-from hf_cases import DECODERS, build_hf
+from hf_cases import DECODERS
 
 VOCAB = 96
 NEW = 12
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            model = build_hf(name)
-            directory = tmp_path_factory.mktemp(name)
-            model.save_pretrained(directory)
-            cache[name] = (model, directory)
-        return cache[name]
-
-    return get
-
 
 def _prompts(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)

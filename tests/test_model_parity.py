@@ -6,28 +6,11 @@ import pytest
 import torch
 
 import alloy
-from hf_cases import CASES, DECODERS, SOFTCAPPED, build_hf, hf_output
+from hf_cases import CASES, DECODERS, SOFTCAPPED, hf_output
 
 TOLERANCE = 1e-4
 VOCAB = 96
 SEQ = 16  # longer than every sliding window in CASES (5), so windows matter
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """case name -> (HF model, directory it was saved to with save_pretrained)."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            model = build_hf(name)
-            directory = tmp_path_factory.mktemp(name)
-            model.save_pretrained(directory)
-            cache[name] = (model, directory)
-        return cache[name]
-
-    return get
-
 
 def _ids(batch=2, seq=SEQ):
     return torch.randint(0, VOCAB, (batch, seq))

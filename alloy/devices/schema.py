@@ -10,14 +10,13 @@ Units are in the names: `_bytes`, `_bytes_per_s`, `_flops` (FLOP/s), `_s`.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from alloy.errors import ConfigError
+from alloy.jsonio import read_json_object, validation_message, write_text_atomic
 
 SCHEMA_VERSION = 1
 Dtype = Literal["fp32", "bf16", "fp16", "fp8", "int8"]
@@ -176,11 +175,7 @@ class Inventory(_Doc):
         return self.model_dump_json(indent=2, exclude_none=True) + "\n"
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # several ranks may save at once
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        write_text_atomic(path, self.to_json())
 
     @classmethod
     def parse(cls, data: dict | str, source: str = "inventory") -> "Inventory":
@@ -190,19 +185,8 @@ class Inventory(_Doc):
                 return cls.model_validate_json(data)
             return cls.model_validate(data)
         except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-            raise ConfigError(f"{source}: {where}: {first['msg']}") from None
+            raise ConfigError(f"{source}: {validation_message(err)}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Inventory":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such device/cluster file")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.parse(data, source=str(path))
+        return cls.parse(read_json_object(path, "device/cluster file"), source=str(path))

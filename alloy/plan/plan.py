@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from alloy.devices import DeviceProfile
 from alloy.errors import ConfigError
+from alloy.jsonio import read_json_object, validation_message, write_text_atomic
 
 PLAN_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("plan.schema.json")
@@ -117,25 +118,15 @@ class Plan(_Doc):
         return self.model_dump_json(indent=2) + "\n"
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such plan file")
+        data = read_json_object(path, "plan file")
         try:
-            return cls.model_validate(json.loads(path.read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+            return cls.model_validate(data)
         except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-            raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+            raise ConfigError(f"{path}: {validation_message(err)}") from None
 
 
 def plan_schema() -> str:

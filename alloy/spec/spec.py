@@ -8,13 +8,13 @@ Plain Python (no torch), so a 70B spec can be planned on a laptop.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from alloy.errors import ConfigError, UnsupportedModelError
+from alloy.jsonio import read_json_object
 
 NORMS = ("rmsnorm", "layernorm")
 NORM_PLACEMENTS = ("pre", "post", "sandwich")
@@ -183,14 +183,4 @@ class ModelSpec:
 def read_config(path: str | Path) -> dict[str, Any]:
     """Read a config.json (or the one inside a directory) with a one-line error on failure."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path / "config.json" if path.is_dir() else path, "config file")
