@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from alloy.devices import CpuSlice, Inventory, LinkSpec
-from alloy.devices.schema import MeasuredLayerTimes
 from alloy.spec import ModelSpec
 
 QUOTAS = (1.0, 0.5, 0.25)
@@ -45,14 +42,9 @@ def slices_inventory(size: str, refresh: bool = False) -> Inventory:
         return Inventory.load(cache)
     from alloy.devices import measure_slice
 
-    devices = []
-    for q in QUOTAS:
-        profile = measure_slice(CpuSlice(quota=q), name=f"cpu-q{q:g}", budget_s=2.0)
-        cmd = [sys.executable, "-m", "bench.hetero", "--profile-slice", str(q)] + (["--quick"] if size == "quick" else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True,
-                             cwd=Path(__file__).resolve().parent.parent).stdout
-        layers = MeasuredLayerTimes.model_validate_json(out.strip().splitlines()[-1])
-        devices.append(profile.model_copy(update={"layer_times": [layers]}))
+    spec, (*_, batch, seq, _) = spec_for(size), SIZES[size]
+    devices = [measure_slice(CpuSlice(quota=q), name=f"cpu-q{q:g}", budget_s=2.0,
+                             layers_of=(spec, seq, (1, 2, 4, 8, batch)), timeout_s=600) for q in QUOTAS]
     link = measure_slice_link(spec_for(size).num_params() * 4)
     inventory = Inventory(name="hetero-slices", devices=devices, intra_node_link=link)
     inventory.save(cache)
@@ -99,21 +91,6 @@ def _link_worker(rank: int, port: int, nbytes: int, out: str) -> None:
         if rank == 0:
             Path(out, "allreduce_s").write_text(str(statistics.median(samples)))
         dist.destroy_process_group()
-
-
-def profile_slice(quota: float, size: str) -> None:
-    """Child side: enter the slice, time this benchmark model's pieces, print them as JSON."""
-    import torch
-
-    from alloy.devices.emulate import cpu_slice, slice_threads
-    from alloy.devices.layer_profile import measure_layer_times
-
-    spec, (*_, batch, seq, _) = spec_for(size), SIZES[size]
-    cpu = CpuSlice(quota=quota)
-    torch.set_num_threads(slice_threads(cpu))
-    with cpu_slice(cpu):
-        times = measure_layer_times(spec, seq, batches=(1, 2, 4, 8, batch))
-    print(times.model_dump_json())
 
 
 def measure(variant: str, size: str) -> dict:
@@ -174,15 +151,10 @@ def headline(summary: dict, machine_flops: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant")
-    parser.add_argument("--profile-slice", type=float, help="(internal) time the model inside a CPU quota")
+    parser.add_argument("--variant", required=True)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    size = "quick" if args.quick else "full"
-    if args.profile_slice:
-        profile_slice(args.profile_slice, size)
-    else:
-        print(json.dumps(measure(args.variant, size)))
+    print(json.dumps(measure(args.variant, "quick" if args.quick else "full")))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def emulated_devices(console: Console):
-    """Two workers of unequal speed carved out of this machine, each measured from inside."""
+def emulated_devices(console: Console, spec, seq_len: int, batch_size: int):
+    """Two workers of unequal speed carved out of this machine, each measured from inside —
+    its matmul rate and what this model's layers really cost there."""
     from alloy.devices import CpuSlice, Inventory, measure_slice, quota_unavailable_reason
 
     cores = sorted(os.sched_getaffinity(0))
@@ -40,7 +41,9 @@ def emulated_devices(console: Console):
     else:
         slices = [CpuSlice(cores=cores[:1]), CpuSlice(cores=cores[1:2] or cores[:1])]
         how = f"one core each ({quota_unavailable_reason()})"
-    devices = [measure_slice(s, name=f"worker{i}", budget_s=1.0) for i, s in enumerate(slices)]
+    batches = tuple(sorted({1, 2, 4, batch_size}))
+    devices = [measure_slice(s, name=f"worker{i}", budget_s=1.0, layers_of=(spec, seq_len, batches), timeout_s=300)
+               for i, s in enumerate(slices)]
     console.print(f"emulated devices: {how}")
     return Inventory(name="demo", devices=devices)
 
@@ -62,7 +65,9 @@ def run(args) -> int:
     for d in local.devices:
         rates = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in d.matmul_flops.items())
         console.print(f"{d.name}: {d.model}, {rates}, memory bandwidth {d.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s")
-    inventory = emulated_devices(console)
+    from alloy.spec import resolve_spec
+
+    inventory = emulated_devices(console, resolve_spec("tiny-llama"), seq_len=128, batch_size=8)
     for d in inventory.devices:
         console.print(f"  {d.name}: {d.matmul_flops['fp32'] / 1e9:.1f} GFLOP/s fp32")
     devices_file = out / "devices.json"

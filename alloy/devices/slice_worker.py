@@ -7,6 +7,7 @@ Run as `python -m alloy.devices.slice_worker SLICE_JSON BUDGET_S` (the child sid
 
 from __future__ import annotations
 
+import json
 import select
 import subprocess
 import sys
@@ -18,15 +19,21 @@ from alloy.devices.schema import CpuSlice, DeviceProfile
 
 
 def measure_slice(spec: CpuSlice, *, name: str | None = None, budget_s: float = 2.0,
-                  timeout_s: float = 120.0) -> DeviceProfile:
-    """The measured profile of a CPU slice of this machine (its cgroup is removed afterwards)."""
+                  timeout_s: float = 120.0, layers_of=None) -> DeviceProfile:
+    """The measured profile of a CPU slice of this machine (its cgroup is removed afterwards).
+
+    `layers_of=(model_spec, seq_len, batches)` also times that model's layer, embedding and head
+    forward+backward inside the slice (profile.layer_times), for profile-guided planning.
+    """
     name = name or _slice_name(spec)
     deadline = time.monotonic() + timeout_s
     with SliceGroup(spec) as group:
         # The child imports torch at full speed and says "ready"; only then is it put in the slice
         # (importing under a 25% quota alone takes ~15 s here).
         child = subprocess.Popen(
-            [sys.executable, "-m", "alloy.devices.slice_worker", spec.model_dump_json(), str(budget_s)],
+            [sys.executable, "-m", "alloy.devices.slice_worker", spec.model_dump_json(), str(budget_s),
+             json.dumps({"spec": layers_of[0].to_dict(), "seq_len": layers_of[1], "batches": list(layers_of[2])})
+             if layers_of else ""],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             if _read_line(child, deadline) != "ready":
@@ -65,7 +72,7 @@ def _slice_name(spec: CpuSlice) -> str:
     return "-".join(parts)
 
 
-def _main(slice_json: str, budget_s: str) -> None:
+def _main(slice_json: str, budget_s: str, layers_json: str = "") -> None:
     import torch
 
     from alloy.devices.discovery import discover
@@ -78,8 +85,15 @@ def _main(slice_json: str, budget_s: str) -> None:
         sys.exit("slice_worker: parent did not say go")
     cpu = next(d for d in discover() if d.kind == "cpu")
     profile = measure(cpu, float(budget_s)).model_copy(update={"cpu_slice": spec})
+    if layers_json:
+        from alloy.devices.layer_profile import measure_layer_times
+        from alloy.spec import ModelSpec
+
+        probe = json.loads(layers_json)
+        times = measure_layer_times(ModelSpec.from_dict(probe["spec"]), probe["seq_len"], tuple(probe["batches"]))
+        profile = profile.model_copy(update={"layer_times": [times]})
     print(profile.model_dump_json(exclude_none=True))
 
 
 if __name__ == "__main__":
-    _main(*sys.argv[1:3])
+    _main(*sys.argv[1:4])
