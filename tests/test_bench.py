@@ -1,0 +1,34 @@
+"""The benchmark harness: ratios pair by pair, and a --quick smoke run end to end (no speed asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import harness
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ratios_are_taken_pair_by_pair_not_from_medians():
+    samples = {"a": [{"t": 10.0}, {"t": 30.0}, {"t": 20.0}], "b": [{"t": 5.0}, {"t": 30.0}, {"t": 5.0}]}
+    summary = harness.summarize(samples, [("a", "b", "t")])
+    assert summary["figures"]["a"]["t"] == {"median": 20.0, "min": 10.0, "max": 30.0, "n": 3}
+    ratio = summary["ratios"]["a/b:t"]
+    assert ratio["median"] == 2.0 and ratio["min"] == 1.0 and ratio["max"] == 4.0  # pairs: 2, 1, 4
+    assert "| a/b:t | 2.000 | 1.000 – 4.000 |" in harness.markdown("x", summary)
+
+
+def test_plan_benchmark_quick_runs_and_reports_sane_numbers(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench", "plan", "--quick", "--json"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout)
+    headline = record["headline"]
+    assert 0 < headline["planner_s_8"] < 60 and 0 < headline["planner_s_64"] < 600
+    assert all(v >= 0.999 for k, v in headline.items() if k.startswith("gain_")), headline
+    assert record["environment"]["commit"] and record["samples"]["alloy"]
