@@ -58,28 +58,16 @@ def generate_distributed(model_dir, stages: list[StageSpec], prompts: list[list[
                          timeout_s: float = 300.0) -> list[list[int]]:
     """Token ids generated per prompt, with stage r of `stages` in torch.distributed rank r."""
     from alloy.infer.generate import validate
-    from alloy.runtime.launch import LaunchError, Rendezvous, free_port, torchrun_command
+    from alloy.runtime.launch import launch
     from alloy.spec import resolve_spec
 
     validate(resolve_spec(Path(model_dir) / "config.json"), prompts, max_new_tokens)
     with tempfile.TemporaryDirectory(prefix="alloy-generate-") as tmp:
         job = {"model_dir": str(model_dir), "stages": [asdict(s) for s in stages], "prompts": prompts,
                "max_new_tokens": max_new_tokens, "sampling": asdict(sampling), "dtype": dtype,
-               "eos_ids": None if eos_ids is None else list(eos_ids), "out": str(Path(tmp) / "result.json")}
-        job_path = Path(tmp) / "job.json"
-        job_path.write_text(json.dumps(job))
-        cmd = torchrun_command(job_path, len(stages), Rendezvous(), f"127.0.0.1:{free_port()}")
-        cmd[cmd.index("alloy.runtime.worker")] = "alloy.infer.distributed"
-        import subprocess
-
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise LaunchError(f"distributed generation did not finish within {timeout_s:.0f} s") from None
-        if proc.returncode != 0:
-            from alloy.runtime.launch import _first_error
-
-            raise LaunchError(_first_error(proc.stderr + proc.stdout, "loopback"))
+               "eos_ids": None if eos_ids is None else list(eos_ids), "out": str(Path(tmp) / "result.json"),
+               "out_dir": tmp}
+        launch(job, len(stages), timeout_s=timeout_s, worker_module="alloy.infer.distributed")
         return json.loads(Path(job["out"]).read_text())["tokens"]
 
 

@@ -40,7 +40,8 @@ class Rendezvous:
     join_timeout_s: float = 60.0
 
 
-def torchrun_command(job_path: Path, nproc_per_node: int, rdzv: Rendezvous, endpoint: str) -> list[str]:
+def torchrun_command(job_path: Path, nproc_per_node: int, rdzv: Rendezvous, endpoint: str,
+                     worker_module: str = "alloy.runtime.worker") -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc-per-node={nproc_per_node}",
@@ -51,13 +52,15 @@ def torchrun_command(job_path: Path, nproc_per_node: int, rdzv: Rendezvous, endp
         f"--rdzv-conf=join_timeout={int(rdzv.join_timeout_s)},read_timeout={int(rdzv.join_timeout_s)}",
         "--max-restarts=0",
         "--monitor-interval=0.5",
-        "-m", "alloy.runtime.worker", str(job_path),
+        "-m", worker_module, str(job_path),
     ]
 
 
 def launch(job: dict, nproc_per_node: int, *, rdzv: Rendezvous = Rendezvous(), timeout_s: float = 600.0,
-           env: dict | None = None, progress: Callable[[dict], None] | None = None) -> None:
-    """Write the job beside its outputs and run this node's workers to completion.
+           env: dict | None = None, progress: Callable[[dict], None] | None = None,
+           worker_module: str = "alloy.runtime.worker") -> None:
+    """Write the job beside its outputs (job["out_dir"]) and run this node's workers — each
+    `python -m worker_module JOB.json` — to completion.
 
     `progress` is called with each new line of the job's metrics file (rank 0 writes one per
     step), so a front-end can draw a progress bar while the workers run.
@@ -67,7 +70,7 @@ def launch(job: dict, nproc_per_node: int, *, rdzv: Rendezvous = Rendezvous(), t
     job_path = out_dir / f"job-node{rdzv.node_rank}.json"
     job_path.write_text(json.dumps(job, indent=1))
     endpoint = rdzv.endpoint or f"127.0.0.1:{free_port()}"
-    cmd = torchrun_command(job_path, nproc_per_node, rdzv, endpoint)
+    cmd = torchrun_command(job_path, nproc_per_node, rdzv, endpoint, worker_module)
     log_path = out_dir / f"torchrun-node{rdzv.node_rank}.log"
     metrics = Path(job["metrics_path"]) if job.get("metrics_path") else None
     seen = metrics.stat().st_size if metrics and metrics.exists() else 0
