@@ -79,8 +79,9 @@ def test_int8_logits_close_to_fp32(saved):
     # uniform noise its std is s / sqrt(12). For these Gaussian-like rows max|w| ~ 3 std(w) over
     # 32-48 inputs, so each matmul's output carries ~ 3 / 127 / sqrt(12) = 0.7% relative noise;
     # ~7 quantised matmuls per layer x 3 layers + head, adding in quadrature, give ~3.5%.
-    # We assert a relative RMS error under 6% (fp32 activations, isolating the weight error) and
-    # that the bf16-activation path used for speed stays under 8%.
+    # We assert a relative RMS error under 6% with fp32 activations (the weight error alone: both
+    # Int8Linear and the CPU kernels' DecodeLinear that `prepare` uses) and under 8% for the bf16
+    # activations of the fallback path (GPUs, CPUs without the kernels).
     _, directory = saved("llama-gqa")
     ids = torch.tensor(_prompts([16, 16], seed=4))
     with torch.no_grad():
@@ -90,9 +91,11 @@ def test_int8_logits_close_to_fp32(saved):
         q32 = quantize_int8(alloy.load(directory))
         assert sum(isinstance(m, Int8Linear) for m in q32.modules()) == 3 * 7 + 1
         got32 = q32(ids)
-        got16 = prepare(alloy.load(directory), "int8")(ids).float()
+        got_prepared = prepare(alloy.load(directory), "int8")(ids)
+        got16 = quantize_int8(alloy.load(directory).to(torch.bfloat16))(ids).float()
     rel = lambda a: float((a - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())  # noqa: E731
     assert 0 < rel(got32) < 0.06
+    assert 0 < rel(got_prepared) < 0.06
     assert rel(got16) < 0.08
 
 
@@ -151,3 +154,16 @@ def test_bad_sampling_settings_raise(kw):
 def test_bad_dtype_raises():
     with pytest.raises(ConfigError, match="dtype"):
         prepare(torch.nn.Linear(2, 2), "fp8")
+
+
+def test_prepare_without_cpu_kernels_generates_the_same(saved, monkeypatch):
+    # the path GPUs and compiler-less CPUs take: fused projections, PyTorch matmuls
+    from alloy.infer import optimize
+
+    monkeypatch.setattr(optimize, "uses_kernels", lambda model: False)
+    _, directory = saved("llama-tied-bias")
+    prompts = _prompts([5, 9], seed=7)
+    expected = _greedy(alloy.load(directory), prompts)
+    prepared = prepare(alloy.load(directory), "fp32")
+    assert not any(isinstance(m, optimize.DecodeLinear) for m in prepared.modules())
+    assert _greedy(prepared, prompts) == expected

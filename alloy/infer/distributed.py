@@ -27,10 +27,14 @@ class DistributedRunner:
     """A Runner whose stage lives on this rank; logits arrive on every rank (CPU, fp32)."""
 
     def __init__(self, model, rank: int, world: int, activation_dtype: torch.dtype):
+        from alloy.infer.optimize import compute_dtype
+
         self.model, self.spec, self.rank, self.world = model, model.spec, rank, world
         self.stage_device = next(model.parameters()).device
         self.device = torch.device("cpu")  # ids and logits: where gloo moves them
-        self.activation_dtype = activation_dtype
+        # Hidden states travel in one dtype every rank agrees on; each rank computes in its own
+        # (fp32 on a CPU with Alloy's kernels, bf16 on a GPU).
+        self.activation_dtype, self.compute_dtype = activation_dtype, compute_dtype(model)
 
     def new_state(self, batch_size: int, max_len: int):
         return self.model.new_cache(batch_size, max_len)
@@ -42,7 +46,8 @@ class DistributedRunner:
             x = torch.empty(B, T, self.spec.hidden_size, dtype=self.activation_dtype)
             dist.recv(x, self.rank - 1)
         dev = self.stage_device
-        out = self.model(x.to(dev), positions=None if positions is None else positions.to(dev),
+        x = x.to(dev, self.compute_dtype) if x.is_floating_point() else x.to(dev)
+        out = self.model(x, positions=None if positions is None else positions.to(dev),
                          attention_mask=None if attention_mask is None else attention_mask.to(dev), cache=state)
         if self.rank < self.world - 1:
             dist.send(out.to("cpu", self.activation_dtype).contiguous(), self.rank + 1)

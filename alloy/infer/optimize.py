@@ -3,10 +3,14 @@
 Decoding one token is a chain of GEMVs (one activation row against every weight), so its speed
 is how fast the weights stream from memory plus a fixed cost per op. `prepare(model, dtype)`:
 
-- fuses q/k/v and gate/up into one matmul each (fewer ops, longer GEMVs),
-- fp32: stores weights k-major ([in, out], `x @ w`), the layout MKL's fp32 GEMV streams fastest
-  here (measured: see docs/INFERENCE.md); bf16 keeps [out, in], which its kernel prefers,
-- int8: per-channel weight-only int8 (alloy.infer.quantize) with bf16 activations.
+- fuses q/k/v and gate/up into one matmul each (fewer ops, longer GEMVs);
+- on CPU, swaps every nn.Linear (and a tied head) for a `DecodeLinear` that stores the weight in
+  `dtype` — fp32, bf16 or per-channel int8 — and runs decode steps on Alloy's AVX2 GEMV kernels
+  (alloy.infer.kernels). Everything else (norms, attention, the KV cache) stays fp32, so bf16 and
+  int8 are weight-only: half / a quarter of the bytes to stream, fp32 arithmetic. Prefill (many
+  rows) goes to PyTorch's GEMM, which is faster there.
+- elsewhere (CUDA), or on a CPU without the kernels: the model in bf16 for bf16/int8, and int8 as
+  alloy.infer.quantize.Int8Linear.
 
 The result is for inference only: its state dict no longer matches the checkpoint's names.
 """
@@ -14,13 +18,16 @@ The result is for inference only: its state dict no longer matches the checkpoin
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from alloy.errors import ConfigError
-from alloy.infer.quantize import quantize_int8
+from alloy.infer import kernels
+from alloy.infer.quantize import int8_rows, quantize_int8
 from alloy.model.layers import MLP, Attention
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}  # int8: activation dtype
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}  # activations without kernels
+GEMV_MAX_ROWS = 16  # up to this many rows (batch x new tokens) the GEMV kernel beats MKL's GEMM here
 
 
 def parse_dtype(name: str) -> str:
@@ -29,17 +36,41 @@ def parse_dtype(name: str) -> str:
     return name
 
 
-class KMajorLinear(nn.Module):
-    """y = x @ w_t + b with w_t stored [in, out] contiguous."""
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model's activations are in (its first floating-point parameter's)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
-    def __init__(self, linear: nn.Linear):
+
+class DecodeLinear(nn.Module):
+    """y = x @ W.T + b with W [out, in] kept in fp32, bf16 or int8 (with a per-row fp32 scale); fp32 x."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, storage: str):
         super().__init__()
-        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
-        self.bias = linear.bias
+        weight = weight.detach()
+        if storage == "int8":
+            q, scale = int8_rows(weight.float())
+            self.register_buffer("weight", q)
+            self.register_buffer("scale", scale.float())
+        else:
+            # fp32 storage shares the tensor: a tied head costs no second copy
+            self.register_buffer("weight", weight if weight.dtype == DTYPES[storage] and storage == "fp32"
+                                 else weight.to(DTYPES[storage]).contiguous())
+            self.scale = None
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.in_features, self.out_features, self.storage = weight.shape[1], weight.shape[0], storage
 
-    def forward(self, x):
-        out = x @ self.weight_t
-        return out if self.bias is None else out + self.bias
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows <= GEMV_MAX_ROWS and x.dtype == torch.float32:
+            y = kernels.gemv(x.reshape(rows, self.in_features).contiguous(), self.weight, self.scale, self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
+        w = self.weight.to(x.dtype)
+        if self.scale is not None:
+            w = w * self.scale[:, None].to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights {self.storage}"
 
 
 def _cat_linear(parts: list[nn.Linear]) -> nn.Linear:
@@ -65,19 +96,28 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     return model
 
 
+def uses_kernels(model: nn.Module) -> bool:
+    return next(model.parameters()).device.type == "cpu" and kernels.available()
+
+
 @torch.no_grad()
 def prepare(model: nn.Module, dtype: str = "fp32", *, fuse: bool = True) -> nn.Module:
     """Convert `model` in place for fast decoding in `dtype` (fp32, bf16 or int8) and return it."""
     dtype = parse_dtype(dtype)
     model.eval().requires_grad_(False)
-    model.to(DTYPES[dtype])
     if fuse:
         fuse_projections(model)
-    if dtype == "int8":
-        quantize_int8(model)
-    elif dtype == "fp32" and next(model.parameters()).device.type == "cpu":
-        for module in list(model.modules()):
-            for name, child in list(module.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(module, name, KMajorLinear(child))
+    if not uses_kernels(model):
+        model.to(DTYPES[dtype])
+        return quantize_int8(model) if dtype == "int8" else model
+    model.to(torch.float32)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, DecodeLinear(child.weight, child.bias, dtype))
+    # A tied head is a matmul against the embedding table, not a module: give it one, so it
+    # streams at the kernel's rate (and in bf16/int8) like every other weight.
+    embed = getattr(model, "embed", None)
+    if getattr(model, "has_head", False) and not hasattr(model, "head") and embed is not None:
+        model.head = DecodeLinear(embed.tok.weight, None, dtype)
     return model

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from alloy.errors import ConfigError
+from alloy.infer.optimize import compute_dtype
 from alloy.model import Transformer
 
 
@@ -71,6 +72,7 @@ class Pipeline:
             raise ConfigError(f"micro_batches must be >= 1, got {micro_batches}")
         self.stages, self.spec, self.micro_batches = stages, stages[0].spec, micro_batches
         self.devices = [next(s.parameters()).device for s in stages]
+        self.dtypes = [compute_dtype(s) for s in stages]  # a CPU stage may compute in fp32, a GPU one in bf16
         self.device = self.devices[0]
 
     @classmethod
@@ -94,7 +96,8 @@ class Pipeline:
 
     def _stage(self, s: int, x, positions, mask, cache):
         device = self.devices[s]
-        return self.stages[s](x.to(device), positions=_to(positions, device), attention_mask=_to(mask, device),
+        x = x.to(device, self.dtypes[s]) if x.is_floating_point() else x.to(device)
+        return self.stages[s](x, positions=_to(positions, device), attention_mask=_to(mask, device),
                               cache=cache)
 
     def _run_sequential(self, work):

@@ -3,8 +3,9 @@
 Each nn.Linear becomes an Int8Linear holding int8 weights [out, in] and one scale per output
 row (max |w| / 127), so a weight is off by at most half a step: |w - s q| <= s / 2. Activations
 stay in the model's float dtype. On CPU the matmul is PyTorch's `_weight_int8pack_mm` (an int8
-GEMV that reads the int8 bytes directly — fast with bf16 activations); elsewhere the weight is
-dequantised inside the op (gpt-fast's form, which torch.compile fuses on CUDA).
+GEMV that reads the int8 bytes directly); elsewhere the weight is dequantised inside the op
+(gpt-fast's form, which torch.compile fuses on CUDA). On a CPU with Alloy's kernels,
+alloy.infer.optimize uses its own DecodeLinear instead (same rounding, `int8_rows`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 q, scale [out]) with w ~= q * scale[:, None], one symmetric scale per row."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
 class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [out]
-        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        q, scale = int8_rows(linear.weight.detach())
+        self.register_buffer("weight", q)
         self.register_buffer("scale", scale.to(linear.weight.dtype))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features

@@ -120,5 +120,9 @@ def _first_error(log: str, endpoint: str) -> str:
             return f"worker rank {match.group(1)} failed: {match.group(2)[:300]}"
     if "RendezvousTimeoutError" in log or "RendezvousConnectionError" in log or "timed out" in log.lower():
         return f"could not reach the rendezvous at {endpoint} in time"
+    for line in log.splitlines():  # a traceback without torchrun's rank prefix: its last line
+        match = re.match(r"(\w+(Error|Exception): .*)", line)
+        if match and "ChildFailedError" not in line:
+            return f"worker failed: {match.group(1)[:300]}"
     tail = [l for l in log.strip().splitlines() if l.strip()][-1:] or ["(no output)"]
     return f"workers failed: {tail[0][:300]}"

@@ -1,0 +1,101 @@
+"""CPU decode GEMV kernels (gemv.c), built on first use with the system C compiler, loaded with ctypes.
+
+Why a kernel of our own: a decode step is a chain of GEMVs, so its speed is how fast weights
+stream from memory. On this class of CPU, PyTorch's fp32 GEMV (MKL) reads ~8-11 GB/s and its
+bf16 one has no fast path on AVX2, while a plain AVX2 loop on two threads reads ~15-18 GB/s
+(measured: docs/INFERENCE.md). The build is a ~1 s `cc` call cached under
+$ALLOY_CACHE/kernels (default ~/.cache/alloy/kernels), keyed by the source and flags. Without a
+compiler or AVX2+FMA, or with ALLOY_CPU_KERNELS=0, `available()` is False and callers fall back
+to PyTorch ops: slower, same results.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("gemv.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+_FUNCTIONS = {torch.float32: "alloy_gemv_f32", torch.bfloat16: "alloy_gemv_bf16", torch.int8: "alloy_gemv_i8"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALLOY_CACHE") or Path.home() / ".cache" / "alloy") / "kernels"
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"gemv-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile beside the target and rename: concurrent first uses (several ranks) never load a
+    # half-written library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
+                       timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    if os.environ.get("ALLOY_CPU_KERNELS", "1") == "0":
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        warnings.warn("no C compiler found: decoding on CPU uses PyTorch's slower matmuls", stacklevel=2)
+        return None
+    try:
+        # Loaded after torch, so gemv.c's OpenMP calls bind to the libgomp.so.1 torch already
+        # loaded: one thread pool, not two spinning against each other.
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", None) or err
+        warnings.warn(f"building the CPU decode kernels failed ({str(detail).strip()[:200]}); "
+                      "using PyTorch's slower matmuls", stacklevel=2)
+        return None
+    for name in _FUNCTIONS.values():
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
+        fn.restype = None
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (x @ weight.T) * scale + bias for fp32 x [rows, in] and weight [out, in] in fp32, bf16 or int8.
+
+    scale and bias are fp32 [out] or None. Every tensor must be contiguous on the CPU.
+    """
+    lib = library()
+    rows, k = x.shape
+    n = weight.shape[0]
+    if lib is None or x.dtype != torch.float32 or weight.shape[1] != k:
+        raise ValueError(f"gemv needs the compiled kernels, fp32 x [rows, {weight.shape[1]}]; got {x.dtype} {tuple(x.shape)}")
+    y = torch.empty(rows, n, dtype=torch.float32)
+    getattr(lib, _FUNCTIONS[weight.dtype])(
+        x.data_ptr(), weight.data_ptr(), None if scale is None else scale.data_ptr(),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), rows, k, n, torch.get_num_threads())
+    return y
