@@ -100,17 +100,43 @@ def test_device_ratios_within_20_percent_llama70b(per_layer):
 
 # ---- 2. serving throughput --------------------------------------------------------------------
 
-@needs_data
-@pytest.mark.xfail(strict=True, reason="measured: predictions 3.4x-12x the prototype (e.g. 70B Helix 1231 vs "
-                   "223.4 tok/s); the capacity model ignores vLLM step overheads, prefill/decode "
-                   "interference and the coordinator's in-flight limit")
-def test_offline_throughput_within_25_percent(serving):
-    for m in by_name(serving, "offline decode tok/s"):
-        assert abs(m.error) <= 0.25, m
+SERVING_MISSES = {  # measured value of each miss (python -m bench validate), and why
+    ("llama30b", "swarm"): "242 vs 142.9 tok/s (+70%): the Swarm host kept ~49 requests in flight "
+                           "(142.9 x 0.345 s), not the ~115 its KV admits; its launch count is not published",
+    ("llama70b", "petals"): "294 vs 194.5 tok/s (+51%): ~223 requests predicted in flight vs ~207 by "
+                            "Little's law, and a round trip 0.76 s vs 1.06 s measured",
+    ("llama70b", "separate"): "54 vs 110 tok/s (-51%; A100 7 vs 68.7, L4 45 vs 37.9, T4 1.5 vs 3.4): beyond "
+                              "the caps' layer counts the physical bound (0.9 x VRAM - median reserve) leaves "
+                              "the 20-layer A100 ~2 requests, Little's law on the measurement says ~20",
+    ("llama70b", "swarm"): "145 vs 111.7 tok/s (+30%)",
+}
+SERVING_KEYS = [("llama30b", "helix"), ("llama30b", "separate"), ("llama30b", "swarm"), ("llama70b", "helix"),
+                ("llama70b", "petals"), ("llama70b", "separate"), ("llama70b", "swarm")]
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason="measured: predicted petals 1664 > helix 1231 tok/s (70B)")
+@pytest.mark.parametrize("model,method", [
+    pytest.param(*k, marks=pytest.mark.xfail(strict=True, reason="measured: " + SERVING_MISSES[k]))
+    if k in SERVING_MISSES else k for k in SERVING_KEYS])
+def test_offline_throughput_within_25_percent(serving, model, method):
+    m = by_name(serving, f"offline decode tok/s {model} {method}")[0]
+    assert abs(m.error) <= 0.25, m
+
+
+@needs_data
+def test_vllm_caps_read_as_kv_slots_of_the_trace_mean_context():
+    """The caps file's falling part, read as KV memory, gives ~870 tokens per decode slot: the
+    trace's mean context (750 prompt + 240 / 2 output, data README) — a check that the caps are KV."""
+    from alloy.fidelity import kv_caps
+    from alloy.fidelity.validate import specs
+    model_specs = specs(ROOT)
+    slots = [fit[1] for (model, machine), caps in kv_caps.read_caps(ROOT).items()
+             if "x" not in machine and (fit := kv_caps.fit_budget(model_specs[model], caps))]
+    assert slots and all(abs(s / (750 + 240 / 2) - 1) <= 0.10 for s in slots), slots
+
+
+@needs_data
+@pytest.mark.xfail(strict=True, reason="measured: predicted petals 294 > helix 259 tok/s (70B)")
 def test_70b_ranking_is_kept(serving):
     assert by_name(serving, "ranking 70B")[0].passed
 
@@ -154,9 +180,41 @@ def test_amp_top_ranked_plan_is_near_the_best(training):
 
 # ---- 4. planner vs. the papers' planners ------------------------------------------------------
 
-@needs_data
-def test_alloy_plan_beats_helix_milp_under_the_same_model_and_plans_fast():
+@pytest.fixture(scope="module")
+def planner():
     from alloy.fidelity.validate import planner_metrics
-    vs_milp, seconds = planner_metrics(ROOT)
+    return planner_metrics(ROOT)
+
+
+@needs_data
+def test_alloy_plan_beats_helix_milp_under_the_same_model(planner):
+    vs_milp = planner[0]
     assert vs_milp.predicted >= vs_milp.published, vs_milp
-    assert seconds.predicted < 10, seconds
+
+
+@needs_data
+def test_alloy_plans_the_24_node_cluster_in_under_10_s(planner):
+    assert planner[1].predicted < 10, planner[1]
+
+
+# ---- KV budget beyond the profiled layer counts (no data needed) --------------------------------
+
+def test_physical_budget_uses_the_median_reserve_per_gpu():
+    from alloy.fidelity import kv_caps
+    gib = 2**30
+    vram = {"A": 40 * gib, "B": 16 * gib, "Bx4": 64 * gib, "C": 24 * gib}
+    budgets = {"A": 33 * gib, "B": 12.4 * gib, "Bx4": 52.6 * gib}  # reserves per GPU: 3.0, 2.0, 1.0 GiB
+    assert kv_caps.reserve_per_gpu(budgets, vram) == pytest.approx(2.0 * gib)
+    phys = kv_caps.physical_budgets(budgets, vram)
+    assert phys["C"] == pytest.approx((0.9 * 24 - 2.0) * gib)
+    assert phys["Bx4"] == pytest.approx((0.9 * 64 - 4 * 2.0) * gib)
+
+
+def test_serving_refinement_only_moves_layers_between_adjacent_stages():
+    import time
+    from alloy.fidelity.serving_plan import _pipelines, refine
+    start = {"a": (0, 2), "b": (2, 8), "c": (0, 4), "d": (4, 8)}
+    assert sorted(map(tuple, _pipelines(start))) == [("a", "b"), ("c", "d")]
+    score = lambda p: -abs(p["a"][1] - 4) - abs(p["c"][1] - 5)  # noqa: E731  best: a=(0,4), c=(0,5)
+    best, value = refine(start, score, time.perf_counter() + 5)
+    assert best == {"a": (0, 4), "b": (4, 8), "c": (0, 5), "d": (5, 8)} and value == 0
