@@ -17,6 +17,7 @@ BENCHMARKS = {
     "train": "training step tokens/s vs. transformers, fp32 and bf16, one device",
     "hetero": "3 CPU workers at 100/50/25%: Alloy's plan vs. equal split vs. the solo sum",
     "decode": "decode tokens/s vs. transformers generate: fp32, bf16, int8, batch 1 and 8; roofline fraction",
+    "quality": "held-out perplexity of a small trained model at fp32, bf16 and int8 weights (decode's quality cost)",
     "plan": "planner runtime at 8/64/256 declared devices; predicted gains on the example clusters",
     "validate": "planner fidelity: cost model and planner vs. published heterogeneous-cluster measurements",
 }
@@ -47,8 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     outputs = {}
     for name in names:
         module = importlib.import_module(f"bench.{name}")
-        log(f"== {name}: {BENCHMARKS[name]} ({'quick' if args.quick else 'full'}, {reps} rounds)")
-        samples = harness.alternate(name, module.variants(args.quick), reps, warmup=0 if args.quick else 1, log=log)
+        log(f"== {name}: {BENCHMARKS[name]} ({'quick' if args.quick else 'full'}, "
+            f"{getattr(module, 'ROUNDS', None) or reps} rounds)")
+        # a deterministic benchmark (no timing) says so with ROUNDS = 1: repeating it adds nothing
+        rounds = getattr(module, "ROUNDS", None) or reps
+        warmup = 0 if args.quick or getattr(module, "ROUNDS", None) else 1
+        samples = harness.alternate(name, module.variants(args.quick), rounds, warmup=warmup, log=log)
         summary = harness.summarize(samples, module.PAIRS)
         headline = module.headline(summary, machine_flops())
         record = {"benchmark": name, "quick": args.quick, "environment": harness.environment(),

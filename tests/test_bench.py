@@ -32,3 +32,14 @@ def test_plan_benchmark_quick_runs_and_reports_sane_numbers(tmp_path):
     assert 0 < headline["planner_s_8"] < 60 and 0 < headline["planner_s_64"] < 600
     assert all(v >= 0.999 for k, v in headline.items() if k.startswith("gain_")), headline
     assert record["environment"]["commit"] and record["samples"]["alloy"]
+
+
+def test_quality_benchmark_quick_trains_and_scores_each_precision():
+    proc = subprocess.run([sys.executable, "-m", "bench", "quality", "--quick", "--json"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    headline = json.loads(proc.stdout)["headline"]
+    # a trained byte-level model beats the uniform 256-way guess; rounding weights costs little
+    assert 1 < headline["ppl_fp32"] < 256
+    for key in ("ppl_bf16_weights", "ppl_int8_weights", "ppl_bf16_all"):
+        assert abs(headline[key] / headline["ppl_fp32"] - 1) < 0.05, (key, headline)

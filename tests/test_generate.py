@@ -167,3 +167,15 @@ def test_prepare_without_cpu_kernels_generates_the_same(saved, monkeypatch):
     prepared = prepare(alloy.load(directory), "fp32")
     assert not any(isinstance(m, optimize.DecodeLinear) for m in prepared.modules())
     assert _greedy(prepared, prompts) == expected
+
+
+@pytest.mark.parametrize("in_features", [12, 16])
+def test_int8_linear_any_width(in_features):
+    # torch's CPU int8 GEMV crashes the process for widths that are not a multiple of 8
+    from alloy.infer.quantize import Int8Linear, int8_rows
+
+    linear = torch.nn.Linear(in_features, 5, bias=True)
+    x = torch.randn(3, in_features)
+    q, scale = int8_rows(linear.weight)
+    expected = x @ (q.float() * scale[:, None]).t() + linear.bias
+    assert torch.allclose(Int8Linear(linear)(x), expected, atol=1e-5)

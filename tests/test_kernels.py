@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import alloy
-from alloy.infer import generate, kernels
+from alloy import kernels
+from alloy.infer import generate
 from alloy.infer.optimize import DecodeLinear, prepare
 from alloy.infer.quantize import int8_rows
 

@@ -140,8 +140,16 @@ def _probe(device: torch.device, dtype: str, size: int, isa_flags: tuple[str, ..
 
 
 def memory_bandwidth_bytes_per_s(device: torch.device, nbytes: int, budget_s: float) -> float:
-    """STREAM-style copy rate: bytes read plus bytes written, per second."""
+    """Memory streaming rate. On a CPU: the read rate of a vectorised sum on every thread (what a
+    decode step's weight streaming can reach; a copy's write-allocate traffic would understate it
+    by ~2x), PyTorch's sum where Alloy's kernels are not built. On a GPU: STREAM-style copy, bytes
+    read plus bytes written, per second."""
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    if device.type == "cpu":
+        from alloy import kernels
+
+        read = (lambda: kernels.stream_read(src)) if kernels.available() else src.sum
+        return nbytes / time_call(read, device, budget_s)
     dst = torch.empty_like(src)
     seconds = time_call(lambda: dst.copy_(src), device, budget_s)
     return 2 * nbytes / seconds

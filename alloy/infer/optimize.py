@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alloy.errors import ConfigError
-from alloy.infer import kernels
+from alloy import kernels
 from alloy.infer.quantize import int8_rows, quantize_int8
 from alloy.model.layers import MLP, Attention
 

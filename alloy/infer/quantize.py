@@ -33,7 +33,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.scale.to(x.dtype)
-        if x.device.type == "cpu":
+        # PyTorch's CPU kernel reads 8 inputs at a time and crashes (SIGSEGV, torch 2.13) when
+        # in_features is not a multiple of 8: those layers dequantise instead.
+        if x.device.type == "cpu" and self.in_features % 8 == 0:
             out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, scale)
             out = out.view(*x.shape[:-1], self.out_features)
         else:

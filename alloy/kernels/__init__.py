@@ -1,4 +1,4 @@
-"""CPU decode GEMV kernels (gemv.c), built on first use with the system C compiler, loaded with ctypes.
+"""CPU decode GEMV kernels and a streaming-read probe (gemv.c), built on first use with the system C compiler, loaded with ctypes.
 
 Why a kernel of our own: a decode step is a chain of GEMVs, so its speed is how fast weights
 stream from memory. On this class of CPU, PyTorch's fp32 GEMV (MKL) reads ~8-11 GB/s and its
@@ -76,6 +76,8 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
         fn.restype = None
+    lib.alloy_stream_read.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+    lib.alloy_stream_read.restype = ctypes.c_float
     return lib
 
 
@@ -99,3 +101,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
         x.data_ptr(), weight.data_ptr(), None if scale is None else scale.data_ptr(),
         None if bias is None else bias.data_ptr(), y.data_ptr(), rows, k, n, torch.get_num_threads())
     return y
+
+
+def stream_read(x: torch.Tensor) -> float:
+    """Read every element of a contiguous fp32 CPU tensor once (returns their sum)."""
+    lib = library()
+    if lib is None or x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError("stream_read needs the compiled kernels and a contiguous fp32 tensor")
+    return float(lib.alloy_stream_read(x.data_ptr(), x.numel(), torch.get_num_threads()))

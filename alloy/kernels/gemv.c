@@ -91,3 +91,25 @@ void NAME(const float *x, const T *w, const float *scale, const float *bias, flo
 DEFINE_GEMV(alloy_gemv_f32, float, load_f32, scalar_f32)
 DEFINE_GEMV(alloy_gemv_bf16, uint16_t, load_bf16, scalar_bf16)
 DEFINE_GEMV(alloy_gemv_i8, int8_t, load_i8, scalar_i8)
+
+/* Sum of n floats: a pure streaming read, the rate a decode step's GEMVs can at best approach.
+ * alloy.devices measures the CPU's memory bandwidth with it (PyTorch's own reductions read slower). */
+float alloy_stream_read(const float *x, long n, int threads) {
+    float total = 0.0f;
+    const long n32 = n & ~31L;
+    _Pragma("omp parallel num_threads(threads) reduction(+:total)")
+    {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+               a3 = _mm256_setzero_ps();
+        _Pragma("omp for schedule(static)")
+        for (long i = 0; i < n32; i += 32) {
+            a0 = _mm256_add_ps(a0, _mm256_loadu_ps(x + i));
+            a1 = _mm256_add_ps(a1, _mm256_loadu_ps(x + i + 8));
+            a2 = _mm256_add_ps(a2, _mm256_loadu_ps(x + i + 16));
+            a3 = _mm256_add_ps(a3, _mm256_loadu_ps(x + i + 24));
+        }
+        total += hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    }
+    for (long i = n32; i < n; i++) total += x[i];
+    return total;
+}
