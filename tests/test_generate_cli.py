@@ -7,6 +7,7 @@ import json
 import pytest
 
 import alloy
+from alloy import kernels
 from alloy.cli import main
 from alloy.infer import generate
 from alloy.infer.tokenize import TextStream, apply_chat_template, encode
@@ -50,6 +51,22 @@ def test_cli_streams_the_greedy_continuation(model_dir, capsys):
                         "--dtype", "bf16")
     record = json.loads(out)
     assert code == 0 and record["prompt_tokens"] == 5 and len(record["tokens"]) == 10 and record["dtype"] == "bf16"
+
+
+def test_cli_bf16_weights_planned_over_this_machine(model_dir, capsys, tmp_path):
+    # A CPU without a fast bf16 matmul still decodes bf16 weights (fp32 arithmetic in Alloy's
+    # kernels): planning over such a device must not refuse bf16.
+    inventory = {"schema_version": 1, "name": "slow-bf16", "devices": [
+        {"name": "cpu", "kind": "cpu", "memory_bytes": 10**9, "matmul_flops": {"fp32": 5e10},
+         "slow_dtypes": {"bf16": "no fast path"}, "memory_bandwidth_bytes_per_s": 2e10}]}
+    argv = ["--model", model_dir, "--prompt", "abc", "--max-new-tokens", 6, "--json", "--dtype", "bf16"]
+    code, single, _ = _cli(capsys, *argv)
+    code_planned, planned, err = _cli(capsys, *argv, "--devices", _write(tmp_path / "inv.json", inventory))
+    if not kernels.available():
+        assert code_planned == 2 and "bf16" in err  # refused with the planner's one-line reason
+        return
+    assert code == 0 and code_planned == 0, err
+    assert json.loads(planned)["tokens"] == json.loads(single)["tokens"]
 
 
 def test_cli_chat_template_and_stop_string(model_dir, capsys):

@@ -25,7 +25,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or int8 (weight-only, bf16 activations)")
+    parser.add_argument("--dtype", default="fp32", help="weights in fp32, bf16 or int8 (per-channel). On CPU the arithmetic stays fp32 (Alloy's GEMV kernels stream the smaller weights); on GPU bf16/int8 compute in bf16 (default fp32)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--system", default=None, help="system message (with --chat)")
     parser.add_argument("--devices", default=None,
@@ -50,7 +50,9 @@ def _stages(args, spec, prompt_len: int):
 
         work = Workload(task="infer", batch_size=1, seq_len=prompt_len, dtype=args.dtype,
                         new_tokens=args.max_new_tokens)
-        return stages_from_plan(make_plan(spec, load_devices(args.devices), work))
+        from alloy.infer.optimize import decode_inventory
+
+        return stages_from_plan(make_plan(spec, decode_inventory(load_devices(args.devices), args.dtype), work))
     return [StageSpec("cpu", (0, spec.num_layers), True, True)]
 
 

@@ -121,3 +121,18 @@ def prepare(model: nn.Module, dtype: str = "fp32", *, fuse: bool = True) -> nn.M
     if getattr(model, "has_head", False) and not hasattr(model, "head") and embed is not None:
         model.head = DecodeLinear(embed.tok.weight, None, dtype)
     return model
+
+
+def decode_inventory(inventory, dtype: str):
+    """The inventory as a decode plan in `dtype` should see it: on CPUs with Alloy's kernels, bf16
+    and int8 are weight-only (fp32 arithmetic), so a CPU without a fast bf16 matmul still decodes
+    bf16 weights at its fp32 rate, reading half the bytes. Other devices are unchanged."""
+    if dtype == "fp32" or not kernels.available():
+        return inventory
+    devices = []
+    for d in inventory.devices:
+        if d.kind == "cpu" and "fp32" in d.matmul_flops:
+            d = d.model_copy(update={"matmul_flops": {**d.matmul_flops, "bf16": d.matmul_flops["fp32"]},
+                                     "slow_dtypes": {k: v for k, v in d.slow_dtypes.items() if k != "bf16"}})
+        devices.append(d)
+    return inventory.model_copy(update={"devices": devices})

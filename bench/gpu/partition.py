@@ -58,19 +58,19 @@ def inventory(device: torch.device, budget_bytes: int, size: str, dtype: str, no
     if dtype in cpu.slow_dtypes:
         # The planner refuses a dtype a device has no fast matmul for, but here the dtype is fixed
         # (both sides run it): give the CPU the rate its stage will really compute at.
-        from alloy.infer import optimize
+        from alloy import kernels
+        from alloy.infer.optimize import decode_inventory
 
-        kernels = getattr(optimize, "kernels", None)
-        if kernels is not None and kernels.available():  # bf16 weights, fp32 arithmetic (optimize.py)
-            rate, how = cpu.matmul_flops["fp32"], "its fp32 rate (Alloy's CPU kernels compute in fp32)"
+        if kernels.available():  # bf16 weights, fp32 arithmetic (alloy/infer/optimize.py)
+            cpu = decode_inventory(Inventory(name="cpu", devices=[cpu]), dtype).devices[0]
+            rate, how = cpu.matmul_flops[dtype], "its fp32 rate (Alloy's CPU kernels compute in fp32)"
         else:
             shape = [(64, 256, 256)] if size == "tiny" else [(256, 2048, 2048)]
             rate = matmul_flops(torch.device("cpu"), common.DTYPES[dtype], shape, MEASURE_BUDGET_S[size])
             how = f"its measured {dtype} matmul rate"
-        notes.append(f"cpu has no fast {dtype} matmul ({cpu.slow_dtypes[dtype]}); planned with {how}, "
-                     f"{rate / 1e9:.3g} GFLOP/s")
-        cpu = cpu.model_copy(update={"matmul_flops": {**cpu.matmul_flops, dtype: rate},
-                                     "slow_dtypes": {k: v for k, v in cpu.slow_dtypes.items() if k != dtype}})
+            cpu = cpu.model_copy(update={"matmul_flops": {**cpu.matmul_flops, dtype: rate},
+                                         "slow_dtypes": {k: v for k, v in cpu.slow_dtypes.items() if k != dtype}})
+        notes.append(f"cpu has no fast {dtype} matmul; planned with {how}, {rate / 1e9:.3g} GFLOP/s")
     if device.type == "cuda":
         gpu = measure(found["cuda:0"], MEASURE_BUDGET_S[size])
         gpu = gpu.model_copy(update={"memory_bytes": budget_bytes, "free_memory_bytes": budget_bytes})
