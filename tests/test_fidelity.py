@@ -91,8 +91,9 @@ def test_device_ratios_within_20_percent_llama30b(per_layer):
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason="measured: worst ratio error +24% (T4x4 : A100, decode; T4x4 decode "
-                   "slows from batch 18 on, a vLLM kernel switch the roofline does not have)")
+@pytest.mark.xfail(strict=True, reason="measured: worst ratio error +24.0% (T4 : A100, prefill 1000 tokens; the "
+                   "A100's 1000-token row, 8 ms, is slow against its own 750/1250 rows, 5 and 9 ms; T4x4 decode "
+                   "is within -16%..+15%)")
 def test_device_ratios_within_20_percent_llama70b(per_layer):
     m = by_name(per_layer, "device ratio llama70b")[0]
     assert abs(m.error) <= 0.20, m
@@ -168,7 +169,7 @@ def test_sailor_clariden_median_within_10_percent(training):
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason="measured: Spearman 0.39 on 43 trials (AMP's own model 0.39)")
+@pytest.mark.xfail(strict=True, reason="measured: Spearman 0.50 on 43 trials (AMP's own model 0.39)")
 def test_amp_rank_correlation(training):
     assert by_name(training, "AMP het_cluster: Spearman")[0].error >= 0.6
 
@@ -176,6 +177,39 @@ def test_amp_rank_correlation(training):
 @needs_data
 def test_amp_top_ranked_plan_is_near_the_best(training):
     assert by_name(training, "AMP het_cluster: measured time")[0].error <= 0.10
+
+
+@needs_data
+def test_alloy_sailor_plan_predicts_at_most_the_best_measured_plan(training):
+    m = by_name(training, "Sailor mit N6: Alloy plan")[0]
+    assert m.passed and m.predicted <= m.published, m
+
+
+@needs_data
+def test_sailor_search_plan_is_feasible():
+    from collections import Counter
+    from alloy.fidelity import sailor_plan, training as tr
+    data = tr.SailorData.load(ROOT)
+    group = [p for p in tr.sailor_plans(ROOT, "mit") if "/N3/" in p.name]
+    vms = sailor_plan.vms_of(group)
+    mem = sailor_plan.mem_per_gpu(ROOT)
+    res = sailor_plan.search(data, group[0], vms, mem)
+    used = Counter(r for st in res.plan.stages for r in st.replicas)
+    assert all(used[v] <= vms[v] for v in used)
+    assert res.plan.gbs % (res.plan.mbs * res.plan.dp) == 0
+    assert sailor_plan.memory_ok(data, res.plan, mem)
+    assert [k for st in res.plan.stages for k in st.slots] == list(range(26))
+    assert res.predicted_s == pytest.approx(tr.sailor_step_s(data, res.plan))
+
+
+def test_amp_layer_time_splits_tensor_parallel_profiles():
+    from alloy.fidelity.training import amp_layer_s
+    fwd = {("V100", 1): [0.0, 0.0, 4e-3], ("V100", 2): [0.0, 0.0, 5e-3]}
+    assert amp_layer_s(fwd, "V100", 1, 2, 3, 4, 1e12) == pytest.approx(3 * 4 * 4e-3)  # AMP: linear at mp 1
+    bw = 170e9 / 8
+    w = 4e-3 / 2 + 2 * 2 * 0.5 * 1024 * 1024 * 4 / bw  # half the mp-1 work + two all-reduces of b*s*h fp32
+    assert amp_layer_s(fwd, "V100", 2, 2, 3, 1, bw) == pytest.approx(3 * 5e-3)  # the profile at mbs 1
+    assert amp_layer_s(fwd, "V100", 2, 2, 3, 8, bw) == pytest.approx(3 * ((5e-3 - w) + 8 * w))
 
 
 # ---- 4. planner vs. the papers' planners ------------------------------------------------------

@@ -180,45 +180,82 @@ def amp_forward_s(root: Path) -> dict[tuple[str, int], list[float]]:
     return {k: [v[i] for i in sorted(v)] for k, v in table.items()}
 
 
+# AMP's own cost model moves fp32 on the wire: its scripts divide the link bandwidth by 32 bits per
+# element (`clusters.json` _units), for activations and gradients alike.
+AMP_WIRE_BYTES = 4
+AMP_VOCAB = 52256  # GPT-2 vocabulary (clusters.json model string); tied input embedding lives in stage 0
+AMP_SLOTS = 30  # layer slots of AMP's profile; slots 2..25 are the 24 transformer layers
+
+
+def amp_layer_s(fwd: dict[tuple[str, int], list[float]], gpu: str, mp: int, lo: int, hi: int, mbs: int,
+                intra_Bps: float, seq: int = 1024, hidden: int = 1024) -> float:
+    """Forward+backward seconds of slots [lo, hi) for one micro-batch of `mbs` on one rank of an mp-group.
+
+    AMP's convention (3x the measured forward, linear in micro-batch size) holds at mp = 1. Its mp > 1
+    profiles, taken at micro-batch 1, are SLOWER than mp = 1 (V100 5.2 / 4.5 ms vs 3.9 ms a layer), so
+    most of what they measured does not divide among the ranks and does not grow with the micro-batch.
+    Split each mp > 1 slot time t_k into a per-sample part w = t_1 / k + the two Megatron all-reduces of
+    the layer's b*s*h activations on the node's link (ring: 2 (k-1)/k x bytes / bandwidth), and a fixed
+    per-micro-batch part c = t_k - w; the micro-batch costs 3 (c + mbs * w). That per-sample work divides
+    by k is what Sailor's measured V100 OPT-350 profile (same h = 1024, 24 layers) shows: tp4 / tp1 per
+    sample = 0.27 (fwd+bwd, mbs 1 -> 4).
+    """
+    t_k = fwd[(gpu, mp)][lo:hi]
+    if mp == 1:
+        return 3 * mbs * sum(t_k)
+    comm = 2 * 2 * (mp - 1) / mp * seq * hidden * AMP_WIRE_BYTES / intra_Bps
+    total = 0.0
+    for i, (t, t1) in enumerate(zip(t_k, fwd[(gpu, 1)][lo:hi])):
+        w = t1 / mp + (comm if 2 <= lo + i < AMP_SLOTS - 4 else 0.0)
+        w = min(w, t)
+        total += 3 * ((t - w) + mbs * w)
+    return total
+
+
 def amp_step_s(root: Path, trial: AmpTrial, global_batch: int = 32, hidden: int = 1024, seq: int = 1024) -> float:
     """AMP's het_cluster: nodes 0-2 are 4x V100 (10 Gbit/s out, 170 in), node 3 is 4x T4 (50/50).
 
     Ranks are laid out model-parallel fastest, then data, then pipeline (DeepSpeed's topology),
-    four ranks per node. Forward+backward = 3x the measured forward, linear in micro-batch size
-    (AMP's own convention); the pipeline and the per-stage all-reduce are as for Sailor.
+    four ranks per node. Per-stage compute from `amp_layer_s`; the pipeline (Alloy's 1F1B) and the
+    per-stage gradient all-reduce among the stage's replicas on their slowest link are as for Sailor,
+    with fp32 on the wire (AMP's convention) and stage 0 also reducing the token + position embedding.
     """
     cluster = json.loads((root / "AMP/derived/clusters.json").read_text())["het_cluster"]["nodes"]
     fwd = amp_forward_s(root)
     node_of = lambda rank: rank // 4  # noqa: E731
     gpu_of = lambda rank: cluster[node_of(rank)]["gpu"]  # noqa: E731
+    intra_Bps = lambda rank: cluster[node_of(rank)]["intra_node_gbit_s"] * 1e9 / 8  # noqa: E731
 
     def link_Bps(a: int, b: int) -> float:
         if node_of(a) == node_of(b):
-            return cluster[node_of(a)]["intra_node_gbit_s"] * 1e9 / 8
+            return intra_Bps(a)
         return min(cluster[node_of(a)]["inter_node_gbit_s"], cluster[node_of(b)]["inter_node_gbit_s"]) * 1e9 / 8
 
     micro_batches = max(1, global_batch // (trial.mbs * trial.dp))
-    act_bytes = trial.mbs * seq * hidden * 2
+    act_bytes = trial.mbs * seq * hidden * AMP_WIRE_BYTES
     ranks = lambda s, d: [s * trial.dp * trial.mp + d * trial.mp + m for m in range(trial.mp)]  # noqa: E731
     pipelines = []
     for d in range(trial.dp):
         slots = []
         for s in range(trial.pp):
             lo, hi = trial.boundaries[s], trial.boundaries[s + 1]
-            compute = max(3 * trial.mbs * sum(fwd[(gpu_of(r), trial.mp)][lo:hi]) for r in ranks(s, d))
+            compute = max(amp_layer_s(fwd, gpu_of(r), trial.mp, lo, hi, trial.mbs, intra_Bps(r), seq, hidden)
+                          for r in ranks(s, d))
             send = 0.0
             if s + 1 < trial.pp:
                 send = 2 * act_bytes / link_Bps(ranks(s, d)[0], ranks(s + 1, d)[0])
             slots.append(compute + send)
         pipelines.append(pipeline_time_s(slots, micro_batches))
     sync = 0.0
-    layer_param_bytes = 12 * hidden * hidden * 2  # fp16 gradients of one transformer layer
+    layer_params = 12 * hidden * hidden  # one transformer layer
     for s in range(trial.pp):
         if trial.dp < 2:
             break
         lo, hi = trial.boundaries[s], trial.boundaries[s + 1]
-        params = (hi - lo) * layer_param_bytes / trial.mp
+        params = sum(1 for i in range(lo, hi) if 2 <= i < AMP_SLOTS - 4) * layer_params
+        if lo == 0:
+            params += (AMP_VOCAB + seq) * hidden
         group = [ranks(s, d)[0] for d in range(trial.dp)]
         bw = min(link_Bps(a, b) for i, a in enumerate(group) for b in group[i + 1:])
-        sync = max(sync, 2 * (trial.dp - 1) / trial.dp * params / bw)
+        sync = max(sync, 2 * (trial.dp - 1) / trial.dp * params / trial.mp * AMP_WIRE_BYTES / bw)
     return max(pipelines) + sync
