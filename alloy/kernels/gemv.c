@@ -33,58 +33,55 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* One kernel body per weight type. `dots` computes R weight rows against C activation rows with
- * R x C independent accumulators; R and C are compile-time constants at every call (always
- * inlined), so the accumulators live in registers. Batch 1 takes 8 weight rows at a time (8 FMA
- * chains hide the FMA latency, 8 read streams keep the prefetchers busy; measured ~10% over 4); larger batches take 2 weight rows x 4 activation rows, so a
- * weight row is read from memory once per 4 activation rows. */
+/* One kernel body per weight type. Each thread streams whole weight rows, one after another:
+ * measured here, that reads 1.1x (fp32) to 2x (int8) faster than interleaving 4-8 rows, which
+ * splits each core's reads over many short streams. Batch 1 keeps 4 accumulators along a row
+ * (4 FMA chains hide the FMA latency); larger batches take 4 activation rows per weight row, so
+ * a weight row comes from memory once and from L1 for the rest. `dots` is always inlined with
+ * a constant C, so its accumulators live in registers. */
 #define DEFINE_GEMV(NAME, T, LOAD, SCALAR)                                                       \
 static inline __attribute__((always_inline)) void NAME##_dots(                                  \
         const float *x, const T *w, const float *scale, const float *bias, float *y,             \
-        long k, long n, long j0, long b0, const int R, const int C) {                            \
-    const long k8 = k & ~7L;                                                                      \
-    __m256 acc[8][4];                                                                             \
-    for (int r = 0; r < R; r++)                                                                   \
-        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();                              \
-    for (long i = 0; i < k8; i += 8) {                                                            \
-        __m256 xv[4];                                                                             \
-        for (int c = 0; c < C; c++) xv[c] = _mm256_loadu_ps(x + (b0 + c) * k + i);                \
-        for (int r = 0; r < R; r++) {                                                             \
-            const __m256 wv = LOAD(w + (j0 + r) * k + i);                                         \
-            for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(wv, xv[c], acc[r][c]);        \
+        long k, long n, long j, long b0, const int C) {                                           \
+    const T *row = w + j * k;                                                                     \
+    const float *xb = x + b0 * k;                                                                 \
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),               \
+                     _mm256_setzero_ps()};                                                        \
+    long i = 0;                                                                                   \
+    if (C == 1) {                                                                                 \
+        for (; i + 32 <= k; i += 32)                                                              \
+            for (int u = 0; u < 4; u++)                                                           \
+                acc[u] = _mm256_fmadd_ps(LOAD(row + i + 8 * u), _mm256_loadu_ps(xb + i + 8 * u), acc[u]); \
+        for (; i + 8 <= k; i += 8)                                                                \
+            acc[0] = _mm256_fmadd_ps(LOAD(row + i), _mm256_loadu_ps(xb + i), acc[0]);             \
+        acc[0] = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));     \
+    } else {                                                                                      \
+        for (; i + 8 <= k; i += 8) {                                                              \
+            const __m256 wv = LOAD(row + i);                                                      \
+            for (int c = 0; c < C; c++)                                                           \
+                acc[c] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (b0 + c) * k + i), acc[c]);     \
         }                                                                                         \
     }                                                                                             \
-    for (int r = 0; r < R; r++)                                                                   \
-        for (int c = 0; c < C; c++) {                                                             \
-            float s = hsum(acc[r][c]);                                                            \
-            for (long i = k8; i < k; i++) s += SCALAR(w + (j0 + r) * k + i) * x[(b0 + c) * k + i]; \
-            if (scale) s *= scale[j0 + r];                                                        \
-            if (bias) s += bias[j0 + r];                                                          \
-            y[(b0 + c) * n + j0 + r] = s;                                                         \
-        }                                                                                         \
+    for (int c = 0; c < C; c++) {                                                                 \
+        float s = hsum(acc[c]);                                                                   \
+        for (long t = i; t < k; t++) s += SCALAR(row + t) * x[(b0 + c) * k + t];                  \
+        if (scale) s *= scale[j];                                                                 \
+        if (bias) s += bias[j];                                                                   \
+        y[(b0 + c) * n + j] = s;                                                                  \
+    }                                                                                             \
 }                                                                                                 \
                                                                                                   \
 void NAME(const float *x, const T *w, const float *scale, const float *bias, float *y,           \
           long rows, long k, long n, int threads) {                                               \
-    if (rows == 1) {                                                                              \
-        const long n8 = n & ~7L;                                                                  \
-        _Pragma("omp parallel for schedule(static) num_threads(threads)")                         \
-        for (long j0 = 0; j0 < n8; j0 += 8) NAME##_dots(x, w, scale, bias, y, k, n, j0, 0, 8, 1); \
-        for (long j0 = n8; j0 < n; j0++) NAME##_dots(x, w, scale, bias, y, k, n, j0, 0, 1, 1);   \
-        return;                                                                                   \
-    }                                                                                             \
-    const long n2 = n & ~1L, rows4 = rows & ~3L;                                                  \
+    const long rows4 = rows & ~3L;                                                                \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                             \
-    for (long j0 = 0; j0 < n; j0 += 2) {                                                          \
-        const int R = j0 < n2 ? 2 : 1;                                                            \
-        for (long b0 = 0; b0 < rows4; b0 += 4) {                                                  \
-            if (R == 2) NAME##_dots(x, w, scale, bias, y, k, n, j0, b0, 2, 4);                    \
-            else NAME##_dots(x, w, scale, bias, y, k, n, j0, b0, 1, 4);                           \
+    for (long j = 0; j < n; j++) {                                                                \
+        if (rows == 1) {                                                                          \
+            NAME##_dots(x, w, scale, bias, y, k, n, j, 0, 1);                                     \
+            continue;                                                                             \
         }                                                                                         \
-        for (long b0 = rows4; b0 < rows; b0++) {                                                  \
-            if (R == 2) NAME##_dots(x, w, scale, bias, y, k, n, j0, b0, 2, 1);                    \
-            else NAME##_dots(x, w, scale, bias, y, k, n, j0, b0, 1, 1);                           \
-        }                                                                                         \
+        for (long b0 = 0; b0 < rows4; b0 += 4) NAME##_dots(x, w, scale, bias, y, k, n, j, b0, 4); \
+        for (long b0 = rows4; b0 < rows; b0++) NAME##_dots(x, w, scale, bias, y, k, n, j, b0, 1); \
     }                                                                                             \
 }
 
