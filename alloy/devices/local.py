@@ -26,10 +26,15 @@ def cache_dir() -> Path:
     return Path(root) / "devices"
 
 
+# Bumped when what `measure` measures changes, so profiles cached by an older method are re-measured
+# (2: CPU memory bandwidth is a streaming read rate, no longer a copy rate).
+METHOD_VERSION = 2
+
+
 def fingerprint(found: list[FoundDevice]) -> str:
     """A short stable hash of the hardware and software that determine measured rates."""
     identity = {
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "method": METHOD_VERSION, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
         "devices": [[d.name, d.model, d.memory_bytes, d.compute_capability, d.isa_flags, d.facts] for d in found],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -4,7 +4,7 @@ Why a kernel of our own: a decode step is a chain of GEMVs, so its speed is how 
 stream from memory. On this class of CPU, PyTorch's fp32 GEMV (MKL) reads ~8-11 GB/s and its
 bf16 one has no fast path on AVX2, while a plain AVX2 loop on two threads reads ~15-18 GB/s
 (measured: docs/INFERENCE.md). The build is a ~1 s `cc` call cached under
-$ALLOY_CACHE/kernels (default ~/.cache/alloy/kernels), keyed by the source and flags. Without a
+$ALLOY_CACHE_DIR/kernels (default ~/.cache/alloy/kernels), keyed by the source and flags. Without a
 compiler or AVX2+FMA, or with ALLOY_CPU_KERNELS=0, `available()` is False and callers fall back
 to PyTorch ops: slower, same results.
 """
@@ -29,7 +29,7 @@ _FUNCTIONS = {torch.float32: "alloy_gemv_f32", torch.bfloat16: "alloy_gemv_bf16"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("ALLOY_CACHE") or Path.home() / ".cache" / "alloy") / "kernels"
+    return Path(os.environ.get("ALLOY_CACHE_DIR") or Path.home() / ".cache" / "alloy") / "kernels"
 
 
 def _build(compiler: str) -> Path:
