@@ -53,6 +53,8 @@ def summarize(samples: dict[str, list[dict]], pairs: list[tuple[str, str, str]])
         figures[name] = {k: _stats([r[k] for r in runs]) for k in keys}
     ratios = {}
     for a, b, key in pairs:
+        if a not in samples or b not in samples:  # a variant this machine leaves out
+            continue
         values = [ra[key] / rb[key] for ra, rb in zip(samples[a], samples[b]) if rb[key]]
         ratios[f"{a}/{b}:{key}"] = _stats(values)
     return {"figures": figures, "ratios": ratios}
