@@ -97,3 +97,19 @@ def test_weight_only_decode_equals_fp32_on_rounded_weights(name, storage, saved)
         assert torch.allclose(prepared(ids), reference(ids), rtol=1e-4, atol=1e-4)
     want = [g.tokens for g in generate(reference, prompts, max_new_tokens=8, eos_ids=())]
     assert [g.tokens for g in generate(prepared, prompts, max_new_tokens=8, eos_ids=())] == want
+
+
+@pytest.mark.parametrize("rows, n, offset", [(1, 768, 0.0), (3, 37, 0.0), (16, 8, 1.0)])
+def test_decode_norm_equals_rms_norm(rows, n, offset):
+    from alloy.infer.optimize import DecodeNorm
+    from alloy.model.layers import Norm
+
+    class Spec:  # the fields Norm reads
+        hidden_size, norm, norm_eps, norm_offset = n, "rmsnorm", 1e-6, offset
+
+    norm = Norm(Spec())
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(n))
+    decode = DecodeNorm(norm)
+    for x in (torch.randn(rows, n), torch.randn(20, n)):  # the kernel (<= 16 rows), then PyTorch's formula
+        assert torch.allclose(decode(x), norm(x), rtol=1e-5, atol=1e-5)

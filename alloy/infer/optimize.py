@@ -24,7 +24,7 @@ from torch import nn
 from alloy.errors import ConfigError
 from alloy import kernels
 from alloy.infer.quantize import int8_rows, quantize_int8
-from alloy.model.layers import MLP, Attention
+from alloy.model.layers import MLP, Attention, Norm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}  # activations without kernels
 GEMV_MAX_ROWS = 16  # up to this many rows (batch x new tokens) the GEMV kernel beats MKL's GEMM here
@@ -73,6 +73,24 @@ class DecodeLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weights {self.storage}"
 
 
+class DecodeNorm(nn.Module):
+    """RMSNorm for fp32 activations with the effective weight (Gemma's 1 + w folded in) on Alloy's
+    kernel for decode-sized inputs; PyTorch's formula for the rest."""
+
+    def __init__(self, norm: Norm):
+        super().__init__()
+        weight = norm.weight.detach().float()
+        self.weight = nn.Parameter((weight + norm.offset) if norm.offset else weight, requires_grad=False)
+        self.eps = norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        rows = x.numel() // n
+        if rows <= GEMV_MAX_ROWS and x.dtype == torch.float32:
+            return kernels.rms_norm(x.reshape(rows, n).contiguous(), self.weight, self.eps).view(x.shape)
+        return F.rms_norm(x.float(), (n,), self.weight, self.eps).to(x.dtype)
+
+
 def _cat_linear(parts: list[nn.Linear]) -> nn.Linear:
     first = parts[0]
     fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
@@ -115,6 +133,8 @@ def prepare(model: nn.Module, dtype: str = "fp32", *, fuse: bool = True) -> nn.M
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 setattr(module, name, DecodeLinear(child.weight, child.bias, dtype))
+            elif isinstance(child, Norm) and child.kind == "rmsnorm":
+                setattr(module, name, DecodeNorm(child))
     # A tied head is a matmul against the embedding table, not a module: give it one, so it
     # streams at the kernel's rate (and in bf16/int8) like every other weight.
     embed = getattr(model, "embed", None)

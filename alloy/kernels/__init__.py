@@ -76,6 +76,8 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
         fn.restype = None
+    lib.alloy_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float]
+    lib.alloy_rms_norm.restype = None
     lib.alloy_stream_read.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     lib.alloy_stream_read.restype = ctypes.c_float
     return lib
@@ -109,3 +111,13 @@ def stream_read(x: torch.Tensor) -> float:
     if lib is None or x.dtype != torch.float32 or not x.is_contiguous():
         raise ValueError("stream_read needs the compiled kernels and a contiguous fp32 tensor")
     return float(lib.alloy_stream_read(x.data_ptr(), x.numel(), torch.get_num_threads()))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, for contiguous fp32 CPU x [rows, n]."""
+    lib = library()
+    if lib is None or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.shape[-1] != weight.shape[0]:
+        raise ValueError("rms_norm needs the compiled kernels, fp32 x [rows, n] and an fp32 weight [n]")
+    y = torch.empty_like(x)
+    lib.alloy_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps)
+    return y
