@@ -43,3 +43,21 @@ def test_quality_benchmark_quick_trains_and_scores_each_precision():
     assert 1 < headline["ppl_fp32"] < 256
     for key in ("ppl_bf16_weights", "ppl_int8_weights", "ppl_bf16_all"):
         assert abs(headline[key] / headline["ppl_fp32"] - 1) < 0.05, (key, headline)
+
+
+def test_report_shows_the_newest_full_size_run(tmp_path, monkeypatch, capsys):
+    from bench import report
+
+    monkeypatch.setattr(harness, "RESULTS_DIR", tmp_path)
+    summary = harness.summarize({"a": [{"t": 2.0}], "b": [{"t": 1.0}]}, [("a", "b", "t")])
+    env = {"date": "2026-11-29", "cpu": "cpu", "cores": 2, "torch": "2.13"}
+    for stamp, quick, commit in [("1", False, "old"), ("2", False, "new"), ("3", True, "quick")]:
+        record = {"benchmark": "x", "quick": quick, "environment": {**env, "commit": commit},
+                  "headline": {"ratio": 2.0}, **summary, "samples": {"a": [{"t": 2.0}], "b": [{"t": 1.0}]}}
+        (tmp_path / f"x-{stamp}.json").write_text(json.dumps(record))
+    monkeypatch.setattr(sys, "argv", ["report", "x", "y"])
+    report.main()
+    out = capsys.readouterr().out
+    assert "commit new" in out and "commit old" not in out and "quick" not in out
+    assert "| a/b:t | 2.000 | 2.000 – 2.000 |" in out and "| ratio | 2 |" in out
+    assert "### y\n\n(no full-size result saved yet)" in out
