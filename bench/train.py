@@ -125,8 +125,11 @@ def headline(summary: dict, machine_flops: dict[str, float]) -> dict:
         out[f"alloy_tokens_per_s_{dtype}"] = a["tokens_per_s"]["median"]
         out[f"baseline_tokens_per_s_{dtype}"] = b["tokens_per_s"]["median"]
         out[f"ratio_{dtype}"] = summary["ratios"][f"alloy-{dtype}/transformers-{dtype}:tokens_per_s"]["median"]
-        out[f"alloy_mfu_{dtype}"] = a["achieved_flops"]["median"] / a["matmul_flops"]["median"]
-        out[f"baseline_mfu_{dtype}"] = b["achieved_flops"]["median"] / b["matmul_flops"]["median"]
+        # one denominator for both sides: the best GEMM rate either process measured (a single
+        # process's probe is as noisy as its steps)
+        peak = max(a["matmul_flops"]["max"], b["matmul_flops"]["max"])
+        out[f"alloy_mfu_{dtype}"] = a["achieved_flops"]["median"] / peak
+        out[f"baseline_mfu_{dtype}"] = b["achieved_flops"]["median"] / peak
     return out
 
 
