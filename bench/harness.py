@@ -80,12 +80,12 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "machine": platform.machine(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": len(__import__("os").sched_getaffinity(0)),
     }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -53,8 +53,8 @@ class DecodeLinear(nn.Module):
             self.register_buffer("scale", scale.float())
         else:
             # fp32 storage shares the tensor: a tied head costs no second copy
-            self.register_buffer("weight", weight if weight.dtype == DTYPES[storage] and storage == "fp32"
-                                 else weight.to(DTYPES[storage]).contiguous())
+            keep = storage == "fp32" and weight.dtype == torch.float32 and weight.is_contiguous()
+            self.register_buffer("weight", weight if keep else weight.to(DTYPES[storage]).contiguous())
             self.scale = None
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
         self.in_features, self.out_features, self.storage = weight.shape[1], weight.shape[0], storage

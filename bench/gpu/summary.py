@@ -16,6 +16,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench.harness import cpu_model
+
 MEASUREMENTS = ("train", "decode", "partition")
 PACKAGES = ("torch", "transformers", "accelerate", "pydantic", "numpy", "safetensors")
 
@@ -51,19 +53,9 @@ def environment(commit: str | None) -> dict:
         "gpu_memory_bytes": torch.cuda.get_device_properties(0).total_memory if cuda else None,
         "nvidia_smi": _command(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
                                 "--format=csv,noheader"]),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def headline(results: dict) -> dict:
