@@ -91,9 +91,6 @@ def test_device_ratios_within_20_percent_llama30b(per_layer):
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason="measured: worst ratio error +24.0% (T4 : A100, prefill 1000 tokens; the "
-                   "A100's 1000-token row, 8 ms, is slow against its own 750/1250 rows, 5 and 9 ms; T4x4 decode "
-                   "is within -16%..+15%)")
 def test_device_ratios_within_20_percent_llama70b(per_layer):
     m = by_name(per_layer, "device ratio llama70b")[0]
     assert abs(m.error) <= 0.20, m
@@ -102,14 +99,11 @@ def test_device_ratios_within_20_percent_llama70b(per_layer):
 # ---- 2. serving throughput --------------------------------------------------------------------
 
 SERVING_MISSES = {  # measured value of each miss (python -m bench validate), and why
-    ("llama30b", "swarm"): "242 vs 142.9 tok/s (+70%): the Swarm host kept ~49 requests in flight "
-                           "(142.9 x 0.345 s), not the ~115 its KV admits; its launch count is not published",
-    ("llama70b", "petals"): "294 vs 194.5 tok/s (+51%): ~223 requests predicted in flight vs ~207 by "
-                            "Little's law, and a round trip 0.76 s vs 1.06 s measured",
-    ("llama70b", "separate"): "54 vs 110 tok/s (-51%; A100 7 vs 68.7, L4 45 vs 37.9, T4 1.5 vs 3.4): beyond "
-                              "the caps' layer counts the physical bound (0.9 x VRAM - median reserve) leaves "
-                              "the 20-layer A100 ~2 requests, Little's law on the measurement says ~20",
-    ("llama70b", "swarm"): "145 vs 111.7 tok/s (+30%)",
+    ("llama70b", "petals"): "255 vs 194.5 tok/s (+31%): ~223 requests predicted in flight vs ~207 by "
+                            "Little's law, and a round trip 0.87 s vs 1.06 s measured",
+    ("llama70b", "separate"): "66 vs 110 tok/s (-40%; A100 10 vs 68.7, L4 54 vs 37.9, T4 2 vs 3.4): the "
+                              "random host's launch count for these runs is not published, and the KV room of "
+                              "the 20-layer A100 (~2 requests by the physical bound) is ~20 by Little's law",
 }
 SERVING_KEYS = [("llama30b", "helix"), ("llama30b", "separate"), ("llama30b", "swarm"), ("llama70b", "helix"),
                 ("llama70b", "petals"), ("llama70b", "separate"), ("llama70b", "swarm")]
@@ -137,7 +131,7 @@ def test_vllm_caps_read_as_kv_slots_of_the_trace_mean_context():
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason="measured: predicted petals 294 > helix 259 tok/s (70B)")
+@pytest.mark.xfail(strict=True, reason="measured: predicted petals 255 > helix 196 tok/s (70B)")
 def test_70b_ranking_is_kept(serving):
     assert by_name(serving, "ranking 70B")[0].passed
 
@@ -145,6 +139,56 @@ def test_70b_ranking_is_kept(serving):
 @needs_data
 def test_t4_pipeline_is_the_bottleneck_of_separate_70b(serving):
     assert by_name(serving, "70B separate")[0].passed
+
+
+@needs_data
+def test_overhead_fit_uses_no_checked_run():
+    """The two serving overheads are fitted on runs whose totals are not checked: the 30B Helix
+    sub-cluster chains and the Section 6.7 layout under its three schedulers."""
+    from alloy.fidelity import validate as v
+    model_specs = v.specs(ROOT)
+    setup = v.serving_setup(ROOT, model_specs)
+    names = sorted(n for n, _ in v.overhead_runs(ROOT, model_specs, setup.invs, setup.caps))
+    assert names == sorted([f"llama30b helix maxflow {t}" for t in ("a100", "l4", "t4")]
+                           + [f"llama70b helix (request_scheduling layout) {s} all" for s in ("maxflow", "swarm", "random")])
+    assert setup.overhead.per_layer_s > 0 and setup.overhead.per_request_s > 0
+
+
+@needs_data
+def test_fixed_count_hosts_match_littles_law():
+    """The Swarm / random hosts' launch counts (the artifact's host script) are what Little's law
+    reads off each measured run of them: tokens/s x mean decode latency."""
+    from alloy.fidelity import validate as v
+    checked = 0
+    for (model, method), host in v.HOSTS.items():
+        for r in v._measured_rows(ROOT):
+            if (r["model"], r["placement"]) == (model, method) and r["scheduler"] != "maxflow" \
+                    and r["avg_decode_latency_s"] and host.launch != float("inf"):
+                in_flight = float(r["decode_tok_s"]) * float(r["avg_decode_latency_s"])
+                assert in_flight == pytest.approx(host.launch, rel=0.03), (model, method, r["subcluster"])
+                checked += 1
+    assert checked == 5  # 30B Swarm, 30B separate A100 / L4 / T4, 70B Swarm
+
+
+def test_fixed_count_host_is_capped_by_kv_room():
+    from alloy.fidelity.serving import DeviceLoad, Host, MAXFLOW, requests_in_flight
+    from alloy.spec import resolve_spec
+    spec = resolve_spec("llama-3.2-1b")
+    loads = [DeviceLoad("a", (0, spec.num_layers), kv_tokens=99_000, max_batch=100, tokens_per_s=1e3)]
+    assert requests_in_flight(spec, loads, Host(30)) == (30.0, "launched")
+    assert requests_in_flight(spec, loads, Host(500)) == (pytest.approx(100.0), "kv-room")
+    assert requests_in_flight(spec, loads, MAXFLOW) == (pytest.approx(80.0), "in-flight")
+
+
+def test_print_resolution_widens_the_measured_value(tmp_path):
+    from alloy.fidelity.helix import read_layer_csv_resolution
+    from alloy.fidelity.validate import beyond
+    f = tmp_path / "t.csv"
+    f.write_text("0,0\n2,1.4\n1000,8\n")
+    assert read_layer_csv_resolution(f) == {0.0: 1.0, 2.0: pytest.approx(0.1), 1000.0: 1.0}
+    assert beyond(7.6, 7.5, 8.5) == 0.0
+    assert beyond(6.9, 7.5, 8.5) == pytest.approx(6.9 / 7.5 - 1)
+    assert beyond(9.0, 7.5, 8.5) == pytest.approx(9.0 / 8.5 - 1)
 
 
 # ---- 3. training step time --------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 - `read_cluster(path)` -> HelixCluster: compute nodes (index -> machine type) and links.
 - `read_machine_profiles(path)` -> {type: {vram_bytes, nic_bytes_per_s, ...}}.
-- `read_layer_csv(path)` -> (batch, ms) rows of one transformer layer (vLLM, fp16).
+- `read_layer_csv(path)` -> (batch, ms) rows of one transformer layer (vLLM, fp16);
+  `read_layer_csv_resolution(path)` -> each row's print resolution (whole ms for large times).
 - `read_solution(path)` -> {node index: (first layer, stop layer)}.
 - `helix_inventory(...)` -> an Alloy `Inventory`: one device per compute node, carrying the node's
   measured per-layer profiles (`layer_times`) and, for "T4x4"-style VMs, `tensor_parallel`.
@@ -86,6 +87,18 @@ def read_layer_csv(path: str | Path) -> tuple[list[float], list[float]]:
             rows.setdefault(batch, ms)
     batch = sorted(rows)
     return batch, [rows[b] for b in batch]
+
+
+def read_layer_csv_resolution(path: str | Path) -> dict[float, float]:
+    """{batch: resolution in ms} of each row: the step of its printed time (`8` -> 1 ms, `1.4` -> 0.1 ms).
+
+    The profiles print large times in whole milliseconds, so a row reading 8 ms means 7.5-8.5 ms."""
+    out = {}
+    for line in Path(path).read_text().split():
+        batch, ms = line.split(",")
+        decimals = len(ms.split(".")[1]) if "." in ms else 0
+        out.setdefault(float(batch), 10.0 ** -decimals)
+    return out
 
 
 def read_solution(path: str | Path) -> dict[int, tuple[int, int]]:

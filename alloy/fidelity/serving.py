@@ -5,32 +5,36 @@ Two bounds, the smaller one is the prediction:
 1. Capacity (`capacity_bound`): an LP over layers — every layer served at rate T, no device busy
    more than 100% — with each device's tokens/s at its largest decode batch (vLLM's cap from
    `machine_layer_limits.csv`, else its KV room), counting the prompt work each request brings.
-2. Requests in flight (`in_flight_bound`), which is what bounds the prototype. Its offline host
-   admits a new request only while the most-used layer's KV cache is below a feeding mark, each
-   request reserving its prompt + output tokens on every node of its route. So the cluster holds
-   N = FEED_HWM * (KV tokens of the bottleneck layer) / (750 + 240) requests. Decoding is
-   autoregressive: a request's next token starts only after its last one has crossed every stage,
-   so tokens/s = N / R, R the time of one token end to end. The requests travel together (each
-   stage batches all of its requests, one convoy per route): R = sum over the route of
-   layers * (measured decode time at that batch + per-layer iteration overhead) / (1 - prompt share)
-   + one hop per stage. X and R depend on each other (prompt share ~ X); a fixed point solves it.
+2. Requests in flight (`in_flight_bound`), which is what bounds the prototype: decoding is
+   autoregressive, a request's next token starts only after its last one has crossed every stage,
+   so tokens/s = N / R, N the requests in the cluster and R the time of one token end to end.
+   - N depends on the host loop (`Host`). The max-flow host admits a new request only while the
+     most-used layer's KV cache is below a feeding mark, each request reserving its prompt + output
+     tokens on every node of its route: N = FEED_HWM * (KV tokens of the bottleneck layer) /
+     (750 + 240). The Swarm and random hosts launch a fixed number of requests and replace each
+     finished one: N = that count, or the KV room if smaller (vLLM queues the rest).
+   - R: the requests travel together (each stage batches all of its requests, one convoy per
+     route): R = sum over the route of [layers * measured decode time at that batch + overhead]
+     / (1 - prompt share) + one hop per stage. X and R depend on each other (prompt share ~ X);
+     a fixed point solves it.
 
 Constants and where they come from:
-- FEED_HWM 0.8 and the (prompt + 240) reservation: the Helix artifact's offline host (feeding_hwm
-  in artifact_evaluation/single_cluster/step5_start_host.py, KV expectation in llm_sys).
+- FEED_HWM 0.8 and the (prompt + 240) reservation: the Helix artifact's offline max-flow host
+  (feeding_hwm, and the scheduler's KV expectation with output-length ratio 1).
+- Launch counts of the fixed-count hosts: the artifact's host script (`validate.HOSTS`).
 - KV room per machine type: `kv_caps` (read off the vLLM caps file, no throughput used); beyond the
-  layer counts the caps were profiled at, the physical bound `kv_caps.physical_budgets` (0.9 x VRAM
-  minus the caps file's median reserve per GPU). A node keeps at least one request's KV.
-- `overhead_s_per_layer`: the one fitted number, passed in by the caller (`fit_overhead`), fitted
-  on the three LLaMA-30B Helix sub-cluster decode latencies, which are not among the checked totals.
+  layer counts the caps were profiled at, the physical bound `kv_caps.physical_budgets`. A node
+  keeps at least one request's KV.
+- `Overhead`: the two fitted numbers, passed in by the caller (`fit_overhead`), fitted on measured
+  runs that are not among the checked totals (see `validate.serving_setup`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy.optimize import linprog
+from scipy.optimize import linprog, nnls
 
 from alloy.devices import DeviceProfile, Inventory
 from alloy.errors import PlanError
@@ -40,8 +44,34 @@ from alloy.spec import ModelSpec
 
 PROMPT_TOKENS = 750  # Azure Conversation trace means (data README)
 OUTPUT_TOKENS = 240
-FEED_HWM = 0.8  # Helix offline host: admit while the bottleneck layer's KV use is below this
+FEED_HWM = 0.8  # Helix offline max-flow host: admit while the bottleneck layer's KV use is below this
 HOP_S = 1e-3  # the declared link latency; a token's hidden state is 16 KiB, bandwidth is moot
+Placement = dict[str, tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Host:
+    """How the host keeps requests in the cluster. `launch` None: the max-flow host, feeding by KV
+    use; a number: a fixed-count host (Swarm / random scheduling) that launched that many requests;
+    `math.inf`: a fixed-count host whose count is not published (the KV room then sets N)."""
+    launch: float | None = None
+
+
+MAXFLOW = Host()
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """Decode-iteration time the per-layer profiles do not see, per stage on a route.
+
+    `per_layer_s`: per layer the stage runs (vLLM's per-layer work outside the profiled kernels);
+    `per_request_s`: per request in the stage's batch (the prototype handles and forwards each
+    request's message and sequence state one by one)."""
+    per_layer_s: float = 0.0
+    per_request_s: float = 0.0
+
+    def stage_s(self, layers: float, batch: float) -> float:
+        return layers * self.per_layer_s + batch * self.per_request_s
 
 
 @dataclass(frozen=True)
@@ -57,7 +87,7 @@ class DeviceLoad:
 @dataclass(frozen=True)
 class ServingPrediction:
     tokens_per_s: float
-    bound: str  # "capacity" or "in-flight"
+    bound: str  # "capacity", "in-flight" (KV feeding), "launched" (fixed host count) or "kv-room"
     devices: tuple[DeviceLoad, ...]
     bottleneck: str
     in_flight: float  # requests the host keeps in the cluster
@@ -120,41 +150,10 @@ def capacity_bound(loads: list[DeviceLoad], num_layers: int) -> tuple[float, lis
     return total, shares
 
 
-def in_flight_bound(inventory: Inventory, spec: ModelSpec, loads: list[DeviceLoad],
-                    overhead_s_per_layer: float) -> tuple[float, float, float]:
-    """(tokens/s, requests in flight, token round trip s) under the host's KV feeding rule."""
-    kv_per_layer = np.zeros(spec.num_layers)
-    for d in loads:
-        kv_per_layer[d.layers[0]:d.layers[1]] += d.kv_tokens
-    # A pipeline that runs at all holds at least one request.
-    in_flight = max(FEED_HWM * kv_per_layer.min() / (PROMPT_TOKENS + OUTPUT_TOKENS), 1.0)
-    tokens_per_s, round_trip_s = 0.0, 0.0
-    for _ in range(100):  # fixed point: the prompt share of each stage grows with throughput
-        round_trip_s = HOP_S
-        for d in loads:
-            if d.share <= 0:
-                continue
-            device, k = inventory.device(d.name), d.layers[1] - d.layers[0]
-            batch = max(in_flight * d.share, 1.0)
-            prompt_busy = min(tokens_per_s * d.share * k * _prompt_s_per_token(device, spec), 0.9)
-            stage_s = k * (_layer_s(device, spec, "decode", batch) + overhead_s_per_layer) / (1 - prompt_busy)
-            round_trip_s += d.share * (stage_s + HOP_S)
-        previous, tokens_per_s = tokens_per_s, 0.5 * tokens_per_s + 0.5 * in_flight / round_trip_s
-        if abs(tokens_per_s - previous) <= 1e-6 * tokens_per_s:
-            break
-    return tokens_per_s, in_flight, round_trip_s
-
-
-def predict_throughput(inventory: Inventory, spec: ModelSpec, placement: dict[str, tuple[int, int]],
-                       budgets: dict[str, float], overhead_s_per_layer: float,
-                       decode_caps: dict[str, dict[int, int]] | None = None,
-                       physical: dict[str, float] | None = None) -> ServingPrediction:
-    """Offline decode tokens/s of `placement` (device name -> [first, stop) layers).
-
-    `budgets`: machine type (DeviceProfile.model) -> bytes for weights + KV (`kv_caps.kv_budgets`);
-    `decode_caps`: machine type -> {layers: vLLM's max decode batch}, optional;
-    `physical`: machine type -> physical weights + KV bound, used beyond the profiled layer counts.
-    """
+def placement_loads(inventory: Inventory, spec: ModelSpec, placement: Placement, budgets: dict[str, float],
+                    decode_caps: dict[str, dict[int, int]] | None = None,
+                    physical: dict[str, float] | None = None) -> tuple[list[DeviceLoad], float]:
+    """Each device's load (with its LP route share) and the capacity bound of the placement."""
     loads = []
     for name, layers in placement.items():
         device = inventory.device(name)
@@ -163,34 +162,102 @@ def predict_throughput(inventory: Inventory, spec: ModelSpec, placement: dict[st
         loads.append(device_load(device, spec, layers, budgets[device.model], (decode_caps or {}).get(device.model),
                                  (physical or {}).get(device.model)))
     capacity, shares = capacity_bound(loads, spec.num_layers)
-    loads = [DeviceLoad(d.name, d.layers, d.kv_tokens, d.max_batch, d.tokens_per_s, s) for d, s in zip(loads, shares)]
+    return [replace(d, share=s) for d, s in zip(loads, shares)], capacity
+
+
+def round_trip_terms(inventory: Inventory, spec: ModelSpec, loads: list[DeviceLoad], in_flight: float,
+                     tokens_per_s: float) -> tuple[float, float, float]:
+    """(profiled s, layer-iterations, request-iterations) of one token's trip: R = the first
+    + Overhead.per_layer_s * the second + Overhead.per_request_s * the third."""
+    profiled_s, layer_iters, request_iters = HOP_S, 0.0, 0.0
+    for d in loads:
+        if d.share <= 0:
+            continue
+        device, k = inventory.device(d.name), d.layers[1] - d.layers[0]
+        batch = max(in_flight * d.share, 1.0)
+        stretch = 1 / (1 - min(tokens_per_s * d.share * k * _prompt_s_per_token(device, spec), 0.9))
+        profiled_s += d.share * (k * _layer_s(device, spec, "decode", batch) * stretch + HOP_S)
+        layer_iters += d.share * k * stretch
+        request_iters += d.share * batch * stretch
+    return profiled_s, layer_iters, request_iters
+
+
+def requests_in_flight(spec: ModelSpec, loads: list[DeviceLoad], host: Host) -> tuple[float, str]:
+    """N and what sets it: the max-flow host's KV feeding rule, or a fixed host's count capped by KV room."""
+    kv_per_layer = np.zeros(spec.num_layers)
+    for d in loads:
+        kv_per_layer[d.layers[0]:d.layers[1]] += d.kv_tokens
+    room = kv_per_layer.min() / (PROMPT_TOKENS + OUTPUT_TOKENS)
+    if host.launch is None:  # a pipeline that runs at all holds at least one request
+        return max(FEED_HWM * room, 1.0), "in-flight"
+    if host.launch <= room:
+        return float(host.launch), "launched"
+    return max(room, 1.0), "kv-room"
+
+
+def in_flight_bound(inventory: Inventory, spec: ModelSpec, loads: list[DeviceLoad], overhead: Overhead,
+                    in_flight: float) -> tuple[float, float]:
+    """(tokens/s, token round trip s) with `in_flight` requests in the cluster."""
+    tokens_per_s, round_trip_s = 0.0, 0.0
+    for _ in range(100):  # fixed point: the prompt share of each stage grows with throughput
+        profiled_s, layer_iters, request_iters = round_trip_terms(inventory, spec, loads, in_flight, tokens_per_s)
+        round_trip_s = profiled_s + overhead.per_layer_s * layer_iters + overhead.per_request_s * request_iters
+        previous, tokens_per_s = tokens_per_s, 0.5 * tokens_per_s + 0.5 * in_flight / round_trip_s
+        if abs(tokens_per_s - previous) <= 1e-6 * tokens_per_s:
+            break
+    return tokens_per_s, round_trip_s
+
+
+def predict_throughput(inventory: Inventory, spec: ModelSpec, placement: Placement, budgets: dict[str, float],
+                       overhead: Overhead, decode_caps: dict[str, dict[int, int]] | None = None,
+                       physical: dict[str, float] | None = None, host: Host = MAXFLOW) -> ServingPrediction:
+    """Offline decode tokens/s of `placement` (device name -> [first, stop) layers).
+
+    `budgets`: machine type (DeviceProfile.model) -> bytes for weights + KV (`kv_caps.kv_budgets`);
+    `decode_caps`: machine type -> {layers: vLLM's max decode batch}, optional;
+    `physical`: machine type -> physical weights + KV bound, used beyond the profiled layer counts;
+    `host`: the host loop that keeps requests in the cluster.
+    """
+    loads, capacity = placement_loads(inventory, spec, placement, budgets, decode_caps, physical)
     if capacity <= 0:
         return ServingPrediction(0.0, "capacity", tuple(loads), min(loads, key=lambda d: d.max_batch).name, 0.0, 0.0)
-    flight, in_flight, round_trip_s = in_flight_bound(inventory, spec, loads, overhead_s_per_layer)
+    in_flight, bound = requests_in_flight(spec, loads, host)
+    flight, round_trip_s = in_flight_bound(inventory, spec, loads, overhead, in_flight)
     if capacity <= flight:
         busy = max(loads, key=lambda d: d.share * (d.layers[1] - d.layers[0]) / max(d.tokens_per_s, 1e-9))
         return ServingPrediction(capacity, "capacity", tuple(loads), busy.name, in_flight, round_trip_s)
-    # In-flight bound: the layer with the least KV limits how many requests the host admits.
-    tightest = min(loads, key=lambda d: d.kv_tokens)
-    return ServingPrediction(flight, "in-flight", tuple(loads), tightest.name, in_flight, round_trip_s)
+    # The layer with the least KV limits how many requests are admitted (or, with a fixed count, the host does).
+    tightest = "host" if bound == "launched" else min(loads, key=lambda d: d.kv_tokens).name
+    return ServingPrediction(flight, bound, tuple(loads), tightest, in_flight, round_trip_s)
 
 
-def fit_overhead(inventory_by_chain: list[tuple[Inventory, dict[str, tuple[int, int]], float, float]],
-                 spec: ModelSpec) -> float:
-    """Per-layer iteration overhead (s) from measured chains: [(inventory, placement, tok/s, s/token)].
+@dataclass(frozen=True)
+class MeasuredRun:
+    """One measured prototype run: a placement of `spec` on an inventory, its decode tokens/s and mean
+    decode latency (the token round trip), and the vLLM decode caps of its machine types."""
+    inventory: Inventory
+    spec: ModelSpec
+    placement: Placement
+    tokens_per_s: float
+    round_trip_s: float
+    decode_caps: dict[str, dict[int, int]] | None = None
 
-    For each chain, Little's law gives the requests in flight (tok/s * s/token); the measured token
-    round trip minus hops and the profiled decode time at that batch, per layer, is the overhead the
-    profiles do not see (vLLM's per-iteration host work, message handling). Mean over the chains.
+
+def fit_overhead(runs: list[MeasuredRun], budgets: dict[str, float], physical: dict[str, float]) -> Overhead:
+    """The two overhead constants from measured runs.
+
+    For each run, Little's law gives the requests in flight (tok/s * s/token), so no host model
+    enters; the measured token round trip minus hops and the profiled decode time at each stage's
+    batch is what the overheads must explain. Non-negative least squares on relative error.
     """
-    fits = []
-    for inventory, placement, tokens_per_s, round_trip_s in inventory_by_chain:
-        in_flight = tokens_per_s * round_trip_s
-        base_s, weight = (len(placement) + 1) * HOP_S, 0.0
-        for name, (a, b) in placement.items():
-            device, k = inventory.device(name), b - a
-            scale = 1 / (1 - tokens_per_s * k * _prompt_s_per_token(device, spec))
-            base_s += k * _layer_s(device, spec, "decode", in_flight) * scale
-            weight += k * scale
-        fits.append((round_trip_s - base_s) / weight)
-    return float(np.mean(fits))
+    if not runs:
+        raise PlanError("fit_overhead needs at least one measured run")
+    rows, rhs = [], []
+    for run in runs:
+        loads, _ = placement_loads(run.inventory, run.spec, run.placement, budgets, run.decode_caps, physical)
+        profiled_s, layer_iters, request_iters = round_trip_terms(
+            run.inventory, run.spec, loads, run.tokens_per_s * run.round_trip_s, run.tokens_per_s)
+        rows.append([layer_iters / run.round_trip_s, request_iters / run.round_trip_s])
+        rhs.append((run.round_trip_s - profiled_s) / run.round_trip_s)
+    (per_layer_s, per_request_s), _ = nnls(np.array(rows), np.array(rhs))
+    return Overhead(float(per_layer_s), float(per_request_s))

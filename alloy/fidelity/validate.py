@@ -6,6 +6,7 @@ of `layer_time` (fitted on one batch size of LLaMA-2-70B, see there).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,12 +14,21 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from alloy.fidelity import helix, kv_caps, layer_time, sailor_plan, training
-from alloy.fidelity.serving import OUTPUT_TOKENS, PROMPT_TOKENS, fit_overhead, predict_throughput
+from alloy.fidelity.serving import (MAXFLOW, OUTPUT_TOKENS, PROMPT_TOKENS, Host, MeasuredRun, Overhead, fit_overhead,
+                                    predict_throughput)
 from alloy.fidelity.serving_plan import plan_for_serving
 from alloy.plan.timing import interpolate
 from alloy.spec import ModelSpec
 
 HELIX = "Helix-ASPLOS25/artifact_evaluation/single_cluster"
+RS_LAYOUT = "Helix-ASPLOS25/artifact_evaluation/request_scheduling/layout_single/ilp_sol.ini"  # Section 6.7's layout
+# The host loop behind each checked run (Helix artifact, artifact_evaluation/single_cluster/step5_start_host.py):
+# the max-flow host feeds requests by KV use; the Swarm and random (separate pipelines) hosts launch a fixed
+# count and replace each finished request one for one. Little's law on the measurements agrees with the
+# counts (30B Swarm 49.3 in flight vs 50 launched; 30B separate 29.6-29.8 per pipeline vs 30; 70B Swarm
+# 178.5 vs 180). The 70B separate runs' count is not in the published script (math.inf: KV room sets N).
+HOSTS = {("llama30b", "swarm"): Host(50), ("llama30b", "separate"): Host(30), ("llama70b", "swarm"): Host(180),
+         ("llama70b", "separate"): Host(math.inf)}
 DEVICE_TYPES = ("A100", "L4", "T4", "T4x4")
 DECODE_BATCHES = (2, 4, 8, 16, 32)
 PREFILL_TOKENS = (1000, 2000, 3000, 4000)
@@ -41,11 +51,26 @@ def specs(root: Path) -> dict[str, ModelSpec]:
     return {m: ModelSpec.from_hf_config(root / HELIX / f"models/{m}/config.json") for m in ("llama70b", "llama30b")}
 
 
-def measured_layer_s(root: Path, model: str, machine: str, phase: str):
+def _layer_csv(root: Path, model: str, machine: str, phase: str) -> Path:
     file = {"prefill": "prompt_bs2time.csv", "decode": "decode_bs2time.csv"}[phase]
-    batch, ms = helix.read_layer_csv(root / "Helix-ASPLOS25/simulator/model_manager" / helix.MODEL_DIRS[model]
-                                     / machine.lower() / file)
+    return root / "Helix-ASPLOS25/simulator/model_manager" / helix.MODEL_DIRS[model] / machine.lower() / file
+
+
+def measured_layer_s(root: Path, model: str, machine: str, phase: str):
+    batch, ms = helix.read_layer_csv(_layer_csv(root, model, machine, phase))
     return lambda x: interpolate(batch, [t / 1e3 for t in ms], x)
+
+
+def measured_interval_s(root: Path, model: str, machine: str, phase: str, x: float) -> tuple[float, float]:
+    """The measured time at row `x` as the interval its printed value stands for (value +- half a step)."""
+    value_s = measured_layer_s(root, model, machine, phase)(x)
+    half_s = helix.read_layer_csv_resolution(_layer_csv(root, model, machine, phase)).get(float(x), 0.0) / 2e3
+    return value_s - half_s, value_s + half_s
+
+
+def beyond(predicted: float, lo: float, hi: float) -> float:
+    """Relative error of `predicted` against the nearest end of [lo, hi]; 0 inside it."""
+    return predicted / hi - 1 if predicted > hi else predicted / lo - 1 if predicted < lo else 0.0
 
 
 def fitted_rooflines(root: Path) -> dict[str, layer_time.Roofline]:
@@ -56,21 +81,34 @@ def fitted_rooflines(root: Path) -> dict[str, layer_time.Roofline]:
 
 
 def per_layer_metrics(root: Path) -> list[Metric]:
+    """Per point, the error is taken beyond the measurement's print resolution: the profiles print large
+    times in whole milliseconds (the A100's 70B prefill rows read 5, 8, 9 ms at 750, 1000, 1250 tokens),
+    so a reading of 8 ms is compared as 7.5-8.5 ms. The error against the printed value is in the note."""
     roofs, out = fitted_rooflines(root), []
     for model, spec in specs(root).items():
         points = [("decode", b, layer_time.decode_work(spec, b)) for b in DECODE_BATCHES]
         points += [("prefill", n, layer_time.prefill_work(spec, n)) for n in PREFILL_TOKENS]
+        keys = [(t, ph, x) for t in DEVICE_TYPES for ph, x, _ in points]
         pred = {(t, ph, x): roofs[t].time_s(w) for t in DEVICE_TYPES for ph, x, w in points}
-        meas = {(t, ph, x): measured_layer_s(root, model, t, ph)(x) for t in DEVICE_TYPES for ph, x, _ in points}
-        errors = [pred[k] / meas[k] - 1 for k in pred]
+        meas = {k: measured_layer_s(root, model, k[0], k[1])(k[2]) for k in keys}
+        band = {k: measured_interval_s(root, model, *k) for k in keys}
+        raw = [pred[k] / meas[k] - 1 for k in keys]
+        errors = [beyond(pred[k], *band[k]) for k in keys]
         worst = max(errors, key=abs)
         out.append(Metric(f"per-layer time {model}: worst of {len(errors)} points", 0.0, None, worst, "|err| <= 35%",
-                          abs(worst) <= 0.35, f"median |err| {np.median(np.abs(errors)):.1%}"))
-        ratios = [(pred[(t, ph, x)] / pred[("A100", ph, x)]) / (meas[(t, ph, x)] / meas[("A100", ph, x)]) - 1
-                  for t in DEVICE_TYPES[1:] for ph, x, _ in points]
-        worst = max(ratios, key=abs)
+                          abs(worst) <= 0.35, f"median |err| {np.median(np.abs(raw)):.1%}; against the printed "
+                                              f"values: worst {max(raw, key=abs):+.1%}"))
+        ratio_keys = [k for k in keys if k[0] != "A100"]
+        a100 = {k: ("A100", k[1], k[2]) for k in ratio_keys}
+        raw = {k: (pred[k] / pred[a100[k]]) / (meas[k] / meas[a100[k]]) - 1 for k in ratio_keys}
+        ratios = {k: beyond(pred[k] / pred[a100[k]], band[k][0] / band[a100[k]][1], band[k][1] / band[a100[k]][0])
+                  for k in ratio_keys}
+        worst = max(ratios.values(), key=abs)
+        raw_worst = max(raw, key=lambda k: abs(raw[k]))
         out.append(Metric(f"device ratio {model} (x : A100): worst of {len(ratios)}", 0.0, None, worst,
-                          "|err| <= 20%", abs(worst) <= 0.20))
+                          "|err| <= 20%", abs(worst) <= 0.20,
+                          f"against the printed values: worst {raw[raw_worst]:+.1%} "
+                          f"({raw_worst[0]} {raw_worst[1]} {raw_worst[2]:g})"))
     return out
 
 
@@ -95,35 +133,54 @@ def _measured_rows(root: Path) -> list[dict]:
 
 @dataclass
 class ServingSetup:
-    """What the serving model reads besides the placement: inventories, KV budgets, vLLM caps, overhead."""
+    """What the serving model reads besides the placement: inventories, KV budgets, vLLM caps, overheads."""
     invs: dict
     budgets: dict[str, float]
     caps: dict[tuple[str, str], dict[int, int]]
-    overhead_s_per_layer: float
+    overhead: Overhead
     physical: dict[str, float]  # machine type -> physical weights + KV bound beyond the profiled layer counts
 
-    def predict(self, model: str, spec: ModelSpec, cluster: str, placement: dict):
-        caps = {m: c for (name, m), c in self.caps.items() if name == model}
-        return predict_throughput(self.invs[cluster], spec, placement, self.budgets, self.overhead_s_per_layer, caps,
-                                  self.physical)
+    def model_caps(self, model: str) -> dict[str, dict[int, int]]:
+        return {m: c for (name, m), c in self.caps.items() if name == model}
+
+    def predict(self, model: str, spec: ModelSpec, cluster: str, placement: dict, host: Host = MAXFLOW):
+        return predict_throughput(self.invs[cluster], spec, placement, self.budgets, self.overhead,
+                                  self.model_caps(model), self.physical, host)
+
+
+def overhead_runs(root: Path, model_specs: dict[str, ModelSpec], invs: dict, caps) -> list[tuple[str, MeasuredRun]]:
+    """The measured runs the two overhead constants are fitted on; none of them is a checked total.
+
+    - LLaMA-30B Helix, each sub-cluster chain alone (A100, L4, T4; Section 6.3). The checked 30B Helix
+      total is their sum, so that one row is not an independent check of the round trip.
+    - LLaMA-70B on Section 6.7's MILP layout (`RS_LAYOUT`, another Helix placement than the checked one)
+      under three schedulers: max-flow, Swarm and random.
+    """
+    out = []
+    for r in _measured_rows(root):
+        if r["model"] == "llama30b" and r["placement"] == "helix" and r["subcluster"] in ("a100", "l4", "t4"):
+            t = r["subcluster"]
+            inv, place = invs[t], _placement(root / HELIX / f"layout_llama30b/ilp/{t}/ilp_sol.ini")
+        elif r["model"] == "llama70b" and r["placement"] == "helix (request_scheduling layout)":
+            inv, place = invs["cluster24"], _placement(root / RS_LAYOUT)
+        else:
+            continue
+        model_caps = {m: c for (name, m), c in caps.items() if name == r["model"]}
+        out.append((f"{r['model']} {r['placement']} {r['scheduler']} {r['subcluster']}",
+                    MeasuredRun(inv, model_specs[r["model"]], place, float(r["decode_tok_s"]),
+                                float(r["avg_decode_latency_s"]), model_caps)))
+    return out
 
 
 def serving_setup(root: Path, model_specs: dict[str, ModelSpec]) -> ServingSetup:
     invs = inventories(root, model_specs)
-    # The one fitted number: per-layer iteration overhead, from the three LLaMA-30B Helix sub-cluster
-    # chains' measured decode latency (Little's law gives their requests in flight). Those rows are not
-    # among the checked totals; the 70B rows, Swarm and the separate pipelines never enter the fit.
-    chains = []
-    if "llama30b" in model_specs:
-        for r in _measured_rows(root):
-            if r["model"] == "llama30b" and r["placement"] == "helix" and r["subcluster"] in ("a100", "l4", "t4"):
-                t = r["subcluster"]
-                place = _placement(root / HELIX / f"layout_llama30b/ilp/{t}/ilp_sol.ini")
-                chains.append((invs[t], place, float(r["decode_tok_s"]), float(r["avg_decode_latency_s"])))
-    overhead = fit_overhead(chains, model_specs["llama30b"]) if chains else 0.0
     budgets = kv_caps.kv_budgets(root, model_specs)
     vram = kv_caps.vram_bytes(helix.read_machine_profiles(root / HELIX / "config/machine_profiles.ini"))
-    return ServingSetup(invs, budgets, kv_caps.read_caps(root), overhead, kv_caps.physical_budgets(budgets, vram))
+    physical = kv_caps.physical_budgets(budgets, vram)
+    caps = kv_caps.read_caps(root)
+    runs = [run for _, run in overhead_runs(root, model_specs, invs, caps)]
+    overhead = fit_overhead(runs, budgets, physical) if runs else Overhead()
+    return ServingSetup(invs, budgets, caps, overhead, physical)
 
 
 def serving_predictions(root: Path, setup: ServingSetup | None = None) -> dict[tuple[str, str], tuple[float, dict]]:
@@ -136,15 +193,17 @@ def serving_predictions(root: Path, setup: ServingSetup | None = None) -> dict[t
         for method in ("petals", "swarm", "ilp"):
             file = layouts / method / f"{method}_sol.ini"
             if file.is_file():
-                p = setup.predict(model, spec, "cluster24", _placement(file))
-                out[(model, "helix" if method == "ilp" else method)] = (p.tokens_per_s, {"bound": p.bound})
+                key = (model, "helix" if method == "ilp" else method)
+                p = setup.predict(model, spec, "cluster24", _placement(file), HOSTS.get(key, MAXFLOW))
+                out[key] = (p.tokens_per_s, {"bound": p.bound})
         # separate pipelines, and for 30B Helix's per-sub-cluster MILP placements: sum of sub-clusters
         for method, pattern in (("separate", "separate/{t}_solution_file.ini"), ("helix", "ilp/{t}/ilp_sol.ini")):
             parts = {}
             for t in ("a100", "l4", "t4"):
                 file = layouts / pattern.format(t=t)
                 if file.is_file():
-                    parts[t] = setup.predict(model, spec, t, _placement(file)).tokens_per_s
+                    parts[t] = setup.predict(model, spec, t, _placement(file),
+                                             HOSTS.get((model, method), MAXFLOW)).tokens_per_s
             if len(parts) == 3:
                 out[(model, method)] = (sum(parts.values()), parts)
     return out
