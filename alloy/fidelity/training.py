@@ -219,6 +219,12 @@ def amp_step_s(root: Path, trial: AmpTrial, global_batch: int = 32, hidden: int 
     four ranks per node. Per-stage compute from `amp_layer_s`; the pipeline (Alloy's 1F1B) and the
     per-stage gradient all-reduce among the stage's replicas on their slowest link are as for Sailor,
     with fp32 on the wire (AMP's convention) and stage 0 also reducing the token + position embedding.
+    What crosses a node's network card at the same time shares it (`_nic_streams`):
+    - pipeline sends: DeepSpeed's pipeline engine partitions a stage's output over the model-parallel
+      ranks (`is_pipe_partitioned` when mp > 1), so each rank sends 1/mp of it, and the replicas run
+      in lockstep: the node's card carries every replica's send that leaves the node;
+    - gradient all-reduce: each model-parallel rank has its own data-parallel group, all reducing at
+      once; a ring that spans nodes crosses each node's card once per group with members there.
     """
     cluster = json.loads((root / "AMP/derived/clusters.json").read_text())["het_cluster"]["nodes"]
     fwd = amp_forward_s(root)
@@ -243,7 +249,9 @@ def amp_step_s(root: Path, trial: AmpTrial, global_batch: int = 32, hidden: int 
                           for r in ranks(s, d))
             send = 0.0
             if s + 1 < trial.pp:
-                send = 2 * act_bytes / link_Bps(ranks(s, d)[0], ranks(s + 1, d)[0])
+                a, b = ranks(s, d)[0], ranks(s + 1, d)[0]
+                leaving = [(ranks(s, e)[m], ranks(s + 1, e)[m]) for e in range(trial.dp) for m in range(trial.mp)]
+                send = 2 * act_bytes / trial.mp / (link_Bps(a, b) / _nic_streams(node_of, a, b, leaving))
             slots.append(compute + send)
         pipelines.append(pipeline_time_s(slots, micro_batches))
     sync = 0.0
@@ -257,5 +265,16 @@ def amp_step_s(root: Path, trial: AmpTrial, global_batch: int = 32, hidden: int 
             params += (AMP_VOCAB + seq) * hidden
         group = [ranks(s, d)[0] for d in range(trial.dp)]
         bw = min(link_Bps(a, b) for i, a in enumerate(group) for b in group[i + 1:])
+        nodes = {node_of(r) for r in group}
+        if len(nodes) > 1:  # the mp groups of this stage reduce at once over the same cards
+            bw /= max(len({m for d in range(trial.dp) for m in range(trial.mp) if node_of(ranks(s, d)[m]) == n})
+                      for n in nodes)
         sync = max(sync, 2 * (trial.dp - 1) / trial.dp * params / trial.mp * AMP_WIRE_BYTES / bw)
     return max(pipelines) + sync
+
+
+def _nic_streams(node_of, a: int, b: int, transfers: list[tuple[int, int]]) -> int:
+    """How many of the simultaneous `transfers` (src rank, dst rank) leave a's node, if a -> b leaves it."""
+    if node_of(a) == node_of(b):
+        return 1
+    return max(1, sum(1 for src, dst in transfers if node_of(src) == node_of(a) and node_of(dst) != node_of(src)))
