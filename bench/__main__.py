@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         path = harness.save(name, record)
         outputs[name] = record
         log(harness.markdown(name, summary))
+        if hasattr(module, "report"):  # a benchmark with more to show than figures (validate's metric table)
+            log(module.report(samples))
         log("headline: " + ", ".join(f"{k}={v:.4g}" for k, v in headline.items()))
         log(f"raw samples: {path}")
     if args.json:

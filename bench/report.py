@@ -8,6 +8,7 @@ Nothing is re-measured: the figures are the saved samples'.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def section(record: dict) -> str:
     lines = head + harness.markdown(record["benchmark"], record).splitlines()[2:]
     lines += ["", "| headline | value |", "| --- | --- |"]
     lines += [f"| {k} | {v:.4g} |" for k, v in record["headline"].items()]
+    module = importlib.import_module(f"bench.{record['benchmark']}") if record["benchmark"] in BENCHMARKS else None
+    if hasattr(module, "report"):  # validate's full metric table, from the saved samples
+        lines += ["", module.report(record["samples"])]
     return "\n".join(lines)
 
 

@@ -8,20 +8,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 from alloy.fidelity import require_data_root
 from alloy.fidelity.validate import as_dicts, run_all
 
 
+ROUNDS = 1  # the metrics are deterministic; only the planning times vary, and they are reported as measured
+
+
+def key(name: str) -> str:
+    """A metric's name as a figure key: 'offline decode tok/s llama70b petals' -> 'offline_decode_tok_s_llama70b_petals'."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
 def measure() -> dict:
+    """Each metric's error (or its value where it has no published counterpart), the pass count, and
+    every metric in full under "metrics" (kept with the raw samples, shown by `report`)."""
     started = time.perf_counter()
     metrics = as_dicts(run_all(require_data_root()))
-    out = {f"m{i:02d}_{'pass' if m['passed'] else 'FAIL'}": float(m["error"] if m["error"] is not None
-                                                                 else m["predicted"]) for i, m in enumerate(metrics)}
+    out: dict = {key(m["name"]): float(m["error"] if m["error"] is not None else m["predicted"]) for m in metrics}
     out["passed"] = float(sum(m["passed"] for m in metrics))
     out["total"] = float(len(metrics))
     out["validate_s"] = time.perf_counter() - started
+    out["metrics"] = metrics
     return out
 
 
@@ -36,10 +47,15 @@ def headline(summary: dict, machine_flops: dict) -> dict:
     return {k: v["median"] for k, v in summary["figures"]["alloy"].items()}
 
 
-def table() -> str:
+def report(samples: dict[str, list[dict]]) -> str:
+    """The full table of the last round (what `python -m bench validate` prints after the summary)."""
+    return table(samples["alloy"][-1]["metrics"])
+
+
+def table(metrics: list[dict] | None = None) -> str:
     rows = ["| metric | predicted | published | error | threshold | result | note |", "|---|---|---|---|---|---|---|"]
     fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
-    for m in as_dicts(run_all(require_data_root())):
+    for m in metrics if metrics is not None else as_dicts(run_all(require_data_root())):
         rows.append(f"| {m['name']} | {fmt(m['predicted'])} | {fmt(m['published'])} | {fmt(m['error'])} | "
                     f"{m['threshold']} | {'pass' if m['passed'] else 'FAIL'} | {m['note']} |")
     return "\n".join(rows)
