@@ -1,7 +1,8 @@
 """Every fidelity check of issue 11, as data: `run_all(root)` -> list of Metric.
 
-Nothing here is fitted to the numbers it is checked against except the per-device-type roofline
-of `layer_time` (fitted on one batch size of LLaMA-2-70B, see there).
+Fitted, and on what: the per-device-type roofline of `layer_time` (one batch size of LLaMA-2-70B
+per phase, see there) and the serving model's two overheads (`overhead_runs`: six measured runs whose
+totals are not checked). Nothing else is fitted to a published number.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def overhead_runs(root: Path, model_specs: dict[str, ModelSpec], invs: dict, cap
     """The measured runs the two overhead constants are fitted on; none of them is a checked total.
 
     - LLaMA-30B Helix, each sub-cluster chain alone (A100, L4, T4; Section 6.3). The checked 30B Helix
-      total is their sum, so that one row is not an independent check of the round trip.
+      total is their sum, and the 30B separate pipelines are the same three placements (at 30 requests
+      each), so those two rows check the requests in flight more than the round trip.
     - LLaMA-70B on Section 6.7's MILP layout (`RS_LAYOUT`, another Helix placement than the checked one)
       under three schedulers: max-flow, Swarm and random.
     """
