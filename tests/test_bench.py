@@ -61,3 +61,12 @@ def test_report_shows_the_newest_full_size_run(tmp_path, monkeypatch, capsys):
     assert "commit new" in out and "commit old" not in out and "quick" not in out
     assert "| a/b:t | 2.000 | 2.000 – 2.000 |" in out and "| ratio | 2 |" in out
     assert "### y\n\n(no full-size result saved yet)" in out
+
+
+def test_validate_figures_have_readable_keys_and_the_table_comes_from_the_samples():
+    from bench import validate
+    assert validate.key("offline decode tok/s llama70b petals") == "offline_decode_tok_s_llama70b_petals"
+    metric = {"name": "x: y", "predicted": 1.0, "published": 2.0, "error": -0.5, "threshold": "<= 10%",
+              "passed": False, "note": "n"}
+    out = validate.report({"alloy": [{"metrics": [metric]}]})
+    assert "| x: y | 1 | 2 | -0.5 | <= 10% | FAIL | n |" in out
