@@ -15,8 +15,8 @@ Two bounds, the smaller one is the prediction:
      finished one: N = that count, or the KV room if smaller (vLLM queues the rest).
    - R: the requests travel together (each stage batches all of its requests, one convoy per
      route): R = sum over the route of [layers * measured decode time at that batch + overhead]
-     / (1 - prompt share) + one hop per stage. X and R depend on each other (prompt share ~ X);
-     a fixed point solves it.
+     / (1 - prompt share) + one hop per stage + the host's time for the requests in flight. X and R
+     depend on each other (prompt share ~ X); a fixed point solves it.
 
 Constants and where they come from:
 - FEED_HWM 0.8 and the (prompt + 240) reservation: the Helix artifact's offline max-flow host
@@ -25,8 +25,8 @@ Constants and where they come from:
 - KV room per machine type: `kv_caps` (read off the vLLM caps file, no throughput used); beyond the
   layer counts the caps were profiled at, the physical bound `kv_caps.physical_budgets`. A node
   keeps at least one request's KV.
-- `Overhead`: the two fitted numbers, passed in by the caller (`fit_overhead`), fitted on measured
-  runs that are not among the checked totals (see `validate.serving_setup`).
+- `Overhead`: the three fitted numbers, passed in by the caller (`fit_overhead`), fitted on measured
+  runs that are not among the checked totals (see `validate.overhead_runs`).
 """
 
 from __future__ import annotations
@@ -62,16 +62,17 @@ MAXFLOW = Host()
 
 @dataclass(frozen=True)
 class Overhead:
-    """Decode-iteration time the per-layer profiles do not see, per stage on a route.
+    """Token round-trip time the per-layer profiles do not see.
 
-    `per_layer_s`: per layer the stage runs (vLLM's per-layer work outside the profiled kernels);
-    `per_request_s`: per request in the stage's batch (the prototype handles and forwards each
-    request's message and sequence state one by one)."""
+    `per_layer_s`: per layer a stage runs (vLLM's per-layer work outside the profiled kernels);
+    `per_request_s`: per request in a stage's batch (each worker handles and forwards every request's
+    message and sequence state one by one; stages holding the same layers do this in parallel);
+    `host_per_request_s`: per request in flight, once per token (the host is one Python loop that, for
+    every request and every token, collects it, updates the scheduler's KV expectation and launches
+    the next step, one request after another)."""
     per_layer_s: float = 0.0
     per_request_s: float = 0.0
-
-    def stage_s(self, layers: float, batch: float) -> float:
-        return layers * self.per_layer_s + batch * self.per_request_s
+    host_per_request_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,8 @@ def in_flight_bound(inventory: Inventory, spec: ModelSpec, loads: list[DeviceLoa
     tokens_per_s, round_trip_s = 0.0, 0.0
     for _ in range(100):  # fixed point: the prompt share of each stage grows with throughput
         profiled_s, layer_iters, request_iters = round_trip_terms(inventory, spec, loads, in_flight, tokens_per_s)
-        round_trip_s = profiled_s + overhead.per_layer_s * layer_iters + overhead.per_request_s * request_iters
+        round_trip_s = (profiled_s + overhead.per_layer_s * layer_iters + overhead.per_request_s * request_iters
+                        + overhead.host_per_request_s * in_flight)
         previous, tokens_per_s = tokens_per_s, 0.5 * tokens_per_s + 0.5 * in_flight / round_trip_s
         if abs(tokens_per_s - previous) <= 1e-6 * tokens_per_s:
             break
@@ -244,7 +246,7 @@ class MeasuredRun:
 
 
 def fit_overhead(runs: list[MeasuredRun], budgets: dict[str, float], physical: dict[str, float]) -> Overhead:
-    """The two overhead constants from measured runs.
+    """The three overhead constants from measured runs.
 
     For each run, Little's law gives the requests in flight (tok/s * s/token), so no host model
     enters; the measured token round trip minus hops and the profiled decode time at each stage's
@@ -257,7 +259,8 @@ def fit_overhead(runs: list[MeasuredRun], budgets: dict[str, float], physical: d
         loads, _ = placement_loads(run.inventory, run.spec, run.placement, budgets, run.decode_caps, physical)
         profiled_s, layer_iters, request_iters = round_trip_terms(
             run.inventory, run.spec, loads, run.tokens_per_s * run.round_trip_s, run.tokens_per_s)
-        rows.append([layer_iters / run.round_trip_s, request_iters / run.round_trip_s])
+        in_flight = run.tokens_per_s * run.round_trip_s
+        rows.append([layer_iters / run.round_trip_s, request_iters / run.round_trip_s, in_flight / run.round_trip_s])
         rhs.append((run.round_trip_s - profiled_s) / run.round_trip_s)
-    (per_layer_s, per_request_s), _ = nnls(np.array(rows), np.array(rhs))
-    return Overhead(float(per_layer_s), float(per_request_s))
+    (per_layer_s, per_request_s, host_per_request_s), _ = nnls(np.array(rows), np.array(rhs))
+    return Overhead(float(per_layer_s), float(per_request_s), float(host_per_request_s))
