@@ -30,6 +30,25 @@ def hf_config(size: str):
                                     max_position_embeddings=1024, tie_word_embeddings=False)
 
 
+def make_step(forward, optimizer, ids: torch.Tensor):
+    """One next-token training step on `ids` (batch x seq+1): forward, fp32 loss, backward, update."""
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        logits = forward(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+    return step
+
+
+def train_flops_per_token(model: torch.nn.Module, layers: int, seq: int, hidden: int) -> tuple[int, int]:
+    """(matmul parameters, training FLOPs per token): 6 N for the matmuls (the embedding table is a
+    lookup, not a matmul: left out), plus attention scores and values (fwd 4*T*h per layer, x3 with bwd)."""
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    return params, 6 * params + 12 * layers * seq * hidden
+
+
 def build(impl: str, size: str, dtype: torch.dtype):
     torch.manual_seed(0)
     config = hf_config(size)
@@ -53,23 +72,14 @@ def measure(impl: str, size: str, dtype_name: str, steps: int) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        logits = forward(ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-
+    step = make_step(forward, optimizer, ids)
     step()  # warm-up: allocator, kernels
     started = time.perf_counter()
     for _ in range(steps):
         step()
     step_s = (time.perf_counter() - started) / steps
-    # 6 N per token for the matmuls (the embedding table is a lookup, not a matmul: left out),
-    # plus attention scores and values (fwd 4*T*h per layer, x3 with bwd)
-    params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
     h, layers, ffn = SIZES[size][0], SIZES[size][1], SIZES[size][4]
-    flops_per_token = 6 * params + 12 * layers * seq * h
+    params, flops_per_token = train_flops_per_token(model, layers, seq, h)
     return {"tokens_per_s": batch * seq / step_s, "step_s": step_s, "achieved_flops": flops_per_token * batch * seq / step_s,
             "matmul_flops": matmul_rate(batch * seq, h, ffn, dtype), "params": params}
 

@@ -40,8 +40,11 @@ def alloy_spec(config):
     return alloy.ModelSpec.from_hf_config(config.to_dict())
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
+def parser(doc: str, rounds_help: str) -> argparse.ArgumentParser:
+    """The options every measurement takes: device, tiny, out, budget, rounds (`rounds_help`) and dtype."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=None, help=rounds_help)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--device", choices=["cuda", "cpu"], required=True)
     p.add_argument("--tiny", action="store_true", help="tiny model and sizes: a smoke test of the code path")
     p.add_argument("--out", default=None, help="write the result JSON here (rewritten after every sample)")
@@ -107,6 +110,14 @@ class Record:
 
     def out_of_time(self) -> bool:
         return self.budget_s is not None and time.perf_counter() - self.started > self.budget_s
+
+    def rounds(self, n: int, where: str = ""):
+        """range(n), but no new round once the budget is spent; the result says where it stopped."""
+        for r in range(n):
+            if r and self.out_of_time():
+                self.doc["stopped_early"] = f"budget of {self.budget_s} s reached after {r} rounds{where}"
+                return
+            yield r
 
     def add(self, sample: dict) -> None:
         self.doc["samples"].append(sample)

@@ -64,10 +64,8 @@ def measure(run, device, vocab: int, batch: int, new: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = common.parser(__doc__)
-    p.add_argument("--rounds", type=int, default=None, help="A B rounds per batch size (default 3; tiny 1)")
+    p = common.parser(__doc__, "A B rounds per batch size (default 3; tiny 1)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per request (default 128)")
-    p.add_argument("--dtype", choices=list(common.DTYPES), default="bf16")
     args = p.parse_args(argv)
     device = common.check_args(p, args)
     size = "tiny" if args.tiny else "1b"
@@ -89,10 +87,7 @@ def main(argv=None) -> int:
             record.error(f"build {impl}", err)
     record.doc["weight_bytes_per_token"] = weight_bytes
     for batch in BATCHES:
-        for r in range(rounds):
-            if r and record.out_of_time():
-                record.doc["stopped_early"] = f"budget of {args.budget_s} s reached (batch {batch}, round {r})"
-                break
+        for r in record.rounds(rounds, f" of batch {batch}"):
             for impl, run in runners.items():
                 try:
                     sample = measure(run, device, config.vocab_size, batch, new)

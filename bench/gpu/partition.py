@@ -178,11 +178,9 @@ def accelerate_placement(device_map: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = common.parser(__doc__)
-    p.add_argument("--rounds", type=int, default=None, help="A B rounds, each loading afresh (default 2; tiny 1)")
+    p = common.parser(__doc__, "A B rounds, each loading afresh (default 2; tiny 1)")
     p.add_argument("--reps", type=int, default=None, help="timed generations per batch size and round (default 2)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per request (default 32)")
-    p.add_argument("--dtype", choices=list(common.DTYPES), default="bf16")
     p.add_argument("--gpu-share", type=float, default=0.5,
                    help="the GPU budget as a share of the model's weight bytes (default 0.5: about half the layers)")
     args = p.parse_args(argv)
@@ -224,10 +222,7 @@ def main(argv=None) -> int:
             record.error("alloy plan", err)
         if device.type == "cuda":  # after measuring and saving: those ran uncapped
             torch.cuda.set_per_process_memory_fraction(cap_bytes / total, device)
-        for r in range(rounds):
-            if r and record.out_of_time():
-                record.doc["stopped_early"] = f"budget of {args.budget_s} s reached after {r} rounds"
-                break
+        for r in record.rounds(rounds):
             for impl in IMPLS:
                 try:
                     if impl == "alloy" and plans:

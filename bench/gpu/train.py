@@ -17,6 +17,7 @@ import torch
 
 from bench.gpu import common
 from bench.gpu.machine import matmul_flops_per_s
+from bench.train import make_step, train_flops_per_token
 
 IMPLS = ("alloy", "transformers")
 SHAPES = {"1b": (8, 2048), "tiny": (2, 32)}  # (batch, seq): 16k tokens a step on the GPU
@@ -41,24 +42,13 @@ def build(impl: str, config, device: torch.device, dtype: torch.dtype):
     return model.to(dtype).train(), forward
 
 
-def flops_per_token(model: torch.nn.Module, config, seq: int) -> float:
-    matmul_params = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
-    return 6 * matmul_params + 12 * config.num_hidden_layers * seq * config.hidden_size
-
-
 def measure(impl: str, config, device, dtype, batch: int, seq: int, steps: int) -> dict:
     model, forward = build(impl, config, device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
     ids = ids.to(device)
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        logits = forward(ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
+    step = make_step(forward, optimizer, ids)
 
     for _ in range(2):  # warm-up: allocator, cuBLAS / flash-attention kernel choice, AdamW state
         step()
@@ -70,7 +60,8 @@ def measure(impl: str, config, device, dtype, batch: int, seq: int, steps: int) 
     step_s = (time.perf_counter() - started) / steps
     tokens = batch * seq
     out = {"impl": impl, "step_s": step_s, "tokens_per_s": tokens / step_s,
-           "achieved_flops_per_s": flops_per_token(model, config, seq) * tokens / step_s,
+           "achieved_flops_per_s": train_flops_per_token(model, config.num_hidden_layers, seq,
+                                                          config.hidden_size)[1] * tokens / step_s,
            "params": sum(p.numel() for p in model.parameters()), "final_loss": loss.item()}
     if impl == "transformers":
         out["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
@@ -82,10 +73,8 @@ def measure(impl: str, config, device, dtype, batch: int, seq: int, steps: int) 
 
 
 def main(argv=None) -> int:
-    p = common.parser(__doc__)
-    p.add_argument("--rounds", type=int, default=None, help="A B rounds (default 2; tiny 1)")
+    p = common.parser(__doc__, "A B rounds (default 2; tiny 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per sample (default 8; tiny 2)")
-    p.add_argument("--dtype", choices=list(common.DTYPES), default="bf16")
     args = p.parse_args(argv)
     device = common.check_args(p, args)
     size = "tiny" if args.tiny else "1b"
@@ -101,10 +90,7 @@ def main(argv=None) -> int:
     record.doc["measured_matmul_flops_per_s"] = measured
     record.doc["matmul_n"] = MATMUL_N[size]
     common.free(device)
-    for r in range(rounds):
-        if r and record.out_of_time():
-            record.doc["stopped_early"] = f"budget of {args.budget_s} s reached after {r} rounds"
-            break
+    for r in record.rounds(rounds):
         for impl in IMPLS:
             try:
                 sample = measure(impl, config, device, dtype, batch, seq, steps)
