@@ -319,3 +319,10 @@ def test_round_trip_adds_each_overhead_term():
     _, r_s = in_flight_bound(inv, spec, loads, Overhead(2e-4, 3e-5, 5e-4), 10)
     assert base_s - 2 * HOP_S == pytest.approx(k * 1e-3, rel=1e-4)  # k layers at 1 ms; prompts cost ~nothing
     assert r_s - base_s == pytest.approx(2e-4 * k + 3e-5 * 10 + 5e-4 * 10, rel=1e-4)
+
+
+def test_overhead_fit_refuses_no_runs():
+    from alloy.errors import PlanError
+    from alloy.fidelity.serving import fit_overhead
+    with pytest.raises(PlanError, match="at least one measured run"):
+        fit_overhead([], {}, {})

@@ -7,6 +7,7 @@ totals are not checked). Nothing else is fitted to a published number.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,20 +53,23 @@ def specs(root: Path) -> dict[str, ModelSpec]:
     return {m: ModelSpec.from_hf_config(root / HELIX / f"models/{m}/config.json") for m in ("llama70b", "llama30b")}
 
 
-def _layer_csv(root: Path, model: str, machine: str, phase: str) -> Path:
+@functools.lru_cache(maxsize=64)
+def _profile(root: Path, model: str, machine: str, phase: str) -> tuple[list[float], list[float], dict[float, float]]:
+    """(batch, ms, {batch: print resolution ms}) of one Helix per-layer CSV, read once."""
     file = {"prefill": "prompt_bs2time.csv", "decode": "decode_bs2time.csv"}[phase]
-    return root / "Helix-ASPLOS25/simulator/model_manager" / helix.MODEL_DIRS[model] / machine.lower() / file
+    path = root / "Helix-ASPLOS25/simulator/model_manager" / helix.MODEL_DIRS[model] / machine.lower() / file
+    return (*helix.read_layer_csv(path), helix.read_layer_csv_resolution(path))
 
 
 def measured_layer_s(root: Path, model: str, machine: str, phase: str):
-    batch, ms = helix.read_layer_csv(_layer_csv(root, model, machine, phase))
+    batch, ms, _ = _profile(root, model, machine, phase)
     return lambda x: interpolate(batch, [t / 1e3 for t in ms], x)
 
 
 def measured_interval_s(root: Path, model: str, machine: str, phase: str, x: float) -> tuple[float, float]:
     """The measured time at row `x` as the interval its printed value stands for (value +- half a step)."""
     value_s = measured_layer_s(root, model, machine, phase)(x)
-    half_s = helix.read_layer_csv_resolution(_layer_csv(root, model, machine, phase)).get(float(x), 0.0) / 2e3
+    half_s = _profile(root, model, machine, phase)[2].get(float(x), 0.0) / 2e3
     return value_s - half_s, value_s + half_s
 
 
@@ -132,6 +136,11 @@ def _measured_rows(root: Path) -> list[dict]:
             and r["cluster_config"] == "single_cluster/config/cluster24.ini"]
 
 
+def caps_of(caps: dict[tuple[str, str], dict[int, int]], model: str) -> dict[str, dict[int, int]]:
+    """machine type -> {layers: vLLM's max decode batch} for one model, from `kv_caps.read_caps`."""
+    return {machine: c for (name, machine), c in caps.items() if name == model}
+
+
 @dataclass
 class ServingSetup:
     """What the serving model reads besides the placement: inventories, KV budgets, vLLM caps, overheads."""
@@ -142,7 +151,7 @@ class ServingSetup:
     physical: dict[str, float]  # machine type -> physical weights + KV bound beyond the profiled layer counts
 
     def model_caps(self, model: str) -> dict[str, dict[int, int]]:
-        return {m: c for (name, m), c in self.caps.items() if name == model}
+        return caps_of(self.caps, model)
 
     def predict(self, model: str, spec: ModelSpec, cluster: str, placement: dict, host: Host = MAXFLOW):
         return predict_throughput(self.invs[cluster], spec, placement, self.budgets, self.overhead,
@@ -167,10 +176,9 @@ def overhead_runs(root: Path, model_specs: dict[str, ModelSpec], invs: dict, cap
             inv, place = invs["cluster24"], _placement(root / RS_LAYOUT)
         else:
             continue
-        model_caps = {m: c for (name, m), c in caps.items() if name == r["model"]}
         out.append((f"{r['model']} {r['placement']} {r['scheduler']} {r['subcluster']}",
                     MeasuredRun(inv, model_specs[r["model"]], place, float(r["decode_tok_s"]),
-                                float(r["avg_decode_latency_s"]), model_caps)))
+                                float(r["avg_decode_latency_s"]), caps_of(caps, r["model"]))))
     return out
 
 
