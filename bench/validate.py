@@ -10,8 +10,9 @@ import argparse
 import json
 import re
 import time
+from dataclasses import asdict
 
-from alloy.fidelity import require_data_root
+from alloy.fidelity import require_data_root, sensitivity
 from alloy.fidelity.validate import as_dicts, run_all
 
 
@@ -33,7 +34,13 @@ def measure() -> dict:
     out["total"] = float(len(metrics))
     out["validate_s"] = time.perf_counter() - started
     out["metrics"] = metrics
+    out["sensitivity"] = spreads()
     return out
+
+
+def spreads() -> list[dict]:
+    """The spread of the missing serving checks over their unpublished inputs (`alloy.fidelity.sensitivity`)."""
+    return [{**asdict(s), "covers": s.covers} for s in sensitivity.run_all(require_data_root())]
 
 
 def variants(quick: bool) -> dict[str, list[str]]:
@@ -49,7 +56,8 @@ def headline(summary: dict, machine_flops: dict) -> dict:
 
 def report(samples: dict[str, list[dict]]) -> str:
     """The full table of the last round (what `python -m bench validate` prints after the summary)."""
-    return table(samples["alloy"][-1]["metrics"])
+    last = samples["alloy"][-1]
+    return table(last["metrics"]) + "\n\n" + spread_table(last.get("sensitivity", []))
 
 
 def table(metrics: list[dict] | None = None) -> str:
@@ -61,11 +69,20 @@ def table(metrics: list[dict] | None = None) -> str:
     return "\n".join(rows)
 
 
+def spread_table(rows: list[dict]) -> str:
+    out = ["| prediction | varied (not published) | low | checked | high | published | inside | note |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['name']} | {r['varied']} | {r['low']:.4g} | {r['checked']:.4g} | {r['high']:.4g} | "
+                   f"{r['published']:.4g} | {'yes' if r['covers'] else 'no'} | {r['note']} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", action="store_true", help="print the Markdown table instead of one JSON line")
     args = parser.parse_args()
-    print(table() if args.table else json.dumps(measure()))
+    print(table() + "\n\n" + spread_table(spreads()) if args.table else json.dumps(measure()))
 
 
 if __name__ == "__main__":

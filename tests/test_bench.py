@@ -70,3 +70,7 @@ def test_validate_figures_have_readable_keys_and_the_table_comes_from_the_sample
               "passed": False, "note": "n"}
     out = validate.report({"alloy": [{"metrics": [metric]}]})
     assert "| x: y | 1 | 2 | -0.5 | <= 10% | FAIL | n |" in out
+    spread = {"name": "s", "varied": "v", "low": 1.0, "checked": 2.0, "high": 3.0, "published": 4.0, "covers": False,
+              "note": "m"}
+    out = validate.report({"alloy": [{"metrics": [metric], "sensitivity": [spread]}]})
+    assert "| s | v | 1 | 2 | 3 | 4 | no | m |" in out

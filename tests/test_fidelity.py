@@ -326,3 +326,58 @@ def test_overhead_fit_refuses_no_runs():
     from alloy.fidelity.serving import fit_overhead
     with pytest.raises(PlanError, match="at least one measured run"):
         fit_overhead([], {}, {})
+
+
+# ---- spread of the missing checks over their unpublished inputs -----------------------------------
+
+def test_physical_budget_takes_a_given_reserve():
+    from alloy.fidelity import kv_caps
+    gib = 2**30
+    vram, budgets = {"A": 40 * gib, "Bx2": 32 * gib}, {"A": 33 * gib}
+    assert kv_caps.reserves_per_gpu(budgets, vram) == {"A": pytest.approx(3.0 * gib)}
+    phys = kv_caps.physical_budgets(budgets, vram, reserve=1.5 * gib)
+    assert phys == {"A": pytest.approx((36 - 1.5) * gib), "Bx2": pytest.approx((28.8 - 3.0) * gib)}
+
+
+def test_route_shares_are_the_corners_the_weights_pick():
+    """Two devices hold both layers at 100 and 300 tokens/s per layer (50 and 150 through both): routing
+    100 tokens/s, the cheaper one takes all it can."""
+    from alloy.fidelity.serving import DeviceLoad, capacity_bound, route_shares
+    loads = [DeviceLoad("slow", (0, 2), 1e6, 10, 100.0), DeviceLoad("fast", (0, 2), 1e6, 10, 300.0)]
+    assert capacity_bound(loads, 2)[0] == pytest.approx(200.0)
+    assert [d.share for d in route_shares(loads, 2, 100.0, [0.0, 1.0])] == pytest.approx([0.5, 0.5])
+    assert [d.share for d in route_shares(loads, 2, 100.0, [1.0, 0.0])] == pytest.approx([0.0, 1.0])
+
+
+@needs_data
+def test_reserve_spread_brackets_the_checked_separate_prediction(serving):
+    from alloy.fidelity import sensitivity
+    s = sensitivity.reserve_spread(ROOT, points=5)
+    checked = by_name(serving, "offline decode tok/s llama70b separate")[0]
+    assert s.checked == pytest.approx(checked.predicted)  # the median reserve is the checked one
+    assert s.low < s.checked < s.high and s.covers, s  # the measured 110 tok/s lies inside the spread
+    assert 1.0 < float(s.note.split("at a reserve of ")[1].split(" GiB")[0]) < 3.0, s.note
+
+
+@needs_data
+def test_split_spread_routings_are_feasible():
+    """Every sampled routing carries each layer once and keeps every node at most fully busy."""
+    from alloy.fidelity import sensitivity
+    from alloy.fidelity.serving import placement_loads, route_shares
+    from alloy.fidelity.validate import HELIX, _placement, serving_setup, specs
+    import numpy as np
+    spec = specs(ROOT)["llama70b"]
+    setup = serving_setup(ROOT, specs(ROOT))
+    loads, capacity = placement_loads(setup.invs["cluster24"], spec,
+                                      _placement(ROOT / HELIX / "layout_llama70b/petals/petals_sol.ini"),
+                                      setup.budgets, setup.model_caps("llama70b"), setup.physical)
+    rng = np.random.default_rng(1)
+    for fraction in sensitivity.SPLIT_LOADS:
+        routed = route_shares(loads, spec.num_layers, capacity * fraction, rng.random(len(loads)))
+        k = [d.layers[1] - d.layers[0] for d in routed]
+        assert sum(d.share * n for d, n in zip(routed, k)) == pytest.approx(spec.num_layers, rel=1e-6)
+        busy = [capacity * fraction * d.share * n / d.tokens_per_s for d, n in zip(routed, k)]
+        assert max(busy) <= 1 + 1e-6
+    spreads = sensitivity.split_spread(ROOT, setup, samples=6)
+    assert [s.name.split()[-1] for s in spreads] == ["helix", "petals"]
+    assert all(s.low <= s.checked <= s.high for s in spreads)

@@ -92,12 +92,18 @@ def gpus_in(machine: str) -> int:
     return int(machine.split("x")[1]) if "x" in machine else 1
 
 
+def reserves_per_gpu(budgets: dict[str, float], vram: dict[str, float]) -> dict[str, float]:
+    """machine type -> (fraction x VRAM - fitted budget) / GPUs: vLLM's non-KV, non-weight use per GPU (bytes)."""
+    return {t: (VLLM_MEMORY_FRACTION * vram[t] - b) / gpus_in(t) for t, b in budgets.items() if t in vram}
+
+
 def reserve_per_gpu(budgets: dict[str, float], vram: dict[str, float]) -> float:
-    """Median over machine types of (fraction x VRAM - fitted budget) / GPUs: vLLM's non-KV, non-weight use."""
-    return float(np.median([(VLLM_MEMORY_FRACTION * vram[t] - b) / gpus_in(t) for t, b in budgets.items() if t in vram]))
+    """The median over machine types of `reserves_per_gpu`."""
+    return float(np.median(list(reserves_per_gpu(budgets, vram).values())))
 
 
-def physical_budgets(budgets: dict[str, float], vram: dict[str, float]) -> dict[str, float]:
-    """machine type -> fraction x VRAM - GPUs x median reserve (bytes for weights + KV)."""
-    reserve = reserve_per_gpu(budgets, vram)
+def physical_budgets(budgets: dict[str, float], vram: dict[str, float], reserve: float | None = None) -> dict[str, float]:
+    """machine type -> fraction x VRAM - GPUs x reserve per GPU (bytes for weights + KV); the reserve
+    defaults to the median one (`reserve_per_gpu`)."""
+    reserve = reserve_per_gpu(budgets, vram) if reserve is None else reserve
     return {t: VLLM_MEMORY_FRACTION * v - gpus_in(t) * reserve for t, v in vram.items()}

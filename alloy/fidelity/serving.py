@@ -126,22 +126,26 @@ def device_load(device: DeviceProfile, spec: ModelSpec, layers: tuple[int, int],
     return DeviceLoad(device.name, layers, kv_tokens, max_batch, 1.0 / per_token_s)
 
 
-def capacity_bound(loads: list[DeviceLoad], num_layers: int) -> tuple[float, list[float]]:
-    """max T: sum_i x[i,l] = T for every layer l, sum_l x[i,l] / cap_i <= 1; returns T and shares."""
+def _flow(loads: list[DeviceLoad], num_layers: int, weights, throughput: float | None) -> tuple[float, list[float]]:
+    """The layer-flow LP: x[i,l] tokens/s of layer l on device i, sum_i x[i,l] = T for every layer,
+    sum_l x[i,l] / cap_i <= 1. `throughput` None: maximise T; else T fixed there and sum w_i x[i,l]
+    minimised (`weights` per device). Returns T and each device's share of tokens (0 if no flow)."""
     var = [(i, l) for i, d in enumerate(loads) if d.tokens_per_s > 0 for l in range(*d.layers)]
     if len({l for _, l in var}) < num_layers:
         return 0.0, [0.0] * len(loads)
     n = len(var) + 1  # last variable is T
     a_eq = np.zeros((num_layers, n))
     a_ub = np.zeros((len(loads), n))
+    cost = np.zeros(n)
     for j, (i, l) in enumerate(var):
         a_eq[l, j] = 1.0
         a_ub[i, j] = 1.0 / loads[i].tokens_per_s
+        cost[j] = 0.0 if weights is None else weights[i]
     a_eq[:, -1] = -1.0
-    cost = np.zeros(n)
-    cost[-1] = -1.0
+    cost[-1] = -1.0 if throughput is None else 0.0
     res = linprog(cost, A_ub=a_ub, b_ub=np.ones(len(loads)), A_eq=a_eq, b_eq=np.zeros(num_layers),
-                  bounds=[(0, None)] * n, method="highs")
+                  bounds=[(0, None)] * (n - 1) + [(0, None) if throughput is None else (throughput, throughput)],
+                  method="highs")
     if res.status != 0:
         raise PlanError(f"throughput LP failed: {res.message}")
     total = float(res.x[-1])
@@ -149,6 +153,19 @@ def capacity_bound(loads: list[DeviceLoad], num_layers: int) -> tuple[float, lis
     for j, (i, _) in enumerate(var):  # mean over its layers of the fraction of tokens it serves
         shares[i] += res.x[j] / total / (loads[i].layers[1] - loads[i].layers[0]) if total > 0 else 0.0
     return total, shares
+
+
+def capacity_bound(loads: list[DeviceLoad], num_layers: int) -> tuple[float, list[float]]:
+    """max T: sum_i x[i,l] = T for every layer l, sum_l x[i,l] / cap_i <= 1; returns T and shares."""
+    return _flow(loads, num_layers, None, None)
+
+
+def route_shares(loads: list[DeviceLoad], num_layers: int, throughput: float, weights) -> list[DeviceLoad]:
+    """`loads` with the shares of another feasible routing: the flow of `throughput` tokens/s (at most the
+    capacity bound) that minimises sum w_i x[i,l]. Different weights give different corners of the set of
+    routings, the way different schedulers' splits would (Helix's IWRR weights are not published)."""
+    _, shares = _flow(loads, num_layers, weights, throughput)
+    return [replace(d, share=s) for d, s in zip(loads, shares)]
 
 
 def placement_loads(inventory: Inventory, spec: ModelSpec, placement: Placement, budgets: dict[str, float],
