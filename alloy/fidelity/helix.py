@@ -5,6 +5,8 @@
 - `read_layer_csv(path)` -> (batch, ms) rows of one transformer layer (vLLM, fp16);
   `read_layer_csv_resolution(path)` -> each row's print resolution (whole ms for large times).
 - `read_solution(path)` -> {node index: (first layer, stop layer)}.
+- `route_table(lines)` / `read_routes(path, run)` -> the routes a prototype run's requests took
+  (`query_route.txt`), each with its share of the generated tokens.
 - `helix_inventory(...)` -> an Alloy `Inventory`: one device per compute node, carrying the node's
   measured per-layer profiles (`layer_times`) and, for "T4x4"-style VMs, `tensor_parallel`.
 
@@ -156,3 +158,46 @@ def helix_inventory(root: Path, cluster_file: str | Path, machine_file: str | Pa
     nic = min(m["outbound_nic_speed"] for m in machines.values() if m.get("outbound_nic_speed", -1) > 0)
     return Inventory(name=Path(cluster_file).stem, devices=devices, links=links,
                      inter_node_link=LinkSpec(bandwidth_bytes_per_s=nic, latency_s=1e-3))
+
+
+def _route_key(nodes, starts, ends) -> str:
+    return " ".join(f"{n}:{a}-{b}" for n, a, b in zip(nodes, starts, ends) if n != 0)
+
+
+def route_table(lines) -> list[dict]:
+    """Aggregate the lines of a Helix `query_route.txt` — `(id, input, output, [machine ids], [starts],
+    [ends])`, the host (machine 0) last — into one row per distinct route: its stages as
+    "machine:first-stop ...", the queries that took it and their input and output tokens."""
+    rows: dict[str, dict] = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            _, prompt, output, nodes, starts, ends = ast.literal_eval(line.strip())
+        except (ValueError, SyntaxError) as e:
+            raise ConfigError(f"not a query_route line: {line.strip()[:80]!r}") from e
+        row = rows.setdefault(_route_key(nodes, starts, ends), {"queries": 0, "input_tokens": 0, "output_tokens": 0})
+        row["queries"] += 1
+        row["input_tokens"] += prompt
+        row["output_tokens"] += output
+    return [{"stages": k, **v} for k, v in sorted(rows.items(), key=lambda kv: -kv[1]["output_tokens"])]
+
+
+def read_routes(path: str | Path, run: str) -> dict[tuple[tuple[str, int, int], ...], float]:
+    """One run's routes from a route-table JSON ({run: {"routes": [route_table rows], ...}}): each route as
+    ((device name, first, stop), ...) -> its share of the generated tokens. Machine m is compute node
+    m - 1, the device `n{m-1}` of `helix_inventory` (machine 0 is the host)."""
+    import json
+
+    data = json.loads(Path(path).read_text())
+    if run not in data:
+        raise ConfigError(f"no routes for run {run!r} in {path}")
+    out, total = {}, sum(r["output_tokens"] for r in data[run]["routes"])
+    for r in data[run]["routes"]:
+        stages = []
+        for stage in r["stages"].split():
+            machine, span = stage.split(":")
+            a, b = span.split("-")
+            stages.append((f"n{int(machine) - 1}", int(a), int(b)))
+        out[tuple(stages)] = r["output_tokens"] / total
+    return out

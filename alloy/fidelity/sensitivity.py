@@ -1,16 +1,12 @@
-"""How far the two serving checks that miss rest on inputs the published data does not give.
+"""How far the 70B separate-pipelines check rests on an input the published data does not give.
 
-- The 70B separate pipelines put 20 layers on an A100: 32.9 GiB of weights in vLLM's 36 GiB. The KV
-  room is the small difference left after vLLM's own reserve per GPU, and that reserve is not published
-  for these runs. Read off the caps file it is 1.0-4.3 GiB depending on the machine type (median 3.0,
-  what the check uses). `reserve_spread` predicts the total at each value in that range, and finds the
-  reserve at which the A100 pipeline holds the requests Little's law reads from its measurement.
-- Helix's IWRR scheduler splits requests over the nodes holding the same layers by weights from its own
-  max flow on its simulator's capacities; neither is published. The check uses the capacity LP's
-  routing. `split_spread` predicts at other feasible routings (corners of the flow set, for random
-  per-node weights, at 50-100% of the capacity bound), for the Helix and Petals placements.
+The 70B separate pipelines put 20 layers on an A100: 32.9 GiB of weights in vLLM's 36 GiB. The KV room
+is the small difference left after vLLM's own reserve per GPU, and that reserve is not published for
+these runs. Read off the caps file it is 1.0-4.3 GiB depending on the machine type (median 3.0, what the
+check uses). `reserve_spread` predicts the total at each value in that range, and finds the reserve at
+which the A100 pipeline holds the requests Little's law reads from its measurement.
 
-Nothing here changes a checked prediction; it reports the range each would span over its missing input.
+Nothing here changes a checked prediction; it reports the range it would span over the missing input.
 """
 
 from __future__ import annotations
@@ -21,13 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from alloy.fidelity import helix, kv_caps
-from alloy.fidelity.serving import capacity_bound, in_flight_bound, placement_loads, requests_in_flight, route_shares
-from alloy.fidelity.validate import (HELIX, HOSTS, MAXFLOW, ServingSetup, _measured_rows, _placement, published_throughput,
+from alloy.fidelity.validate import (HELIX, HOSTS, ServingSetup, _measured_rows, _placement, published_throughput,
                                      serving_setup, specs)
 
 GIB = 2**30
-SPLIT_SAMPLES = 24  # routings per placement; corners differ little beyond this (see the test)
-SPLIT_LOADS = (0.5, 0.75, 1.0)  # routed throughput as a fraction of the capacity bound
 
 
 @dataclass(frozen=True)
@@ -84,42 +77,6 @@ def reserve_spread(root: Path, setup: ServingSetup | None = None, points: int = 
                   published, note)
 
 
-def _split_samples(setup: ServingSetup, root: Path, method: str, seed: int, samples: int) -> tuple[float, list[float]]:
-    """(checked prediction, predictions at `samples` other routings) of a 70B placement on cluster24."""
-    spec = specs(root)["llama70b"]
-    inv, caps = setup.invs["cluster24"], setup.model_caps("llama70b")
-    file = root / HELIX / f"layout_llama70b/{method}/{method}_sol.ini"
-    loads, capacity = placement_loads(inv, spec, _placement(file), setup.budgets, caps, setup.physical)
-    n, _ = requests_in_flight(spec, loads, HOSTS.get(("llama70b", method), MAXFLOW))
-    rng = np.random.default_rng(seed)
-    out = []
-    for k in range(samples):
-        routed = route_shares(loads, spec.num_layers, capacity * SPLIT_LOADS[k % len(SPLIT_LOADS)],
-                              rng.random(len(loads)))
-        bound, _ = capacity_bound(routed, spec.num_layers)
-        out.append(min(bound, in_flight_bound(inv, spec, routed, setup.overhead, n)[0]))
-    checked = setup.predict("llama70b", spec, "cluster24", _placement(file), HOSTS.get(("llama70b", method), MAXFLOW))
-    return checked.tokens_per_s, out
-
-
-def split_spread(root: Path, setup: ServingSetup | None = None, samples: int = SPLIT_SAMPLES,
-                 seed: int = 0) -> list[Spread]:
-    setup = setup or serving_setup(root, specs(root))
-    published = published_throughput(root)
-    got = {m: _split_samples(setup, root, m, seed, samples) for m in ("ilp", "petals")}
-    helix_s, petals_s = got["ilp"][1], got["petals"][1]
-    kept = np.mean([h > p for h in helix_s for p in petals_s])
-    out = []
-    for method, name in (("ilp", "helix"), ("petals", "petals")):
-        checked, xs = got[method]
-        out.append(Spread(f"offline decode tok/s llama70b {name}",
-                          f"routing over nodes holding the same layers ({samples} corners)",
-                          float(min(xs + [checked])), float(checked), float(max(xs + [checked])),
-                          published[("llama70b", name)],
-                          f"median {np.median(xs):.0f}; Helix > Petals in {kept:.0%} of the routing pairs"))
-    return out
-
-
 def run_all(root: Path) -> list[Spread]:
     setup = serving_setup(root, specs(root))
-    return [reserve_spread(root, setup)] + split_spread(root, setup)
+    return [reserve_spread(root, setup)]

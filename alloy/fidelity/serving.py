@@ -82,7 +82,8 @@ class DeviceLoad:
     kv_tokens: float  # KV slots per layer (tokens) this device holds
     max_batch: float  # largest decode batch it runs (vLLM cap or KV room)
     tokens_per_s: float  # generated tokens/s through each of its layers at max_batch
-    share: float = 0.0  # fraction of all tokens that pass through it (from the LP flow)
+    share: float = 0.0  # fraction of all tokens that pass through it (from the LP flow, or logged routes)
+    layers_run: float | None = None  # mean layers run per visit; None: all of its layers (`with_routes` sets it)
 
 
 @dataclass(frozen=True)
@@ -126,26 +127,22 @@ def device_load(device: DeviceProfile, spec: ModelSpec, layers: tuple[int, int],
     return DeviceLoad(device.name, layers, kv_tokens, max_batch, 1.0 / per_token_s)
 
 
-def _flow(loads: list[DeviceLoad], num_layers: int, weights, throughput: float | None) -> tuple[float, list[float]]:
-    """The layer-flow LP: x[i,l] tokens/s of layer l on device i, sum_i x[i,l] = T for every layer,
-    sum_l x[i,l] / cap_i <= 1. `throughput` None: maximise T; else T fixed there and sum w_i x[i,l]
-    minimised (`weights` per device). Returns T and each device's share of tokens (0 if no flow)."""
+def capacity_bound(loads: list[DeviceLoad], num_layers: int) -> tuple[float, list[float]]:
+    """max T: sum_i x[i,l] = T for every layer l, sum_l x[i,l] / cap_i <= 1; returns T and shares."""
     var = [(i, l) for i, d in enumerate(loads) if d.tokens_per_s > 0 for l in range(*d.layers)]
     if len({l for _, l in var}) < num_layers:
         return 0.0, [0.0] * len(loads)
     n = len(var) + 1  # last variable is T
     a_eq = np.zeros((num_layers, n))
     a_ub = np.zeros((len(loads), n))
-    cost = np.zeros(n)
     for j, (i, l) in enumerate(var):
         a_eq[l, j] = 1.0
         a_ub[i, j] = 1.0 / loads[i].tokens_per_s
-        cost[j] = 0.0 if weights is None else weights[i]
     a_eq[:, -1] = -1.0
-    cost[-1] = -1.0 if throughput is None else 0.0
+    cost = np.zeros(n)
+    cost[-1] = -1.0
     res = linprog(cost, A_ub=a_ub, b_ub=np.ones(len(loads)), A_eq=a_eq, b_eq=np.zeros(num_layers),
-                  bounds=[(0, None)] * (n - 1) + [(0, None) if throughput is None else (throughput, throughput)],
-                  method="highs")
+                  bounds=[(0, None)] * n, method="highs")
     if res.status != 0:
         raise PlanError(f"throughput LP failed: {res.message}")
     total = float(res.x[-1])
@@ -153,19 +150,6 @@ def _flow(loads: list[DeviceLoad], num_layers: int, weights, throughput: float |
     for j, (i, _) in enumerate(var):  # mean over its layers of the fraction of tokens it serves
         shares[i] += res.x[j] / total / (loads[i].layers[1] - loads[i].layers[0]) if total > 0 else 0.0
     return total, shares
-
-
-def capacity_bound(loads: list[DeviceLoad], num_layers: int) -> tuple[float, list[float]]:
-    """max T: sum_i x[i,l] = T for every layer l, sum_l x[i,l] / cap_i <= 1; returns T and shares."""
-    return _flow(loads, num_layers, None, None)
-
-
-def route_shares(loads: list[DeviceLoad], num_layers: int, throughput: float, weights) -> list[DeviceLoad]:
-    """`loads` with the shares of another feasible routing: the flow of `throughput` tokens/s (at most the
-    capacity bound) that minimises sum w_i x[i,l]. Different weights give different corners of the set of
-    routings, the way different schedulers' splits would (Helix's IWRR weights are not published)."""
-    _, shares = _flow(loads, num_layers, weights, throughput)
-    return [replace(d, share=s) for d, s in zip(loads, shares)]
 
 
 def placement_loads(inventory: Inventory, spec: ModelSpec, placement: Placement, budgets: dict[str, float],
@@ -191,13 +175,37 @@ def round_trip_terms(inventory: Inventory, spec: ModelSpec, loads: list[DeviceLo
     for d in loads:
         if d.share <= 0:
             continue
-        device, k = inventory.device(d.name), d.layers[1] - d.layers[0]
+        device = inventory.device(d.name)
+        k = d.layers[1] - d.layers[0] if d.layers_run is None else d.layers_run
         batch = max(in_flight * d.share, 1.0)
         stretch = 1 / (1 - min(tokens_per_s * d.share * k * _prompt_s_per_token(device, spec), 0.9))
         profiled_s += d.share * (k * _layer_s(device, spec, "decode", batch) * stretch + HOP_S)
         layer_iters += d.share * k * stretch
         request_iters += d.share * batch * stretch
     return profiled_s, layer_iters, request_iters
+
+
+Route = tuple[tuple[str, int, int], ...]  # (device, first layer, stop layer) per stage, host excluded
+
+
+def with_routes(loads: list[DeviceLoad], routes: dict[Route, float]) -> list[DeviceLoad]:
+    """`loads` routed as logged: `routes` maps each route to its share of the generated tokens (summing to
+    1). A device's share is the tokens that visit it; `layers_run` the layers a visit runs, on average
+    (a route may use part of a device's range where ranges overlap)."""
+    total = sum(routes.values())
+    if total <= 0:
+        raise PlanError("routes carry no tokens")
+    names = {d.name for d in loads}
+    visits: dict[str, list[float]] = {}
+    for route, weight in routes.items():
+        for name, a, b in route:
+            if name not in names:
+                raise PlanError(f"route visits {name!r}, which the placement does not hold")
+            v = visits.setdefault(name, [0.0, 0.0])
+            v[0] += weight / total
+            v[1] += weight / total * (b - a)
+    return [replace(d, share=visits[d.name][0], layers_run=visits[d.name][1] / visits[d.name][0])
+            if d.name in visits else replace(d, share=0.0, layers_run=None) for d in loads]
 
 
 def requests_in_flight(spec: ModelSpec, loads: list[DeviceLoad], host: Host) -> tuple[float, str]:
@@ -227,23 +235,43 @@ def in_flight_bound(inventory: Inventory, spec: ModelSpec, loads: list[DeviceLoa
     return tokens_per_s, round_trip_s
 
 
+def _busy_per_token(d: DeviceLoad) -> float:
+    """Seconds of `d`'s time per generated token of the cluster (at its largest batch)."""
+    k = d.layers[1] - d.layers[0] if d.layers_run is None else d.layers_run
+    return d.share * k / max(d.tokens_per_s, 1e-9)
+
+
+def routed_loads(inventory: Inventory, spec: ModelSpec, placement: Placement, budgets: dict[str, float],
+                 decode_caps: dict[str, dict[int, int]] | None = None, physical: dict[str, float] | None = None,
+                 routes: dict[Route, float] | None = None) -> tuple[list[DeviceLoad], float]:
+    """`placement_loads`, routed by `routes` where given: the capacity is then the tokens/s at which the
+    busiest device of those routes is fully busy, not the LP's best."""
+    loads, capacity = placement_loads(inventory, spec, placement, budgets, decode_caps, physical)
+    if routes is None or capacity <= 0:
+        return loads, capacity
+    loads = with_routes(loads, routes)
+    return loads, 1.0 / max(_busy_per_token(d) for d in loads)
+
+
 def predict_throughput(inventory: Inventory, spec: ModelSpec, placement: Placement, budgets: dict[str, float],
                        overhead: Overhead, decode_caps: dict[str, dict[int, int]] | None = None,
-                       physical: dict[str, float] | None = None, host: Host = MAXFLOW) -> ServingPrediction:
+                       physical: dict[str, float] | None = None, host: Host = MAXFLOW,
+                       routes: dict[Route, float] | None = None) -> ServingPrediction:
     """Offline decode tokens/s of `placement` (device name -> [first, stop) layers).
 
     `budgets`: machine type (DeviceProfile.model) -> bytes for weights + KV (`kv_caps.kv_budgets`);
     `decode_caps`: machine type -> {layers: vLLM's max decode batch}, optional;
     `physical`: machine type -> physical weights + KV bound, used beyond the profiled layer counts;
-    `host`: the host loop that keeps requests in the cluster.
+    `host`: the host loop that keeps requests in the cluster;
+    `routes`: the routes requests took and their token shares, where the run logged them (else the LP's flow).
     """
-    loads, capacity = placement_loads(inventory, spec, placement, budgets, decode_caps, physical)
+    loads, capacity = routed_loads(inventory, spec, placement, budgets, decode_caps, physical, routes)
     if capacity <= 0:
         return ServingPrediction(0.0, "capacity", tuple(loads), min(loads, key=lambda d: d.max_batch).name, 0.0, 0.0)
     in_flight, bound = requests_in_flight(spec, loads, host)
     flight, round_trip_s = in_flight_bound(inventory, spec, loads, overhead, in_flight)
     if capacity <= flight:
-        busy = max(loads, key=lambda d: d.share * (d.layers[1] - d.layers[0]) / max(d.tokens_per_s, 1e-9))
+        busy = max(loads, key=lambda d: _busy_per_token(d))
         return ServingPrediction(capacity, "capacity", tuple(loads), busy.name, in_flight, round_trip_s)
     # The layer with the least KV limits how many requests are admitted (or, with a fixed count, the host does).
     tightest = "host" if bound == "launched" else min(loads, key=lambda d: d.kv_tokens).name
@@ -260,6 +288,7 @@ class MeasuredRun:
     tokens_per_s: float
     round_trip_s: float
     decode_caps: dict[str, dict[int, int]] | None = None
+    routes: dict[Route, float] | None = None
 
 
 def fit_overhead(runs: list[MeasuredRun], budgets: dict[str, float], physical: dict[str, float]) -> Overhead:
@@ -273,7 +302,7 @@ def fit_overhead(runs: list[MeasuredRun], budgets: dict[str, float], physical: d
         raise PlanError("fit_overhead needs at least one measured run")
     rows, rhs = [], []
     for run in runs:
-        loads, _ = placement_loads(run.inventory, run.spec, run.placement, budgets, run.decode_caps, physical)
+        loads, _ = routed_loads(run.inventory, run.spec, run.placement, budgets, run.decode_caps, physical, run.routes)
         profiled_s, layer_iters, request_iters = round_trip_terms(
             run.inventory, run.spec, loads, run.tokens_per_s * run.round_trip_s, run.tokens_per_s)
         in_flight = run.tokens_per_s * run.round_trip_s

@@ -31,6 +31,12 @@ RS_LAYOUT = "Helix-ASPLOS25/artifact_evaluation/request_scheduling/layout_single
 # 178.5 vs 180). The 70B separate runs' count is not in the published script (math.inf: KV room sets N).
 HOSTS = {("llama30b", "swarm"): Host(50), ("llama30b", "separate"): Host(30), ("llama70b", "swarm"): Host(180),
          ("llama70b", "separate"): Host(math.inf)}
+# Routes requests took where the artifact logged them (query_route.txt), aggregated in helix_routes.json:
+# a max-flow host splits requests by IWRR over weights from Helix's own max flow, which the placement
+# files do not give; runs without a log are routed by the capacity LP's flow.
+ROUTES_FILE = Path(__file__).with_name("helix_routes.json")
+ROUTE_LOGS = {("llama70b", "helix"): "llama70b helix maxflow", ("llama70b", "petals"): "llama70b petals maxflow",
+              ("llama70b", "swarm"): "llama70b swarm swarm"}
 DEVICE_TYPES = ("A100", "L4", "T4", "T4x4")
 DECODE_BATCHES = (2, 4, 8, 16, 32)
 PREFILL_TOKENS = (1000, 2000, 3000, 4000)
@@ -153,9 +159,15 @@ class ServingSetup:
     def model_caps(self, model: str) -> dict[str, dict[int, int]]:
         return caps_of(self.caps, model)
 
-    def predict(self, model: str, spec: ModelSpec, cluster: str, placement: dict, host: Host = MAXFLOW):
+    def predict(self, model: str, spec: ModelSpec, cluster: str, placement: dict, host: Host = MAXFLOW,
+                routes: dict | None = None):
         return predict_throughput(self.invs[cluster], spec, placement, self.budgets, self.overhead,
-                                  self.model_caps(model), self.physical, host)
+                                  self.model_caps(model), self.physical, host, routes)
+
+
+def logged_routes(run: str | None) -> dict | None:
+    """A run's logged routes (`helix.read_routes`), or None where the artifact has no log for it."""
+    return helix.read_routes(ROUTES_FILE, run) if run else None
 
 
 def overhead_runs(root: Path, model_specs: dict[str, ModelSpec], invs: dict, caps) -> list[tuple[str, MeasuredRun]]:
@@ -172,13 +184,15 @@ def overhead_runs(root: Path, model_specs: dict[str, ModelSpec], invs: dict, cap
         if r["model"] == "llama30b" and r["placement"] == "helix" and r["subcluster"] in ("a100", "l4", "t4"):
             t = r["subcluster"]
             inv, place = invs[t], _placement(root / HELIX / f"layout_llama30b/ilp/{t}/ilp_sol.ini")
+            routes = None
         elif r["model"] == "llama70b" and r["placement"] == "helix (request_scheduling layout)":
             inv, place = invs["cluster24"], _placement(root / RS_LAYOUT)
+            routes = logged_routes(f"llama70b request_scheduling {r['scheduler']}")
         else:
             continue
         out.append((f"{r['model']} {r['placement']} {r['scheduler']} {r['subcluster']}",
                     MeasuredRun(inv, model_specs[r["model"]], place, float(r["decode_tok_s"]),
-                                float(r["avg_decode_latency_s"]), caps_of(caps, r["model"]))))
+                                float(r["avg_decode_latency_s"]), caps_of(caps, r["model"]), routes)))
     return out
 
 
@@ -204,7 +218,8 @@ def serving_predictions(root: Path, setup: ServingSetup | None = None) -> dict[t
             file = layouts / method / f"{method}_sol.ini"
             if file.is_file():
                 key = (model, "helix" if method == "ilp" else method)
-                p = setup.predict(model, spec, "cluster24", _placement(file), HOSTS.get(key, MAXFLOW))
+                p = setup.predict(model, spec, "cluster24", _placement(file), HOSTS.get(key, MAXFLOW),
+                                  logged_routes(ROUTE_LOGS.get(key)))
                 out[key] = (p.tokens_per_s, {"bound": p.bound})
         # separate pipelines, and for 30B Helix's per-sub-cluster MILP placements: sum of sub-clusters
         for method, pattern in (("separate", "separate/{t}_solution_file.ini"), ("helix", "ilp/{t}/ilp_sol.ini")):
