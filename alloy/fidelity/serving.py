@@ -17,11 +17,16 @@ Two bounds, the smaller one is the prediction:
      route): R = sum over the route of [layers * measured decode time at that batch + overhead]
      / (1 - prompt share) + one hop per stage + the host's time for the requests in flight. X and R
      depend on each other (prompt share ~ X); a fixed point solves it.
+   - A stage whose vLLM cap per iteration is below its share of the convoy runs it in parts, which
+     then travel separately (`convoy_groups`: first fit, the largest group every stage admits).
+   - Routes: the capacity LP's flow, or the routes the run logged (`with_routes`), where a run's
+     requests were split over nodes holding the same layers by weights the placement does not give.
 
 Constants and where they come from:
 - FEED_HWM 0.8 and the (prompt + 240) reservation: the Helix artifact's offline max-flow host
   (feeding_hwm, and the scheduler's KV expectation with output-length ratio 1).
 - Launch counts of the fixed-count hosts: the artifact's host script (`validate.HOSTS`).
+- vLLM's per-iteration decode caps: the caps file (`derived/machine_layer_limits.csv`), read by `kv_caps`.
 - KV room per machine type: `kv_caps` (read off the vLLM caps file, no throughput used); beyond the
   layer counts the caps were profiled at, the physical bound `kv_caps.physical_budgets`. A node
   keeps at least one request's KV.
@@ -31,6 +36,7 @@ Constants and where they come from:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -84,6 +90,7 @@ class DeviceLoad:
     tokens_per_s: float  # generated tokens/s through each of its layers at max_batch
     share: float = 0.0  # fraction of all tokens that pass through it (from the LP flow, or logged routes)
     layers_run: float | None = None  # mean layers run per visit; None: all of its layers (`with_routes` sets it)
+    iteration_cap: float | None = None  # vLLM's most decode sequences in one iteration (caps file), if known
 
 
 @dataclass(frozen=True)
@@ -121,10 +128,11 @@ def device_load(device: DeviceProfile, spec: ModelSpec, layers: tuple[int, int],
     # sequence, so a node at the edge of its memory (the 70B T4 pipeline) keeps one request's KV.
     kv_tokens = max(free / (k * kv_bytes_per_token_layer(spec)), PROMPT_TOKENS + OUTPUT_TOKENS)
     max_batch = kv_tokens / (PROMPT_TOKENS + OUTPUT_TOKENS)
-    if decode_caps and k in decode_caps:
-        max_batch = min(max_batch, decode_caps[k])
+    cap = float(decode_caps[k]) if decode_caps and k in decode_caps else None
+    if cap is not None:
+        max_batch = min(max_batch, cap)
     per_token_s = _layer_s(device, spec, "decode", max_batch) / max_batch + _prompt_s_per_token(device, spec)
-    return DeviceLoad(device.name, layers, kv_tokens, max_batch, 1.0 / per_token_s)
+    return DeviceLoad(device.name, layers, kv_tokens, max_batch, 1.0 / per_token_s, iteration_cap=cap)
 
 
 def capacity_bound(loads: list[DeviceLoad], num_layers: int) -> tuple[float, list[float]]:
@@ -167,21 +175,36 @@ def placement_loads(inventory: Inventory, spec: ModelSpec, placement: Placement,
     return [replace(d, share=s) for d, s in zip(loads, shares)], capacity
 
 
+def convoy_groups(loads: list[DeviceLoad], in_flight: float) -> list[float]:
+    """The groups the requests in flight travel in, as fractions of them. A stage that cannot take the
+    whole convoy in one vLLM iteration (its per-iteration cap) runs the cap first and the rest after,
+    and the parts then travel on separately (stages are busy a small part of the time, so they seldom
+    meet again): groups of the largest size every stage admits, and the remainder."""
+    sizes = [d.iteration_cap / d.share for d in loads if d.share > 0 and d.iteration_cap]
+    group = min(sizes, default=math.inf)
+    if in_flight <= group:
+        return [1.0]
+    full, rest = divmod(in_flight, group)
+    return [group / in_flight] * int(full) + ([rest / in_flight] if rest > 1e-9 else [])
+
+
 def round_trip_terms(inventory: Inventory, spec: ModelSpec, loads: list[DeviceLoad], in_flight: float,
                      tokens_per_s: float) -> tuple[float, float, float]:
     """(profiled s, layer-iterations, request-iterations) of one token's trip: R = the first
     + Overhead.per_layer_s * the second + Overhead.per_request_s * the third."""
     profiled_s, layer_iters, request_iters = HOP_S, 0.0, 0.0
+    groups = convoy_groups(loads, in_flight)
     for d in loads:
         if d.share <= 0:
             continue
         device = inventory.device(d.name)
         k = d.layers[1] - d.layers[0] if d.layers_run is None else d.layers_run
-        batch = max(in_flight * d.share, 1.0)
+        batches = [max(f * in_flight * d.share, 1.0) for f in groups]  # a request's iteration, by its group
+        layer_s = sum(f * _layer_s(device, spec, "decode", b) for f, b in zip(groups, batches))
         stretch = 1 / (1 - min(tokens_per_s * d.share * k * _prompt_s_per_token(device, spec), 0.9))
-        profiled_s += d.share * (k * _layer_s(device, spec, "decode", batch) * stretch + HOP_S)
+        profiled_s += d.share * (k * layer_s * stretch + HOP_S)
         layer_iters += d.share * k * stretch
-        request_iters += d.share * batch * stretch
+        request_iters += d.share * sum(f * b for f, b in zip(groups, batches)) * stretch
     return profiled_s, layer_iters, request_iters
 
 

@@ -1,7 +1,7 @@
 """Every fidelity check of issue 11, as data: `run_all(root)` -> list of Metric.
 
 Fitted, and on what: the per-device-type roofline of `layer_time` (one batch size of LLaMA-2-70B
-per phase, see there) and the serving model's two overheads (`overhead_runs`: six measured runs whose
+per phase, see there) and the serving model's three overheads (`overhead_runs`: six measured runs whose
 totals are not checked). Nothing else is fitted to a published number.
 """
 
@@ -171,7 +171,7 @@ def logged_routes(run: str | None) -> dict | None:
 
 
 def overhead_runs(root: Path, model_specs: dict[str, ModelSpec], invs: dict, caps) -> list[tuple[str, MeasuredRun]]:
-    """The measured runs the two overhead constants are fitted on; none of them is a checked total.
+    """The measured runs the three overhead constants are fitted on; none of them is a checked total.
 
     - LLaMA-30B Helix, each sub-cluster chain alone (A100, L4, T4; Section 6.3). The checked 30B Helix
       total is their sum, and the 30B separate pipelines are the same three placements (at 30 requests
