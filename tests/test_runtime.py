@@ -181,3 +181,22 @@ def test_a_cpu_stage_next_to_a_gpu_stage_equals_a_single_process(tmp_path):
                        devices=devices, threads=1, timeout_s=120)
     report = run_job(job, timeout_s=300)
     assert _relative(report.state_dict(), ref_state) <= 1e-4  # TF32/cuBLAS may differ slightly from CPU
+
+
+def test_launch_error_names_the_rank_that_failed_first():
+    """torchrun's log of a GPU run that failed (the stage input stride check of torch 2.11): rank 1 only
+    saw its peer go away, so rank 0's error, module-qualified, is the one reported."""
+    from alloy.runtime.launch import _first_error
+    log = "\n".join([
+        "[rank1]: Traceback (most recent call last):",
+        "[rank1]: RuntimeError: [/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:547] Connection closed by "
+        "peer [127.0.0.1]:4500",
+        "[rank0]: Traceback (most recent call last):",
+        "[rank0]: torch.distributed.pipelining._utils.PipeliningShapeError: Stage 0 forward inputs: value 0 has a "
+        "stride mismatch: expected (8, 1) actual (9, 1)",
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:"])
+    assert _first_error(log, "127.0.0.1:1") == ("worker rank 0 failed: torch.distributed.pipelining._utils."
+                                                "PipeliningShapeError: Stage 0 forward inputs: value 0 has a stride "
+                                                "mismatch: expected (8, 1) actual (9, 1)")
+    only_peer = "\n".join(log.splitlines()[:2])
+    assert _first_error(only_peer, "127.0.0.1:1").startswith("worker rank 1 failed: RuntimeError:")

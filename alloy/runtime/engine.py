@@ -162,7 +162,9 @@ class StageRunner:
         return StepRecord(step, float(local_loss), lr, grad_norm, time.perf_counter() - start_s, sync_s)
 
     def _forward_backward(self, rows: torch.Tensor) -> torch.Tensor:
-        inputs, targets = rows[:, :-1], rows[:, 1:]
+        # contiguous: the pipeline stage checks its inputs' strides against its (contiguous) shape
+        # metadata, and torch 2.11's check refuses a view of the seq_len + 1 wide rows
+        inputs, targets = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
         stage = self.info.stage
         if self.schedule is None:
             logits = self.module(inputs)
@@ -200,7 +202,7 @@ class StageRunner:
     def evaluate(self, batch: torch.Tensor) -> float:
         """Mean next-token loss of a global batch, forward only, through each replica's pipeline."""
         rows = self._my_rows(batch)
-        inputs, targets = rows[:, :-1], rows[:, 1:]
+        inputs, targets = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
         stage, pipeline = self.info.stage, self.info.pipeline_ranks
         position = self.info.stage_index
         total = torch.zeros((), dtype=torch.float64)

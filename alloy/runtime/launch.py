@@ -114,10 +114,11 @@ def _first_error(log: str, endpoint: str) -> str:
     for line in log.splitlines():
         if line.startswith("alloy worker"):
             return line
-    for line in log.splitlines():  # an unexpected exception in a worker: its last line says what
-        match = re.match(r"\[rank(\d+)\]: (\w+(Error|Exception): .*)", line)
-        if match:
-            return f"worker rank {match.group(1)} failed: {match.group(2)[:300]}"
+    # An unexpected exception in a worker: its last line says what. The rank whose peer died first
+    # reports only the closed connection, so a rank with another error is the cause.
+    failures = [m for m in (re.match(r"\[rank(\d+)\]: ([\w.]+(Error|Exception): .*)", l) for l in log.splitlines()) if m]
+    for match in sorted(failures, key=lambda m: "closed by peer" in m.group(2) or "reset by peer" in m.group(2)):
+        return f"worker rank {match.group(1)} failed: {match.group(2)[:300]}"
     if "RendezvousTimeoutError" in log or "RendezvousConnectionError" in log or "timed out" in log.lower():
         return f"could not reach the rendezvous at {endpoint} in time"
     for line in log.splitlines():  # a traceback without torchrun's rank prefix: its last line
