@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import ast
 import configparser
+import functools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,13 +185,16 @@ def route_table(lines) -> list[dict]:
     return [{"stages": k, **v} for k, v in sorted(rows.items(), key=lambda kv: -kv[1]["output_tokens"])]
 
 
+@functools.lru_cache(maxsize=4)
+def _route_file(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
 def read_routes(path: str | Path, run: str) -> dict[tuple[tuple[str, int, int], ...], float]:
     """One run's routes from a route-table JSON ({run: {"routes": [route_table rows], ...}}): each route as
     ((device name, first, stop), ...) -> its share of the generated tokens. Machine m is compute node
     m - 1, the device `n{m-1}` of `helix_inventory` (machine 0 is the host)."""
-    import json
-
-    data = json.loads(Path(path).read_text())
+    data = _route_file(Path(path))
     if run not in data:
         raise ConfigError(f"no routes for run {run!r} in {path}")
     out, total = {}, sum(r["output_tokens"] for r in data[run]["routes"])

@@ -92,6 +92,10 @@ class DeviceLoad:
     layers_run: float | None = None  # mean layers run per visit; None: all of its layers (`with_routes` sets it)
     iteration_cap: float | None = None  # vLLM's most decode sequences in one iteration (caps file), if known
 
+    @property
+    def layers_per_visit(self) -> float:
+        return self.layers[1] - self.layers[0] if self.layers_run is None else self.layers_run
+
 
 @dataclass(frozen=True)
 class ServingPrediction:
@@ -197,8 +201,7 @@ def round_trip_terms(inventory: Inventory, spec: ModelSpec, loads: list[DeviceLo
     for d in loads:
         if d.share <= 0:
             continue
-        device = inventory.device(d.name)
-        k = d.layers[1] - d.layers[0] if d.layers_run is None else d.layers_run
+        device, k = inventory.device(d.name), d.layers_per_visit
         batches = [max(f * in_flight * d.share, 1.0) for f in groups]  # a request's iteration, by its group
         layer_s = sum(f * _layer_s(device, spec, "decode", b) for f, b in zip(groups, batches))
         stretch = 1 / (1 - min(tokens_per_s * d.share * k * _prompt_s_per_token(device, spec), 0.9))
@@ -260,8 +263,7 @@ def in_flight_bound(inventory: Inventory, spec: ModelSpec, loads: list[DeviceLoa
 
 def _busy_per_token(d: DeviceLoad) -> float:
     """Seconds of `d`'s time per generated token of the cluster (at its largest batch)."""
-    k = d.layers[1] - d.layers[0] if d.layers_run is None else d.layers_run
-    return d.share * k / max(d.tokens_per_s, 1e-9)
+    return d.share * d.layers_per_visit / max(d.tokens_per_s, 1e-9)
 
 
 def routed_loads(inventory: Inventory, spec: ModelSpec, placement: Placement, budgets: dict[str, float],

@@ -90,6 +90,12 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
 
 
+def _next_token_pairs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of seq_len + 1 wide token rows. Contiguous: a pipeline stage checks its inputs'
+    strides against its (contiguous) shape metadata, and torch 2.11's check refuses the row views."""
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
 class StageRunner:
     def __init__(self, spec: ModelSpec, layout: RunLayout, rank: int, *, device: torch.device,
                  seed: int = 0, init_dir: str | None = None, optim: OptimConfig | None = None,
@@ -162,9 +168,7 @@ class StageRunner:
         return StepRecord(step, float(local_loss), lr, grad_norm, time.perf_counter() - start_s, sync_s)
 
     def _forward_backward(self, rows: torch.Tensor) -> torch.Tensor:
-        # contiguous: the pipeline stage checks its inputs' strides against its (contiguous) shape
-        # metadata, and torch 2.11's check refuses a view of the seq_len + 1 wide rows
-        inputs, targets = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        inputs, targets = _next_token_pairs(rows)
         stage = self.info.stage
         if self.schedule is None:
             logits = self.module(inputs)
@@ -202,7 +206,7 @@ class StageRunner:
     def evaluate(self, batch: torch.Tensor) -> float:
         """Mean next-token loss of a global batch, forward only, through each replica's pipeline."""
         rows = self._my_rows(batch)
-        inputs, targets = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        inputs, targets = _next_token_pairs(rows)
         stage, pipeline = self.info.stage, self.info.pipeline_ranks
         position = self.info.stage_index
         total = torch.zeros((), dtype=torch.float64)
