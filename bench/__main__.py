@@ -41,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes: each benchmark under a minute")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--reps", type=int, default=None, help="alternating rounds (default 3, quick 1)")
+    parser.add_argument("--matrix", action="store_true",
+                        help="hetero only: every scenario (quotas, core sets, sizes, batches, memory-bound), one table")
     args = parser.parse_args(argv)
+    if args.matrix:
+        return run_matrix(args)
     names = sorted(BENCHMARKS) if args.name == "all" else [args.name]
     reps = args.reps or (1 if args.quick else 3)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
@@ -67,6 +71,23 @@ def main(argv: list[str] | None = None) -> int:
         log(f"raw samples: {path}")
     if args.json:
         print(json.dumps(outputs[names[0]] if len(names) == 1 else outputs, indent=1))
+    return 0
+
+
+def run_matrix(args) -> int:
+    if args.name != "hetero":
+        print("--matrix is for the hetero benchmark", file=sys.stderr)
+        return 2
+    from bench import hetero
+
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    result = hetero.matrix(args.quick, log=log)
+    record = {"benchmark": "hetero-matrix", "quick": args.quick, "environment": harness.environment(), **result}
+    path = harness.save("hetero-matrix", record)
+    log(hetero.matrix_markdown(result))
+    log(f"raw results: {path}")
+    if args.json:
+        print(json.dumps(record, indent=1))
     return 0
 
 

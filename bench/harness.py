@@ -27,8 +27,9 @@ def run_variant(module: str, argv: list[str], timeout_s: float) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
                           cwd=Path(__file__).resolve().parent.parent)
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"bench.{module} {' '.join(argv)} failed: {' | '.join(tail)}")
+        from alloy.devices.slice_worker import child_error
+
+        raise RuntimeError(f"bench.{module} {' '.join(argv)} failed: {child_error(proc.stderr or proc.stdout)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -1,30 +1,68 @@
-"""Heterogeneous training efficiency: three CPU workers emulated at 100/50/25% of a core.
+"""Heterogeneous training: Alloy's verified plan against what users do instead, on emulated devices.
 
-Variants (each one torchrun job over the same slices, same model, same global batch):
-  alloy       the planner's layout from the slices' measured profiles
-  equal       what DDP does: every worker a replica with an equal batch share
-  solo-<dev>  one worker alone, for the solo-sum ceiling
-Headline: efficiency_vs_solo_sum = alloy / sum(solo), gain_vs_equal_split = alloy / equal,
-predicted_step_error = |measured - predicted| / measured for Alloy's plan.
-Run one measurement: python -m bench.hetero --variant alloy [--quick]
+CPU workers are slices of this machine (cgroup v1 quotas as root; core sets otherwise). Each
+variant is one real torchrun job over the same slices, model and global batch:
+  alloy          alloy.runtime.verify: the planner's best candidates and the baselines run for a
+                 few steps each, the measured-fastest kept; then a fresh run of that plan
+  equal          every worker a replica with an equal batch share (DDP)
+  fastest        the fastest worker alone (the others idle)
+  proportional   every worker a replica, shares in proportion to its measured throughput
+  solo-<dev>     one worker alone, for the solo-sum ceiling (default scenario only)
+
+`python -m bench hetero [--quick]`: the default scenario (quotas 100/50/25) under the harness.
+`python -m bench hetero --matrix [--quick]`: every scenario in SCENARIOS, one table: Alloy against
+the best baseline it was compared with, and predicted against measured step time.
+One measurement: python -m bench.hetero --variant alloy [--quick] [--scenario NAME]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from alloy.devices import CpuSlice, Inventory, LinkSpec
+from alloy.devices import CpuSlice, Inventory
 from alloy.spec import ModelSpec
 
-QUOTAS = (1.0, 0.5, 0.25)
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {  # hidden, layers, heads, kv heads, ffn, vocab, global batch, seq, steps
     "quick": (128, 4, 4, 2, 352, 2048, 7, 64, 4),
     "full": (256, 8, 8, 4, 688, 4096, 28, 128, 5),
 }
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    slices: tuple[CpuSlice, ...]
+    size: str = "full"
+    batch: int | None = None  # None: the size's global batch
+    memory_fraction: float | None = None  # each worker may hold this fraction of the whole model's
+    #                                      training state: below 1 no single worker fits (a pipeline is forced)
+    what: str = ""
+
+
+def _q(*quotas) -> tuple[CpuSlice, ...]:
+    return tuple(CpuSlice(quota=q) for q in quotas)
+
+
+SCENARIOS = {s.name: s for s in [
+    Scenario("q100-50-25", _q(1.0, 0.5, 0.25), what="data-parallel friendly, quotas 100/50/25 %"),
+    Scenario("q100-100-25", _q(1.0, 1.0, 0.25), what="two full workers and a quarter one (2.25 cores on 2)"),
+    Scenario("q100-10", _q(1.0, 0.1), what="one worker that should only hurt"),
+    Scenario("cores", (CpuSlice(cores=[0]), CpuSlice(cores=[1])), what="core sets instead of quotas"),
+    Scenario("q100-50-25-b8", _q(1.0, 0.5, 0.25), batch=8, what="a small global batch"),
+    Scenario("q100-50-25-quick", _q(1.0, 0.5, 0.25), size="quick", what="a smaller model"),
+    Scenario("q100-50-mem", _q(1.0, 0.5), memory_fraction=0.7, what="memory-bound: no worker holds the model"),
+]}
+MATRIX_STEPS = {"quick": 6, "full": 9}  # fresh runs in the matrix: the median of steps - 2 step periods
+QUICK_MATRIX = ("q100-50-25", "q100-10", "q100-50-mem")
+DEFAULT = "q100-50-25"
 
 
 def spec_for(size: str) -> ModelSpec:
@@ -34,127 +72,217 @@ def spec_for(size: str) -> ModelSpec:
                      tie_embeddings=True)
 
 
-def slices_inventory(size: str, refresh: bool = False) -> Inventory:
-    """The three slices, each timed from inside itself: matmul rate, memory bandwidth, and this
-    benchmark model's per-layer forward+backward times (cached: measuring takes a minute)."""
-    cache = RESULTS / f"hetero-slices-{size}.json"
+def scenario_for(name: str, quick: bool) -> Scenario:
+    scenario = SCENARIOS[name]
+    if quick and scenario.size == "full":  # --quick: every scenario at the small size
+        scenario = Scenario(scenario.name, scenario.slices, "quick", None, scenario.memory_fraction, scenario.what)
+    return scenario
+
+
+def workload(scenario: Scenario):
+    from alloy.plan import Workload
+
+    *_, batch, seq, _ = SIZES[scenario.size]
+    return Workload("train", scenario.batch or batch, seq, dtype="fp32")
+
+
+def slice_name(piece: CpuSlice) -> str:
+    if piece.cores:
+        return "cpu-c" + ".".join(map(str, piece.cores))
+    return f"cpu-q{piece.quota:g}"
+
+
+def measured_slice(piece: CpuSlice, size: str, refresh: bool = False):
+    """One slice's profile with this size's per-layer times, timed from inside it (cached)."""
+    from alloy.devices import DeviceProfile, measure_slice
+
+    cache = RESULTS / f"hetero-slice-{slice_name(piece)}-{size}.json"
     if cache.is_file() and not refresh:
-        return Inventory.load(cache)
-    from alloy.devices import measure_slice
-
+        return DeviceProfile.model_validate_json(cache.read_text())
     spec, (*_, batch, seq, _) = spec_for(size), SIZES[size]
-    devices = [measure_slice(CpuSlice(quota=q), name=f"cpu-q{q:g}", budget_s=2.0,
-                             layers_of=(spec, seq, (1, 2, 4, 8, batch)), timeout_s=600) for q in QUOTAS]
-    link = measure_slice_link(spec_for(size).num_params() * 4)
-    inventory = Inventory(name="hetero-slices", devices=devices, intra_node_link=link)
-    inventory.save(cache)
-    return inventory
+    device = measure_slice(piece, name=slice_name(piece), budget_s=2.0,
+                           layers_of=(spec, seq, (1, 4, 8, batch)), timeout_s=900)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    cache.write_text(device.model_dump_json(exclude_none=True))
+    return device
 
 
-def measure_slice_link(nbytes: int) -> LinkSpec:
-    """The slices' gloo all-reduce, timed with each process in its slice: on one machine the
-    "link" is loopback plus the reduction arithmetic, paced by the slowest slice's CPU share."""
-    import torch.multiprocessing as mp
+def inventory_for(scenario: Scenario) -> Inventory:
+    """The scenario's workers, measured, with the runtime's own terms calibrated on them."""
+    from alloy.plan.cost import model_costs
+    from alloy.runtime.calibrate import calibrate
 
-    from alloy.runtime.launch import free_port
-
-    with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_link_worker, args=(free_port(), nbytes, out), nprocs=len(QUOTAS), start_method="spawn")
-        seconds = float(Path(out, "allreduce_s").read_text())
-    n = len(QUOTAS)
-    # Invert the planner's ring formula (2 (n-1)/n bytes / bandwidth) so it predicts what was seen.
-    return LinkSpec(bandwidth_bytes_per_s=2 * (n - 1) / n * nbytes / seconds, latency_s=0.0)
-
-
-def _link_worker(rank: int, port: int, nbytes: int, out: str) -> None:
-    import statistics
-    import time
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
-
-    from alloy.devices.emulate import cpu_slice
-
-    torch.set_num_threads(1)
-    with cpu_slice(CpuSlice(quota=QUOTAS[rank])):
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(QUOTAS),
-                                timeout=timedelta(seconds=120))
-        tensor = torch.ones(nbytes // 4)
-        dist.all_reduce(tensor)  # warm-up: connections, buffers
-        samples = []
-        for _ in range(3):
-            dist.barrier()
-            started = time.perf_counter()
-            dist.all_reduce(tensor)
-            samples.append(time.perf_counter() - started)
-        if rank == 0:
-            Path(out, "allreduce_s").write_text(str(statistics.median(samples)))
-        dist.destroy_process_group()
+    devices = [measured_slice(piece, scenario.size) for piece in scenario.slices]
+    if scenario.memory_fraction is not None:
+        spec, work = spec_for(scenario.size), workload(scenario)
+        state_bytes = spec.num_params() * model_costs(spec, work).param_state_bytes
+        limit = int(scenario.memory_fraction * state_bytes)
+        devices = [d.model_copy(update={"memory_bytes": limit, "free_memory_bytes": limit}) for d in devices]
+    inventory = Inventory(name=f"hetero-{scenario.name}", devices=devices)
+    return calibrate(inventory, spec=spec_for(scenario.size))
 
 
-def measure(variant: str, size: str) -> dict:
-    from alloy.plan import Workload, make_plan
-    from alloy.runtime import RunLayout, Stage, job_document, run, run_job
+def candidates(scenario: Scenario) -> dict:
+    from alloy.plan.planner import plan_candidates
 
-    spec = spec_for(size)
-    *_, batch, seq, steps = SIZES[size]
-    inventory = slices_inventory(size)
-    devices = {d.name: d.model_dump() for d in inventory.devices}
-    out_dir = tempfile.mkdtemp(prefix=f"hetero-{variant}-")
-    whole = lambda name: (Stage(name, 0, spec.num_layers, True, True),)  # noqa: E731
-    if variant == "alloy":
-        plan = make_plan(spec, inventory, Workload("train", batch, seq, dtype="fp32"))
+    return dict(plan_candidates(spec_for(scenario.size), inventory_for(scenario), workload(scenario)))
+
+
+def run_plan(plan, scenario: Scenario, steps: int | None = None) -> dict:
+    from alloy.plan.planner import layout_line
+    from alloy.runtime import run
+
+    steps = steps or SIZES[scenario.size][-1] + 1
+    with tempfile.TemporaryDirectory(prefix="hetero-") as out_dir:
         report = run(plan, steps=steps, out_dir=out_dir, timeout_s=900)
-        layout = RunLayout.from_plan(plan)
-    else:
-        if variant == "equal":
-            names = [d.name for d in inventory.devices]
-            shares = [batch // len(names) + (i < batch % len(names)) for i in range(len(names))]
-            layout = RunLayout(tuple(whole(n) for n in names), tuple(shares), (1,) * len(names))
-        else:
-            layout = RunLayout((whole(variant.removeprefix("solo-")),), (batch,), (1,))
-        job = job_document(spec, layout, steps=steps, seq_len=seq, out_dir=out_dir, devices=devices, timeout_s=900)
-        report = run_job(job, timeout_s=900)
-    return {
-        "tokens_per_s": report.tokens_per_s,
-        "measured_step_s": report.measured_step_s,
-        "predicted_step_s": report.predicted_step_s or 0.0,
-        "prediction_error": report.prediction_error if report.prediction_error is not None else 0.0,
-        "layout": layout.to_dict(),
-    }
+    return {"tokens_per_s": report.tokens_per_s, "measured_step_s": report.measured_step_s,
+            "predicted_step_s": plan.predicted.step_s,
+            "prediction_error": abs(report.measured_step_s - plan.predicted.step_s) / report.measured_step_s,
+            "layout": layout_line(plan)}
 
+
+def measure(variant: str, scenario: Scenario) -> dict:
+    """One variant of one scenario: a fresh run of its layout."""
+    from alloy.plan.planner import plan_candidates
+    from alloy.runtime.verify import verify
+
+    inventory, spec, work = inventory_for(scenario), spec_for(scenario.size), workload(scenario)
+    if variant == "alloy":
+        started = time.perf_counter()
+        plan = verify(spec, inventory, work, log=lambda line: print(line, file=sys.stderr))
+        verify_s = time.perf_counter() - started
+        return run_plan(plan, scenario) | {"verify_s": verify_s, "chosen": plan.verification.chosen,
+                                           "trials": [t.model_dump() for t in plan.verification.trials]}
+    named = dict(plan_candidates(spec, inventory, work, top=1, dedupe=False))
+    if variant.startswith("solo-"):
+        from alloy.plan import make_plan
+        plan = make_plan(spec, inventory, work, device_names=[variant.removeprefix("solo-")], replicas=1)
+    else:
+        name = {"equal": "equal shares", "proportional": "proportional shares"}.get(variant, variant)
+        plan = next((p for n, p in named.items() if n == name or n.startswith(name + " ")), None)
+        if plan is None:  # a layout that duplicates another candidate, or does not fit: say so
+            return {"skipped": 1.0}
+    return run_plan(plan, scenario)
+
+
+# ---- the harness interface: the default scenario, A B A B ------------------------------------------
 
 def variants(quick: bool) -> dict[str, list[str]]:
     size = ["--quick"] if quick else []
-    slices_inventory("quick" if quick else "full")  # measure once, before the timed runs
-    names = ["alloy", "equal"] + [f"solo-cpu-q{q:g}" for q in QUOTAS]
+    scenario = scenario_for(DEFAULT, quick)
+    inventory_for(scenario)  # measure and calibrate once, before the timed runs
+    names = ["alloy", "equal", "proportional"] + [f"solo-{slice_name(s)}" for s in scenario.slices]
     return {name: ["--variant", name, *size] for name in names}
 
 
-PAIRS = [("alloy", "equal", "tokens_per_s")]
+PAIRS = [("alloy", "equal", "tokens_per_s"), ("alloy", "proportional", "tokens_per_s")]
 
 
 def headline(summary: dict, machine_flops: dict) -> dict:
     fig = summary["figures"]
     alloy = fig["alloy"]["tokens_per_s"]["median"]
-    solo_sum = sum(fig[f"solo-cpu-q{q:g}"]["tokens_per_s"]["median"] for q in QUOTAS)
+    solos = [f for name, f in fig.items() if name.startswith("solo-")]
+    solo_sum = sum(f["tokens_per_s"]["median"] for f in solos)
+    best_solo = max(f["tokens_per_s"]["median"] for f in solos)
     return {
         "alloy_tokens_per_s": alloy,
         "baseline_tokens_per_s": fig["equal"]["tokens_per_s"]["median"],
         "solo_sum_tokens_per_s": solo_sum,
         "efficiency_vs_solo_sum": alloy / solo_sum,
         "gain_vs_equal_split": summary["ratios"]["alloy/equal:tokens_per_s"]["median"],
+        "gain_vs_fastest_alone": alloy / best_solo,
         "predicted_step_error": fig["alloy"]["prediction_error"]["median"],
     }
+
+
+# ---- the matrix -------------------------------------------------------------------------------------
+
+def matrix(quick: bool, log=print) -> dict:
+    """Every scenario: verify (Alloy's choice), then fresh runs of the choice and each baseline."""
+    from alloy.plan.planner import plan_candidates
+    from alloy.runtime.verify import verify
+
+    rows = []
+    names = QUICK_MATRIX if quick else tuple(SCENARIOS)
+    started = time.perf_counter()
+    for name in names:
+        scenario = scenario_for(name, quick)
+        log(f"== {name} ({scenario.size}): {scenario.what}")
+        inventory, spec, work = inventory_for(scenario), spec_for(scenario.size), workload(scenario)
+        verify_started = time.perf_counter()
+        plan = verify(spec, inventory, work, top=2 if quick else 3, log=lambda line: log("   " + line))
+        verify_s = time.perf_counter() - verify_started
+        baselines = {n: p for n, p in plan_candidates(spec, inventory, work, top=1, dedupe=False)
+                     if not n.startswith("alloy")}
+        if "equal shares" not in baselines and scenario.memory_fraction is not None:
+            baselines.update(_pipeline_baseline(spec, inventory, work))
+        steps = MATRIX_STEPS[scenario.size]
+        measured = {"alloy": run_plan(plan, scenario, steps)}
+        for baseline, baseline_plan in baselines.items():
+            measured[baseline] = run_plan(baseline_plan, scenario, steps)
+        best_name = max((n for n in measured if n != "alloy"), key=lambda n: measured[n]["tokens_per_s"],
+                        default=None)
+        alloy = measured["alloy"]
+        chosen = next(t for t in plan.verification.trials if t.name == plan.verification.chosen)
+        row = {"scenario": name, "size": scenario.size, "what": scenario.what, "batch": work.batch_size,
+               "chosen": plan.verification.chosen, "layout": alloy["layout"],
+               "alloy_tokens_per_s": alloy["tokens_per_s"],
+               "best_baseline": best_name,
+               "best_baseline_tokens_per_s": measured[best_name]["tokens_per_s"] if best_name else None,
+               "ratio_vs_best_baseline": alloy["tokens_per_s"] / measured[best_name]["tokens_per_s"]
+               if best_name else None,
+               "predicted_step_s": chosen.predicted_step_s, "measured_step_s": alloy["measured_step_s"],
+               "prediction_error": abs(alloy["measured_step_s"] - chosen.predicted_step_s) / alloy["measured_step_s"],
+               "verify_s": verify_s, "measured": measured,
+               "trials": [t.model_dump() for t in plan.verification.trials], "note": plan.verification.note}
+        rows.append(row)
+        log(f"   alloy {row['alloy_tokens_per_s']:,.0f} tok/s ({row['layout']}); best baseline {best_name} "
+            f"{row['best_baseline_tokens_per_s'] or 0:,.0f}; ratio {row['ratio_vs_best_baseline'] or 0:.2f}; "
+            f"predicted {row['predicted_step_s']:.3g} s vs measured {row['measured_step_s']:.3g} s")
+    errors = [r["prediction_error"] for r in rows]
+    ratios = [r["ratio_vs_best_baseline"] for r in rows if r["ratio_vs_best_baseline"]]
+    summary = {"scenarios": len(rows), "min_ratio_vs_best_baseline": min(ratios) if ratios else None,
+               "median_prediction_error": statistics.median(errors), "worst_prediction_error": max(errors),
+               "seconds": time.perf_counter() - started}
+    return {"rows": rows, "summary": summary}
+
+
+def _pipeline_baseline(spec, inventory, work) -> dict:
+    """Where no worker holds the model, the baseline is an equal-layers pipeline over all of them."""
+    from alloy.plan.baselines import equal_split
+    from alloy.plan.planner import describe
+    from alloy.plan.timing import build_problem
+
+    problem = build_problem(spec, inventory, work)
+    base = equal_split(problem, min(work.batch_size, 8))
+    plan = describe(problem, base.layout, "exact", 0, 0.0)
+    return {} if plan.predicted.step_s == float("inf") else {"equal layers": plan}
+
+
+def matrix_markdown(result: dict) -> str:
+    lines = ["| scenario | size, batch | Alloy's choice | Alloy tok/s | best baseline (tok/s) | ratio | "
+             "predicted s | measured s | error |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        best = f"{r['best_baseline']} ({r['best_baseline_tokens_per_s']:,.0f})" if r["best_baseline"] else "-"
+        ratio = f"{r['ratio_vs_best_baseline']:.2f}" if r["ratio_vs_best_baseline"] else "-"
+        lines.append(f"| {r['scenario']} | {r['size']}, {r['batch']} | {r['layout']} | {r['alloy_tokens_per_s']:,.0f} | "
+                     f"{best} | {ratio} | {r['predicted_step_s']:.3g} | {r['measured_step_s']:.3g} | "
+                     f"{r['prediction_error']:.0%} |")
+    s = result["summary"]
+    lines.append("")
+    lines.append(f"lowest ratio vs best baseline {s['min_ratio_vs_best_baseline']:.2f}; prediction error median "
+                 f"{s['median_prediction_error']:.0%}, worst {s['worst_prediction_error']:.0%}; "
+                 f"{s['seconds'] / 60:.1f} minutes")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", required=True)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--scenario", default=DEFAULT, choices=sorted(SCENARIOS))
     args = parser.parse_args()
-    print(json.dumps(measure(args.variant, "quick" if args.quick else "full")))
+    print(json.dumps(measure(args.variant, scenario_for(args.scenario, args.quick))))
 
 
 if __name__ == "__main__":

@@ -74,3 +74,20 @@ def test_validate_figures_have_readable_keys_and_the_table_comes_from_the_sample
               "note": "m"}
     out = validate.report({"alloy": [{"metrics": [metric], "sensitivity": [spread]}]})
     assert "| s | v | 1 | 2 | 3 | 4 | no | m |" in out
+
+
+@pytest.mark.skipif(__import__("alloy.devices", fromlist=["x"]).quota_unavailable_reason() is not None,
+                    reason="the hetero benchmark's workers are CPU quota slices (cgroup v1, root)")
+def test_hetero_benchmark_quick_runs_every_variant_from_a_fresh_checkout():
+    """Smoke test (no speed asserted): slices measured, runtime terms calibrated, Alloy's plan
+    verified, every variant run; the figures are there and sane."""
+    proc = subprocess.run([sys.executable, "-m", "bench", "hetero", "--quick", "--json"], capture_output=True,
+                          text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout)
+    headline = record["headline"]
+    assert headline["alloy_tokens_per_s"] > 0 and headline["solo_sum_tokens_per_s"] > 0
+    assert 0 < headline["efficiency_vs_solo_sum"] <= 1.5 and headline["gain_vs_equal_split"] > 0
+    alloy = record["samples"]["alloy"][0]
+    assert alloy["chosen"] and len(alloy["trials"]) >= 3
+    assert all(t["predicted_step_s"] > 0 for t in alloy["trials"])

@@ -21,7 +21,7 @@ import pytest
 
 from alloy.devices import CpuSlice, Inventory, cleanup_stale_slices, cpu_slice, measure_slice, quota_unavailable_reason
 from alloy.devices.discovery import _own_cgroup_dir
-from alloy.devices.emulate import CGROUP_PREFIX, EmulationError
+from alloy.devices.emulate import CFS_PERIOD_US, CGROUP_PREFIX, EmulationError
 
 NO_QUOTA = quota_unavailable_reason()
 needs_quota = pytest.mark.skipif(NO_QUOTA is not None, reason=f"CPU quotas unavailable: {NO_QUOTA}")
@@ -76,11 +76,21 @@ def test_slice_cgroup_is_removed_when_the_block_fails(no_leftover_cgroups):
     with pytest.raises(RuntimeError, match="boom"):
         with cpu_slice(CpuSlice(quota=1.0)) as group:
             path = group.path
-            assert (path / "cpu.cfs_quota_us").read_text().strip() == "100000"
+            period_us = int((path / "cpu.cfs_period_us").read_text())
+            assert period_us == CFS_PERIOD_US and int((path / "cpu.cfs_quota_us").read_text()) == period_us
             assert str(os.getpid()) in (path / "cgroup.procs").read_text().split()
             raise RuntimeError("boom")
     assert not path.exists()
     assert Path("/proc/self/cgroup").read_text() == own  # back where it started
+
+
+@needs_quota
+def test_a_small_quota_gets_a_longer_period_not_a_bigger_share(no_leftover_cgroups):
+    """The kernel refuses a quota under 1 ms: a 5 % slice keeps its 5 % by lengthening the period."""
+    with cpu_slice(CpuSlice(quota=0.05)) as group:
+        period_us = int((group.path / "cpu.cfs_period_us").read_text())
+        quota_us = int((group.path / "cpu.cfs_quota_us").read_text())
+    assert period_us > CFS_PERIOD_US and quota_us / period_us == pytest.approx(0.05)
 
 
 _SELF_SLICED = textwrap.dedent("""

@@ -1,4 +1,8 @@
-"""The runtime against a single process: real torchrun workers over gloo, fp32 on CPU."""
+"""The runtime against a single process: real torchrun workers over gloo, on CPU.
+
+The equality tests train in float64 (the job's param_dtype, the reference's dtype), so their bound
+comes from float64 rounding, not from one CPU's fp32 summation order; one fp32 run checks that
+the ordinary path trains."""
 
 from __future__ import annotations
 
@@ -18,6 +22,11 @@ SPEC = ModelSpec(family="llama", vocab_size=64, hidden_size=32, num_layers=6, nu
 STEPS, SEQ = 3, 8
 DATA = DataSource("random", seed=3)
 OPTIM = OptimConfig(lr=3e-3, weight_decay=0.1)
+FP64 = torch.float64
+# float64 rounds at ~1.1e-16 per op; summation order, layers and a few AdamW steps amplify that by
+# orders of magnitude at most, while a real bug (a wrong loss weighting, a missed all-reduce) moves
+# the weights by >1e-3: 1e-10 holds on any CPU and still tells the two apart by seven orders.
+TOL = 1e-10
 
 
 def _stage(device, first, last, n=SPEC.num_layers):
@@ -45,21 +54,44 @@ def _relative(got: dict, expected: dict) -> float:
 def test_distributed_training_equals_a_single_process(name, tmp_path):
     layout = LAYOUTS[name]
     ref_losses, ref_state = reference_run(SPEC, steps=STEPS, global_batch=layout.global_batch, seq_len=SEQ,
-                                          data=DATA, optim=OPTIM)
+                                          data=DATA, optim=OPTIM, dtype=FP64)
     job = job_document(SPEC, layout, steps=STEPS, seq_len=SEQ, out_dir=tmp_path, data=DATA, optim=OPTIM,
-                       threads=1, timeout_s=60)
+                       threads=1, timeout_s=60, param_dtype="fp64")
     report = run_job(job, timeout_s=240)
     state = report.state_dict()
     assert set(state) == set(ref_state)  # the stages of replica 0 hold the whole model once
-    assert _relative(state, ref_state) <= 1e-5
+    assert all(v.dtype == FP64 for v in state.values())
+    assert _relative(state, ref_state) <= TOL
     for r in report.ranks:  # every replica ends identical, not only replica 0
         from safetensors.torch import load_file
-        assert _relative(load_file(tmp_path / f"rank{r['rank']}.safetensors"), ref_state) <= 1e-5
-    assert report.losses == pytest.approx(ref_losses, rel=1e-5)
+        assert _relative(load_file(tmp_path / f"rank{r['rank']}.safetensors"), ref_state) <= TOL
+    assert report.losses == pytest.approx(ref_losses, rel=TOL, abs=0)
     from alloy.model import Transformer
     from alloy.model.init import init_params
     init = init_params(Transformer(SPEC), 0).state_dict()
     assert _relative(state, init) > 1e-2  # the steps really moved the weights
+
+
+def test_an_fp32_run_trains(tmp_path):
+    """The ordinary fp32 path (the equality tests run fp64): pipeline and replicas, training and
+    evaluation, on a learnable token cycle, so its loss is finite and falls every step."""
+    import json
+    from dataclasses import asdict
+
+    import numpy as np
+    tokens = tmp_path / "tokens.bin"
+    (np.arange(4096, dtype=np.int32) * 5 % 17).tofile(tokens)  # each token determines the next
+    data = DataSource("tokens", seed=1, path=str(tokens))
+    metrics = tmp_path / "metrics.jsonl"
+    job = job_document(SPEC, LAYOUTS["hybrid-2x2"], steps=4, seq_len=SEQ, out_dir=tmp_path, data=data,
+                       optim=OptimConfig(lr=1e-2), threads=1, timeout_s=60, val_data=asdict(data), eval_every=4,
+                       eval_batches=1, metrics_path=str(metrics))
+    report = run_job(job, timeout_s=240)
+    assert all(v.dtype == torch.float32 for v in report.state_dict().values())
+    losses = report.losses
+    assert all(np.isfinite(losses)) and all(b < a for a, b in zip(losses, losses[1:])), losses
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    assert np.isfinite(last["eval_loss"]) and last["eval_loss"] < losses[0]
 
 
 def test_plain_mean_of_uneven_shares_would_be_wrong():
@@ -79,15 +111,15 @@ def test_plain_mean_of_uneven_shares_would_be_wrong():
 
 def test_two_node_rendezvous_on_one_machine_equals_a_single_process(tmp_path):
     layout = RunLayout(((_stage("cpu0", 0, 4), _stage("cpu1", 4, 6)),), (4,), (2,))
-    _, ref_state = reference_run(SPEC, steps=STEPS, global_batch=4, seq_len=SEQ, data=DATA, optim=OPTIM)
+    _, ref_state = reference_run(SPEC, steps=STEPS, global_batch=4, seq_len=SEQ, data=DATA, optim=OPTIM, dtype=FP64)
     job = job_document(SPEC, layout, steps=STEPS, seq_len=SEQ, out_dir=tmp_path, data=DATA, optim=OPTIM,
-                       threads=1, timeout_s=60)
+                       threads=1, timeout_s=60, param_dtype="fp64")
     endpoint = f"127.0.0.1:{free_port()}"
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         nodes = [pool.submit(run_job, job, rdzv=Rendezvous(nnodes=2, node_rank=k, endpoint=endpoint), timeout_s=240)
                  for k in (0, 1)]
         reports = [f.result() for f in nodes]
-    assert _relative(reports[0].state_dict(), ref_state) <= 1e-5
+    assert _relative(reports[0].state_dict(), ref_state) <= TOL
 
 
 def test_unreachable_rendezvous_fails_in_bounded_time_naming_the_address(tmp_path):
@@ -149,9 +181,10 @@ def test_a_plan_from_the_planner_runs_and_equals_a_single_process(tmp_path):
                       memory_bandwidth_bytes_per_s=1e10) for i, rate in enumerate((4e10, 2e10, 1e10))])
     plan = make_plan(SPEC, inventory, Workload("train", batch_size=7, seq_len=SEQ, dtype="fp32"))
     assert plan.world_size >= 2
-    _, ref_state = reference_run(SPEC, steps=STEPS, global_batch=7, seq_len=SEQ, data=DATA, optim=OPTIM)
-    report = run(plan, steps=STEPS, out_dir=tmp_path, data=DATA, optim=OPTIM, threads=1, timeout_s=240)
-    assert _relative(report.state_dict(), ref_state) <= 1e-5
+    _, ref_state = reference_run(SPEC, steps=STEPS, global_batch=7, seq_len=SEQ, data=DATA, optim=OPTIM, dtype=FP64)
+    report = run(plan, steps=STEPS, out_dir=tmp_path, data=DATA, optim=OPTIM, threads=1, timeout_s=240,
+                 param_dtype="fp64")
+    assert _relative(report.state_dict(), ref_state) <= TOL
     assert report.predicted_step_s == plan.predicted.step_s and report.prediction_error is not None
     assert (tmp_path / "report.json").is_file()
 
@@ -200,3 +233,28 @@ def test_launch_error_names_the_rank_that_failed_first():
                                                 "mismatch: expected (8, 1) actual (9, 1)")
     only_peer = "\n".join(log.splitlines()[:2])
     assert _first_error(only_peer, "127.0.0.1:1").startswith("worker rank 1 failed: RuntimeError:")
+
+
+def test_a_worker_killed_by_a_signal_is_reported_with_its_rank_and_cause():
+    from alloy.runtime.launch import _first_error
+
+    log = "\n".join([
+        "terminate called without an active exception", "=" * 54, "alloy.runtime.worker FAILED", "-" * 54,
+        "Root Cause (first observed failure):", "[0]:", "  rank      : 1 (local_rank: 1)",
+        "  exitcode  : -6 (pid: 4242)", "  traceback : Signal 6 (SIGABRT) received by PID 4242", "=" * 54])
+    assert _first_error(log, "127.0.0.1:1") == ("worker rank 1 died of exit code -6 (SIGABRT): "
+                                                "terminate called without an active exception")
+    assert "=" not in _first_error("=" * 40 + "\nsomething broke\n" + "-" * 40, "x")
+
+
+def test_a_child_process_error_is_its_cause_not_a_librarys_footer():
+    from alloy.devices.slice_worker import child_error
+
+    stderr = "\n".join([
+        "Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for MeasuredLayerTimes",
+        "  Value error, batch sizes must be strictly increasing",
+        "    For further information visit https://errors.pydantic.dev/2.11/v/value_error"])
+    assert child_error(stderr).startswith("pydantic_core._pydantic_core.ValidationError: 1 validation error")
+    assert child_error(stderr + "\nslice_worker error: ValidationError: batch sizes must be strictly increasing") == (
+        "ValidationError: batch sizes must be strictly increasing")

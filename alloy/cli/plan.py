@@ -29,6 +29,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan document instead of the table")
     parser.add_argument("--out", help="write the plan document (JSON) here")
     parser.add_argument("--png", help="draw the layout and the pipeline timeline into this PNG")
+    parser.add_argument("--verify", action="store_true",
+                        help="train: run the best candidates and the baselines (equal shares, fastest device "
+                             "alone, proportional shares) for a few real steps each on these devices and keep "
+                             "the measured-fastest; every trial's predicted and measured step is in the plan")
 
 
 def load_devices(source: str) -> Inventory:
@@ -42,6 +46,26 @@ def load_devices(source: str) -> Inventory:
     return profile()
 
 
+def _verified(spec, inventory, work, names, args):
+    from alloy.runtime.calibrate import calibrate, runs_here
+
+    if work.task != "train":
+        raise PlanError("--verify runs training steps; it is for --task train")
+    if args.replicas is not None:
+        raise PlanError("--verify chooses among layouts by measuring them; drop --replicas")
+    chosen = names or [d.name for d in inventory.devices]
+    away = [n for n in chosen if not runs_here(inventory.device(n))]
+    if away:
+        raise PlanError(f"--verify needs devices that run here; {', '.join(away)} "
+                        f"{'is' if len(away) == 1 else 'are'} declared, not measured on this machine")
+    from alloy.runtime.verify import verify
+
+    console = Console(stderr=True)
+    inventory = calibrate(inventory, spec=spec, names=chosen)
+    return verify(spec, inventory, work, device_names=names, log=console.print, precision=work.dtype
+                  if work.dtype in ("fp32", "bf16") else "fp32", activation_checkpointing=work.checkpointing)
+
+
 def run(args) -> int:
     spec = resolve_spec(args.model)
     inventory = load_devices(args.devices)
@@ -52,7 +76,10 @@ def run(args) -> int:
                     seq_len=args.seq_len or min(2048, spec.max_seq_len - (args.task == "infer") * args.new_tokens),
                     dtype=args.dtype, micro_batches=args.micro_batches, checkpointing=args.checkpointing,
                     new_tokens=args.new_tokens)
-    plan = make_plan(spec, inventory, work, device_names=names, replicas=args.replicas)
+    if args.verify:
+        plan = _verified(spec, inventory, work, names, args)
+    else:
+        plan = make_plan(spec, inventory, work, device_names=names, replicas=args.replicas)
     if args.out:
         plan.save(args.out)
     if args.png:

@@ -21,13 +21,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in out_dir from its last complete checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="commit to the planner's prediction without first running the best candidates "
+                             "and the baselines for a few steps each (same as --verify=false)")
     parser.epilog = ("Any config key can be overridden: --steps=200 --optimizer.lr=3e-4 --data.path=notes.txt. "
                      "Files go to out_dir: metrics.jsonl, checkpoints/, loss.png, final/ (a Hugging Face model).")
     parser.set_defaults(_accepts_overrides=True)
 
 
 def run(args) -> int:
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, list(args.overrides) + (["verify=false"] if args.no_verify else []))
     if args.print_config:
         print(json.dumps(config.model_dump(), indent=2))
         return 0

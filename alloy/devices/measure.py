@@ -31,6 +31,16 @@ SLOW_FRACTION_OF_FP32 = 0.5
 COPY_BYTES = {"cpu": 128 << 20, "accelerator": 512 << 20}  # larger than any last-level cache
 HOST_LINK_BYTES = 256 << 20
 DEFAULT_BUDGET_S = {"cpu": 4.0, "accelerator": 3.0}
+# Shortest timed repetition. Inside a CPU quota slice it is raised to many CFS periods
+# (`time_repetitions_over`): a call shorter than the slice's quota runs at full speed and the
+# throttling falls between samples, so a median of short calls would time the core, not the slice.
+_min_rep_s = 2e-3
+
+
+def time_repetitions_over(seconds: float) -> None:
+    """Make every timed repetition in this process last at least `seconds` (a throughput, not a burst)."""
+    global _min_rep_s
+    _min_rep_s = max(2e-3, seconds)
 
 
 class DeviceError(AlloyError):
@@ -64,8 +74,9 @@ def time_call(fn: Callable[[], object], device: torch.device, budget_s: float,
     fn()
     synchronize(device)
     one_call_s = time.perf_counter() - start
-    # Short calls are batched so each timed repetition is long enough for the clock and the sync.
-    calls_per_rep = max(1, math.ceil(2e-3 / max(one_call_s, 1e-7)))
+    # Short calls are batched so each timed repetition is long enough for the clock and the sync
+    # (and, in a quota slice, spans enough CFS periods to include its throttling).
+    calls_per_rep = max(1, math.ceil(_min_rep_s / max(one_call_s, 1e-7)))
     samples_s: list[float] = []
     now = time.perf_counter()
     deadline, hard_stop = now + budget_s, now + 2 * budget_s

@@ -98,6 +98,9 @@ class DeviceProfile(_Doc):
     # input): memory and rates above are then the group's totals.
     tensor_parallel: int = Field(default=1, ge=1)
     layer_times: list[MeasuredLayerTimes] = Field(default_factory=list)  # measured per-layer profiles
+    # What the runtime pays beyond the layers (alloy.runtime.calibrate measures them on the workers):
+    optimizer_s_per_param: float | None = Field(default=None, ge=0)  # AdamW update of one parameter
+    micro_batch_overhead_s: float | None = Field(default=None, ge=0)  # per micro-batch on a pipeline stage
 
     @model_validator(mode="after")
     def _rates_positive(self) -> "DeviceProfile":
@@ -135,6 +138,11 @@ class Inventory(_Doc):
     links: list[Link] = Field(default_factory=list)  # explicit pairs win over the defaults below
     intra_node_link: LinkSpec = LinkSpec(bandwidth_bytes_per_s=16e9, latency_s=10e-6)  # PCIe 4 x16-ish
     inter_node_link: LinkSpec = LinkSpec(bandwidth_bytes_per_s=1.25e9, latency_s=100e-6)  # 10 GbE
+    # Measured on these devices' own workers (alloy.runtime.calibrate); None: estimated from the links.
+    allreduce: LinkSpec | None = None  # one all-reduce call: latency_s a call, ring bandwidth
+    startup_s: float | None = Field(default=None, ge=0)  # launching the workers, until the first step
+    calibrated: str | None = None  # when and how the runtime terms above were measured
+    calibration_key: str | None = None  # its cache entry: runs on these devices refine it (calibrate.learn)
 
     @model_validator(mode="after")
     def _expand_and_check(self) -> "Inventory":

@@ -50,10 +50,27 @@ def measure_slice(spec: CpuSlice, *, name: str | None = None, budget_s: float = 
                 child.kill()
             child.wait()
     if child.returncode != 0:
-        last = (err.strip().splitlines() or ["no output"])[-1]
-        raise DeviceError(f"measuring slice {name} failed: {last}")
+        raise DeviceError(f"measuring slice {name} failed: {child_error(err)}")
     measured = DeviceProfile.model_validate_json(out.strip().splitlines()[-1])
     return measured.model_copy(update={"name": name})
+
+
+ERROR_PREFIX = "slice_worker error: "
+
+
+def child_error(stderr: str) -> str:
+    """The cause a child process gave: its own one-line error if it printed one, else the last
+    line that names an exception (a traceback's last line can be a library's footer, such as
+    pydantic's "For further information visit ..."), else its last line."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith(ERROR_PREFIX):
+            return line[len(ERROR_PREFIX):]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")) and " " not in head:
+            return line
+    return lines[-1] if lines else "no output"
 
 
 def _read_line(child: subprocess.Popen, deadline: float) -> str:
@@ -78,8 +95,13 @@ def _main(slice_json: str, budget_s: str, layers_json: str = "") -> None:
     from alloy.devices.discovery import discover
     from alloy.devices.measure import measure
 
+    from alloy.devices.emulate import slice_period_us
+    from alloy.devices.measure import time_repetitions_over
+
     spec = CpuSlice.model_validate_json(slice_json)
     torch.set_num_threads(slice_threads(spec))
+    if spec.quota is not None:
+        time_repetitions_over(20 * slice_period_us(spec) / 1e6)  # a throughput over 20 CFS periods
     print("ready", flush=True)
     if sys.stdin.readline().strip() != "go":
         sys.exit("slice_worker: parent did not say go")
@@ -96,4 +118,11 @@ def _main(slice_json: str, budget_s: str, layers_json: str = "") -> None:
 
 
 if __name__ == "__main__":
-    _main(*sys.argv[1:4])
+    try:
+        _main(*sys.argv[1:4])
+    except Exception as err:  # one line the parent can show: the cause, not a traceback's footer
+        import traceback
+
+        traceback.print_exc()
+        print(ERROR_PREFIX + f"{type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        sys.exit(1)

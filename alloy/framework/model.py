@@ -10,7 +10,8 @@ The seed's workflow, unchanged in shape:
 With several devices (a cluster file, or "auto" finding more than one), `fit` runs data
 parallel: one process per device, each batch split by measured device speed (largest
 remainder), per-sample losses weighted by 1 / global batch so the summed gradient is exactly
-the single-device one — the same exactness rule as the Transformer runtime.
+the single-device one — the same exactness rule as the Transformer runtime. A float64 module
+(`module.double()`, given float64 inputs) trains in float64 in every process, losses included.
 """
 
 from __future__ import annotations
@@ -339,8 +340,10 @@ def _parallel_worker(rank: int, payload: dict) -> None:
     else:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // len(weights)))
     with slice_context:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{payload['port']}", rank=rank,
-                                world_size=len(weights), timeout=timedelta(seconds=300))
+        from alloy.runtime.launch import init_gloo
+
+        init_gloo(init_method=f"tcp://127.0.0.1:{payload['port']}", rank=rank, world_size=len(weights),
+                  timeout=timedelta(seconds=300))
         try:
             model: Model = payload["model"]
             # Tensors arrive in shared memory: every rank would step the same storage. Own a copy.

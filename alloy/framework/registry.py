@@ -38,16 +38,23 @@ def make_optimizer(spec, params, lr: float | None = None) -> torch.optim.Optimiz
     raise ConfigError(f"optimizer must be a name ({', '.join(OPTIMIZERS)}), an optimizer class or instance")
 
 
+def _upcast(outputs):
+    """bf16/fp16 outputs in fp32; fp32 and fp64 ones as they are (a float64 model's loss stays float64)."""
+    return outputs.to(torch.promote_types(outputs.dtype, torch.float32))
+
+
 def _cross_entropy(outputs, y):
-    return F.cross_entropy(outputs.float(), y.long(), reduction="none")
+    return F.cross_entropy(_upcast(outputs), y.long(), reduction="none")
 
 
 def _mse(outputs, y):
-    return F.mse_loss(outputs.float(), y.float().view_as(outputs), reduction="none").flatten(1).mean(1)
+    outputs = _upcast(outputs)
+    return F.mse_loss(outputs, y.to(outputs.dtype).view_as(outputs), reduction="none").flatten(1).mean(1)
 
 
 def _binary(outputs, y):
-    return F.binary_cross_entropy_with_logits(outputs.float().view(-1), y.float().view(-1), reduction="none")
+    outputs = _upcast(outputs)
+    return F.binary_cross_entropy_with_logits(outputs.view(-1), y.to(outputs.dtype).view(-1), reduction="none")
 
 
 LOSSES: dict[str, tuple[Callable, bool]] = {  # name -> (per-sample loss, labels are class indices)

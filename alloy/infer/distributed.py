@@ -81,7 +81,9 @@ def run_rank(job: dict) -> None:
     from alloy.infer.generate import stream
     from alloy.infer.optimize import DTYPES, prepare
 
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    from alloy.runtime.launch import init_gloo
+
+    init_gloo(timeout=timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     stage = StageSpec(**{**job["stages"][rank], "layers": tuple(job["stages"][rank]["layers"])})
     model = prepare(alloy.load(job["model_dir"], device=stage.device, layers=stage.layers, embed=stage.has_embed,

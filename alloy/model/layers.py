@@ -41,11 +41,13 @@ class Norm(nn.Module):
             # one fused op instead of seven: the same arithmetic, and decode runs a norm per layer
             # on a single row, where per-op overhead is the cost
             return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # bf16/fp16 are upcast to fp32; fp32 and fp64 keep their precision (fp64: equality tests)
+        up = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(up)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:
-            return (x32 * (self.offset + self.weight.float())).type_as(x)
-        return self.weight * x32.to(x.dtype)
+            return (xf * (self.offset + self.weight.to(up))).type_as(x)
+        return self.weight * xf.to(x.dtype)
 
 
 def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
@@ -141,7 +143,7 @@ def _softcapped_attention(q, k, v, attn_mask, is_causal, scale, cap):
         attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
     return probs @ v
 
 

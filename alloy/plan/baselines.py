@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alloy.plan.search import largest_remainder
-from alloy.plan.timing import Layout, Problem, Replica, stage_memory_bytes, step_timing
+from alloy.plan.timing import Layout, Problem, Replica, stage_compute_s, stage_memory_bytes, step_timing
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,34 @@ def equal_shares(p: Problem, micro_batches: int) -> Baseline:
     shares = largest_remainder(p.work.batch_size, [1.0] * replicas_n)
     replicas = tuple(Replica((d,), (0, p.num_layers), n) for d, n in zip(range(replicas_n), shares))
     return Baseline("equal shares", description, Layout(replicas, micro_batches))
+
+
+def fastest_alone(p: Problem) -> Baseline:
+    """The one device that trains the whole batch fastest by itself (what a user with one good
+    device does, leaving the rest idle)."""
+    whole = [Layout((Replica((d,), (0, p.num_layers), p.work.batch_size),), 1) for d in range(len(p.devices))]
+    scored = [(step_timing(p, layout).step_s, d, layout) for d, layout in enumerate(whole)]
+    step_s, d, layout = min(scored, key=lambda item: item[:2])
+    name = f"fastest alone ({p.devices[d].name})"
+    if step_s == float("inf"):
+        return Baseline(name, "the fastest device trains alone", None, "no single device holds the whole model")
+    return Baseline(name, "the fastest device trains alone, the others idle", layout)
+
+
+def proportional_shares(p: Problem) -> Baseline:
+    """Every device a whole replica, batch shares in proportion to its measured throughput (the
+    obvious hand-made fix to equal shares). A device whose proportional share rounds to nothing
+    is left out."""
+    description = "every device a whole replica, shares in proportion to its throughput"
+    n, batch = len(p.devices), p.work.batch_size
+    probe = max(1, batch // n)
+    speed = [probe / float(stage_compute_s(p, d, 0, p.num_layers, probe)) for d in range(n)]
+    exact = [batch * v / sum(speed) for v in speed]  # largest remainder, zero allowed
+    shares = [int(x) for x in exact]
+    for d in sorted(range(n), key=lambda d: (shares[d] - exact[d], d))[: batch - sum(shares)]:
+        shares[d] += 1
+    replicas = tuple(Replica((d,), (0, p.num_layers), k) for d, k in enumerate(shares) if k > 0)
+    return Baseline("proportional shares", description, Layout(replicas, 1))
 
 
 def score(p: Problem, baseline: Baseline) -> tuple[float | None, str]:

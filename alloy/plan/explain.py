@@ -58,7 +58,27 @@ def plan_tables(plan: Plan) -> Group:
     for b in plan.baselines:
         baselines.add_row(b.name, "-" if b.step_s is None else f"{b.step_s:.4g} s",
                           "-" if b.speedup is None else f"{b.speedup:.2f}x", b.note or b.description)
-    return Group(layout, summary, baselines)
+    if plan.verification is None:
+        return Group(layout, summary, baselines)
+    return Group(layout, summary, baselines, verification_table(plan))
+
+
+def verification_table(plan: Plan) -> Group:
+    """Every candidate that ran before the plan was chosen: predicted against measured."""
+    v = plan.verification
+    table = Table(title=f"measured before committing ({v.steps} steps each, the first one warm-up)",
+                  title_justify="left")
+    for column in ("candidate", "layout", "predicted step", "measured step", "off by"):
+        table.add_column(column)
+    for t in v.trials:
+        style = "bold green" if t.name == v.chosen else ""
+        if t.measured_step_s is None:
+            table.add_row(t.name, t.layout, f"{t.predicted_step_s:.4g} s", "failed", t.error[:60], style=style)
+            continue
+        off = (t.predicted_step_s - t.measured_step_s) / t.measured_step_s
+        table.add_row(t.name, t.layout, f"{t.predicted_step_s:.4g} s", f"{t.measured_step_s:.4g} s", f"{off:+.0%}",
+                      style=style)
+    return Group(table, Text(f"chosen: {v.note}"))
 
 
 def write_png(plan: Plan, path: str | Path) -> None:

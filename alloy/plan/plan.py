@@ -59,7 +59,9 @@ class ReplicaPlan(_Doc):
 class Prediction(_Doc):
     step_s: float  # train: one optimizer step; infer: prefill plus all new tokens for the batch
     tokens_per_s: float  # train: tokens trained per second; infer: tokens generated per second
-    allreduce_s: float = 0.0
+    allreduce_s: float = 0.0  # every collective of a step: gradient buckets, tied copies, loss and norm
+    optimizer_s: float = 0.0  # the slowest stage's optimizer update
+    startup_s: float | None = None  # launching the workers, once per run (measured by calibration)
     prefill_s: float | None = None  # infer only
     decode_token_s: float | None = None  # infer only: one new token for the whole batch
 
@@ -79,6 +81,24 @@ class SearchInfo(_Doc):
     seconds: float
 
 
+class Trial(_Doc):
+    """One candidate layout run for a few real steps before the plan was chosen."""
+
+    name: str  # "alloy #1", "equal shares", "fastest alone (cpu0)", ...
+    layout: str  # one line: each replica's devices, layers and share
+    devices: list[str]
+    predicted_step_s: float
+    measured_step_s: float | None  # None: it failed (see error)
+    error: str = ""
+
+
+class Verification(_Doc):
+    steps: int  # steps each candidate ran; the first is warm-up, the median of the rest counts
+    trials: list[Trial]
+    chosen: str  # the trial whose layout this plan is
+    note: str  # why it won, and why any device is left out
+
+
 class Plan(_Doc):
     version: Literal[1] = PLAN_VERSION
     task: Literal["train", "infer"]
@@ -96,6 +116,7 @@ class Plan(_Doc):
     baselines: list[BaselinePrediction]
     search: SearchInfo
     unused_devices: list[str] = Field(default_factory=list)
+    verification: Verification | None = None  # measured candidates (alloy plan --verify, alloy train)
 
     @property
     def stages(self) -> list[Stage]:

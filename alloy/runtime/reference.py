@@ -12,9 +12,11 @@ from alloy.spec import ModelSpec
 
 
 def reference_run(spec: ModelSpec, *, steps: int, global_batch: int, seq_len: int, data: DataSource,
-                  seed: int = 0, optim: OptimConfig | None = None, grad_accum: int = 1):
-    """Train the whole model in this process; return (losses per step, final state dict)."""
-    model = init_params(Transformer(spec), seed).train()
+                  seed: int = 0, optim: OptimConfig | None = None, grad_accum: int = 1,
+                  dtype: torch.dtype = torch.float32):
+    """Train the whole model in this process, its parameters in `dtype`; return (losses per step,
+    final state dict)."""
+    model = init_params(Transformer(spec), seed).to(dtype).train()
     optim = optim or OptimConfig()
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas,
                                   weight_decay=optim.weight_decay, eps=optim.eps)

@@ -21,15 +21,49 @@ from alloy.runtime.layout import PlanMismatchError, RunLayout
 from alloy.spec import ModelSpec
 
 
+WARN_ERROR = 0.25  # a measured step this far off its prediction is reported, naming the term
+TERM_NAMES = {"compute_s": "the layers' forward and backward (and pipeline waits)",
+              "allreduce_s": "the collectives (gradient all-reduce, loss and norm)",
+              "optimizer_s": "the optimizer update"}
+
+
 @dataclass
 class RunReport:
     out_dir: Path
     losses: list[float]  # global mean loss per step
     ranks: list[dict]  # per rank: device, layers, per-step records
     predicted_step_s: float | None
-    measured_step_s: float  # median over steps (after the first) of the slowest rank's step
+    measured_step_s: float  # median step period after the first step (see measured_step_s)
     tokens_per_s: float
     notes: list[str] = field(default_factory=list)
+
+    predicted_terms: dict | None = None  # the plan's compute_s / allreduce_s / optimizer_s
+
+    def measured_terms(self) -> dict[str, float]:
+        """The step split as the plan splits it, from the rank that computed longest (it waits
+        least at the collectives, so its sync time is the collectives' own)."""
+        per_rank = [{k: statistics.median(r.get(k, 0.0) for r in info["records"][1:] or info["records"])
+                     for k in ("step_s", "sync_s", "optimizer_s")} for info in self.ranks]
+        slowest = max(per_rank, key=lambda t: t["step_s"] - t["sync_s"] - t["optimizer_s"])
+        between_steps_s = max(0.0, self.measured_step_s - slowest["step_s"])  # the metrics gather, the next batch
+        return {"compute_s": slowest["step_s"] - slowest["sync_s"] - slowest["optimizer_s"],
+                "allreduce_s": slowest["sync_s"] + between_steps_s,
+                "optimizer_s": max(t["optimizer_s"] for t in per_rank)}
+
+    def off_term(self) -> str | None:
+        """A warning when the measured step is over WARN_ERROR off the prediction, naming the
+        term of the step that is furthest off; None when the prediction held."""
+        error = self.prediction_error
+        if error is None or error <= WARN_ERROR:
+            return None
+        line = (f"measured {self.measured_step_s:.3g} s/step against {self.predicted_step_s:.3g} s predicted "
+                f"({error:.0%} off)")
+        if not self.predicted_terms:
+            return line
+        measured = self.measured_terms()
+        term = max(measured, key=lambda k: abs(measured[k] - self.predicted_terms.get(k, 0.0)))
+        return (f"{line}; furthest off: {TERM_NAMES[term]}, {self.predicted_terms.get(term, 0.0):.3g} s predicted, "
+                f"{measured[term]:.3g} s measured")
 
     @property
     def prediction_error(self) -> float | None:
@@ -83,8 +117,15 @@ def run(plan, *, steps: int, out_dir: str | Path, spec: ModelSpec | None = None,
     job = job_document(plan_spec, layout, steps=steps, seq_len=seq_len or plan.seq_len, out_dir=out_dir, data=data,
                        seed=seed, optim=optim, pipeline_schedule=pipeline_schedule, init_dir=init_dir,
                        threads=threads, devices={d.name: d.model_dump() for d in plan.devices},
-                       timeout_s=timeout_s, predicted_step_s=plan.predicted.step_s, **extra)
+                       timeout_s=timeout_s, predicted_step_s=plan.predicted.step_s,
+                       predicted_terms=predicted_terms(plan), **extra)
     return run_job(job, rdzv=rdzv, timeout_s=timeout_s, progress=progress)
+
+
+def predicted_terms(plan) -> dict[str, float]:
+    p = plan.predicted
+    return {"compute_s": p.step_s - p.allreduce_s - p.optimizer_s, "allreduce_s": p.allreduce_s,
+            "optimizer_s": p.optimizer_s}
 
 
 def run_job(job: dict, *, rdzv: Rendezvous = Rendezvous(), timeout_s: float = 600.0, progress=None) -> RunReport:
@@ -96,6 +137,19 @@ def run_job(job: dict, *, rdzv: Rendezvous = Rendezvous(), timeout_s: float = 60
     return read_report(job)
 
 
+def measured_step_s(ranks: list[dict]) -> float:
+    """The step period: median time from one step's start to the next on rank 0 (every rank keeps
+    the same pace, held together by the collectives), so what a step costs between its optimizer
+    update and the next forward (metrics, the next batch) counts too. Step 0 pays warm-up and is
+    left out; with too few steps for two periods, the slowest rank's own step time."""
+    starts = [r.get("started_s") for r in ranks[0]["records"]]
+    if len(starts) >= 3 and all(starts):
+        return statistics.median(b - a for a, b in zip(starts[1:], starts[2:]))
+    records = range(len(ranks[0]["records"]))
+    slowest = [max(r["records"][i]["step_s"] for r in ranks) for i in records]
+    return statistics.median(slowest[1:] if len(slowest) > 1 else slowest)
+
+
 def read_report(job: dict) -> RunReport:
     out_dir = Path(job["out_dir"])
     layout = RunLayout.from_dict(job["layout"])
@@ -103,15 +157,15 @@ def read_report(job: dict) -> RunReport:
     steps = len(ranks[0]["records"])
     if steps == 0:
         raise PlanMismatchError(f"{out_dir}: the run took no step (it was already at step {ranks[0]['start_step']})")
-    slowest = [max(r["records"][i]["step_s"] for r in ranks) for i in range(steps)]
-    measured = statistics.median(slowest[1:] if steps > 1 else slowest)  # step 0 pays warm-up
+    measured = measured_step_s(ranks)
     tokens = layout.global_batch * int(job["seq_len"]) * int(job.get("grad_accum", 1))
     report = RunReport(out_dir, [rec["loss"] for rec in ranks[0]["records"]], ranks, job.get("predicted_step_s"),
-                       measured, tokens / measured)
+                       measured, tokens / measured, predicted_terms=job.get("predicted_terms"))
     (out_dir / "report.json").write_text(json.dumps({
         "losses": report.losses, "predicted_step_s": report.predicted_step_s,
         "measured_step_s": report.measured_step_s, "prediction_error": report.prediction_error,
-        "tokens_per_s": report.tokens_per_s,
+        "tokens_per_s": report.tokens_per_s, "predicted_terms": report.predicted_terms,
+        "measured_terms": report.measured_terms(), "warning": report.off_term(),
         "ranks": [{k: v for k, v in r.items() if k != "records"} |
                   {"median_step_s": statistics.median(x["step_s"] for x in r["records"]),
                    "median_sync_s": statistics.median(x["sync_s"] for x in r["records"])} for r in ranks],

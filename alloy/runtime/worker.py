@@ -25,6 +25,7 @@ from alloy.errors import AlloyError
 from alloy.runtime import checkpoint as ckpt
 from alloy.runtime.data import DataSource
 from alloy.runtime.engine import OptimConfig, StageRunner
+from alloy.runtime.launch import init_gloo
 from alloy.runtime.layout import PlanMismatchError, RunLayout
 from alloy.spec import ModelSpec
 
@@ -83,6 +84,7 @@ class Trainer:
             init_dir=job.get("init_dir"), optim=OptimConfig(**job.get("optim", {})),
             pipeline_schedule=job.get("pipeline_schedule", "1f1b"), precision=job.get("precision", "fp32"),
             activation_checkpointing=bool(job.get("activation_checkpointing")), timeout=self.timeout,
+            param_dtype=job.get("param_dtype", "fp32"),
         )
         start_step = self._resume(runner) if job.get("resume") else 0
         if job.get("stall_rank") == rank:  # fault injection: a rank that never arrives (timeout tests)
@@ -96,7 +98,7 @@ class Trainer:
             records.append(asdict(record))
             done = step + 1
             line = {"step": done, "loss": record.loss, "lr": record.lr, "grad_norm": record.grad_norm,
-                    **self._step_times(record.step_s)}
+                    **self._step_times(records)}
             if self.val_data and (done % int(job.get("eval_every", 50)) == 0 or done == stop):
                 line |= self._evaluate(runner)
             if self.ckpt_root and (done % int(job["checkpoint"]["every"]) == 0 or done == stop):
@@ -111,17 +113,18 @@ class Trainer:
         }))
         dist.barrier()
 
-    def _step_times(self, step_s: float) -> dict:
-        """Every rank's step time, gathered: the slowest paces the step; each sits beside the plan."""
-        times = torch.zeros(self.layout.world_size, dtype=torch.float64)
-        times[self.rank] = step_s
-        dist.all_reduce(times)
-        slowest = float(times.max())
+    def _step_times(self, records: list[dict]) -> dict:
+        """The step's time as the job sees it — start to start on this rank, which the collectives
+        hold to every rank's pace — and each device's own time for the step before it (carried by
+        the step's scalar all-reduce: metrics add no collective, so no barrier, to a step)."""
+        last = records[-1]
+        step_s = last["started_s"] - records[-2]["started_s"] if len(records) > 1 else last["step_s"]
         tokens = self.layout.global_batch * self.seq_len * self.accum
         devices = [info.stage.device for info in self.layout.ranks()]
-        return {"step_s": slowest, "tokens_per_s": tokens / slowest,
-                "device_step_s": dict(zip(devices, times.tolist())),
-                "predicted_step_s": self.job.get("predicted_step_s")}
+        line = {"step_s": step_s, "tokens_per_s": tokens / step_s, "predicted_step_s": self.job.get("predicted_step_s")}
+        if len(records) > 1:
+            line["device_step_s"] = dict(zip(devices, last["previous_step_s"]))
+        return line
 
     def _evaluate(self, runner: StageRunner) -> dict:
         losses = [runner.evaluate(self.val_data.batch(i, self.layout.global_batch, self.seq_len, self.spec.vocab_size))
@@ -166,7 +169,7 @@ def run_worker(job: dict) -> None:
     _set_threads(job, trainer.profile)
     with ExitStack() as stack:
         stack.enter_context(_slice_context(trainer.profile))
-        dist.init_process_group("gloo", timeout=timeout)
+        init_gloo(timeout=timeout)
         stack.callback(dist.destroy_process_group)
         trainer.run()
 

@@ -56,6 +56,10 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: as the plan says
     micro_batches: int | None = Field(default=None, ge=1)  # None: the planner picks
+    # Run the planner's best candidates and the baselines (equal shares, fastest alone, proportional
+    # shares) for a few steps each and keep the measured-fastest; devices that are not here
+    # (a declared cluster) cannot be run, and then the plan is the planner's prediction alone.
+    verify: bool = True
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

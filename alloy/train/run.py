@@ -82,7 +82,7 @@ def _inventory(devices: str):
     return Inventory.load(devices)
 
 
-def _plan(config: TrainConfig, spec, out_dir: Path, plan_path: str | None, resume: bool):
+def _plan(config: TrainConfig, spec, out_dir: Path, plan_path: str | None, resume: bool, log=print):
     from alloy.plan import Plan, Workload, make_plan
     from alloy.runtime.layout import PlanMismatchError
 
@@ -95,7 +95,8 @@ def _plan(config: TrainConfig, spec, out_dir: Path, plan_path: str | None, resum
         checkpointing = {"on": True, "off": False}.get(config.activation_checkpointing, False)
         work = Workload("train", config.batch_size, config.seq_len, dtype=config.precision,
                         micro_batches=config.micro_batches, checkpointing=checkpointing)
-        plan = make_plan(spec, _inventory(config.devices), work)
+        plan = plan_for(spec, _inventory(config.devices), work, verify=config.verify, log=log,
+                        precision=config.precision, activation_checkpointing=checkpointing)
     if plan.model.spec != spec.to_dict():
         raise PlanMismatchError(f"{plan_path or saved}: the plan was made for another model "
                                 f"({plan.model.family}, {plan.model.num_layers} layers)")
@@ -103,6 +104,31 @@ def _plan(config: TrainConfig, spec, out_dir: Path, plan_path: str | None, resum
         raise PlanMismatchError(f"the plan is for batch {plan.batch_size} x {plan.seq_len} tokens; the config asks "
                                 f"for {config.batch_size} x {config.seq_len}")
     plan.save(saved)
+    return plan
+
+
+def plan_for(spec, inventory, work, *, verify: bool, log=print, **run_options):
+    """The plan a run commits to. Devices that run here get their runtime terms measured
+    (alloy.runtime.calibrate, cached); with `verify`, the best candidates and the baselines then
+    run for a few steps each and the measured-fastest is kept. A declared cluster (devices not
+    here) is planned from its profiles alone, and the log says so."""
+    from alloy.plan import make_plan
+    from alloy.runtime.calibrate import runs_here
+
+    away = [d.name for d in inventory.devices if not runs_here(d)]
+    if away:
+        if verify:
+            log(f"plan not verified: {', '.join(away)} {'is' if len(away) == 1 else 'are'} declared, not measured here")
+        return make_plan(spec, inventory, work)
+    from alloy.runtime.calibrate import calibrate
+
+    inventory = calibrate(inventory, spec=spec)
+    if not verify:
+        return make_plan(spec, inventory, work)
+    from alloy.runtime.verify import verify as run_candidates
+
+    plan = run_candidates(spec, inventory, work, log=log, **run_options)
+    log(f"verified: {plan.verification.note}")
     return plan
 
 
@@ -174,7 +200,7 @@ def train(config: TrainConfig, *, plan_path: str | None = None, resume: bool = F
         val_data = None
     steps = config.steps or max(1, math.ceil(config.epochs * blocks / (config.batch_size * config.grad_accum)))
 
-    plan = _plan(config, spec, out_dir, plan_path, resume)
+    plan = _plan(config, spec, out_dir, plan_path, resume, log)
     if resume:
         _check_resume_matches(out_dir, spec, plan)
         _drop_metrics_after_checkpoint(out_dir)

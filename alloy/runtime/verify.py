@@ -1,0 +1,89 @@
+"""Verify before committing: run the best candidate layouts and the baselines for a few real steps,
+keep the one that measured fastest, and record predicted and measured time for every one.
+
+A plan is a prediction; this is where it meets the machine. The candidates always include what
+a user would do instead (equal shares, the fastest device alone, proportional shares), so the
+plan that comes out is never measurably slower than any of them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Callable
+
+from alloy.errors import AlloyError
+from alloy.plan import Plan, Workload
+from alloy.plan.plan import Trial, Verification
+from alloy.plan.planner import layout_line, plan_candidates
+from alloy.runtime.data import DataSource
+from alloy.runtime.run import run
+from alloy.spec import ModelSpec
+
+VERIFY_STEPS = 6  # the median of the 4 step periods after the warm-up step
+
+
+def verify(spec: ModelSpec, inventory, work: Workload, *, top: int = 3, steps: int = VERIFY_STEPS,
+           device_names: list[str] | None = None, timeout_s: float = 300.0,
+           log: Callable[[str], None] = lambda line: None, **run_options) -> Plan:
+    """Plan, run each candidate for `steps` steps on random tokens, return the measured-fastest
+    plan with every trial recorded in `plan.verification`. `run_options` go to `alloy.runtime.run`
+    (precision, activation_checkpointing...) so the trials run as the real job will."""
+    candidates = plan_candidates(spec, inventory, work, device_names=device_names, top=top)
+    trials, reports = [], []
+    for index, (name, plan) in enumerate(candidates):
+        log(f"verify {index + 1}/{len(candidates)}: {name}: {layout_line(plan)} "
+            f"(predicted {plan.predicted.step_s:.3g} s/step)")
+        trial, report = _trial(name, plan, steps, timeout_s, run_options)
+        trials.append(trial)
+        if report is not None:
+            reports.append((plan, report))
+        if trials[-1].measured_step_s is not None:
+            log(f"  measured {trials[-1].measured_step_s:.3g} s/step")
+        else:
+            log(f"  failed: {trials[-1].error}")
+    ran = [(t, plan) for t, (_, plan) in zip(trials, candidates) if t.measured_step_s is not None]
+    if not ran:
+        raise VerifyError(f"no candidate layout ran: {trials[0].error}")
+    best, plan = min(ran, key=lambda item: item[0].measured_step_s)
+    from alloy.runtime.calibrate import learn
+
+    learn(inventory, reports)  # the next plan on these devices starts from what ran here
+    note = _why(best, trials, plan, inventory, device_names)
+    return plan.model_copy(update={"verification": Verification(steps=steps, trials=trials, chosen=best.name,
+                                                                 note=note)})
+
+
+class VerifyError(AlloyError):
+    """No candidate layout could run on these devices."""
+
+
+def _trial(name: str, plan: Plan, steps: int, timeout_s: float, run_options: dict):
+    common = dict(name=name, layout=layout_line(plan), devices=[d.name for d in plan.devices],
+                  predicted_step_s=plan.predicted.step_s)
+    with tempfile.TemporaryDirectory(prefix="alloy-verify-") as out_dir:
+        try:
+            report = run(plan, steps=steps, out_dir=out_dir, data=DataSource("random", seed=0),
+                         timeout_s=timeout_s, **run_options)
+        except AlloyError as err:
+            return Trial(**common, measured_step_s=None, error=str(err)), None
+    return Trial(**common, measured_step_s=report.measured_step_s), report
+
+
+def _why(best: Trial, trials: list[Trial], plan: Plan, inventory, device_names) -> str:
+    """Why this layout: how it measured against the others, and why any device sits idle."""
+    others = [t for t in trials if t is not best and t.measured_step_s is not None]
+    words = [f"{best.name} measured fastest ({best.measured_step_s:.3g} s/step"]
+    if others:
+        runner_up = min(others, key=lambda t: t.measured_step_s)
+        words[0] += f"; next {runner_up.name} {runner_up.measured_step_s:.3g} s"
+    words[0] += ")"
+    available = device_names or [d.name for d in inventory.devices]
+    for device in [d for d in available if d not in best.devices]:
+        with_it = [t for t in others if device in t.devices]
+        if with_it:
+            fastest = min(with_it, key=lambda t: t.measured_step_s)
+            words.append(f"{device} left out: the fastest layout using it ({fastest.name}) measured "
+                         f"{fastest.measured_step_s / best.measured_step_s:.2f}x slower")
+        else:
+            words.append(f"{device} left out: no candidate using it was predicted to help")
+    return "; ".join(words)
