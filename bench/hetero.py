@@ -42,8 +42,8 @@ class Scenario:
     slices: tuple[CpuSlice, ...]
     size: str = "full"
     batch: int | None = None  # None: the size's global batch
-    memory_fraction: float | None = None  # each worker may hold this fraction of the whole model's
-    #                                      training state: below 1 no single worker fits (a pipeline is forced)
+    memory_fraction: float | None = None  # each worker may hold this fraction of what training the whole
+    #                                      model on the whole batch needs: below 1 no worker trains alone
     what: str = ""
 
 
@@ -109,14 +109,16 @@ def measured_slice(piece: CpuSlice, size: str, refresh: bool = False):
 
 def inventory_for(scenario: Scenario) -> Inventory:
     """The scenario's workers, measured, with the runtime's own terms calibrated on them."""
-    from alloy.plan.cost import model_costs
     from alloy.runtime.calibrate import calibrate
 
     devices = [measured_slice(piece, scenario.size) for piece in scenario.slices]
     if scenario.memory_fraction is not None:
+        from alloy.plan.timing import build_problem, stage_memory_bytes
+
         spec, work = spec_for(scenario.size), workload(scenario)
-        state_bytes = spec.num_params() * model_costs(spec, work).param_state_bytes
-        limit = int(scenario.memory_fraction * state_bytes)
+        whole = build_problem(spec, Inventory(devices=devices), work)  # the whole model and batch on one device
+        limit = int(scenario.memory_fraction * float(stage_memory_bytes(whole, 0, spec.num_layers, 1, work.batch_size,
+                                                                         work.batch_size)))
         devices = [d.model_copy(update={"memory_bytes": limit, "free_memory_bytes": limit}) for d in devices]
     inventory = Inventory(name=f"hetero-{scenario.name}", devices=devices)
     return calibrate(inventory, spec=spec_for(scenario.size))
@@ -214,8 +216,6 @@ def matrix(quick: bool, log=print) -> dict:
         verify_s = time.perf_counter() - verify_started
         baselines = {n: p for n, p in plan_candidates(spec, inventory, work, top=1, dedupe=False)
                      if not n.startswith("alloy")}
-        if "equal shares" not in baselines and scenario.memory_fraction is not None:
-            baselines.update(_pipeline_baseline(spec, inventory, work))
         steps = MATRIX_STEPS[scenario.size]
         measured = {"alloy": run_plan(plan, scenario, steps)}
         for baseline, baseline_plan in baselines.items():
@@ -245,18 +245,6 @@ def matrix(quick: bool, log=print) -> dict:
                "median_prediction_error": statistics.median(errors), "worst_prediction_error": max(errors),
                "seconds": time.perf_counter() - started}
     return {"rows": rows, "summary": summary}
-
-
-def _pipeline_baseline(spec, inventory, work) -> dict:
-    """Where no worker holds the model, the baseline is an equal-layers pipeline over all of them."""
-    from alloy.plan.baselines import equal_split
-    from alloy.plan.planner import describe
-    from alloy.plan.timing import build_problem
-
-    problem = build_problem(spec, inventory, work)
-    base = equal_split(problem, min(work.batch_size, 8))
-    plan = describe(problem, base.layout, "exact", 0, 0.0)
-    return {} if plan.predicted.step_s == float("inf") else {"equal layers": plan}
 
 
 def matrix_markdown(result: dict) -> str:

@@ -8,7 +8,8 @@ import numpy as np
 
 from alloy.devices import Inventory
 from alloy.errors import PlanError
-from alloy.plan.baselines import baselines, equal_shares, fastest_alone, proportional_shares, score
+from alloy.plan.baselines import (baselines, equal_shares, equal_split, fastest_alone, proportional_shares,
+                                  score)
 from alloy.plan.cost import Workload
 from alloy.plan.plan import (BaselinePrediction, ModelSummary, Plan, Prediction, ReplicaPlan, SearchInfo,
                              Stage)
@@ -50,7 +51,8 @@ def plan_candidates(spec: ModelSpec, inventory: Inventory, work: Workload, devic
                     top: int = 3, dedupe: bool = True) -> list[tuple[str, Plan]]:
     """Layouts worth running for a few steps before committing: the search's `top` best (each
     a different grouping of devices, so device subsets are among them) and the layouts a user
-    would pick instead — equal shares (DDP), the fastest device alone, proportional shares.
+    would pick instead — equal shares (DDP), the fastest device alone, proportional shares, and
+    where none of those fits, one pipeline of equal layers.
     Named, fastest predicted first among the planner's, baselines after; a layout that appears
     twice is run once, under both names joined by " = " (unless `dedupe` is off). Layouts that do not fit
     are left out."""
@@ -66,8 +68,11 @@ def plan_candidates(spec: ModelSpec, inventory: Inventory, work: Workload, devic
     seconds = time.perf_counter() - started
     named = [(f"alloy #{i + 1}", layout) for i, layout in
              enumerate([result.layout] + [layout for _, layout in result.alternatives])]
-    named += [(b.name, b.layout) for b in (equal_shares(problem, 1), fastest_alone(problem),
-                                          proportional_shares(problem)) if b.layout is not None]
+    shares = [equal_shares(problem, 1), fastest_alone(problem), proportional_shares(problem)]
+    if all(score(problem, b)[0] is None for b in shares):
+        # nothing trains the model on one device: the user's fallback is a pipeline of equal layers
+        shares.append(equal_split(problem, max(choices)))
+    named += [(b.name, b.layout) for b in shares if b.layout is not None]
     out, seen = [], {}
     for name, layout in named:
         plan = describe(problem, layout, result.mode, search.layouts_scored, seconds)

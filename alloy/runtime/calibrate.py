@@ -172,7 +172,8 @@ def apply(inventory: Inventory, measured: dict, key: str | None = None) -> Inven
     if scales:
         how += "; layer times rescaled by runs: " + ", ".join(f"{n} x{v:.2f}" for n, v in sorted(scales.items()))
     return inventory.model_copy(update={
-        "devices": devices, "links": links, "allreduce": LinkSpec(**measured["allreduce"]),
+        "devices": devices, "links": links,
+        "allreduce": LinkSpec(**measured["allreduce"]) if measured["allreduce"] else inventory.allreduce,
         "startup_s": measured["startup_s"], "calibrated": how, "calibration_key": key})
 
 
@@ -292,7 +293,7 @@ def _links(rank: int, names: list[str], burst_s: float) -> list[dict]:
     return [link for part in gathered for link in part]
 
 
-def _allreduce(world: int, burst_s: float) -> dict:
+def _allreduce(world: int, burst_s: float) -> dict | None:
     """One all-reduce call's latency and ring bandwidth, each call after a burst of work. A rank
     that arrives early waits for the others inside the call, so the rank that waited least (the
     smallest mean) times the collective itself."""
@@ -312,6 +313,8 @@ def _allreduce(world: int, burst_s: float) -> dict:
         dist.all_gather_object(means, total_s / calls)
         return min(means)
 
+    if world < 2:
+        return None  # one worker: no collective to time
     latency_s = mean_call_s(1, 20)
     large_s = mean_call_s(ALLREDUCE_BYTES // 4, 4)
     # Ring all-reduce moves 2 (n - 1) / n of the bytes through each worker's link.

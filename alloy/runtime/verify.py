@@ -15,6 +15,7 @@ from alloy.errors import AlloyError
 from alloy.plan import Plan, Workload
 from alloy.plan.plan import Trial, Verification
 from alloy.plan.planner import layout_line, plan_candidates
+from alloy.runtime.calibrate import learn
 from alloy.runtime.data import DataSource
 from alloy.runtime.run import run
 from alloy.spec import ModelSpec
@@ -45,8 +46,6 @@ def verify(spec: ModelSpec, inventory, work: Workload, *, top: int = 3, steps: i
     if not ran:
         raise VerifyError(f"no candidate layout ran: {trials[0].error}")
     best, plan = min(ran, key=lambda item: item[0].measured_step_s)
-    from alloy.runtime.calibrate import learn
-
     learn(inventory, reports)  # the next plan on these devices starts from what ran here
     note = _why(best, trials, plan, inventory, device_names)
     return plan.model_copy(update={"verification": Verification(steps=steps, trials=trials, chosen=best.name,
