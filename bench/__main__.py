@@ -81,8 +81,11 @@ def run_matrix(args) -> int:
     from bench import hetero
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    result = hetero.matrix(args.quick, log=log)
-    record = {"benchmark": "hetero-matrix", "quick": args.quick, "environment": harness.environment(), **result}
+    environment = harness.environment()
+    partial = harness.RESULTS_DIR / "hetero-matrix-partial.json"
+    result = hetero.matrix(args.quick, log=log, progress=lambda rows: harness.RESULTS_DIR.mkdir(exist_ok=True) or
+                           partial.write_text(json.dumps({"environment": environment, "rows": rows}, indent=1)))
+    record = {"benchmark": "hetero-matrix", "quick": args.quick, "environment": environment, **result}
     path = harness.save("hetero-matrix", record)
     log(hetero.matrix_markdown(result))
     log(f"raw results: {path}")

@@ -112,6 +112,9 @@ def inventory_for(scenario: Scenario) -> Inventory:
     from alloy.runtime.calibrate import calibrate
 
     devices = [measured_slice(piece, scenario.size) for piece in scenario.slices]
+    names = [d.name for d in devices]
+    devices = [d.model_copy(update={"name": f"{d.name}-{i}"}) if names.count(d.name) > 1 else d
+               for i, d in enumerate(devices)]  # two slices alike: two devices
     if scenario.memory_fraction is not None:
         from alloy.plan.timing import build_problem, stage_memory_bytes
 
@@ -199,58 +202,76 @@ def headline(summary: dict, machine_flops: dict) -> dict:
 
 # ---- the matrix -------------------------------------------------------------------------------------
 
-def matrix(quick: bool, log=print) -> dict:
-    """Every scenario: verify (Alloy's choice), then fresh runs of the choice and each baseline."""
-    from alloy.plan.planner import plan_candidates
-    from alloy.runtime.verify import verify
-
+def matrix(quick: bool, log=print, progress=None) -> dict:
+    """Every scenario: verify (Alloy's choice), then fresh runs of the choice and each baseline.
+    `progress(rows)` is called after each scenario (the caller saves partial results)."""
     rows = []
     names = QUICK_MATRIX if quick else tuple(SCENARIOS)
     started = time.perf_counter()
     for name in names:
         scenario = scenario_for(name, quick)
         log(f"== {name} ({scenario.size}): {scenario.what}")
-        inventory, spec, work = inventory_for(scenario), spec_for(scenario.size), workload(scenario)
-        verify_started = time.perf_counter()
-        plan = verify(spec, inventory, work, top=2 if quick else 3, log=lambda line: log("   " + line))
-        verify_s = time.perf_counter() - verify_started
-        baselines = {n: p for n, p in plan_candidates(spec, inventory, work, top=1, dedupe=False)
-                     if not n.startswith("alloy")}
-        steps = MATRIX_STEPS[scenario.size]
-        measured = {"alloy": run_plan(plan, scenario, steps)}
-        for baseline, baseline_plan in baselines.items():
-            measured[baseline] = run_plan(baseline_plan, scenario, steps)
-        best_name = max((n for n in measured if n != "alloy"), key=lambda n: measured[n]["tokens_per_s"],
-                        default=None)
-        alloy = measured["alloy"]
-        chosen = next(t for t in plan.verification.trials if t.name == plan.verification.chosen)
-        row = {"scenario": name, "size": scenario.size, "what": scenario.what, "batch": work.batch_size,
-               "chosen": plan.verification.chosen, "layout": alloy["layout"],
-               "alloy_tokens_per_s": alloy["tokens_per_s"],
-               "best_baseline": best_name,
-               "best_baseline_tokens_per_s": measured[best_name]["tokens_per_s"] if best_name else None,
-               "ratio_vs_best_baseline": alloy["tokens_per_s"] / measured[best_name]["tokens_per_s"]
-               if best_name else None,
-               "predicted_step_s": chosen.predicted_step_s, "measured_step_s": alloy["measured_step_s"],
-               "prediction_error": abs(alloy["measured_step_s"] - chosen.predicted_step_s) / alloy["measured_step_s"],
-               "verify_s": verify_s, "measured": measured,
-               "trials": [t.model_dump() for t in plan.verification.trials], "note": plan.verification.note}
+        try:
+            row = _scenario_row(name, scenario, quick, log)
+        except Exception as err:  # one broken scenario is a row that says so, not a lost matrix
+            log(f"   FAILED: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
+            row = {"scenario": name, "error": f"{type(err).__name__}: {err}"}
         rows.append(row)
-        log(f"   alloy {row['alloy_tokens_per_s']:,.0f} tok/s ({row['layout']}); best baseline {best_name} "
-            f"{row['best_baseline_tokens_per_s'] or 0:,.0f}; ratio {row['ratio_vs_best_baseline'] or 0:.2f}; "
-            f"predicted {row['predicted_step_s']:.3g} s vs measured {row['measured_step_s']:.3g} s")
-    errors = [r["prediction_error"] for r in rows]
-    ratios = [r["ratio_vs_best_baseline"] for r in rows if r["ratio_vs_best_baseline"]]
-    summary = {"scenarios": len(rows), "min_ratio_vs_best_baseline": min(ratios) if ratios else None,
-               "median_prediction_error": statistics.median(errors), "worst_prediction_error": max(errors),
+        if progress:
+            progress(rows)
+    done = [r for r in rows if "error" not in r]
+    errors = [r["prediction_error"] for r in done]
+    ratios = [r["ratio_vs_best_baseline"] for r in done if r["ratio_vs_best_baseline"]]
+    summary = {"scenarios": len(rows), "failed": len(rows) - len(done),
+               "min_ratio_vs_best_baseline": min(ratios) if ratios else None,
+               "median_prediction_error": statistics.median(errors) if errors else None,
+               "worst_prediction_error": max(errors) if errors else None,
                "seconds": time.perf_counter() - started}
     return {"rows": rows, "summary": summary}
+
+
+def _scenario_row(name: str, scenario: Scenario, quick: bool, log) -> dict:
+    from alloy.plan.planner import plan_candidates
+    from alloy.runtime.verify import verify
+
+    inventory, spec, work = inventory_for(scenario), spec_for(scenario.size), workload(scenario)
+    verify_started = time.perf_counter()
+    plan = verify(spec, inventory, work, top=2 if quick else 3, log=lambda line: log("   " + line))
+    verify_s = time.perf_counter() - verify_started
+    baselines = {n: p for n, p in plan_candidates(spec, inventory, work, top=1, dedupe=False)
+                 if not n.startswith("alloy")}
+    steps = MATRIX_STEPS[scenario.size]
+    measured = {"alloy": run_plan(plan, scenario, steps)}
+    for baseline, baseline_plan in baselines.items():
+        measured[baseline] = run_plan(baseline_plan, scenario, steps)
+    best_name = max((n for n in measured if n != "alloy"), key=lambda n: measured[n]["tokens_per_s"],
+                    default=None)
+    alloy = measured["alloy"]
+    chosen = next(t for t in plan.verification.trials if t.name == plan.verification.chosen)
+    row = {"scenario": name, "size": scenario.size, "what": scenario.what, "batch": work.batch_size,
+           "chosen": plan.verification.chosen, "layout": alloy["layout"],
+           "alloy_tokens_per_s": alloy["tokens_per_s"],
+           "best_baseline": best_name,
+           "best_baseline_tokens_per_s": measured[best_name]["tokens_per_s"] if best_name else None,
+           "ratio_vs_best_baseline": alloy["tokens_per_s"] / measured[best_name]["tokens_per_s"]
+           if best_name else None,
+           "predicted_step_s": chosen.predicted_step_s, "measured_step_s": alloy["measured_step_s"],
+           "prediction_error": abs(alloy["measured_step_s"] - chosen.predicted_step_s) / alloy["measured_step_s"],
+           "verify_s": verify_s, "measured": measured,
+           "trials": [t.model_dump() for t in plan.verification.trials], "note": plan.verification.note}
+    log(f"   alloy {row['alloy_tokens_per_s']:,.0f} tok/s ({row['layout']}); best baseline {best_name} "
+        f"{row['best_baseline_tokens_per_s'] or 0:,.0f}; ratio {row['ratio_vs_best_baseline'] or 0:.2f}; "
+        f"predicted {row['predicted_step_s']:.3g} s vs measured {row['measured_step_s']:.3g} s")
+    return row
 
 
 def matrix_markdown(result: dict) -> str:
     lines = ["| scenario | size, batch | Alloy's choice | Alloy tok/s | best baseline (tok/s) | ratio | "
              "predicted s | measured s | error |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['scenario']} | failed: {r['error'][:120]} |  |  |  |  |  |  |  |")
+            continue
         best = f"{r['best_baseline']} ({r['best_baseline_tokens_per_s']:,.0f})" if r["best_baseline"] else "-"
         ratio = f"{r['ratio_vs_best_baseline']:.2f}" if r["ratio_vs_best_baseline"] else "-"
         lines.append(f"| {r['scenario']} | {r['size']}, {r['batch']} | {r['layout']} | {r['alloy_tokens_per_s']:,.0f} | "
@@ -258,9 +279,12 @@ def matrix_markdown(result: dict) -> str:
                      f"{r['prediction_error']:.0%} |")
     s = result["summary"]
     lines.append("")
-    lines.append(f"lowest ratio vs best baseline {s['min_ratio_vs_best_baseline']:.2f}; prediction error median "
-                 f"{s['median_prediction_error']:.0%}, worst {s['worst_prediction_error']:.0%}; "
-                 f"{s['seconds'] / 60:.1f} minutes")
+    if s["median_prediction_error"] is not None:
+        lines.append(f"lowest ratio vs best baseline {s['min_ratio_vs_best_baseline']:.2f}; prediction error median "
+                     f"{s['median_prediction_error']:.0%}, worst {s['worst_prediction_error']:.0%}; "
+                     f"{s['seconds'] / 60:.1f} minutes")
+    if s["failed"]:
+        lines.append(f"{s['failed']} scenario(s) failed")
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ def claimed_fast(name: str, quota: float) -> DeviceProfile:
 
 @pytest.mark.skipif(quota_unavailable_reason() is not None, reason=f"needs CPU quotas: {quota_unavailable_reason()}")
 def test_verification_leaves_out_a_worker_that_only_slows_the_job():
-    from alloy.runtime.verify import verify
+    from alloy.runtime.verify import NOISE, verify
 
     # Quotas 100 % and 5 %, both profiled as full cores: the planner predicts that sharing the
     # batch halves the step. Only running it shows the 5 % worker makes every step wait for it.
@@ -46,7 +46,7 @@ def test_verification_leaves_out_a_worker_that_only_slows_the_job():
     assert "q0.05" in planned.devices, "the misleading profile should have made the planner use the slow worker"
     assert all(t.measured_step_s and t.predicted_step_s > 0 for t in v.trials), v.trials
     chosen = next(t for t in v.trials if t.name == v.chosen)
-    assert chosen.measured_step_s == min(t.measured_step_s for t in v.trials)
+    assert chosen.measured_step_s <= min(t.measured_step_s for t in v.trials) * (1 + NOISE)
     assert [d.name for d in plan.devices] == ["q1"] and plan.unused_devices == ["q0.05"]
     assert "q0.05 left out" in v.note and "slower" in v.note
     assert any("measured" in line for line in lines)  # the user saw each trial's figure as it ran

@@ -207,8 +207,12 @@ def train(config: TrainConfig, *, plan_path: str | None = None, resume: bool = F
     else:
         (out_dir / "run.json").write_text(json.dumps({"config": config.model_dump(), "spec": spec.to_dict(),
                                                       "steps": steps, "init_dir": init_dir}, indent=1))
+    total = ""
+    if plan.predicted.startup_s is not None:  # short jobs pay start-up as much as steps
+        total = (f", about {plan.predicted.startup_s + steps * plan.predicted.step_s:.0f} s with "
+                 f"{plan.predicted.startup_s:.1f} s of start-up")
     log(f"plan: {len(plan.replicas)} replica(s), {plan.world_size} worker(s), predicted "
-        f"{plan.predicted.step_s:.3g} s/step; {steps} steps of {config.batch_size}x{config.seq_len} tokens "
+        f"{plan.predicted.step_s:.3g} s/step; {steps} steps of {config.batch_size}x{config.seq_len} tokens{total} "
         f"(prepared in {time.perf_counter() - started:.1f} s)")
 
     opt = config.optimizer
@@ -232,6 +236,10 @@ def train(config: TrainConfig, *, plan_path: str | None = None, resume: bool = F
     result = TrainResult(out_dir, done, steps, lines[0]["loss"] if lines else None, lines[-1]["loss"] if lines else None,
                          evals[-1] if evals else None, report.tokens_per_s, report.predicted_step_s,
                          report.measured_step_s, out_dir / "plan.json", None, None)
+    off = report.off_term()
+    if off:  # the plan did not hold: say by how much and which term of the step was off
+        log(f"warning: {off}")
+        result.notes.append(f"the plan did not hold: {off}")
     result.loss_png = _plot(lines, out_dir / "loss.png", result.notes)
     if config.tensorboard:
         _tensorboard(lines, out_dir / "tensorboard")
