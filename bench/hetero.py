@@ -87,9 +87,12 @@ def workload(scenario: Scenario):
 
 
 def slice_name(piece: CpuSlice) -> str:
+    parts = ["cpu"]
     if piece.cores:
-        return "cpu-c" + ".".join(map(str, piece.cores))
-    return f"cpu-q{piece.quota:g}"
+        parts.append("c" + ".".join(map(str, piece.cores)))
+    if piece.quota is not None:
+        parts.append(f"q{piece.quota:g}")
+    return "-".join(parts)
 
 
 def measured_slice(piece: CpuSlice, size: str, refresh: bool = False):

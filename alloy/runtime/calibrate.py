@@ -286,8 +286,10 @@ def _links(rank: int, names: list[str], burst_s: float) -> list[dict]:
             latency_s = _ping_pong(rank, a, b, SMALL_BYTES, 20, burst_s)
             large_s = _ping_pong(rank, a, b, LARGE_BYTES, 4, burst_s)
             if rank == a:
+                # a throttled slice can time the small message slower than the large one: then the
+                # bandwidth is read from the large message alone (at most 2x off, never infinite)
                 links.append({"a": names[a], "b": names[b], "latency_s": latency_s,
-                              "bandwidth_bytes_per_s": LARGE_BYTES / max(large_s - latency_s, 1e-9)})
+                              "bandwidth_bytes_per_s": LARGE_BYTES / max(large_s - latency_s, large_s / 2)})
     gathered: list = [None] * len(names)
     dist.all_gather_object(gathered, links)
     return [link for part in gathered for link in part]
@@ -319,7 +321,7 @@ def _allreduce(world: int, burst_s: float) -> dict | None:
     large_s = mean_call_s(ALLREDUCE_BYTES // 4, 4)
     # Ring all-reduce moves 2 (n - 1) / n of the bytes through each worker's link.
     ring_bytes = 2 * (world - 1) / world * ALLREDUCE_BYTES
-    return {"latency_s": latency_s, "bandwidth_bytes_per_s": ring_bytes / max(large_s - latency_s, 1e-9)}
+    return {"latency_s": latency_s, "bandwidth_bytes_per_s": ring_bytes / max(large_s - latency_s, large_s / 2)}
 
 
 def run_worker(job: dict) -> None:
