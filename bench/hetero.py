@@ -60,7 +60,7 @@ SCENARIOS = {s.name: s for s in [
     Scenario("q100-50-25-quick", _q(1.0, 0.5, 0.25), size="quick", what="a smaller model"),
     Scenario("q100-50-mem", _q(1.0, 0.5), memory_fraction=0.7, what="memory-bound: no worker holds the model"),
 ]}
-MATRIX_STEPS = {"quick": 6, "full": 9}  # fresh runs in the matrix: the median of steps - 2 step periods
+MATRIX_STEPS = {"quick": 14, "full": 9}  # fresh runs: the median of steps - 2 periods (quick steps are short, so more)
 QUICK_MATRIX = ("q100-50-25", "q100-10", "q100-50-mem")
 DEFAULT = "q100-50-25"
 
