@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alloy.devices import CpuSlice, Inventory
+from alloy.devices.slice_worker import slice_name
 from alloy.spec import ModelSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,15 +85,6 @@ def workload(scenario: Scenario):
 
     *_, batch, seq, _ = SIZES[scenario.size]
     return Workload("train", scenario.batch or batch, seq, dtype="fp32")
-
-
-def slice_name(piece: CpuSlice) -> str:
-    parts = ["cpu"]
-    if piece.cores:
-        parts.append("c" + ".".join(map(str, piece.cores)))
-    if piece.quota is not None:
-        parts.append(f"q{piece.quota:g}")
-    return "-".join(parts)
 
 
 def measured_slice(piece: CpuSlice, size: str, refresh: bool = False):

@@ -25,7 +25,7 @@ def measure_slice(spec: CpuSlice, *, name: str | None = None, budget_s: float = 
     `layers_of=(model_spec, seq_len, batches)` also times that model's layer, embedding and head
     forward+backward inside the slice (profile.layer_times), for profile-guided planning.
     """
-    name = name or _slice_name(spec)
+    name = name or slice_name(spec)
     deadline = time.monotonic() + timeout_s
     with SliceGroup(spec) as group:
         # The child imports torch at full speed and says "ready"; only then is it put in the slice
@@ -80,7 +80,8 @@ def _read_line(child: subprocess.Popen, deadline: float) -> str:
     return child.stdout.readline().strip()
 
 
-def _slice_name(spec: CpuSlice) -> str:
+def slice_name(spec: CpuSlice) -> str:
+    """`cpu-c0.1-q0.5`: the cores and the quota, whichever are set."""
     parts = ["cpu"]
     if spec.cores:
         parts.append("c" + ".".join(map(str, spec.cores)))
