@@ -77,16 +77,21 @@ def test_plan_verify_refuses_devices_that_are_not_here(tmp_path):
     assert proc.returncode == 2 and "for --task train" in proc.stderr
 
 
-def test_a_run_feeds_back_so_the_next_plan_predicts_what_was_measured(tmp_path, monkeypatch):
+@pytest.mark.parametrize("layer_times", [True, False], ids=["layer-times", "matmul-rate"])
+def test_a_run_feeds_back_so_the_next_plan_predicts_what_was_measured(tmp_path, monkeypatch, layer_times):
     """learn(): a one-stage replica that computed twice as long as predicted doubles that device's
-    layer times in the cached calibration; the next plan on the same devices predicts that."""
+    compute in the cached calibration — its measured layer times, or where it has none its matmul
+    rate — and the next plan on the same devices predicts that."""
     import json
 
     from alloy.plan import make_plan
     from alloy.runtime import calibrate
 
     monkeypatch.setenv("ALLOY_CACHE_DIR", str(tmp_path))
-    inventory = Inventory(name="one", devices=[claimed_fast("q1", 1.0)])
+    device = claimed_fast("q1", 1.0)
+    if not layer_times:
+        device = device.model_copy(update={"layer_times": []})
+    inventory = Inventory(name="one", devices=[device])
     names = ["q1"]
     measured = {"names": names, "startup_s": 3.0, "when": "now", "links": [],
                 "allreduce": {"latency_s": 1e-4, "bandwidth_bytes_per_s": 1e9},

@@ -92,7 +92,7 @@ def _write(path: Path, measured: dict) -> None:
 
 
 # A measured/predicted ratio this far from 1 is a broken measurement, not a calibration.
-SCALE_LIMITS = (0.25, 4.0)
+SCALE_LIMITS = (0.1, 10.0)
 
 
 def learn(inventory: Inventory, runs: list) -> dict[str, float]:
@@ -178,8 +178,12 @@ def apply(inventory: Inventory, measured: dict, key: str | None = None) -> Inven
 
 
 def _scaled(device: DeviceProfile, scale: float) -> DeviceProfile:
-    if scale == 1.0 or not device.layer_times:
+    """The device with its compute `scale` times slower: its measured layer times where it has
+    them for training, else its matmul rates (what the planner then prices the layers by)."""
+    if scale == 1.0:
         return device
+    if not any(t.phase == "train" for t in device.layer_times):
+        return device.model_copy(update={"matmul_flops": {k: v / scale for k, v in device.matmul_flops.items()}})
     times = [t.model_copy(update={"layer_s": [v * scale for v in t.layer_s], "first_s": [v * scale for v in t.first_s],
                                   "last_s": [v * scale for v in t.last_s]}) if t.phase == "train" else t
              for t in device.layer_times]
