@@ -123,12 +123,6 @@ def inventory_for(scenario: Scenario) -> Inventory:
     return calibrate(inventory, spec=spec_for(scenario.size))
 
 
-def candidates(scenario: Scenario) -> dict:
-    from alloy.plan.planner import plan_candidates
-
-    return dict(plan_candidates(spec_for(scenario.size), inventory_for(scenario), workload(scenario)))
-
-
 def run_plan(plan, scenario: Scenario, steps: int | None = None) -> dict:
     from alloy.plan.planner import layout_line
     from alloy.runtime import run

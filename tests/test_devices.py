@@ -243,3 +243,15 @@ def test_cuda_is_discovered_and_measured():
     dtype = "bf16" if "bf16" in measured.matmul_flops else "fp32"
     direct = _direct_matmul_flops(4096, TORCH_DTYPES[dtype], 0.5, device="cuda:0")
     assert direct / 2 < measured.matmul_flops[dtype] < direct * 2, (measured.matmul_flops, direct)
+
+
+def test_layer_probe_takes_batch_sizes_in_any_order():
+    """`bench hetero --quick` once crashed: it asked for batches (1, 2, 4, 8, 7), and the profile
+    refused them ("batch sizes must be strictly increasing"). The probe sorts and de-duplicates."""
+    from alloy.devices.layer_profile import measure_layer_times
+    from alloy.spec import ModelSpec
+
+    spec = ModelSpec(family="llama", vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
+                     head_dim=8, intermediate_size=32, max_seq_len=32)
+    times = measure_layer_times(spec, 8, (1, 4, 2, 4, 3), repeats=1)
+    assert times.batch == [1.0, 2.0, 3.0, 4.0] and len(times.layer_s) == 4 and all(t > 0 for t in times.layer_s)

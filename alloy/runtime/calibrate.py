@@ -115,9 +115,7 @@ def learn(inventory: Inventory, runs: list) -> dict[str, float]:
             if len(replica.stages) != 1 or replica.stages[0].predicted_busy_s <= 0:
                 continue
             stage = replica.stages[0]
-            records = by_rank[stage.rank]["records"][1:] or by_rank[stage.rank]["records"]
-            compute_s = statistics.median(r["step_s"] - r["sync_s"] - r.get("optimizer_s", 0.0) for r in records)
-            ratio = compute_s / stage.predicted_busy_s
+            ratio = report.rank_times(by_rank[stage.rank])["compute_s"] / stage.predicted_busy_s
             if SCALE_LIMITS[0] <= ratio <= SCALE_LIMITS[1]:
                 ratios.setdefault(stage.device, []).append(ratio)
     scales = measured.setdefault("compute_scale", {})

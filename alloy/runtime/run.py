@@ -39,14 +39,19 @@ class RunReport:
 
     predicted_terms: dict | None = None  # the plan's compute_s / allreduce_s / optimizer_s
 
+    def rank_times(self, info: dict) -> dict[str, float]:
+        """One rank's median step, sync, update and compute (the step less the other two) after warm-up."""
+        records = info["records"][1:] or info["records"]
+        times = {k: statistics.median(r.get(k, 0.0) for r in records) for k in ("step_s", "sync_s", "optimizer_s")}
+        return times | {"compute_s": times["step_s"] - times["sync_s"] - times["optimizer_s"]}
+
     def measured_terms(self) -> dict[str, float]:
         """The step split as the plan splits it, from the rank that computed longest (it waits
         least at the collectives, so its sync time is the collectives' own)."""
-        per_rank = [{k: statistics.median(r.get(k, 0.0) for r in info["records"][1:] or info["records"])
-                     for k in ("step_s", "sync_s", "optimizer_s")} for info in self.ranks]
-        slowest = max(per_rank, key=lambda t: t["step_s"] - t["sync_s"] - t["optimizer_s"])
+        per_rank = [self.rank_times(info) for info in self.ranks]
+        slowest = max(per_rank, key=lambda t: t["compute_s"])
         between_steps_s = max(0.0, self.measured_step_s - slowest["step_s"])  # the metrics gather, the next batch
-        return {"compute_s": slowest["step_s"] - slowest["sync_s"] - slowest["optimizer_s"],
+        return {"compute_s": slowest["compute_s"],
                 "allreduce_s": slowest["sync_s"] + between_steps_s,
                 "optimizer_s": max(t["optimizer_s"] for t in per_rank)}
 

@@ -53,7 +53,7 @@ def verify(spec: ModelSpec, inventory, work: Workload, *, top: int = 3, steps: i
     tied = [(t, p) for t, p in ran if t.measured_step_s <= fastest_s * (1 + NOISE)]
     best, plan = min(tied, key=lambda item: (item[0].predicted_step_s, item[0].measured_step_s))
     learn(inventory, reports)  # the next plan on these devices starts from what ran here
-    note = _why(best, trials, plan, inventory, device_names)
+    note = _why(best, trials, inventory, device_names)
     return plan.model_copy(update={"verification": Verification(steps=steps, trials=trials, chosen=best.name,
                                                                  note=note)})
 
@@ -74,7 +74,7 @@ def _trial(name: str, plan: Plan, steps: int, timeout_s: float, run_options: dic
     return Trial(**common, measured_step_s=report.measured_step_s), report
 
 
-def _why(best: Trial, trials: list[Trial], plan: Plan, inventory, device_names) -> str:
+def _why(best: Trial, trials: list[Trial], inventory, device_names) -> str:
     """Why this layout: how it measured against the others, and why any device sits idle."""
     others = [t for t in trials if t is not best and t.measured_step_s is not None]
     fastest = min([best, *others], key=lambda t: t.measured_step_s)
