@@ -33,7 +33,7 @@ from alloy.spec import ModelSpec
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {  # hidden, layers, heads, kv heads, ffn, vocab, global batch, seq, steps
     "quick": (128, 4, 4, 2, 352, 2048, 7, 64, 4),
-    "full": (256, 8, 8, 4, 688, 4096, 28, 128, 5),
+    "full": (256, 8, 8, 4, 688, 4096, 28, 128, 11),
 }
 
 

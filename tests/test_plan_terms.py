@@ -3,6 +3,7 @@ moves by exactly what the step-time model (docs/PLANNER.md) says it should — n
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,8 +11,8 @@ import pytest
 from alloy.devices import DeviceProfile, Inventory, Link, LinkSpec
 from alloy.devices.schema import MeasuredLayerTimes
 from alloy.plan import Workload, make_plan
-from alloy.plan.timing import (GRADIENT_BUCKET_BYTES, Layout, Replica, build_problem, stage_params, step_timing,
-                               train_micro_batches)
+from alloy.plan.timing import (BACKWARD_SHARE, Layout, Replica, build_problem, gradient_bucket_bytes, stage_params,
+                               step_timing, sync_cost, train_micro_batches)
 from alloy.spec import ModelSpec
 
 SPEC = ModelSpec(family="llama", vocab_size=512, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
@@ -58,8 +59,38 @@ def test_allreduce_latency_moves_data_parallel_by_each_call():
     moved = step_s(inventory(allreduce=LinkSpec(bandwidth_bytes_per_s=1e9, latency_s=2e-3 + delta)),
                    DATA_PARALLEL) - step_s(inventory(), DATA_PARALLEL)
     grad_bytes = SPEC.num_params() * 4
-    calls = 1 + math.ceil(grad_bytes / GRADIENT_BUCKET_BYTES)  # the scalars, then the gradient buckets
+    calls = 1 + math.ceil(grad_bytes / gradient_bucket_bytes(grad_bytes, overlap=True))  # scalars, then buckets
+    assert calls == 2  # a small model: one bucket, nothing to overlap
     assert moved == pytest.approx(calls * delta, rel=1e-9)
+
+
+BIG = dataclasses.replace(SPEC, hidden_size=256, head_dim=64, intermediate_size=512, vocab_size=2048)
+
+
+def big_step(bandwidth_bytes_per_s: float) -> tuple[float, float]:
+    inv = inventory(allreduce=LinkSpec(bandwidth_bytes_per_s=bandwidth_bytes_per_s, latency_s=2e-3))
+    problem = build_problem(BIG, inv, WORK)
+    return step_timing(problem, DATA_PARALLEL).step_s, problem
+
+
+def test_data_parallel_hides_all_but_the_last_bucket_behind_the_backward():
+    grad_bytes = BIG.num_params() * 4
+    bucket = gradient_bucket_bytes(grad_bytes, overlap=True)
+    calls = math.ceil(grad_bytes / bucket)
+    assert calls == 4
+    last = grad_bytes - 3 * bucket
+    # fast links: the backward covers the first three buckets; a slower ring costs the last one's bytes
+    fast, problem = big_step(1e9)
+    slower, _ = big_step(0.8e9)
+    assert slower - fast == pytest.approx(last / 0.8e9 - last / 1e9, rel=1e-9)
+    # slow links: the hidden buckets outlast the backward, and all of the bytes count
+    window = step_timing(problem, DATA_PARALLEL).replicas[1].compute_s[0] * BACKWARD_SHARE * (1 - bucket / grad_bytes)
+    slow_bw = 3 * bucket / window  # below this the three hidden buckets take longer than the window
+    crawl, _ = big_step(slow_bw / 4)
+    crawler, _ = big_step(slow_bw / 5)
+    assert crawler - crawl == pytest.approx(grad_bytes * (5 - 4) / slow_bw, rel=1e-9)
+    sync = sync_cost(problem, [(0,), (1,)])
+    assert sync.hidden_s > 0 and sync.exposed_s > 0
 
 
 def test_allreduce_bandwidth_moves_data_parallel_by_the_ring_bytes():

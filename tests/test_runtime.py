@@ -6,6 +6,8 @@ the ordinary path trains."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import concurrent.futures
 import time
 
@@ -70,6 +72,23 @@ def test_distributed_training_equals_a_single_process(name, tmp_path):
     from alloy.model.init import init_params
     init = init_params(Transformer(SPEC), 0).state_dict()
     assert _relative(state, init) > 1e-2  # the steps really moved the weights
+
+
+def test_overlapped_buckets_with_accumulation_equal_a_single_process(tmp_path):
+    """Data parallel sends gradient buckets while the backward runs (only on the last accumulated
+    batch): a model big enough for several buckets, two accumulated batches, uneven shares."""
+    from alloy.plan.timing import gradient_bucket_bytes
+    spec = dataclasses.replace(SPEC, vocab_size=4096, hidden_size=64, head_dim=16, num_layers=2)
+    grad_bytes = spec.num_params() * 8
+    assert grad_bytes / gradient_bucket_bytes(grad_bytes, overlap=True) >= 2  # several buckets
+    layout = RunLayout(tuple((Stage(f"cpu{i}", 0, 2, True, True),) for i in range(2)), (3, 1), (1, 1))
+    ref_losses, ref_state = reference_run(spec, steps=2, global_batch=4, seq_len=SEQ, data=DATA, optim=OPTIM,
+                                          grad_accum=2, dtype=FP64)
+    job = job_document(spec, layout, steps=2, seq_len=SEQ, out_dir=tmp_path, data=DATA, optim=OPTIM, threads=1,
+                       timeout_s=60, param_dtype="fp64", grad_accum=2)
+    report = run_job(job, timeout_s=240)
+    assert _relative(report.state_dict(), ref_state) <= TOL
+    assert report.losses == pytest.approx(ref_losses, rel=TOL, abs=0)
 
 
 def test_an_fp32_run_trains(tmp_path):

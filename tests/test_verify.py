@@ -110,3 +110,22 @@ def test_a_run_feeds_back_so_the_next_plan_predicts_what_was_measured(tmp_path, 
     again = make_plan(SPEC, after, WORK)
     assert again.replicas[0].stages[0].predicted_busy_s == pytest.approx(2 * stage.predicted_busy_s, rel=1e-9)
     assert "rescaled by runs: q1 x2.00" in after.calibrated
+
+
+def test_a_close_call_is_run_again_and_decided_on_the_mean(monkeypatch):
+    """The two fastest trials within RUNOFF of each other run once more; each keeps its mean, so a
+    layout that was lucky in one short run does not win on that luck alone."""
+    from alloy.plan.plan import Trial
+    from alloy.runtime import verify as verify_module
+
+    again = {"lucky": 1.4, "steady": 1.05}  # what the second runs measure
+    monkeypatch.setattr(verify_module, "_trial", lambda name, plan, *a: (
+        Trial(name=name, layout="", devices=[], predicted_step_s=1.0, measured_step_s=again[name]), None))
+    first = [(Trial(name="lucky", layout="", devices=[], predicted_step_s=1.0, measured_step_s=1.0), "p1"),
+             (Trial(name="steady", layout="", devices=[], predicted_step_s=1.0, measured_step_s=1.1), "p2"),
+             (Trial(name="slow", layout="", devices=[], predicted_step_s=1.0, measured_step_s=2.0), "p3")]
+    ran = verify_module._runoff(first, 6, 60.0, {}, lambda line: None)
+    measured = {t.name: t.measured_step_s for t, _ in ran}
+    assert measured == pytest.approx({"lucky": 1.2, "steady": 1.075, "slow": 2.0})
+    far = [first[0], first[2]]  # 2x apart: no second run
+    assert verify_module._runoff(far, 6, 60.0, {}, lambda line: None) == far

@@ -16,7 +16,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from alloy.plan.timing import Layout, Problem, Replica, allreduce_s, micro_batching, replica_timing
+from alloy.plan.timing import (Layout, Problem, Replica, micro_batching, replica_timing, sync_cost,
+                               synced_time_s)
 from alloy.plan.timing import send_s, stage_compute_s, stage_memory_bytes, stage_overhead_s
 
 EXACT_MAX_DEVICES = 5  # every grouping and order is tried up to here (958 ordered groupings at 5)
@@ -164,15 +165,21 @@ class Search:
         total = self.p.work.batch_size
         if len(groups) > total:
             return None
-        sync_s = allreduce_s(self.p, groups)
-        if sync_s >= best_s:
+        sync = sync_cost(self.p, groups)
+        if sync.exposed_s >= best_s:
             return None
+
+        def time_of(g, n):
+            found = self.best_pipeline(g, n, micro_batches)
+            if found is None or not sync.hidden_s:
+                return _time(found)
+            return synced_time_s(self.p, replica_timing(self.p, found[1], found[2], n, micro_batches), sync)
+
         if self.exact and total <= EXACT_MAX_BATCH:
             # Each share gets its own best layout, and the shares come from an exact DP over them.
-            time_of = [lambda n, g=g: _time(self.best_pipeline(g, n, micro_batches)) for g in groups]
-            shares = fill_shares(time_of, total)
+            shares = fill_shares([lambda n, g=g: time_of(g, n) for g in groups], total)
         else:
-            shares = self._shares_for_fixed_layouts(groups, micro_batches)
+            shares = self._shares_for_fixed_layouts(groups, micro_batches, sync)
         if shares is None:
             return None
         replicas = []
@@ -181,10 +188,10 @@ class Search:
             if found is None:
                 return None
             replicas.append(Replica(found[1], tuple(int(c) for c in found[2]), n))
-        step_s = max(_time(self.best_pipeline(g, n, micro_batches)) for g, n in zip(groups, shares)) + sync_s
+        step_s = max(time_of(g, n) for g, n in zip(groups, shares)) + sync.exposed_s
         return step_s, Layout(tuple(replicas), micro_batches)
 
-    def _shares_for_fixed_layouts(self, groups, micro_batches):
+    def _shares_for_fixed_layouts(self, groups, micro_batches, sync):
         """Heuristic for big batches: lay each replica out at a throughput-proportional share,
         water-fill shares over those fixed layouts, then lay out again at the final shares."""
         p = self.p
@@ -195,7 +202,7 @@ class Search:
         layouts = [self.best_pipeline(g, n, micro_batches) for g, n in zip(groups, shares)]
         if any(found is None for found in layouts):
             return None
-        time_of = [_memo(lambda n, f=f: replica_timing(p, f[1], f[2], n, micro_batches).time_s)
+        time_of = [_memo(lambda n, f=f: synced_time_s(p, replica_timing(p, f[1], f[2], n, micro_batches), sync))
                    for f in layouts]
         return rebalance_shares(time_of, shares)
 

@@ -299,14 +299,52 @@ def replica_timing(p: Problem, devices: tuple[int, ...], cuts: tuple[int, ...], 
     return ReplicaTiming(time_s, tuple(slots), tuple(computes), tuple(mems), m, optimizer)
 
 
-GRADIENT_BUCKET_BYTES = 32 * 1024**2  # the runtime all-reduces gradients in buckets of about this size
+MAX_BUCKET_BYTES = 25 * 1024**2  # as DDP: big enough that the per-call latency stays small
+MIN_BUCKET_BYTES = 1024**2
 
 
-def allreduce_s(p: Problem, groups: list[tuple[int, ...]]) -> float:
-    """Every collective of a training step, after the backward and before the optimizer, as the
-    runtime runs them (gloo, one after another, no overlap with compute):
+def gradient_bucket_bytes(total_bytes: float, overlap: bool) -> float:
+    """The runtime's gradient bucket size. Overlapped with the backward: a quarter of the
+    gradient, within 1-25 MiB, so only the last bucket (<= a quarter) waits after the backward.
+    After the backward: as few calls as the 25 MiB cap allows (each call costs a latency)."""
+    if not overlap:
+        return MAX_BUCKET_BYTES
+    return min(MAX_BUCKET_BYTES, max(MIN_BUCKET_BYTES, total_bytes / 4))
 
-    - the gradient among replicas: a ring all-reduce of the whole model in 32 MiB buckets;
+
+def overlaps_backward(groups) -> bool:
+    """Whether the runtime all-reduces gradients during the backward: when every replica is one
+    stage (pure data parallel). A pipeline's backward is its schedule's, so it syncs after."""
+    return len(groups) > 1 and all(len(g) == 1 for g in groups)
+
+
+BACKWARD_SHARE = 2 / 3  # of a training step's compute (the backward costs twice the forward)
+
+
+@dataclass(frozen=True)
+class SyncCost:
+    """A training step's collectives, split by when they can run."""
+
+    hidden_s: float = 0.0  # gradient buckets before the last: during the backward, when it overlaps
+    exposed_s: float = 0.0  # after the slowest replica's backward: the rest, tied copies, the scalars
+    first_bucket_fraction: float = 0.0  # of the gradient: the backward produces it before any call starts
+
+    @property
+    def total_s(self) -> float:
+        return self.hidden_s + self.exposed_s
+
+    def spill_s(self, compute_s: float) -> float:
+        """What of the hidden buckets a one-stage replica's backward of `compute_s` cannot cover."""
+        window_s = compute_s * BACKWARD_SHARE * (1 - self.first_bucket_fraction)
+        return max(0.0, self.hidden_s - window_s)
+
+
+def sync_cost(p: Problem, groups: list[tuple[int, ...]]) -> SyncCost:
+    """Every collective of a training step as the runtime runs them (gloo):
+
+    - the gradient among replicas: a ring all-reduce of the whole model in buckets
+      (`gradient_bucket_bytes`); pure data parallel starts each bucket as soon as the backward has
+      produced it, so all but the last can hide behind the backward;
     - a tied embedding's two copies (first and last stage of a pipeline) when there is one replica;
     - one small all-reduce over every worker: the loss, the gradient norm and the step times.
 
@@ -315,7 +353,7 @@ def allreduce_s(p: Problem, groups: list[tuple[int, ...]]) -> float:
     """
     world = sum(len(g) for g in groups)
     if world < 2 or p.work.task != "train":
-        return 0.0
+        return SyncCost()
     r, c = len(groups), p.costs
     if p.collective_bytes_per_s > 0:
         bw = p.collective_bytes_per_s
@@ -330,26 +368,51 @@ def allreduce_s(p: Problem, groups: list[tuple[int, ...]]) -> float:
             mask &= owner[:, None] != owner[None, :]
         bw, lat = p.link_bytes_per_s[mask].min(), p.link_latency_s[mask].max()
         call_s = lambda n: 2 * (n - 1) * lat  # noqa: E731  (a ring: 2 (n - 1) hops a call)
-    total_s = call_s(world)  # the scalars, every step
+    exposed_s = call_s(world)  # the scalars, every step
     if r > 1:
-        calls = math.ceil(c.total_param_bytes / GRADIENT_BUCKET_BYTES)
-        total_s += calls * call_s(r) + 2 * (r - 1) / r * c.total_param_bytes / bw
+        total_bytes = c.total_param_bytes
+        bucket = gradient_bucket_bytes(total_bytes, overlaps_backward(groups))
+        calls = math.ceil(total_bytes / bucket)
+        bucket_s = lambda n: call_s(r) + 2 * (r - 1) / r * n / bw  # noqa: E731
+        last = total_bytes - (calls - 1) * bucket
+        if overlaps_backward(groups):
+            return SyncCost(hidden_s=(calls - 1) * bucket_s(bucket), exposed_s=exposed_s + bucket_s(last),
+                            first_bucket_fraction=min(1.0, bucket / total_bytes))
+        exposed_s += (calls - 1) * bucket_s(bucket) + bucket_s(last)
     elif c.tied and len(groups[0]) > 1:
         embed_bytes = c.embed_params * c.dtype_bytes
-        total_s += math.ceil(embed_bytes / GRADIENT_BUCKET_BYTES) * call_s(2) + embed_bytes / bw
-    return total_s
+        calls = math.ceil(embed_bytes / gradient_bucket_bytes(embed_bytes, False))
+        exposed_s += calls * call_s(2) + embed_bytes / bw
+    return SyncCost(exposed_s=exposed_s)
+
+
+def allreduce_s(p: Problem, groups: list[tuple[int, ...]]) -> float:
+    """Every collective of a step, hidden or not: a lower bound on what they add to any layout."""
+    return sync_cost(p, groups).exposed_s
+
+
+def synced_time_s(p: Problem, timing: ReplicaTiming, sync: SyncCost) -> float:
+    """A replica's time until the last overlapped bucket is through: its own time, plus what of
+    the hidden buckets its backward could not cover (one-stage replicas only)."""
+    if len(timing.compute_s) != 1 or not sync.hidden_s:
+        return timing.time_s
+    return timing.time_s + sync.spill_s(timing.compute_s[0])
 
 
 @dataclass(frozen=True)
 class StepTiming:
     step_s: float
     replicas: tuple[ReplicaTiming, ...]
-    allreduce_s: float
+    allreduce_s: float  # the collectives' time not hidden behind compute, on the slowest replica
 
 
 def step_timing(p: Problem, layout: Layout) -> StepTiming:
-    """The slowest replica bounds the step; the gradient all-reduce follows it (no overlap assumed)."""
+    """The slowest replica (counting what its backward could not hide of the gradient all-reduce)
+    bounds the step; the exposed collectives follow it."""
     timings = tuple(replica_timing(p, r.devices, r.cuts, r.share, layout.micro_batches)
                     for r in layout.replicas)
-    sync_s = allreduce_s(p, [r.devices for r in layout.replicas])
-    return StepTiming(max(t.time_s for t in timings) + sync_s, timings, sync_s)
+    sync = sync_cost(p, [r.devices for r in layout.replicas])
+    synced = [synced_time_s(p, t, sync) for t in timings]
+    slowest = int(np.argmax(synced))
+    spill_s = synced[slowest] - timings[slowest].time_s if math.isfinite(synced[slowest]) else 0.0
+    return StepTiming(synced[slowest] + sync.exposed_s, timings, sync.exposed_s + spill_s)

@@ -170,10 +170,12 @@ class StageRunner:
         self._loss_scale = 1.0 / (len(batches) * batches[0].shape[0] * (batches[0].shape[1] - 1))
         self.optimizer.zero_grad(set_to_none=True)
         local_loss = torch.zeros((), dtype=torch.float64)
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            if i == len(batches) - 1:
+                self.sync.arm()  # data parallel: gradient buckets go out while this backward runs
             local_loss += self._forward_backward(self._my_rows(batch))
         sync_start_s = time.perf_counter()
-        self.sync.all_reduce()
+        self.sync.finish()
         sync_s = time.perf_counter() - sync_start_s
         update_start_s = time.perf_counter()
         squares = self._norm_squares()

@@ -16,10 +16,10 @@ import torch.distributed as dist
 
 from alloy.model import Transformer
 from alloy.model.init import canonical_name
+from alloy.plan.timing import gradient_bucket_bytes, overlaps_backward
 from alloy.runtime.layout import RunLayout
 from alloy.spec import ModelSpec
 
-BUCKET_BYTES = 32 * 1024**2  # all-reduce in chunks of about this size
 
 
 def stage_model(spec: ModelSpec, layout: RunLayout, rank: int, device="meta") -> Transformer:
@@ -40,7 +40,14 @@ def holder_sets(spec: ModelSpec, layout: RunLayout) -> dict[str, tuple[int, ...]
 
 class GradientSync:
     """Process groups for every holder set (made by every rank, in one order), and the
-    bucketed all-reduce of this rank's gradients."""
+    bucketed all-reduce of this rank's gradients.
+
+    Buckets follow the parameters in reverse (the order the backward produces their gradients).
+    With `overlap` (pure data parallel: every replica is one stage), `arm()` before the step's
+    last backward starts each bucket's all-reduce as soon as its gradients are final, while the
+    backward goes on; `finish()` starts whatever is left and waits. Buckets start strictly in
+    order, so every rank issues the same calls in the same order.
+    """
 
     def __init__(self, spec: ModelSpec, layout: RunLayout, model: Transformer, rank: int, timeout=None):
         holders = holder_sets(spec, layout)
@@ -49,37 +56,75 @@ class GradientSync:
             group = dist.new_group(list(ranks), timeout=timeout)  # collective: all ranks call it
             if rank in ranks:
                 self.groups[ranks] = group
-        self.params_by_group: dict[tuple[int, ...], list[torch.nn.Parameter]] = defaultdict(list)
-        for name, param in model.named_parameters():
+        params_by_group: dict[tuple[int, ...], list[torch.nn.Parameter]] = defaultdict(list)
+        for name, param in reversed(list(model.named_parameters())):
             ranks = holders[canonical_name(model, name)]
             if len(ranks) > 1:
-                self.params_by_group[ranks].append(param)
-
-    @torch.no_grad()
-    def all_reduce(self) -> None:
+                params_by_group[ranks].append(param)
+        self.overlap = overlaps_backward(layout.replicas)
         # One global order of groups on every rank; ranks that share two groups must not meet
         # them in opposite orders, or both wait forever.
-        for ranks, params in sorted(self.params_by_group.items()):
-            for bucket in _buckets(params):
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
-                # Reduced on the host: gloo carries CPU tensors, so a GPU stage next to CPU ones works.
-                flat = torch.cat([g.flatten() for g in grads]).cpu()
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.groups[ranks])
-                offset = 0
-                for p, g in zip(bucket, grads):
-                    n = g.numel()
-                    p.grad = flat[offset : offset + n].view_as(g).to(g.device)
-                    offset += n
+        self.buckets: list[tuple[tuple[int, ...], list[torch.nn.Parameter]]] = []
+        for ranks, params in sorted(params_by_group.items()):
+            size = gradient_bucket_bytes(sum(p.numel() * p.element_size() for p in params), self.overlap)
+            self.buckets += [(ranks, bucket) for bucket in _buckets(params, size)]
+        self._bucket_of = {id(p): i for i, (_, bucket) in enumerate(self.buckets) for p in bucket}
+        self._armed = False
+        if self.overlap:
+            for _, bucket in self.buckets:
+                for p in bucket:
+                    p.register_post_accumulate_grad_hook(self._ready)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._waiting = [len(bucket) for _, bucket in self.buckets]  # gradients not yet final
+        self._launched: list[tuple[object, torch.Tensor, list, list]] = []
+
+    def arm(self) -> None:
+        """The next backward is the step's last: start buckets as their gradients become final."""
+        self._armed = self.overlap
+        self._reset()
+
+    def _ready(self, param: torch.nn.Parameter) -> None:
+        if not self._armed:
+            return
+        self._waiting[self._bucket_of[id(param)]] -= 1
+        while len(self._launched) < len(self.buckets) and self._waiting[len(self._launched)] == 0:
+            self._launch()
+
+    @torch.no_grad()
+    def _launch(self) -> None:
+        ranks, bucket = self.buckets[len(self._launched)]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
+        # Reduced on the host: gloo carries CPU tensors, so a GPU stage next to CPU ones works.
+        flat = torch.cat([g.flatten() for g in grads]).cpu()
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.groups[ranks], async_op=True)
+        self._launched.append((work, flat, bucket, grads))
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Start the buckets not yet started (all of them without overlap), wait, and put the sums
+        back as the gradients."""
+        self._armed = False
+        while len(self._launched) < len(self.buckets):
+            self._launch()
+        for work, flat, bucket, grads in self._launched:
+            work.wait()
+            offset = 0
+            for p, g in zip(bucket, grads):
+                n = g.numel()
+                p.grad = flat[offset : offset + n].view_as(g).to(g.device)
+                offset += n
+        self._reset()
 
 
-def _buckets(params: list[torch.nn.Parameter]):
+def _buckets(params: list[torch.nn.Parameter], size_bytes: float):
     bucket, size = [], 0
     for p in params:
-        nbytes = p.numel() * p.element_size()
-        if bucket and size + nbytes > BUCKET_BYTES:
+        bucket.append(p)
+        size += p.numel() * p.element_size()
+        if size >= size_bytes:
             yield bucket
             bucket, size = [], 0
-        bucket.append(p)
-        size += nbytes
     if bucket:
         yield bucket

@@ -22,6 +22,7 @@ from alloy.spec import ModelSpec
 
 VERIFY_STEPS = 6  # the median of the 4 step periods after the warm-up step
 NOISE = 0.03  # measured steps this close are a tie (periods of one run spread several % on shared cores)
+RUNOFF = 0.15  # the two fastest this close run once more: one short run can be a fluke of the machine
 
 
 def verify(spec: ModelSpec, inventory, work: Workload, *, top: int = 3, steps: int = VERIFY_STEPS,
@@ -47,6 +48,8 @@ def verify(spec: ModelSpec, inventory, work: Workload, *, top: int = 3, steps: i
     ran = [(t, plan) for t, (_, plan) in zip(trials, candidates) if t.measured_step_s is not None]
     if not ran:
         raise VerifyError(f"no candidate layout ran: {trials[0].error}")
+    ran = _runoff(ran, steps, timeout_s, run_options, log)
+    trials = [next((t for t, _ in ran if t.name == trial.name), trial) for trial in trials]
     fastest_s = min(t.measured_step_s for t, _ in ran)
     # Trials within measurement noise of the fastest are a tie; the model, which weighs every
     # term on the same devices, breaks it (the one it predicts fastest).
@@ -56,6 +59,24 @@ def verify(spec: ModelSpec, inventory, work: Workload, *, top: int = 3, steps: i
     note = _why(best, trials, inventory, device_names)
     return plan.model_copy(update={"verification": Verification(steps=steps, trials=trials, chosen=best.name,
                                                                  note=note)})
+
+
+def _runoff(ran: list, steps: int, timeout_s: float, run_options: dict, log) -> list:
+    """Run the two measured-fastest trials again when they are within RUNOFF of each other; each
+    keeps the mean of its two runs. A layout that was lucky once rarely is twice."""
+    if len(ran) < 2:
+        return ran
+    first, second = sorted(ran, key=lambda item: item[0].measured_step_s)[:2]
+    if second[0].measured_step_s > first[0].measured_step_s * (1 + RUNOFF):
+        return ran
+    again = {}
+    for trial, plan in (first, second):
+        rerun, _ = _trial(trial.name, plan, steps, timeout_s, run_options)
+        if rerun.measured_step_s is not None:
+            mean_s = (trial.measured_step_s + rerun.measured_step_s) / 2
+            log(f"runoff: {trial.name} measured {rerun.measured_step_s:.3g} s/step again (mean {mean_s:.3g})")
+            again[trial.name] = trial.model_copy(update={"measured_step_s": mean_s})
+    return [(again.get(t.name, t), p) for t, p in ran]
 
 
 class VerifyError(AlloyError):
