@@ -66,3 +66,15 @@ def hf_output(model, input_ids, attention_mask=None, token_type_ids=None):
             return model(input_ids=input_ids, attention_mask=attention_mask,
                          token_type_ids=token_type_ids).last_hidden_state
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+CHARS = [chr(c) for c in range(32, 128)]  # 96 printable characters: one token each, ids = vocab of SMALL
+
+
+def char_tokenizer():
+    """A tokenizer whose ids are SMALL's vocabulary: one printable character per token."""
+    from tokenizers import Tokenizer, decoders, models
+
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(CHARS)}, merges=[]))
+    tokenizer.decoder = decoders.Fuse()
+    return tokenizer

@@ -11,19 +11,10 @@ from alloy import kernels
 from alloy.cli import main
 from alloy.infer import generate
 from alloy.infer.tokenize import TextStream, apply_chat_template, encode
-from hf_cases import build_hf
+from hf_cases import CHARS, build_hf, char_tokenizer
 
-CHARS = [chr(c) for c in range(32, 128)]  # 96 printable characters: one token each, ids = vocab of SMALL
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
-
-
-def char_tokenizer():
-    from tokenizers import Tokenizer, decoders, models
-
-    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(CHARS)}, merges=[]))
-    tokenizer.decoder = decoders.Fuse()
-    return tokenizer
 
 
 @pytest.fixture(scope="module")

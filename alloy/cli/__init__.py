@@ -18,6 +18,8 @@ VERBS = {
     "merge": "Merge same-spec models: linear, task arithmetic, TIES or SLERP.",
     "export": "Convert a model directory to ONNX or GGUF.",
     "generate": "Continue a prompt with a model (KV-cached; fp32, bf16 or int8; split over devices).",
+    "serve": "Serve a model over an OpenAI-compatible HTTP API with continuous batching.",
+    "chat": "Chat with a model in the terminal (streaming, history, /reset, /system).",
     "inspect": "Show a model's architecture (spec) and size: preset, HF directory or config.json.",
 }
 

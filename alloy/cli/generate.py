@@ -35,7 +35,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
-def _stages(args, spec, prompt_len: int):
+def plan_stages(args, spec, prompt_len: int, new_tokens: int):
+    """(stages, plan or None) from --plan, --devices or neither (one CPU stage); shared with serve."""
     from alloy.infer.partition import StageSpec, stages_from_plan
 
     if args.plan and args.devices:
@@ -43,17 +44,17 @@ def _stages(args, spec, prompt_len: int):
     if args.plan:
         from alloy.plan import Plan
 
-        return stages_from_plan(Plan.load(args.plan))
+        plan = Plan.load(args.plan)
+        return stages_from_plan(plan), plan
     if args.devices:
         from alloy.cli.plan import load_devices
+        from alloy.infer.optimize import decode_inventory
         from alloy.plan import Workload, make_plan
 
-        work = Workload(task="infer", batch_size=1, seq_len=prompt_len, dtype=args.dtype,
-                        new_tokens=args.max_new_tokens)
-        from alloy.infer.optimize import decode_inventory
-
-        return stages_from_plan(make_plan(spec, decode_inventory(load_devices(args.devices), args.dtype), work))
-    return [StageSpec("cpu", (0, spec.num_layers), True, True)]
+        work = Workload(task="infer", batch_size=1, seq_len=prompt_len, dtype=args.dtype, new_tokens=new_tokens)
+        plan = make_plan(spec, decode_inventory(load_devices(args.devices), args.dtype), work)
+        return stages_from_plan(plan), plan
+    return [StageSpec("cpu", (0, spec.num_layers), True, True)], None
 
 
 def run(args) -> int:
@@ -77,7 +78,7 @@ def run(args) -> int:
     tokenizer = require_tokenizer(text_side)
     spec = text_side.spec
     validate(spec, [ids], args.max_new_tokens)
-    stages = _stages(args, spec, len(ids))
+    stages, _ = plan_stages(args, spec, len(ids), args.max_new_tokens)
 
     started = time.perf_counter()
     if args.processes:

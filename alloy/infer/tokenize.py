@@ -25,30 +25,67 @@ def require_tokenizer(model):
     return tokenizer
 
 
-def apply_chat_template(model, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Render messages with the Jinja chat template in the model's tokenizer_config.json."""
-    raw = getattr(model, "side_files", {}).get("tokenizer_config.json")
-    config = json.loads(raw) if raw else {}
-    template = config.get("chat_template")
+def chat_template(model) -> str | None:
+    """The model's chat template: chat_template.jinja (newer transformers) or tokenizer_config.json's."""
+    files = getattr(model, "side_files", {})
+    if files.get("chat_template.jinja"):
+        return files["chat_template.jinja"].decode()
+    raw = files.get("tokenizer_config.json")
+    template = json.loads(raw).get("chat_template") if raw else None
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template or None
+
+
+def apply_chat_template(model, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+    """Render messages with the model's Jinja chat template in the environment transformers uses:
+    loop controls, `tojson` without HTML escaping, `raise_exception` and `strftime_now`."""
+    template = chat_template(model)
     if not template:
-        raise ConfigError("the model has no chat template (tokenizer_config.json 'chat_template'); drop --chat")
+        raise ConfigError("the model has no chat template (chat_template.jinja or tokenizer_config.json "
+                          "'chat_template'); use plain completions")
+    raw = getattr(model, "side_files", {}).get("tokenizer_config.json")
+    config = json.loads(raw) if raw else {}
+    special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in config.items()
+               if k.endswith("_token") and isinstance(v, (str, dict))}
     from jinja2 import TemplateError
+
+    try:
+        return _environment().from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **special, **extra)
+    except TemplateError as err:
+        raise ConfigError(f"chat template: {err}") from None
+
+
+def _environment():
+    from datetime import datetime
+
+    from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise ConfigError(f"chat template: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # as transformers does: no HTML escaping (jinja's own tojson turns < into \u003c)
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
-    special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in config.items()
-               if k.endswith("_token") and isinstance(v, (str, dict))}
-    try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **special)
-    except TemplateError as err:
-        raise ConfigError(f"chat template: {err}") from None
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def eos_ids(model) -> set[int]:
+    """The ids that end a generation: the spec's, and generation_config.json's (chat models often
+    end a turn on a token the config's eos_token_id does not name)."""
+    ids = set(model.spec.eos_token_id)
+    raw = getattr(model, "side_files", {}).get("generation_config.json")
+    if raw:
+        value = json.loads(raw).get("eos_token_id")
+        ids |= set(value if isinstance(value, list) else [] if value is None else [value])
+    return ids
 
 
 class TextStream:

@@ -1,6 +1,6 @@
 """The standard model interface's compute half: one Transformer built from a ModelSpec."""
 
-from alloy.model.cache import KVCache
+from alloy.model.cache import KVCache, SlotCache
 from alloy.model.transformer import Transformer
 
-__all__ = ["KVCache", "Transformer"]
+__all__ = ["KVCache", "SlotCache", "Transformer"]

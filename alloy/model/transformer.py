@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from alloy.errors import ConfigError
-from alloy.model.cache import KVCache
+from alloy.model.cache import KVCache, SlotCache
 from alloy.model.layers import Block, Norm, rope_inv_freq, rope_tables
 from alloy.spec import ModelSpec
 
@@ -90,11 +90,12 @@ class Transformer(nn.Module):
         self.apply(_init_weights)
 
 
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        """A preallocated KV cache for this slice's layers."""
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, *,
+                  slots: bool = False) -> KVCache:
+        """A preallocated KV cache for this slice's layers; `slots`: rows that fill independently."""
         param = next(self.parameters())
-        return KVCache(self.spec, range(*self.layer_range), batch_size, max_len,
-                       device=param.device, dtype=dtype or param.dtype)
+        return (SlotCache if slots else KVCache)(self.spec, range(*self.layer_range), batch_size, max_len,
+                                                 device=param.device, dtype=dtype or param.dtype)
 
     def forward(
         self,
@@ -112,11 +113,13 @@ class Transformer(nn.Module):
         cached slots plus these T. With a cache, the cache advances by T.
         """
         B, T = x.shape[:2]
-        start = cache.length if cache is not None else 0
-        if cache is not None and start + T > cache.max_len:
-            raise ConfigError(f"KV cache holds {cache.max_len} positions; asked for {start + T}")
+        start = cache.length if cache is not None else 0  # a [B] tensor for a SlotCache
+        if cache is not None and int(start.max() if torch.is_tensor(start) else start) + T > cache.max_len:
+            raise ConfigError(f"KV cache holds {cache.max_len} positions; asked for "
+                              f"{int(start.max() if torch.is_tensor(start) else start) + T}")
         if positions is None:
-            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+            steps = torch.arange(T, device=x.device)
+            positions = start[:, None] + steps if torch.is_tensor(start) else (start + steps).expand(B, T)
         if self.has_embed:
             if positions.max() >= self.spec.max_seq_len and self.spec.positions == "learned":
                 raise ConfigError(f"position {int(positions.max())} is beyond the model's {self.spec.max_seq_len}")
@@ -143,27 +146,32 @@ class Transformer(nn.Module):
 
         Masks live in slot space (a key's index in the cache): the offset between two slots
         equals the offset between their positions, so windows hold even for left padding.
+        `start` is a [B] tensor for a SlotCache: each row's queries sit at its own slots, and a
+        row sees none of the slots past its own (they may hold an earlier request's keys).
         """
-        keys = start + T
+        rows = torch.is_tensor(start)
+        keys = (int(start.max()) if rows else start) + T
         causal = self.spec.causal
         window_active = window and window < keys
-        if attention_mask is None and not window_active:
+        if not rows and attention_mask is None and not window_active:
             if not causal or T == 1:
                 return None, False
             if start == 0:
                 return None, True
-        q_slot = torch.arange(start, keys, device=device)[:, None]
-        k_slot = torch.arange(keys, device=device)[None, :]
-        allowed = torch.ones(T, keys, dtype=torch.bool, device=device)
+        steps = torch.arange(T, device=device)
+        q_slot = (start[:, None] + steps if rows else (start + steps)[None])[:, None, :, None]  # [B|1, 1, T, 1]
+        k_slot = torch.arange(keys, device=device)
+        allowed = torch.ones(q_slot.shape[0], 1, T, keys, dtype=torch.bool, device=device)
+        if rows:
+            allowed &= k_slot < (start + T)[:, None, None, None]
         if causal:
             allowed &= k_slot <= q_slot
         if window_active:
             allowed &= q_slot - k_slot < window
-        allowed = allowed[None, None]
         if attention_mask is not None:
             if attention_mask.shape[-1] != keys:
                 raise ConfigError(f"attention_mask covers {attention_mask.shape[-1]} keys; expected {keys}")
             allowed = allowed & attention_mask.bool()[:, None, None, :]
             # A padding query would see no key at all and give NaN; let it see itself.
-            allowed = allowed | (k_slot == q_slot)[None, None]
+            allowed = allowed | (k_slot == q_slot)
         return allowed, False

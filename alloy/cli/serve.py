@@ -1,0 +1,89 @@
+"""`alloy serve MODEL`: an OpenAI-compatible server with continuous batching.
+
+Text models answer /v1/completions and /v1/chat/completions (the model's chat template); encoder
+models (BERT family) answer /v1/embeddings. `--devices` / `--plan` split the layers over several
+devices, as `alloy generate` does. Loopback only unless --host says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from alloy.errors import ConfigError
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="HF model directory (config.json, safetensors, tokenizer.json)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--name", default=None, help="the model id clients send (default: the directory's name)")
+    parser.add_argument("--devices", default=None,
+                        help="'auto' (this machine, measured) or an inventory JSON: plan a layer split over them")
+    parser.add_argument("--plan", default=None, help="a plan JSON from `alloy plan --task infer`")
+    parser.add_argument("--dtype", default="fp32", help="weights in fp32, bf16 or int8 (default fp32)")
+    parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests waiting for a batch row before new ones get 429 (default 64)")
+    parser.add_argument("--ctx-size", type=int, default=None, help="context per request (default: the model's)")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set ALLOY_API_KEY)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def load_server(args):
+    """(app, description lines) for the arguments: the model loaded, the engine started."""
+    import alloy
+    from alloy.serve.app import create_app
+
+    directory = Path(args.model)
+    if not directory.is_dir():
+        raise ConfigError(f"{args.model} is not a model directory")
+    for name, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+                             ("--port", args.port, 0)):
+        if value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    name = args.name or directory.resolve().name
+    api_key = args.api_key or os.environ.get("ALLOY_API_KEY") or None
+    text_side = alloy.load(directory, layers=(0, 0), embed=False, head=False)
+    spec = text_side.spec
+    if not spec.causal:  # an encoder: embeddings only
+        model = alloy.load(directory)
+        return create_app(model, model_name=name, api_key=api_key), [f"embeddings from {name} ({spec.family})"]
+    stages, lines = _stages(args, directory, spec)
+    from alloy.serve.engine import Engine
+
+    engine = Engine(stages, tokenizer=text_side.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
+                    ctx_size=args.ctx_size).start()
+    app = create_app(text_side, model_name=name, engine=engine, api_key=api_key, plan_summary="; ".join(lines))
+    app.router.on_shutdown.append(engine.stop)
+    return app, lines
+
+
+def _stages(args, directory, spec):
+    import alloy
+    from alloy.cli.generate import plan_stages
+    from alloy.infer.optimize import parse_dtype, prepare
+
+    dtype = parse_dtype(args.dtype)
+    stages, plan = plan_stages(args, spec, prompt_len=min(spec.max_seq_len, args.ctx_size or 256) // 2,
+                               new_tokens=64)
+    models = [prepare(alloy.load(directory, device=s.device, layers=s.layers, embed=s.has_embed, head=s.has_head),
+                      dtype) for s in stages]
+    lines = [f"layers {s.layers[0]}-{s.layers[1] - 1} on {s.device}" for s in stages]
+    if plan is not None:
+        lines.append(f"predicted {plan.predicted.tokens_per_s:.4g} tokens/s (batch {plan.batch_size})")
+    return models, lines
+
+
+def run(args) -> int:
+    import uvicorn
+
+    app, lines = load_server(args)
+    print(f"alloy serve: {args.name or Path(args.model).resolve().name} at http://{args.host}:{args.port}/v1")
+    for line in lines:
+        print(f"  {line}")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

