@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -307,6 +308,28 @@ def test_a_request_joining_mid_batch_changes_no_ones_tokens(case, tmp_path, monk
     # the fourth waited for a free row (max_batch 3) and still got its own tokens
 
 
+def test_layers_split_over_stages_pipeline_the_batch_and_change_no_tokens(tmp_path):
+    """Three stages (one layer each), the running rows split into a group per stage flowing through
+    the stages' threads: every request's tokens as the whole model gives them alone (float64)."""
+    from alloy.infer.partition import even_split
+    from alloy.serve.engine import Engine
+
+    build_hf("llama-gqa").save_pretrained(tmp_path)
+    whole = alloy.load(tmp_path).to(torch.float64).eval()
+    stages = [alloy.load(tmp_path, layers=s.layers, embed=s.has_embed, head=s.has_head).to(torch.float64).eval()
+              for s in even_split(whole.spec.num_layers, ["cpu"] * 3)]
+    prompts = [list(range(5, 5 + n)) for n in (3, 9, 1, 6, 4)]
+    alone = [generate(whole, [p], max_new_tokens=15, eos_ids=())[0].tokens for p in prompts]
+    engine = Engine(stages, max_batch=4, max_queue=8).start()
+    try:
+        runs = [_run(engine, p, 15) for p in prompts]
+        for _, done in runs:
+            assert done.wait(60)
+    finally:
+        engine.stop()
+    assert [[e.token for e in events if e.token is not None] for events, _ in runs] == alone
+
+
 def test_a_full_queue_answers_429_with_retry_after(model_dir):
     from alloy.serve.app import create_app
     from alloy.serve.engine import Engine
@@ -404,3 +427,28 @@ def test_chat_template_environment_is_transformers():
                                         "tokenizer_config.json": json.dumps({"chat_template": "ignored"}).encode()})
     out = apply_chat_template(model, [{"role": "user", "content": "<b>"}, {"role": "user", "content": "never"}])
     assert out == '{"role": "user", "content": "<b>"}4'
+
+
+def test_schemathesis_finds_no_server_error(server):
+    """Generated requests (valid and invalid) against every operation of the served OpenAPI
+    schema, bounded: not one 5xx."""
+    cli = Path(sys.executable).with_name("schemathesis")
+    if not cli.exists():
+        pytest.skip("schemathesis is not installed (pip install schemathesis)")
+    r = subprocess.run([str(cli), "run", server.url + "/openapi.json", "--checks", "not_a_server_error",
+                        "--max-examples", "25", "--seed", "1", "--request-timeout", "60", "--phases",
+                        "examples,coverage,fuzzing", "-H", f"Authorization: Bearer {KEY}"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " generated" in r.stdout and "failure" not in r.stdout, r.stdout[-2000:]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(3.7e-186, 1.0), (1.0, 5e-324), (5e-324, 5e-324)])
+def test_extreme_sampling_values_pick_the_top_token(temperature, top_p):
+    """What schemathesis found: a temperature too small for float32 made NaN probabilities, and a
+    top_p below float32's smallest number dropped every token."""
+    from alloy.infer.sampling import Sampler, Sampling
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    got = Sampler(Sampling(temperature=temperature, top_p=top_p, seed=1))(logits)
+    assert torch.equal(got, logits.argmax(-1))

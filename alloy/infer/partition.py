@@ -91,6 +91,11 @@ class Pipeline:
 
     def __call__(self, ids, positions, attention_mask, state):
         work = [(ids[rows], _rows(positions, rows), _rows(attention_mask, rows), caches) for rows, caches in state]
+        return self.run_groups(work)
+
+    def run_groups(self, work):
+        """[(x, positions, mask, caches per stage)] -> outputs concatenated in order: one group
+        runs stage after stage; several flow through the stages' threads, overlapped."""
         outs = self._run_sequential(work) if len(work) == 1 or len(self.stages) == 1 else self._run_overlapped(work)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 

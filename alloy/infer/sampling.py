@@ -58,7 +58,9 @@ class Sampler:
             logits = logits.scatter(1, seen, picked)
         if s.greedy:
             return logits.argmax(dim=-1)
-        logits = logits / s.temperature
+        # shifted so the top logit is 0, and divided in float64 (a temperature of 1e-186 is 0 in
+        # float32): a tiny temperature sends the rest to -inf instead of everything to NaN
+        logits = ((logits - logits.max(dim=-1, keepdim=True).values).double() / s.temperature).float()
         if s.top_k:
             kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -69,5 +71,6 @@ class Sampler:
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             # drop a token when the tokens ranked above it already reach top_p (the top one always stays)
             drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= s.top_p
+            drop[:, 0] = False  # a top_p below the dtype's smallest number still keeps one token
             probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)

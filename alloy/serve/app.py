@@ -213,6 +213,21 @@ def create_app(model, *, model_name: str, engine: Engine | None = None, api_key:
         usage = {"prompt_tokens": len(prompt), "completion_tokens": count, "total_tokens": len(prompt) + count}
         return shape.whole("".join(pieces), finish, logprobs if gen.logprobs else None, usage)
 
+    def openapi():
+        """FastAPI's schema, with `model` narrowed to the one this server serves (clients and
+        generated tests see the only valid value)."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for name in ("CompletionRequest", "ChatRequest", "EmbeddingRequest"):
+                model_field = schema.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {})
+                if "model" in model_field:
+                    model_field["model"]["enum"] = [model_name]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

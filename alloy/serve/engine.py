@@ -7,7 +7,10 @@ nothing is re-padded when a request joins or leaves, and a row's tokens are what
 alone. A finished or cancelled request frees its row at the next step.
 
 The model may be split over several devices: `stages` are contiguous layer slices (the first with
-the embeddings, the last with the head), each with its own cache on its own device.
+the embeddings, the last with the head), each with its own cache on its own device. A decode step
+then splits the running rows into one group per stage and pipelines them through the stages'
+threads (`alloy.infer.partition.Pipeline`), so while one device works on a group the next works
+on the group before it.
 """
 
 from __future__ import annotations
@@ -99,7 +102,10 @@ class Engine:
         self.ctx_size = min(ctx_size or self.spec.max_seq_len, self.spec.max_seq_len)
         self.tokenizer, self.max_batch, self.max_queue = tokenizer, max_batch, max_queue
         self.observer = observer  # metrics: on_first_token(s), on_token(gap_s), on_finish(handle, reason)
-        self.devices = [next(s.parameters()).device for s in self.stages]
+        from alloy.infer.partition import Pipeline
+
+        self.pipeline = Pipeline(self.stages)
+        self.devices = self.pipeline.devices
         self.caches = [s.new_cache(max_batch, self.ctx_size, slots=True) for s in self.stages]
         self.rows: list[_Row | None] = [None] * max_batch
         self.pending: collections.deque[Handle] = collections.deque()
@@ -207,10 +213,12 @@ class Engine:
             self._decode(decoding)
 
     def _forward(self, ids: torch.Tensor, first: int, last: int) -> torch.Tensor:
-        x = ids
-        for stage, cache, device in zip(self.stages, self.caches, self.devices):
-            x = stage(x.to(device), cache=cache.rows(first, last))
-        return x[:, -1].float()
+        """Logits of the last position of rows [first, last), fed `ids` [rows, T]."""
+        groups = min(len(self.stages), last - first)  # one group per stage keeps every stage busy
+        bounds = [first + round(i * (last - first) / groups) for i in range(groups + 1)]
+        work = [(ids[a - first:b - first], None, None, [cache.rows(a, b) for cache in self.caches])
+                for a, b in zip(bounds, bounds[1:])]
+        return self.pipeline.run_groups(work)[:, -1].float()
 
     def _prefill_chunk(self, b: int) -> None:
         row = self.rows[b]
