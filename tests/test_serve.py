@@ -429,7 +429,7 @@ def test_chat_template_environment_is_transformers():
     assert out == '{"role": "user", "content": "<b>"}4'
 
 
-def test_schemathesis_finds_no_server_error(server):
+def test_schemathesis_finds_no_server_error(server, tmp_path):
     """Generated requests (valid and invalid) against every operation of the served OpenAPI
     schema, bounded: not one 5xx."""
     cli = Path(sys.executable).with_name("schemathesis")
@@ -438,7 +438,7 @@ def test_schemathesis_finds_no_server_error(server):
     r = subprocess.run([str(cli), "run", server.url + "/openapi.json", "--checks", "not_a_server_error",
                         "--max-examples", "25", "--seed", "1", "--request-timeout", "60", "--phases",
                         "examples,coverage,fuzzing", "-H", f"Authorization: Bearer {KEY}"],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its .schemathesis/ goes there
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " generated" in r.stdout and "failure" not in r.stdout, r.stdout[-2000:]
 
