@@ -22,7 +22,7 @@ import alloy
 from alloy.infer import generate
 from alloy.infer.optimize import prepare
 from alloy.infer.tokenize import apply_chat_template
-from hf_cases import build_hf, char_tokenizer
+from hf_cases import CHARS, build_hf, char_tokenizer
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -452,3 +452,28 @@ def test_extreme_sampling_values_pick_the_top_token(temperature, top_p):
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     got = Sampler(Sampling(temperature=temperature, top_p=top_p, seed=1))(logits)
     assert torch.equal(got, logits.argmax(-1))
+
+
+def test_generation_config_sets_the_defaults_and_the_eos_ids(tmp_path, reference):
+    """generation_config.json: do_sample false makes an unspecified temperature greedy, and its
+    eos_token_id list ends a generation on a token config.json does not name."""
+    from alloy.serve.app import create_app
+    from alloy.serve.engine import Engine
+
+    build_hf("llama-gqa").save_pretrained(tmp_path)
+    char_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    text, _ = expected(reference, "defaults", 12)
+    stop_char = text[4]
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": False, "eos_token_id": [reference.spec.eos_token_id[0], CHARS.index(stop_char)]}))
+    model = prepare(alloy.load(tmp_path), "fp32")
+    engine = Engine(model, tokenizer=model.tokenizer).start()
+    live = LiveServer(create_app(model, model_name=NAME, engine=engine))
+    try:
+        got = httpx.post(live.url + "/v1/completions", json={"model": NAME, "prompt": "defaults", "max_tokens": 12},
+                         timeout=60).json()
+        assert got["choices"][0]["text"] == text[:text.index(stop_char)]  # greedy, cut at the second EOS
+        assert got["choices"][0]["finish_reason"] == "stop"
+    finally:
+        live.close()
+        engine.stop()

@@ -244,13 +244,25 @@ def _request(body, prompt: list[int], max_tokens: int | None, logprobs: int, mod
     if max_tokens is None:  # chat without a limit: as much as the context leaves
         max_tokens = max(1, engine.ctx_size - len(prompt))
     try:
-        sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+        defaults = sampling_defaults(model)
+        sampling = Sampling(temperature=defaults["temperature"] if body.temperature is None else body.temperature,
+                            top_p=defaults["top_p"] if body.top_p is None else body.top_p, seed=body.seed)
     except AlloyError as err:
         raise ApiError(400, str(err)) from None
     from alloy.infer.tokenize import eos_ids
 
     return Request(prompt=prompt, max_tokens=max_tokens, sampling=sampling, stop=body.stop, logprobs=logprobs,
                    eos_ids=frozenset(eos_ids(model)))
+
+
+def sampling_defaults(model) -> dict:
+    """What a request that names no temperature / top_p gets: the model's generation_config.json
+    (greedy when it says do_sample: false), else OpenAI's defaults (1.0 and 1.0)."""
+    raw = getattr(model, "side_files", {}).get("generation_config.json")
+    config = json.loads(raw) if raw else {}
+    if config and not config.get("do_sample", False):
+        return {"temperature": 0.0, "top_p": 1.0}
+    return {"temperature": float(config.get("temperature", 1.0)), "top_p": float(config.get("top_p", 1.0))}
 
 
 def _token_logprob(model, event: Event) -> dict:

@@ -18,8 +18,8 @@ class _Body(BaseModel):
 
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: the model's generation_config, else 1.0
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: Literal[1] = 1
     stream: bool = False
     stop: Union[str, list[str], None] = Field(None, validate_default=True)
