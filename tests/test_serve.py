@@ -477,3 +477,58 @@ def test_generation_config_sets_the_defaults_and_the_eos_ids(tmp_path, reference
     finally:
         live.close()
         engine.stop()
+
+
+def test_serving_over_processes_equals_one_process(model_dir, reference, tmp_path):
+    """`--processes`: one torch.distributed rank per planned stage, rank 0 serving HTTP; concurrent
+    requests get the one-process tokens, and SIGTERM stops every rank."""
+    from alloy.cli import main
+
+    inventory = {"name": "two", "devices": [
+        {"name": f"cpu{i}", "kind": "cpu", "memory_bytes": 100_000, "matmul_flops": {"fp32": 1e10},
+         "memory_bandwidth_bytes_per_s": 1e10} for i in range(2)]}
+    (tmp_path / "inv.json").write_text(json.dumps(inventory))
+    plan_file = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(model_dir), "--devices", str(tmp_path / "inv.json"), "--task", "infer",
+                 "--batch-size", "1", "--seq-len", "3", "--new-tokens", "6", "--dtype", "fp32",
+                 "--out", str(plan_file), "--json"]) == 0
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "alloy", "serve", str(model_dir), "--port", str(port), "--name",
+                             NAME, "--plan", str(plan_file), "--processes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert "2 processes" in proc.stdout.readline()
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.3)
+        prompts = ["one", "two two", "three 3", "four!"]
+        got = {}
+
+        def one(prompt):
+            r = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 12,
+                                                          "temperature": 0}, timeout=120)
+            got[prompt] = r.json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert got == {p: expected(reference, p, 12)[0] for p in prompts}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    deadline = time.monotonic() + 15
+    while True:  # every rank is gone (the launcher starts them in a session of their own)
+        alive = subprocess.run(["pgrep", "-f", "alloy.serve.remote"], capture_output=True, text=True).stdout.split()
+        if not alive:
+            break
+        assert time.monotonic() < deadline, f"ranks left running: {alive}"
+        time.sleep(0.3)

@@ -8,6 +8,7 @@ devices, as `alloy generate` does. Loopback only unless --host says otherwise.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from alloy.errors import ConfigError
@@ -28,6 +29,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ctx-size", type=int, default=None, help="context per request (default: the model's)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set ALLOY_API_KEY)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--processes", action="store_true",
+                        help="run each stage of the split as its own torch.distributed process (rank 0 serves HTTP)")
 
 
 def load_server(args):
@@ -81,9 +84,46 @@ def _stages(args, directory, spec):
 def run(args) -> int:
     import uvicorn
 
+    if args.processes:
+        return _run_processes(args)
     app, lines = load_server(args)
     print(f"alloy serve: {args.name or Path(args.model).resolve().name} at http://{args.host}:{args.port}/v1")
     for line in lines:
         print(f"  {line}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _run_processes(args) -> int:
+    """One process per stage (torchrun, gloo); rank 0 serves HTTP and drives the others."""
+    import signal
+    import tempfile
+
+    import alloy
+    from alloy.cli.generate import plan_stages
+    from alloy.serve.remote import launch_server
+
+    directory = Path(args.model)
+    if not directory.is_dir():
+        raise ConfigError(f"{args.model} is not a model directory")
+    spec = alloy.load(directory, layers=(0, 0), embed=False, head=False).spec
+    if not spec.causal:
+        raise ConfigError("--processes serves text generation; an encoder runs in one process")
+    stages, plan = plan_stages(args, spec, prompt_len=min(spec.max_seq_len, args.ctx_size or 256) // 2, new_tokens=64)
+    if len(stages) < 2:
+        raise ConfigError("--processes needs a split over several devices (--devices or --plan)")
+    name = args.name or directory.resolve().name
+    lines = [f"rank {i}: layers {s.layers[0]}-{s.layers[1] - 1} on {s.device}" for i, s in enumerate(stages)]
+    if plan is not None:
+        lines.append(f"predicted {plan.predicted.tokens_per_s:.4g} tokens/s (batch {plan.batch_size})")
+    print(f"alloy serve: {name} at http://{args.host}:{args.port}/v1 ({len(stages)} processes)")
+    for line in lines:
+        print(f"  {line}", flush=True)
+    # SIGTERM (docker stop, kill) ends the launcher through its cleanup, which stops every rank
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with tempfile.TemporaryDirectory(prefix="alloy-serve-") as out_dir:
+        job = {"model_dir": str(directory.resolve()), "dtype": args.dtype, "max_batch": args.max_batch,
+               "max_queue": args.max_queue, "ctx_size": args.ctx_size, "host": args.host, "port": args.port,
+               "name": name, "plan_summary": "; ".join(lines), "out_dir": out_dir}
+        launch_server(job, stages, args.api_key or os.environ.get("ALLOY_API_KEY") or None)
     return 0

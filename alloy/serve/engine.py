@@ -88,25 +88,50 @@ class _Row:
     seen: list[int] = field(default_factory=list)
 
 
+class LocalStages:
+    """Stages in this process: each with a SlotCache on its device; a forward over several rows
+    splits them into a group per stage, pipelined through the stages' threads."""
+
+    def __init__(self, stages: list[Transformer], max_batch: int, ctx_size: int | None):
+        from alloy.infer.partition import Pipeline
+
+        if not stages[0].has_embed or not stages[-1].has_head:
+            raise ConfigError("serving needs the embeddings on the first stage and the head on the last")
+        self.spec = stages[0].spec
+        self.ctx_size = min(ctx_size or self.spec.max_seq_len, self.spec.max_seq_len)
+        self.pipeline = Pipeline(stages)
+        self.devices = self.pipeline.devices
+        self.caches = [s.new_cache(max_batch, self.ctx_size, slots=True) for s in stages]
+
+    def forward(self, ids: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """Logits [rows, vocab] of the last position of rows [first, last), fed `ids` [rows, T]."""
+        groups = min(len(self.caches), last - first)  # one group per stage keeps every stage busy
+        bounds = [first + round(i * (last - first) / groups) for i in range(groups + 1)]
+        work = [(ids[a - first:b - first], None, None, [cache.rows(a, b) for cache in self.caches])
+                for a, b in zip(bounds, bounds[1:])]
+        return self.pipeline.run_groups(work)[:, -1].float()
+
+    def close(self) -> None:
+        pass
+
+
 class Engine:
     """Continuous batching over `stages` (one Transformer, or contiguous slices of one)."""
 
-    def __init__(self, stages: Transformer | list[Transformer], *, tokenizer=None, max_batch: int = 16,
-                 max_queue: int = 64, ctx_size: int | None = None, observer=None):
-        self.stages = [stages] if isinstance(stages, Transformer) else list(stages)
-        if not self.stages[0].has_embed or not self.stages[-1].has_head:
-            raise ConfigError("serving needs the embeddings on the first stage and the head on the last")
-        self.spec = self.stages[0].spec
+    def __init__(self, stages, *, tokenizer=None, max_batch: int = 16, max_queue: int = 64,
+                 ctx_size: int | None = None, observer=None):
+        """`stages`: a Transformer, a list of contiguous slices of one, or a runner that drives
+        stages elsewhere (`alloy.serve.remote.RemoteStages`), built by `runner(...)`."""
         if max_batch < 1 or max_queue < 0:
             raise ConfigError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        self.ctx_size = min(ctx_size or self.spec.max_seq_len, self.spec.max_seq_len)
+        if callable(getattr(stages, "build", None)):
+            self.runner = stages.build(max_batch, ctx_size)
+        else:
+            self.runner = LocalStages([stages] if isinstance(stages, Transformer) else list(stages), max_batch, ctx_size)
+        self.spec, self.ctx_size = self.runner.spec, self.runner.ctx_size
         self.tokenizer, self.max_batch, self.max_queue = tokenizer, max_batch, max_queue
         self.observer = observer  # metrics: on_first_token(s), on_token(gap_s), on_finish(handle, reason)
-        from alloy.infer.partition import Pipeline
-
-        self.pipeline = Pipeline(self.stages)
-        self.devices = self.pipeline.devices
-        self.caches = [s.new_cache(max_batch, self.ctx_size, slots=True) for s in self.stages]
+        self.devices, self.caches = self.runner.devices, self.runner.caches
         self.rows: list[_Row | None] = [None] * max_batch
         self.pending: collections.deque[Handle] = collections.deque()
         self._lock = threading.Condition()
@@ -184,6 +209,7 @@ class Engine:
                 self._finish(b, "cancelled")
         for handle in self.pending:
             handle.deliver(Event(finish_reason="cancelled"))
+        self.runner.close()
 
     def _admit(self) -> None:
         while self.pending and None in self.rows:
@@ -213,12 +239,7 @@ class Engine:
             self._decode(decoding)
 
     def _forward(self, ids: torch.Tensor, first: int, last: int) -> torch.Tensor:
-        """Logits of the last position of rows [first, last), fed `ids` [rows, T]."""
-        groups = min(len(self.stages), last - first)  # one group per stage keeps every stage busy
-        bounds = [first + round(i * (last - first) / groups) for i in range(groups + 1)]
-        work = [(ids[a - first:b - first], None, None, [cache.rows(a, b) for cache in self.caches])
-                for a, b in zip(bounds, bounds[1:])]
-        return self.pipeline.run_groups(work)[:, -1].float()
+        return self.runner.forward(ids, first, last)
 
     def _prefill_chunk(self, b: int) -> None:
         row = self.rows[b]
