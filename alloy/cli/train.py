@@ -21,6 +21,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in out_dir from its last complete checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--max-restarts", type=int, default=1,
+                        help="when a worker dies, start every worker again from the last complete checkpoint "
+                             "this many times before giving up (default 1; 0 fails at once)")
     parser.add_argument("--no-verify", action="store_true",
                         help="commit to the planner's prediction without first running the best candidates "
                              "and the baselines for a few steps each (same as --verify=false)")
@@ -30,6 +33,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    if args.max_restarts < 0:
+        from alloy.errors import ConfigError
+        raise ConfigError(f"--max-restarts must be >= 0, got {args.max_restarts}")
     config = load_config(args.config, list(args.overrides) + (["verify=false"] if args.no_verify else []))
     if args.print_config:
         print(json.dumps(config.model_dump(), indent=2))
@@ -38,7 +44,8 @@ def run(args) -> int:
 
     console = Console(stderr=True)
     with progress_callback(console, config.steps) as on_line:
-        result = train(config, plan_path=args.plan, resume=args.resume, progress=on_line, log=console.print)
+        result = train(config, plan_path=args.plan, resume=args.resume, progress=on_line, log=console.print,
+                       max_restarts=args.max_restarts)
     _summary(console, result)
     return 0
 

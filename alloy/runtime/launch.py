@@ -35,6 +35,19 @@ def init_gloo(**kwargs) -> None:
     import torch.distributed as dist
     import torch.distributed.nn  # noqa: F401
 
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt != "0":
+        # After torchrun restarts the workers, the store still holds the dead ranks' gloo
+        # addresses under the same keys, and the new ranks connect to those ("Connection
+        # refused"): this attempt's keys get a prefix of their own.
+        from datetime import timedelta
+
+        from torch.distributed.rendezvous import _create_c10d_store
+
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world,
+                                   kwargs.get("timeout") or timedelta(minutes=5))
+        kwargs |= {"store": dist.PrefixStore(f"alloy/attempt{attempt}", store), "rank": rank, "world_size": world}
     dist.init_process_group("gloo", **kwargs)
 
 
@@ -52,8 +65,21 @@ class Rendezvous:
     join_timeout_s: float = 60.0
 
 
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies (PR_SET_PDEATHSIG), so a
+    launcher killed with SIGKILL or SIGTERM takes torchrun, and torchrun its workers, along; a
+    no-op where prctl is missing."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, sig, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def torchrun_command(job_path: Path, nproc_per_node: int, rdzv: Rendezvous, endpoint: str,
-                     worker_module: str = "alloy.runtime.worker") -> list[str]:
+                     worker_module: str = "alloy.runtime.worker", max_restarts: int = 0) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc-per-node={nproc_per_node}",
@@ -62,7 +88,7 @@ def torchrun_command(job_path: Path, nproc_per_node: int, rdzv: Rendezvous, endp
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={endpoint}",
         f"--rdzv-conf=join_timeout={int(rdzv.join_timeout_s)},read_timeout={int(rdzv.join_timeout_s)}",
-        "--max-restarts=0",
+        f"--max-restarts={max_restarts}",
         "--monitor-interval=0.5",
         "-m", worker_module, str(job_path),
     ]
@@ -70,9 +96,10 @@ def torchrun_command(job_path: Path, nproc_per_node: int, rdzv: Rendezvous, endp
 
 def launch(job: dict, nproc_per_node: int, *, rdzv: Rendezvous = Rendezvous(), timeout_s: float = 600.0,
            env: dict | None = None, progress: Callable[[dict], None] | None = None,
-           worker_module: str = "alloy.runtime.worker") -> None:
+           worker_module: str = "alloy.runtime.worker", max_restarts: int = 0) -> None:
     """Write the job beside its outputs (job["out_dir"]) and run this node's workers — each
-    `python -m worker_module JOB.json` — to completion.
+    `python -m worker_module JOB.json` — to completion. With `max_restarts`, torchrun restarts
+    every worker when one dies (the workers resume from their last complete checkpoint).
 
     `progress` is called with each new line of the job's metrics file (rank 0 writes one per
     step), so a front-end can draw a progress bar while the workers run.
@@ -82,13 +109,16 @@ def launch(job: dict, nproc_per_node: int, *, rdzv: Rendezvous = Rendezvous(), t
     job_path = out_dir / f"job-node{rdzv.node_rank}.json"
     job_path.write_text(json.dumps(job, indent=1))
     endpoint = rdzv.endpoint or f"127.0.0.1:{free_port()}"
-    cmd = torchrun_command(job_path, nproc_per_node, rdzv, endpoint, worker_module)
+    cmd = torchrun_command(job_path, nproc_per_node, rdzv, endpoint, worker_module, max_restarts)
     log_path = out_dir / f"torchrun-node{rdzv.node_rank}.log"
     metrics = Path(job["metrics_path"]) if job.get("metrics_path") else None
     seen = metrics.stat().st_size if metrics and metrics.exists() else 0
     deadline = time.monotonic() + timeout_s
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # its own session (Ctrl-C reaches it through us, once), and it dies with us (SIGTERM lets
+        # torchrun stop its workers; they in turn die with torchrun)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=lambda: die_with_parent(signal.SIGTERM))
         try:
             while proc.poll() is None:
                 if time.monotonic() > deadline:
@@ -105,21 +135,45 @@ def launch(job: dict, nproc_per_node: int, *, rdzv: Rendezvous = Rendezvous(), t
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
     if proc.returncode != 0:
-        raise LaunchError(_first_error(log_path.read_text(errors="replace"), endpoint))
+        raise LaunchError(f"{_first_error(log_path.read_text(errors='replace'), endpoint)} (every rank's output: "
+                          f"{log_path})")
 
 
 def _follow(metrics: Path | None, seen: int, progress) -> int:
     """Hand the metrics lines written since byte `seen` to `progress`; return the new offset."""
     if progress is None or metrics is None or not metrics.exists():
         return seen
+    seen = min(seen, metrics.stat().st_size)  # a restarted run drops the lines it will run again
     with open(metrics) as handle:
         handle.seek(seen)
         chunk = handle.read()
     complete = chunk[: chunk.rfind("\n") + 1]
     for line in complete.splitlines():
-        if line.strip():
-            progress(json.loads(line))
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:  # read across a restart's rewrite of the file: skip the piece
+            record = None
+        if record is not None:
+            progress(record)
     return seen + len(complete.encode())
+
+
+_KILLED = re.compile(r"failed \(exitcode: (-\d+)\) local_rank: (\d+)")
+
+
+def _peer_gone(message: str) -> bool:
+    return any(words in message for words in ("closed by peer", "reset by peer", "Connection closed"))
+
+
+def _died(rank, code: int) -> str:
+    """'worker rank R died of exit code -N (SIGNAME...)' for a negative (signal) exit code."""
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    how = f"exit code {code} ({name}"
+    how += ", which on Linux is most often the out-of-memory killer)" if name == "SIGKILL" else ")"
+    return f"worker rank {rank} died of {how}"
 
 
 _FATAL = re.compile(r"(terminate called.*|Fatal Python error: .*|Segmentation fault.*|Killed)$")
@@ -133,20 +187,27 @@ def _first_error(log: str, endpoint: str) -> str:
     # An unexpected exception in a worker: its last line says what. The rank whose peer died first
     # reports only the closed connection, so a rank with another error is the cause.
     failures = [m for m in (re.match(r"\[rank(\d+)\]: ([\w.]+(Error|Exception): .*)", l) for l in lines) if m]
-    for match in sorted(failures, key=lambda m: "closed by peer" in m.group(2) or "reset by peer" in m.group(2)):
-        return f"worker rank {match.group(1)} failed: {match.group(2)[:300]}"
+    own = [m for m in failures if not _peer_gone(m.group(2))]
+    if own:
+        return f"worker rank {own[0].group(1)} failed: {own[0].group(2)[:300]}"
+    # A rank killed by a signal takes its peers down with "connection reset": torchrun's first
+    # "failed (exitcode: -N)" line names the rank that died first.
+    killed = next((m for m in map(_KILLED.search, lines) if m), None)
+    fatal = next((m.group(1) for m in map(_FATAL.search, lines) if m), None)  # a native crash's own line
+    if killed:
+        return _died(killed.group(2), int(killed.group(1))) + (f": {fatal}" if fatal else "")
+    if failures:
+        return f"worker rank {failures[0].group(1)} failed: {failures[0].group(2)[:300]}"
     if "RendezvousTimeoutError" in log or "RendezvousConnectionError" in log or "timed out" in log.lower():
         return f"could not reach the rendezvous at {endpoint} in time"
-    # A rank killed by a signal: torchrun's "Root Cause (first observed failure)" block names it,
-    # and a native crash prints its own line ("terminate called ...") before the summary.
-    fatal = next((m.group(1) for m in map(_FATAL.search, lines) if m), None)
+    # Otherwise torchrun's "Root Cause (first observed failure)" block names the rank.
     root = log.split("Root Cause (first observed failure)", 1)[-1] if "Root Cause" in log else ""
     rank = re.search(r"rank\s*:\s*(\d+)", root)
     code = re.search(r"exitcode\s*:\s*(-?\d+)", root)
-    signal_name = re.search(r"Signal \d+ \((\w+)\)", root)
     if rank and code:
-        how = f"exit code {code.group(1)}" + (f" ({signal_name.group(1)})" if signal_name else "")
-        return f"worker rank {rank.group(1)} died of {how}" + (f": {fatal}" if fatal else "")
+        died = _died(rank.group(1), int(code.group(1))) if int(code.group(1)) < 0 else \
+            f"worker rank {rank.group(1)} died of exit code {code.group(1)}"
+        return died + (f": {fatal}" if fatal else "")
     if fatal:
         return f"a worker died: {fatal}"
     for line in lines:  # a traceback without torchrun's rank prefix: its last line

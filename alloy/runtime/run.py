@@ -138,7 +138,8 @@ def run_job(job: dict, *, rdzv: Rendezvous = Rendezvous(), timeout_s: float = 60
     layout = RunLayout.from_dict(job["layout"])
     if layout.world_size % rdzv.nnodes:
         raise PlanMismatchError(f"{layout.world_size} ranks do not split evenly over {rdzv.nnodes} nodes")
-    launch(job, layout.world_size // rdzv.nnodes, rdzv=rdzv, timeout_s=timeout_s, progress=progress)
+    launch(job, layout.world_size // rdzv.nnodes, rdzv=rdzv, timeout_s=timeout_s, progress=progress,
+           max_restarts=int(job.get("max_restarts", 0)))
     return read_report(job)
 
 

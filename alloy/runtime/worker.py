@@ -86,7 +86,15 @@ class Trainer:
             activation_checkpointing=bool(job.get("activation_checkpointing")), timeout=self.timeout,
             param_dtype=job.get("param_dtype", "fp32"),
         )
-        start_step = self._resume(runner) if job.get("resume") else 0
+        # torchrun restarted every rank after one died: go on from the last complete checkpoint
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        start_step = self._resume(runner) if job.get("resume") or restarted else 0
+        if restarted and self.rank == 0 and self.metrics_path and self.metrics_path.is_file():
+            kept = [l for l in self.metrics_path.read_text().splitlines() if l.strip()
+                    and json.loads(l)["step"] <= start_step]  # the steps after it run again
+            fresh = self.metrics_path.with_suffix(".restart")
+            fresh.write_text("".join(l + "\n" for l in kept))
+            os.replace(fresh, self.metrics_path)  # whole: the launcher may be reading it right now
         if job.get("stall_rank") == rank:  # fault injection: a rank that never arrives (timeout tests)
             time.sleep(10 * self.timeout.total_seconds())
         stop = min(self.steps, int(job.get("stop_at") or self.steps))
@@ -158,6 +166,9 @@ class Trainer:
 
 
 def run_worker(job: dict) -> None:
+    from alloy.runtime.launch import die_with_parent
+
+    die_with_parent()  # torchrun gone (killed, or its launcher was): this rank goes too
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     spec = ModelSpec.from_dict(job["spec"])
     layout = RunLayout.from_dict(job["layout"])

@@ -95,11 +95,14 @@ class TokenFile:
     eot_id: int
 
     def to_dict(self) -> dict:
-        return {"path": str(self.path), "count": self.count, "train_end": self.train_end, "eot_id": self.eot_id}
+        # the file's name only: a run directory that is moved or copied reads its own tokens
+        return {"path": self.path.name, "count": self.count, "train_end": self.train_end, "eot_id": self.eot_id}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TokenFile":
-        return cls(Path(data["path"]), int(data["count"]), int(data["train_end"]), int(data["eot_id"]))
+    def from_dict(cls, data: dict, directory: Path) -> "TokenFile":
+        """Read back from `directory` (the run's data/), wherever the run directory now is."""
+        return cls(Path(directory) / Path(data["path"]).name, int(data["count"]), int(data["train_end"]),
+                   int(data["eot_id"]))
 
 
 def tokenize_corpus(cfg: DataConfig, tokenizer, out_dir: Path, vocab_size: int) -> TokenFile:

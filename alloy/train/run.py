@@ -132,14 +132,62 @@ def plan_for(spec, inventory, work, *, verify: bool, log=print, **run_options):
     return plan
 
 
-def _check_fresh_or_resumable(out_dir: Path, resume: bool) -> None:
+LOCK = ".alloy-lock"  # held by the process training in the directory; also marks a directory alloy train made
+RUN_FILES = {"run.json", "plan.json", "tokenizer.json", "data", "metrics.jsonl", "workers", "checkpoints", LOCK}
+DERIVED = ("plan.json", "tokenizer.json", "data", "metrics.jsonl", "workers", "run.json")  # remade by a fresh start
+
+
+def _never_stepped(out_dir: Path) -> bool:
+    """A run directory that holds only what a run makes before its first checkpoint (a run that
+    failed on its data, its plan, or its first steps): safe to start again from nothing."""
+    from alloy.runtime import checkpoint as ckpt
+
+    names = {p.name for p in out_dir.iterdir()}
+    return names <= RUN_FILES and not ckpt.complete_checkpoints(out_dir / "checkpoints")
+
+
+def _check_fresh_or_resumable(out_dir: Path, resume: bool, ours: bool, log=print) -> bool:
+    """Whether to resume. A directory of a run that never reached a checkpoint starts over, with
+    or without --resume (its plan, tokens and tokenizer are made again from the config); `ours`:
+    the directory carried our lock file before this run, so what it holds is a run's, not a user's."""
+    if ours and any(p.name != LOCK for p in out_dir.iterdir()) and _never_stepped(out_dir):
+        log(f"{out_dir}: the run there never reached a checkpoint; starting it again")
+        for name in DERIVED:
+            path = out_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return False
     if resume:
         if not (out_dir / "run.json").is_file():
             raise ConfigError(f"{out_dir}: nothing to resume (no run.json); drop --resume to start a new run")
-        return
-    if out_dir.exists() and any(out_dir.iterdir()):
+        return True
+    if out_dir.exists() and any(p.name != LOCK for p in out_dir.iterdir()):
         raise ConfigError(f"{out_dir} already holds files; pass --resume to continue that run, or set out_dir "
                           "to a new directory (nothing was overwritten)")
+    return False
+
+
+
+def _lock(out_dir: Path):
+    """Hold the run directory for this process (an flock the OS drops when the process dies, even
+    by SIGKILL): a second `alloy train` on it, or a --resume while this one runs, is refused."""
+    import fcntl
+    import os
+    import socket
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(out_dir / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"{out_dir} is in use by a running alloy train ({owner}); wait for it or stop it") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    handle.flush()
+    return handle
 
 
 def _check_resume_matches(out_dir: Path, spec, plan) -> None:
@@ -165,12 +213,24 @@ def _drop_metrics_after_checkpoint(out_dir: Path) -> None:
 
 
 def train(config: TrainConfig, *, plan_path: str | None = None, resume: bool = False, progress=None,
-          log=print) -> TrainResult:
+          log=print, max_restarts: int = 1) -> TrainResult:
+    """Run (or resume) the training run `config` describes. `max_restarts`: times torchrun starts
+    every worker again after one dies; they go on from the last complete checkpoint."""
+    out_dir = Path(config.out_dir)
+    ours = (out_dir / LOCK).is_file()  # a directory an earlier alloy train made
+    held = _lock(out_dir)  # released when this process ends, however it ends
+    try:
+        return _train(config, out_dir, plan_path, resume, ours, progress, log, max_restarts)
+    finally:
+        held.close()
+
+
+def _train(config: TrainConfig, out_dir: Path, plan_path, resume: bool, ours: bool, progress, log,
+           max_restarts: int):
     from alloy.runtime import DataSource, OptimConfig, run
     from alloy.train.data import TokenFile, tokenize_corpus
 
-    out_dir = Path(config.out_dir)
-    _check_fresh_or_resumable(out_dir, resume)
+    resume = _check_fresh_or_resumable(out_dir, resume, ours, log)
     spec, init_dir = resolve_model(config.model)
     if config.seq_len > spec.max_seq_len:
         raise ConfigError(f"seq_len {config.seq_len} is beyond the model's maximum {spec.max_seq_len}")
@@ -178,13 +238,17 @@ def train(config: TrainConfig, *, plan_path: str | None = None, resume: bool = F
         saved = json.loads((out_dir / "run.json").read_text())
         if saved["spec"] != spec.to_dict():
             raise CheckpointError(f"{out_dir} holds a run of another model; resume it with its own config")
+        before = saved["config"]["data"]
+        if before != config.data.model_dump():  # its tokens are the old data's: never mix silently
+            raise ConfigError(f"data changed since the run started ({before} then, {config.data.model_dump()} now); "
+                              "resume with the run's own data, or start a new run")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
     tokenizer = _tokenizer(config, init_dir, out_dir, spec.vocab_size)
     data_meta = out_dir / "data" / "tokens.json"
     if data_meta.is_file():
-        tokens = TokenFile.from_dict(json.loads(data_meta.read_text()))
+        tokens = TokenFile.from_dict(json.loads(data_meta.read_text()), out_dir / "data")
     else:
         log(f"tokenizing {config.data.path} ...")
         tokens = tokenize_corpus(config.data, tokenizer, out_dir / "data", spec.vocab_size)
@@ -228,7 +292,7 @@ def train(config: TrainConfig, *, plan_path: str | None = None, resume: bool = F
         activation_checkpointing=plan.checkpointing or config.activation_checkpointing == "on",
         checkpoint={"dir": str(out_dir / "checkpoints"), "every": config.checkpoint.every,
                     "keep_last": config.checkpoint.keep_last},
-        resume=resume, stop_at=config.stop_at, metrics_path=str(metrics),
+        resume=resume, stop_at=config.stop_at, metrics_path=str(metrics), max_restarts=max_restarts,
     )
     lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     done = lines[-1]["step"] if lines else 0
