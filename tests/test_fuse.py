@@ -16,6 +16,7 @@ from alloy.errors import CheckpointError
 from alloy.fuse import find_checkpoint, fuse_run
 from alloy.model import Transformer
 from alloy.runtime import DataSource, OptimConfig, RunLayout, Stage, job_document, run_job
+from alloy.runtime.checkpoint import sha256
 from alloy.spec import ModelSpec
 
 SPEC = ModelSpec(family="llama", vocab_size=64, hidden_size=32, num_layers=6, num_heads=4, num_kv_heads=2,
@@ -109,12 +110,19 @@ def _copy(run_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _rewrite_shard(checkpoint: Path, rank: int, change) -> None:
-    """Edit one rank's tensors and record the new size, as a consistent (but wrong) save would."""
+    """Edit one rank's tensors and record the new size and checksum, as a consistent (but wrong) save would."""
     path = checkpoint / f"rank{rank}.safetensors"
     tensors = load_file(path)
     change(tensors)
     save_file(tensors, str(path))
-    _edit_manifest(checkpoint, lambda m: m["files"].__setitem__(path.name, path.stat().st_size))
+    _record(checkpoint, path)
+
+
+def _record(checkpoint: Path, path: Path) -> None:
+    def change(manifest):
+        manifest["files"][path.name] = path.stat().st_size
+        manifest["sha256"][path.name] = sha256(path)
+    _edit_manifest(checkpoint, change)
 
 
 def _edit_manifest(checkpoint: Path, change) -> None:
@@ -143,7 +151,14 @@ def _truncated(ck):
 
 def _truncated_and_recorded(ck):  # even when the manifest agrees, safetensors refuses the file
     _truncated(ck)
-    _edit_manifest(ck, lambda m: m["files"].__setitem__("rank2.safetensors", (ck / "rank2.safetensors").stat().st_size))
+    _record(ck, ck / "rank2.safetensors")
+
+
+def _flipped_bit(ck):  # same size, still parses: only the manifest's checksum tells
+    path = ck / "rank1.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
 
 
 def _manifest_from_another_model(ck):
@@ -162,6 +177,7 @@ DAMAGE = [
     ("pp-3-2-1", _layer_in_two_shards, r"also holds layers\.2\..* belongs to another stage"),
     ("pp-3-2-1", _truncated, "truncated"),
     ("pp-3-2-1", _truncated_and_recorded, "unreadable shard"),
+    ("pp-3-2-1", _flipped_bit, "rank1.safetensors: corrupt — its SHA-256 differs from the one the manifest recorded"),
     ("pp-3-2-1", _manifest_from_another_model, r"embed.tok.weight has shape \[64, 32\] but the manifest's model implies \[64, 48\] — is the manifest from another model"),
     ("hybrid-2x2", _diverged_replica, r"replicas diverged — replica 1 stage 0 differs .* by up to 0\.001 "
                                       r"at layers\.1\.attn\.wq\.weight"),
@@ -185,7 +201,7 @@ def test_a_failed_fuse_keeps_the_previous_output(runs, tmp_path):
     before = sorted(p.name for p in good.iterdir())
     _truncated(checkpoint)
     with pytest.raises(CheckpointError):
-        fuse_run(run_dir, good)
+        fuse_run(run_dir, good, overwrite=True)
     assert sorted(p.name for p in good.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -12,7 +13,7 @@ from alloy.cli import main
 from alloy.errors import ConfigError
 from alloy.fuse import merge
 from alloy.fuse.merge import slerp, ties
-from hf_cases import build_hf
+from hf_cases import CHARS, build_hf
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +125,29 @@ def test_cli_merges_and_refuses_in_one_line(models, tmp_path, capsys):
     assert main(["merge", str(models / "a"), str(models / "b"), "--method", "ties", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "give --base" in err
+
+
+def _with_tokenizer(source, directory, vocab: list[str], indent=None):
+    from tokenizers import Tokenizer, models
+
+    shutil.copytree(source, directory)
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(vocab)}, merges=[]))
+    (directory / "tokenizer.json").write_text(json.dumps(json.loads(tokenizer.to_str()), indent=indent))
+    return directory
+
+
+def test_models_with_different_tokenizers_merge_only_when_told_which_to_keep(models, tmp_path, capsys):
+    a = _with_tokenizer(models / "a", tmp_path / "a", CHARS)
+    b = _with_tokenizer(models / "b", tmp_path / "b", CHARS[::-1])  # the same characters, other ids
+    assert main(["merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "different tokenizers (tokenizer.json differ)" in err and "--tokenizer" in err
+    assert not (tmp_path / "m").exists()
+    assert main(["merge", str(a), str(b), "--tokenizer", str(b), "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+    with pytest.raises(ConfigError, match="not one of the merged models"):
+        merge([a, b], tmp_path / "n", tokenizer=models / "base")
+    # the same tokenizer written another way (here: indented) is the same tokenizer
+    same = _with_tokenizer(models / "b", tmp_path / "same", CHARS, indent=2)
+    merge([a, same], tmp_path / "o")
+    assert (tmp_path / "o" / "tokenizer.json").read_bytes() == (a / "tokenizer.json").read_bytes()

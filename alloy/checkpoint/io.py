@@ -7,10 +7,15 @@ CheckpointError names the difference.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,8 @@ DTYPES = {
     "fp16": torch.float16, "float16": torch.float16,
 }
 MAX_SHARD_BYTES = 2 * 1024**3
+# What a model folder holds (besides model*.safetensors); a folder of only these may be replaced.
+MODEL_FILES = frozenset({"config.json", "model.safetensors.index.json", "merge.json", *SIDE_FILES})
 _LIST_AT_MOST = 5  # names shown in an error before "... and N more"
 
 
@@ -216,28 +223,24 @@ def write_hf_config(spec: ModelSpec, directory: Path, dtype: torch.dtype) -> Non
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def save(model: Transformer, path: str | Path, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Write `model` as an HF directory in its family's own layout; atomic (temp dir, rename)."""
+def save(model: Transformer, path: str | Path, *, max_shard_bytes: int = MAX_SHARD_BYTES,
+         overwrite: bool = False) -> Path:
+    """Write `model` as an HF directory in its family's own layout; atomic (staging dir, rename).
+    An existing model folder at `path` is replaced only with `overwrite`; anything else is refused."""
     spec = model.spec
     if model.layer_range != (0, spec.num_layers) or not model.has_embed or (spec.causal and not model.has_head):
         raise CheckpointError(
             f"cannot save a slice (layers {list(model.layer_range)}) as a model; fuse the stages first"
         )
+    target = check_output_dir(path, overwrite=overwrite)
     tensors = hf_tensors(spec, model.state_dict())
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_dir(target) as staging:
         _write_shards(tensors, staging, max_shard_bytes)
         write_hf_config(spec, staging, next(iter(tensors.values())).dtype)
         for name, data in model.side_files.items():
             (staging / name).write_bytes(data)
         if model.tokenizer is not None and "tokenizer.json" not in model.side_files:
             model.tokenizer.save(str(staging / "tokenizer.json"))
-        replace_dir(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
@@ -264,16 +267,115 @@ def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+# Writing outputs without ever losing data. A model is built in a staging folder beside its target
+# and renamed onto it when complete; the previous output is set aside first and deleted only after
+# that rename. A writer killed on the way leaves a staging folder (named with its host and pid) and
+# perhaps the set-aside output: the next writer of the same target sweeps both (putting the old
+# output back if the new one never took its place), so a target is always absent, old or new.
+HOST = socket.gethostname()
+_STAGING = re.compile(r"\.staging-(\d+)-[0-9a-f]+@(.+)")  # what follows ".{target name}"
+
+
+def check_output_dir(path: str | Path, *, overwrite: bool, inputs: Sequence[str | Path] = ()) -> Path:
+    """Refuse a model output folder that would destroy data: one of the `inputs` or a folder above
+    one, a file, or a non-empty folder — unless that holds only a model (config.json, safetensors,
+    tokenizer files) and `overwrite` says to replace it. Sweeps a killed writer's leftovers first."""
+    target = Path(path)
+    for given in inputs:
+        source = Path(given).resolve()
+        if target.resolve() in (source, *source.parents):
+            raise ConfigError(f"{target}: is (or holds) the input {given}; write the output somewhere else")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(target)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise ConfigError(f"{target}: exists and is not a folder (or is a link); a model is written as a folder — "
+                          "choose a new or empty folder")
+    if not target.is_dir():
+        return target
+    held = sorted(p.name for p in target.iterdir())
+    if not held:
+        return target
+    others = [name for name in held if name not in MODEL_FILES and not _is_weights(name)]
+    if others or "config.json" not in held or not any(map(_is_weights, held)):
+        raise ConfigError(f"{target}: holds other files than a model ({_names(others or held)}); "
+                          "choose a new or empty folder")
+    if not overwrite:
+        raise ConfigError(f"{target}: already holds a model; replace it with --force (overwrite=True)")
+    return target
+
+
+def _is_weights(name: str) -> bool:
+    return name.startswith("model") and name.endswith(".safetensors")
+
+
+def staging_path(target: Path) -> Path:
+    """A fresh name beside `target` to write it under, then rename onto it (files or folders)."""
+    return target.with_name(f".{target.name}.staging-{os.getpid()}-{secrets.token_hex(4)}@{HOST}")
+
+
+@contextmanager
+def staged_dir(target: Path) -> Iterator[Path]:
+    """A new staging folder for `target`, renamed onto it when the block ends without error and
+    removed when it does not (a SIGKILL leaves it for the next writer's sweep)."""
+    staging = staging_path(target)
+    staging.mkdir()  # created with the umask, unlike tempfile.mkdtemp's 0700
+    try:
+        yield staging
+        replace_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # already gone after a successful rename
+
+
 def replace_dir(staging: Path, target: Path) -> None:
-    """Move the finished staging dir into place; an existing target is replaced only then."""
+    """Move the finished staging dir into place; an existing target is set aside until then."""
+    mode = 0o666 & ~umask()
     for f in staging.iterdir():
+        os.chmod(f, mode)  # safetensors creates its files 0600 whatever the umask
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
     if target.exists():
-        old = target.with_name(f".{target.name}.old")
+        old = _set_aside(target)
         shutil.rmtree(old, ignore_errors=True)
         target.rename(old)
         staging.rename(target)
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(target)
+
+
+def sweep_stale(target: Path) -> None:
+    """Remove what killed writers of `target` on this host left, and put back a set-aside output
+    whose replacement never arrived. Staging of a live writer (or one on another host) is kept."""
+    for path in target.parent.glob(f".{glob.escape(target.name)}.staging-*"):
+        match = _STAGING.fullmatch(path.name[len(target.name) + 1:])
+        if match and match[2] == HOST and not _alive(int(match[1])):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+    old = _set_aside(target)
+    if old.is_dir():
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)  # a delete that was cut short
+        else:
+            old.rename(target)  # killed between setting the old output aside and renaming the new
+
+
+def _set_aside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask

@@ -14,11 +14,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="the file to write")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="weights dtype (default: fp32 for "
                         "gguf, as stored for onnx)")
+    parser.add_argument("--force", action="store_true", help="replace a previous export of the same format at --out")
 
 
 def run(args) -> int:
     start = time.monotonic()
-    out = export_model(args.model_dir, args.out, format=args.format, dtype=args.dtype)
+    out = export_model(args.model_dir, args.out, format=args.format, dtype=args.dtype,
+                       overwrite=args.force)
     print(f"exported {args.model_dir} -> {out} ({args.format}, {out.stat().st_size / 1e6:,.1f} MB "
           f"in {time.monotonic() - start:.1f} s)")
     return 0

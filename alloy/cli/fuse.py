@@ -17,11 +17,14 @@ def add_arguments(parser) -> None:
                         "(default: as trained)")
     parser.add_argument("--format", default="hf", choices=FORMATS, help="hf (config.json + safetensors), "
                         "gguf (llama.cpp) or onnx (forward pass, dynamic batch and sequence)")
+    parser.add_argument("--force", action="store_true", help="replace a previous output at --out (never "
+                        "anything else: a folder holding other files, or the input, is refused)")
 
 
 def run(args) -> int:
     start = time.monotonic()
-    out = fuse_run(args.run_dir, args.out, step=args.step, dtype=args.dtype, format=args.format)
+    out = fuse_run(args.run_dir, args.out, step=args.step, dtype=args.dtype, format=args.format,
+                   overwrite=args.force)
     size = sum(p.stat().st_size for p in (out.rglob("*") if out.is_dir() else [out]) if p.is_file())
     print(f"fused {args.run_dir} -> {out} ({args.format}, {size / 1e6:,.1f} MB in {time.monotonic() - start:.1f} s)")
     return 0

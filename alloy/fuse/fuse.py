@@ -6,24 +6,25 @@ shapes the manifest's model implies (so a manifest from another model is caught)
 must tile every layer exactly once. Then it streams: one stage's shard is read, converted to
 the family's HF names and written as one output file before the next is read, and replicas
 are compared with it tensor by tensor — so a model larger than RAM still fuses. Output goes to
-a staging directory renamed into place only when complete.
+a staging directory renamed into place only when complete; it never replaces the run itself,
+nor anything but a previous model, and that only with `overwrite` (--force).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from alloy.checkpoint.io import hf_tensors, parse_dtype, replace_dir, write_hf_config
+from alloy.checkpoint.io import (check_output_dir, hf_tensors, parse_dtype, staged_dir, staging_path,
+                                write_hf_config)
 from alloy.errors import AlloyError, CheckpointError
 from alloy.model import Transformer
-from alloy.runtime.checkpoint import complete_checkpoints, read_manifest, step_dir
+from alloy.runtime.checkpoint import complete_checkpoints, read_manifest, step_dir, verify_files
 from alloy.runtime.layout import RankInfo, RunLayout
 from alloy.spec import ModelSpec
 
@@ -81,15 +82,8 @@ def check_checkpoint(checkpoint: Path) -> tuple[ModelSpec, RunLayout]:
         layout.validate(spec)  # every layer exactly once per replica
     except (AlloyError, KeyError, TypeError) as err:
         raise CheckpointError(f"{checkpoint}/manifest.json: {err}") from None
-    recorded = manifest.get("files", {})
     for info in layout.ranks():
-        for name in (f"rank{info.rank}.safetensors", f"rank{info.rank}.json"):
-            path = checkpoint / name
-            if not path.is_file():
-                raise CheckpointError(f"{checkpoint}: shard {name} is missing")
-            if name in recorded and path.stat().st_size != recorded[name]:
-                raise CheckpointError(f"{path}: {path.stat().st_size} bytes but the manifest recorded "
-                                      f"{recorded[name]} — truncated or overwritten")
+        verify_files(checkpoint, manifest, (f"rank{info.rank}.safetensors", f"rank{info.rank}.json"))
         _check_shard_holds_its_stage(checkpoint / f"rank{info.rank}.safetensors", spec, info)
     return spec, layout
 
@@ -115,32 +109,39 @@ def _check_shard_holds_its_stage(path: Path, spec: ModelSpec, info: RankInfo) ->
 
 
 def fuse_run(run_dir: str | Path, out: str | Path, *, step: int | None = None, dtype: str | None = None,
-             format: str = "hf") -> Path:
+             format: str = "hf", overwrite: bool = False) -> Path:
     """Write the run's checkpoint (latest complete one, or `step`) as one model at `out`: an HF
-    directory, a GGUF file or an ONNX file."""
+    directory, a GGUF file or an ONNX file. A previous output there is replaced only with `overwrite`."""
+    from alloy.fuse.export import check_output_file, export_model
+
     if format not in FORMATS:
         raise CheckpointError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
-    run_dir, target = Path(run_dir), Path(out)
+    run_dir = Path(run_dir)
+    if format == "hf":
+        target = check_output_dir(out, overwrite=overwrite, inputs=[run_dir])
+    else:
+        target = check_output_file(out, format, overwrite=overwrite)
     checkpoint = find_checkpoint(run_dir, step)
     spec, layout = check_checkpoint(checkpoint)
     out_dtype = parse_dtype(dtype)
-    target.parent.mkdir(parents=True, exist_ok=True)
     if format == "hf":
         return _fuse_hf(run_dir, checkpoint, spec, layout, target, out_dtype)
-    from alloy.fuse.export import export_model
-
-    with tempfile.TemporaryDirectory(prefix=f".{target.name}.hf.", dir=target.parent) as tmp:
-        # GGUF/ONNX read the fused HF directory layer by layer; it lives on disk, not in RAM.
-        hf_dir = _fuse_hf(run_dir, checkpoint, spec, layout, Path(tmp) / "hf", out_dtype)
-        return export_model(hf_dir, target, format=format, dtype=dtype)
+    # GGUF/ONNX read the fused HF directory layer by layer; it lives on disk, not in RAM, in a
+    # scratch folder named like a staging one, so that it is swept if this process is killed.
+    scratch = staging_path(target)
+    scratch.mkdir()
+    try:
+        hf_dir = _fuse_hf(run_dir, checkpoint, spec, layout, scratch / "hf", out_dtype)
+        return export_model(hf_dir, target, format=format, dtype=dtype, overwrite=overwrite)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _fuse_hf(run_dir: Path, checkpoint: Path, spec: ModelSpec, layout: RunLayout, target: Path,
              out_dtype: torch.dtype | None) -> Path:
     ranks = layout.ranks()
     stages = [info for info in ranks if info.replica == 0]
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_dir(target) as staging:
         weight_map: dict[str, str] = {}
         total_bytes = 0
         for n, info in enumerate(stages, 1):
@@ -166,10 +167,6 @@ def _fuse_hf(run_dir: Path, checkpoint: Path, spec: ModelSpec, layout: RunLayout
         for name in TOKENIZER_FILES:
             if (run_dir / name).is_file():
                 shutil.copy(run_dir / name, staging / name)
-        replace_dir(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

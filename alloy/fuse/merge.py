@@ -9,7 +9,8 @@ Methods, over each floating-point tensor, computed in fp32 and stored in the fir
     slerp             spherical interpolation of two models at `t` (0 gives the first, 1 the second)
 Streaming: tensor by tensor, one output file per file of the first model, so memory stays near
 one output file plus one tensor per input. Nothing is merged unless every model has the same
-spec (the first differing knob is named) and the same tensors with the same shapes.
+spec (the first differing knob is named) and the same tensors with the same shapes, nor unless
+they share one tokenizer or `tokenizer` names the model whose tokenizer to keep.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -25,11 +25,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from alloy.checkpoint.io import SIDE_FILES, replace_dir
+from alloy.checkpoint.io import SIDE_FILES, check_output_dir, staged_dir
 from alloy.errors import CheckpointError, ConfigError
 from alloy.spec import ModelSpec, read_config
 
 METHODS = ("linear", "task-arithmetic", "ties", "slerp")
+# The files that define how text becomes ids: models that differ in one tokenize differently.
+VOCAB_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt")
+TOKENIZER_FILES = tuple(name for name in SIDE_FILES if name != "generation_config.json")
 
 
 def _files(directory: Path) -> list[Path]:
@@ -72,51 +75,82 @@ def first_spec_difference(a: ModelSpec, b: ModelSpec) -> str | None:
 
 
 def merge(models: list[str | Path], out: str | Path, *, method: str = "linear", weights: list[float] | None = None,
-          base: str | Path | None = None, t: float = 0.5, density: float = 1.0) -> Path:
-    """Merge the HF directories `models` (and `base`, for task-arithmetic and ties) into `out`."""
+          base: str | Path | None = None, t: float = 0.5, density: float = 1.0, tokenizer: str | Path | None = None,
+          overwrite: bool = False) -> Path:
+    """Merge the HF directories `models` (and `base`, for task-arithmetic and ties) into `out`.
+    The tokenizer is theirs if they share one, else that of `tokenizer` (one of them); a previous
+    model at `out` is replaced only with `overwrite`."""
     dirs = [Path(m) for m in models]
     _check_arguments(dirs, method, weights, base, t, density)
     base_dir = Path(base) if base is not None else None
     every = dirs + ([base_dir] if base_dir is not None else [])
+    target = check_output_dir(out, overwrite=overwrite, inputs=every)
     specs = [ModelSpec.from_hf_config(read_config(d / "config.json")) for d in every]
     for d, spec in zip(every[1:], specs[1:]):
         diff = first_spec_difference(specs[0], spec)
         if diff:
             raise ConfigError(f"cannot merge models with different specs: {dirs[0]} and {d} differ in {diff}")
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        with ExitStack() as stack:
-            sources = [_Tensors(d, stack) for d in every]
-            _check_same_tensors(sources)
-            combine = _method(method, weights, t, density, len(dirs))
-            weight_map, total = {}, 0
-            for path, names in sources[0].files:
-                merged = {}
-                for name in names:
-                    tensors = [s.get(name) for s in sources]
-                    merged[name] = _merge_one(name, tensors, combine, base_dir is not None)
-                    total += merged[name].numel() * merged[name].element_size()
-                save_file(merged, str(staging / path.name), metadata={"format": "pt"})
-                weight_map.update({name: path.name for name in merged})
-                del merged
+    tokenizer_dir = _tokenizer_source(every, tokenizer)
+    with staged_dir(target) as staging, ExitStack() as stack:
+        sources = [_Tensors(d, stack) for d in every]
+        _check_same_tensors(sources)
+        combine = _method(method, weights, t, density, len(dirs))
+        weight_map, total = {}, 0
+        for path, names in sources[0].files:
+            merged = {}
+            for name in names:
+                tensors = [s.get(name) for s in sources]
+                merged[name] = _merge_one(name, tensors, combine, base_dir is not None)
+                total += merged[name].numel() * merged[name].element_size()
+            save_file(merged, str(staging / path.name), metadata={"format": "pt"})
+            weight_map.update({name: path.name for name in merged})
+            del merged
         if len(sources[0].files) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         shutil.copy(dirs[0] / "config.json", staging / "config.json")
         for name in SIDE_FILES:
-            if (dirs[0] / name).is_file():
-                shutil.copy(dirs[0] / name, staging / name)
+            source = tokenizer_dir if name in TOKENIZER_FILES else dirs[0]
+            if (source / name).is_file():
+                shutil.copy(source / name, staging / name)
         (staging / "merge.json").write_text(json.dumps({
             "method": method, "models": [str(d) for d in dirs], "base": str(base_dir) if base_dir else None,
             "weights": weights, "t": t if method == "slerp" else None,
-            "density": density if method == "ties" else None}, indent=1) + "\n")
-        replace_dir(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            "density": density if method == "ties" else None,
+            "tokenizer": str(tokenizer_dir)}, indent=1) + "\n")
     return target
+
+
+def _tokenizer_source(every: list[Path], chosen: str | Path | None) -> Path:
+    """The model whose tokenizer files the merge keeps: `chosen`, which must be one of the
+    inputs, or else the first — and then every input must tokenize the same way."""
+    if chosen is not None:
+        for d in every:
+            if d.resolve() == Path(chosen).resolve():
+                return d
+        raise ConfigError(f"--tokenizer {chosen} is not one of the merged models; name the one whose "
+                          "tokenizer to keep")
+    first = _vocab(every[0])
+    for d in every[1:]:
+        theirs = _vocab(d)
+        differ = sorted(name for name in set(first) | set(theirs) if first.get(name) != theirs.get(name))
+        if differ:
+            raise ConfigError(f"cannot merge: {every[0]} and {d} have different tokenizers ({', '.join(differ)} "
+                              "differ); choose the one to keep with --tokenizer MODEL (tokenizer= in Python)")
+    return every[0]
+
+
+def _vocab(directory: Path) -> dict[str, object]:
+    """The model's vocabulary files, JSON ones parsed (so that formatting does not count)."""
+    found = {}
+    for name in VOCAB_FILES:
+        path = directory / name
+        if path.is_file():
+            try:
+                found[name] = json.loads(path.read_bytes()) if name.endswith(".json") else path.read_bytes()
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    return found
 
 
 def _check_arguments(dirs, method, weights, base, t, density) -> None:

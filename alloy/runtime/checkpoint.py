@@ -6,12 +6,16 @@ Layout of RUN_DIR/checkpoints/:
     step-00000050/manifest.json       written last, by rank 0, once every rank's files are in
 Ranks write into `step-N.partial/` (temp file, fsync, rename per file); rank 0 then writes the
 manifest and renames the directory to `step-N` — so a directory named `step-N` is always
-complete, and a crash leaves at most a `.partial` directory that nothing mistakes for valid.
+complete, and a crash leaves at most a `.partial` directory that nothing mistakes for valid (the
+next save sweeps it). A checkpoint is deleted by renaming it to `.step-N.trash` first, so a kill
+mid-delete never leaves a `step-N` missing files. The manifest records each file's size and
+SHA-256: resume and fuse check them and name the file that does not match.
 The fusion step reads exactly this layout.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from alloy.checkpoint.io import umask
 from alloy.errors import CheckpointError
 from alloy.runtime.layout import RunLayout
 from alloy.spec import ModelSpec
@@ -32,12 +37,43 @@ def step_dir(root: Path, step: int, partial: bool = False) -> Path:
     return root / (f"step-{step:08d}" + (".partial" if partial else ""))
 
 
-def _fsync_write(path: Path, write) -> None:
+def _fsync_write(path: Path, write) -> str:
+    """Write `path` through a temp file, durably; return its SHA-256 (read back: the bytes on disk)."""
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
+    os.chmod(tmp, 0o666 & ~umask())  # safetensors creates its files 0600 whatever the umask
+    digest = sha256(tmp)
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     tmp.replace(path)
+    return digest
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):  # 1 MiB at a time: shards can be larger than RAM
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _discard(directory: Path) -> None:
+    """Delete a checkpoint directory, renaming it out of `step-*` first (see the module doc)."""
+    trash = directory.with_name(f".{directory.name}.trash")
+    shutil.rmtree(trash, ignore_errors=True)
+    directory.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def sweep(root: Path, keep_step: int | None = None) -> None:
+    """Remove what killed saves left: `.partial` directories (but `keep_step`'s) and trash. Call
+    it only when no save is under way (a save's start, or a run's start)."""
+    keep = step_dir(root, keep_step, partial=True) if keep_step is not None else None
+    for path in root.glob("step-*.partial"):
+        if path != keep:
+            shutil.rmtree(path, ignore_errors=True)
+    for path in root.glob(".step-*.trash"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -52,6 +88,8 @@ def save_rank(root: Path, step: int, rank: int, model: torch.nn.Module, optimize
               info: dict) -> None:
     """Write this rank's shard for the checkpoint after `step` steps."""
     directory = step_dir(root, step, partial=True)
+    # Every rank is here for this step, so no other save is under way: what else is there was killed.
+    sweep(root, keep_step=step)
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     optimizer_steps: dict[str, float] = {}
@@ -63,32 +101,65 @@ def save_rank(root: Path, step: int, rank: int, model: torch.nn.Module, optimize
                 tensors[f"{key}.{name}"] = state[key].detach().cpu().contiguous()
         if "step" in state:
             optimizer_steps[name] = float(state["step"])
-    _fsync_write(directory / f"rank{rank}.safetensors", lambda p: save_file(tensors, str(p)))
-    record = info | {"rank": rank, "step": step, "optimizer_steps": optimizer_steps}
+    digest = _fsync_write(directory / f"rank{rank}.safetensors", lambda p: save_file(tensors, str(p)))
+    # Each rank hashes its own shard (just written, still cached); rank 0 copies it to the manifest.
+    record = info | {"rank": rank, "step": step, "optimizer_steps": optimizer_steps, "sha256": digest}
     _fsync_write(directory / f"rank{rank}.json", lambda p: p.write_text(json.dumps(record)))
 
 
 def finalize(root: Path, step: int, spec: ModelSpec, layout: RunLayout, keep_last: int, extra: dict) -> Path:
     """Rank 0, after every rank saved: check the shards, write the manifest, publish, rotate."""
     partial = step_dir(root, step, partial=True)
-    files = {}
+    files, digests = {}, {}
     for rank in range(layout.world_size):
         for suffix in ("safetensors", "json"):
             path = partial / f"rank{rank}.{suffix}"
             if not path.is_file():
                 raise CheckpointError(f"checkpoint step {step}: rank {rank} wrote no {path.name}")
             files[path.name] = path.stat().st_size
+        record = partial / f"rank{rank}.json"
+        digests[record.name] = sha256(record)
+        # a shard written by other means than save_rank carries no hash of its own: take it here
+        digests[f"rank{rank}.safetensors"] = (_read_record(record).get("sha256")
+                                              or sha256(partial / f"rank{rank}.safetensors"))
+    for path in partial.iterdir():  # temp files of a killed earlier try at this step (every rank is done)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.name not in files:
+            path.unlink()
     manifest = {"format": FORMAT_VERSION, "step": step, "spec": spec.to_dict(), "layout": layout.to_dict(),
-                "world_size": layout.world_size, "files": files} | extra
+                "world_size": layout.world_size, "files": files, "sha256": digests} | extra
     _fsync_write(partial / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
     final = step_dir(root, step)
     if final.exists():
-        shutil.rmtree(final)
+        _discard(final)
     partial.rename(final)
     _fsync_dir(root)
     for old in complete_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable ({' '.join(str(err).split())[:200]})") from None
+
+
+def verify_files(directory: Path, manifest: dict, names) -> None:
+    """Each named file is there with the size and SHA-256 the manifest recorded (checkpoints from
+    before checksums were recorded have sizes only)."""
+    sizes, digests = manifest.get("files", {}), manifest.get("sha256", {})
+    for name in names:
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: shard {name} is missing")
+        if name in sizes and path.stat().st_size != sizes[name]:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes but the manifest recorded "
+                                  f"{sizes[name]} — truncated or overwritten")
+        if name in digests and sha256(path) != digests[name]:
+            raise CheckpointError(f"{path}: corrupt — its SHA-256 differs from the one the manifest recorded")
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -120,7 +191,9 @@ def check_compatible(manifest: dict, spec: ModelSpec, layout: RunLayout, where: 
 
 
 def load_rank(directory: Path, rank: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore this rank's parameters and AdamW state; return its JSON record."""
+    """Restore this rank's parameters and AdamW state, from files that match the manifest's
+    checksums; return its JSON record."""
+    verify_files(directory, read_manifest(directory), (f"rank{rank}.safetensors", f"rank{rank}.json"))
     try:
         tensors = load_file(directory / f"rank{rank}.safetensors")
         record = json.loads((directory / f"rank{rank}.json").read_text())

@@ -310,7 +310,7 @@ def _train(config: TrainConfig, out_dir: Path, plan_path, resume: bool, ours: bo
     if config.fuse and done >= steps:
         from alloy.fuse import fuse_run
 
-        result.final_dir = fuse_run(out_dir, out_dir / "final")
+        result.final_dir = fuse_run(out_dir, out_dir / "final", overwrite=True)  # the run's own earlier final/
     return result
 
 
