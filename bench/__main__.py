@@ -19,6 +19,7 @@ BENCHMARKS = {
     "decode": "decode tokens/s vs. transformers generate: fp32, bf16, int8, batch 1 and 8; roofline fraction",
     "quality": "held-out perplexity of a small trained model at fp32, bf16 and int8 weights (decode's quality cost)",
     "plan": "planner runtime at 8/64/256 declared devices; predicted gains on the example clusters",
+    "serve": "OpenAI-compatible server vs. llama.cpp's, same GGUF-exported weights: tokens/s, TTFT, ITL at 1/4/16 clients",
     "validate": "planner fidelity: cost model and planner vs. published heterogeneous-cluster measurements",
 }
 

@@ -84,14 +84,17 @@ def run(args) -> int:
     if args.processes:
         from alloy.infer.distributed import generate_distributed
 
+        generating = time.perf_counter()  # the workers load and generate inside this call
         tokens = generate_distributed(args.model, stages, [ids], max_new_tokens=args.max_new_tokens,
                                       sampling=sampling, dtype=dtype)[0]
         steps = iter(tokens)
     elif len(stages) == 1:
         model = prepare(alloy.load(args.model, device=stages[0].device), dtype)
+        generating = time.perf_counter()  # tokens/s counts generating, not loading
         steps = (int(t[0]) for t in stream(model, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling))
     else:
         pipe = Pipeline.load(args.model, stages, dtype=dtype)
+        generating = time.perf_counter()
         steps = (int(t[0]) for t in stream(pipe, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling))
 
     text = TextStream(tokenizer, args.stop)
@@ -110,14 +113,19 @@ def run(args) -> int:
             finish = "stop"
             break
     tail = text.flush()
-    elapsed = time.perf_counter() - started
+    finished = time.perf_counter()
+    elapsed = finished - started
+    tokens_per_s = len(generated) / max(finished - generating, 1e-9)
     if args.json:
         print(json.dumps({"prompt_tokens": len(ids), "tokens": generated, "text": tokenizer.decode(generated)
                           if finish != "stop" else _until_stop(tokenizer.decode(generated), args.stop),
                           "finish_reason": finish, "dtype": dtype, "seconds": round(elapsed, 4),
+                          "tokens_per_s": round(tokens_per_s, 2),
                           "stages": [{"device": s.device, "layers": list(s.layers)} for s in stages]}))
     else:
         sys.stdout.write(tail + "\n")
+        sys.stdout.flush()  # the text first, then the rate, when both go to one terminal
+        print(f"({len(generated)} tokens, {tokens_per_s:.1f} tokens/s)", file=sys.stderr)
     return 0
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from rich.console import Console
 
 from alloy.devices import Inventory
-from alloy.errors import PlanError
+from alloy.errors import ConfigError, PlanError
 from alloy.plan import Workload, fast_dtype, make_plan
 from alloy.spec import resolve_spec
 
@@ -66,7 +69,22 @@ def _verified(spec, inventory, work, names, args):
                   if work.dtype in ("fp32", "bf16") else "fp32", activation_checkpointing=work.checkpointing)
 
 
+def check_output(path: str, flag: str) -> None:
+    """Refuse an output path that cannot be written before planning (--verify runs training steps
+    first), and never replace a folder or a device with a plan. The write can still fail (a full
+    disk); `alloy` then says so in one line."""
+    target = Path(path)
+    if target.exists() and not target.is_file():
+        raise ConfigError(f"{flag} {path}: exists and is not a regular file")
+    folder = next(p for p in target.absolute().parents if p.exists())  # the write makes the rest
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ConfigError(f"{flag} {path}: cannot write in {folder}")
+
+
 def run(args) -> int:
+    for path, flag in ((args.out, "--out"), (args.png, "--png")):
+        if path:
+            check_output(path, flag)
     spec = resolve_spec(args.model)
     inventory = load_devices(args.devices)
     names = None if args.use is None else [n.strip() for n in args.use.split(",") if n.strip()]
@@ -85,6 +103,7 @@ def run(args) -> int:
     if args.png:
         from alloy.plan.explain import write_png
 
+        Path(args.png).parent.mkdir(parents=True, exist_ok=True)  # as --out does
         write_png(plan, args.png)
     if args.json:
         print(plan.to_json(), end="")

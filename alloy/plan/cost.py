@@ -9,6 +9,7 @@ Formulas are written out in docs/PLANNER.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Literal
 
 import numpy as np
@@ -20,6 +21,17 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32 each
 MASTER_WEIGHT_BYTES = 4  # fp32 master copy kept when training in a 16/8-bit dtype
 LOGITS_BYTES = 4  # logits are upcast to fp32 for the loss / sampling
+# Far above any real step (BERT was trained at 65536 samples a step) yet bounded: the search
+# loops over micro-batch counts, so `--batch-size 10**18` must be refused, not iterated.
+MAX_BATCH = 1 << 20
+MAX_TOKENS = 1 << 24  # ModelSpec's highest max_seq_len
+# Training holds ~5.5 logits-sized fp32 tensors at the loss's peak (the logits, the log-softmax the
+# cross-entropy keeps, and in backward their gradients and a copy): measured on a CPU worker,
+# h512 / vocab 8192 / seq 128, as the peak-RSS slope over the batch (tests/test_memory_estimate.py).
+TRAIN_LOGITS_COPIES = 5.5
+# A training worker's runtime beyond its tensors (oneDNN scratch, the allocator's pools, autograd's
+# bookkeeping): ~80 MiB measured on a CPU worker at 21M and 34M parameters alike.
+TRAIN_WORKER_OVERHEAD_BYTES = 80 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -37,13 +49,13 @@ class Workload:
             raise PlanError(f"task must be train or infer, got {self.task!r}")
         if self.dtype not in DTYPE_BYTES:
             raise PlanError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
-        for name in ("batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                raise PlanError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.micro_batches is not None and self.micro_batches < 1:
-            raise PlanError(f"micro_batches must be at least 1, got {self.micro_batches}")
-        if self.new_tokens < 0:
-            raise PlanError(f"new_tokens must be >= 0, got {self.new_tokens}")
+        for name, low, high in (("batch_size", 1, MAX_BATCH), ("seq_len", 1, MAX_TOKENS),
+                                ("micro_batches", 1, MAX_BATCH), ("new_tokens", 0, MAX_TOKENS)):
+            value = getattr(self, name)
+            if value is None and name == "micro_batches":
+                continue  # the search picks
+            if not isinstance(value, Integral) or isinstance(value, bool) or not low <= value <= high:
+                raise PlanError(f"{name} must be an integer from {low} to {high:,}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -81,10 +93,10 @@ def mean_keys_per_query(seq_len: int, window: int, causal: bool) -> float:
     """How many keys each query attends to on average (causal halves a full square)."""
     if not causal:
         return float(min(seq_len, window) if window else seq_len)
-    positions = np.arange(1, seq_len + 1)
-    if window:
-        positions = np.minimum(positions, window)
-    return float(positions.mean())
+    # The mean of min(p, window) over positions p = 1..seq_len, in closed form: a 16M-token
+    # context on 1024 layers must not build a 16M-entry array per layer.
+    w = min(window, seq_len) if window else seq_len
+    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
 
 
 def model_costs(spec: ModelSpec, work: Workload) -> ModelCosts:
@@ -111,11 +123,15 @@ def model_costs(spec: ModelSpec, work: Workload) -> ModelCosts:
     ])
     # Backward is twice the forward; checkpointing recomputes the forward once more.
     step_factor = (4 if work.checkpointing else 3) if train else 1
-    head_flops_per_token = 2 * h * spec.vocab_size if spec.causal else 0
+    # A float: times step_factor * S it can pass int64 (vocab 4M x hidden 64k x 16M tokens).
+    head_flops_per_token = 2.0 * h * spec.vocab_size if spec.causal else 0.0
 
     # Tensors a layer keeps for its backward, in elements per token: both norms' inputs and
     # outputs, q k v, the attention output, and the MLP's up/gate, activation and product.
+    # RoPE writes rotated copies of q and k, which the backward keeps too.
     act_elems = 4 * h + 2 * nh * hd + 2 * kv * hd + (4 if spec.mlp == "gated" else 2) * ff
+    if spec.positions == "rope":
+        act_elems += nh * hd + kv * hd
     full_act_bytes = act_elems * b * S
     if train:
         kept_act = h * b * S if work.checkpointing else full_act_bytes
@@ -149,7 +165,8 @@ def model_costs(spec: ModelSpec, work: Workload) -> ModelCosts:
         # Prefill needs logits for the last position only.
         head_step_flops_per_sample=step_factor * (S if train else 1) * head_flops_per_token,
         # Train: logits and their gradient for every position; infer: the last position only.
-        head_peak_bytes_per_sample=(2 * S if train else 1) * spec.vocab_size * LOGITS_BYTES * spec.causal,
+        head_peak_bytes_per_sample=(TRAIN_LOGITS_COPIES * S if train else 1) * spec.vocab_size * LOGITS_BYTES
+        * spec.causal,
         head_decode_flops_per_sample=head_flops_per_token * (not train),
         boundary_bytes_per_sample=S * h * b,
         boundary_decode_bytes_per_sample=h * b * (not train),

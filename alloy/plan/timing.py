@@ -17,7 +17,7 @@ import numpy as np
 
 from alloy.devices import DeviceProfile, Inventory
 from alloy.errors import PlanError
-from alloy.plan.cost import ModelCosts, Workload, model_costs
+from alloy.plan.cost import TRAIN_WORKER_OVERHEAD_BYTES, ModelCosts, Workload, model_costs
 from alloy.spec import ModelSpec
 
 
@@ -228,6 +228,7 @@ def stage_memory_bytes(p: Problem, start, stop, in_flight: int, mb_max_samples: 
     state = stage_params(p, start, stop) * c.param_state_bytes
     transient = mb_max_samples * (p.max_layer_peak_bytes_per_sample + c.head_peak_bytes_per_sample * last)
     if p.work.task == "train":
+        state = state + TRAIN_WORKER_OVERHEAD_BYTES
         kept = in_flight * mb_max_samples * (p.prefix_act_bytes[stop] - p.prefix_act_bytes[start])
     else:
         kept = share * (p.prefix_kv_bytes[stop] - p.prefix_kv_bytes[start])  # every request's KV cache

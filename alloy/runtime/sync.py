@@ -98,8 +98,12 @@ class GradientSync:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
         # Reduced on the host: gloo carries CPU tensors, so a GPU stage next to CPU ones works.
         flat = torch.cat([g.flatten() for g in grads]).cpu()
+        shapes = [(g.shape, g.device) for g in grads]
+        del grads
+        for p in bucket:  # the flat copy replaces them: a gradient is never held twice
+            p.grad = None
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.groups[ranks], async_op=True)
-        self._launched.append((work, flat, bucket, grads))
+        self._launched.append((work, flat, bucket, shapes))
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -108,12 +112,12 @@ class GradientSync:
         self._armed = False
         while len(self._launched) < len(self.buckets):
             self._launch()
-        for work, flat, bucket, grads in self._launched:
+        for work, flat, bucket, shapes in self._launched:
             work.wait()
             offset = 0
-            for p, g in zip(bucket, grads):
-                n = g.numel()
-                p.grad = flat[offset : offset + n].view_as(g).to(g.device)
+            for p, (shape, device) in zip(bucket, shapes):
+                n = shape.numel()
+                p.grad = flat[offset : offset + n].view(shape).to(device)
                 offset += n
         self._reset()
 

@@ -79,6 +79,7 @@ class Trainer:
 
     def run(self) -> None:
         job, rank, layout = self.job, self.rank, self.layout
+        before_bytes = _rss_bytes()  # the process before its model: imports, the process group
         runner = StageRunner(
             self.spec, layout, rank, device=torch_device(self.profile), seed=int(job.get("seed", 0)),
             init_dir=job.get("init_dir"), optim=OptimConfig(**job.get("optim", {})),
@@ -118,6 +119,8 @@ class Trainer:
             "rank": rank, "replica": self.info.replica, "stage": self.info.stage_index,
             "device": self.info.stage.device, "layers": [self.info.stage.first, self.info.stage.last],
             "start_step": start_step, "records": records,
+            # what the job added at its peak, for checking the plan's memory estimate
+            "memory": {"before_bytes": before_bytes, "peak_bytes": _peak_rss_bytes()},
         }))
         dist.barrier()
 
@@ -163,6 +166,17 @@ class Trainer:
         if self.rank == 0 and self.metrics_path:
             with open(self.metrics_path, "a") as handle:
                 handle.write(json.dumps(line | {"time": time.time()}) + "\n")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 def run_worker(job: dict) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from alloy.errors import ConfigError, UnsupportedModelError
-from alloy.spec.spec import ModelSpec
+from alloy.spec.spec import SIZE_LIMITS, ModelSpec
 
 _MISSING = object()
 
@@ -52,14 +52,24 @@ def _eos(cfg: dict[str, Any]) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
+def _per_head(cfg: dict[str, Any], hidden: str, heads: str) -> int:
+    """hidden // heads: the head_dim a config leaves implicit (heads checked first, never divided by 0)."""
+    count = cfg[heads]
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ConfigError(f"{heads} must be a positive integer, got {count!r}")
+    return cfg[hidden] // count
+
+
 def _rope(cfg: dict[str, Any], head_dim: int, default_partial: float = 1.0) -> dict[str, Any]:
     """RoPE knobs from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (older)."""
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     kind = params.get("rope_type", params.get("type", "default"))
     theta = params.get("rope_theta", _get(cfg, "rope_theta", "rotary_emb_base", default=10000.0))
-    partial = params.get(
+    partial = float(params.get(
         "partial_rotary_factor", _get(cfg, "partial_rotary_factor", "rotary_pct", default=default_partial)
-    )
+    ))
+    if not 0 < partial <= 1:  # 0 would read as rotary_dim 0, which means "all of head_dim"
+        raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {partial}")
     out: dict[str, Any] = {"rope_theta": float(theta), "rotary_dim": 0}
     rotary_dim = int(head_dim * partial)
     if rotary_dim != head_dim:
@@ -127,6 +137,9 @@ def _sliding_layers(cfg: dict[str, Any], num_layers: int, window: int, default: 
         if unknown:
             raise UnsupportedModelError(f"layer_types value {sorted(unknown)[0]!r} is not supported")
     else:
+        low, high = SIZE_LIMITS["num_layers"]  # bounded before the default rule runs once per layer
+        if not isinstance(num_layers, int) or not low <= num_layers <= high:
+            raise ConfigError(f"num_hidden_layers must be an integer from {low} to {high:,}, got {num_layers!r}")
         types = tuple("sliding" if default(i) else "full" for i in range(num_layers))
     return {"sliding_window": int(window), "layer_types": types}
 
@@ -135,7 +148,8 @@ def _llama_like(cfg: dict[str, Any], default_head_dim: int = 0, **knobs: Any) ->
     _refuse(cfg, "num_local_experts", None)
     _refuse(cfg, "num_experts", None)
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    head_dim = _get(cfg, "head_dim", default=default_head_dim or hidden // heads)
+    implied_head_dim = default_head_dim or _per_head(cfg, "hidden_size", "num_attention_heads")
+    head_dim = _get(cfg, "head_dim", default=implied_head_dim)
     fields: dict[str, Any] = dict(
         family=cfg["model_type"],
         vocab_size=cfg["vocab_size"],
@@ -258,12 +272,15 @@ def _gemma_to(spec, architecture="GemmaForCausalLM"):
 def _gemma2_from(cfg):
     bias = bool(cfg.get("attention_bias", False))
     window = cfg.get("sliding_window") or 0
+    scalar = float(_get(cfg, "query_pre_attn_scalar", default=256))
+    if not scalar > 0:  # the softmax scale is its inverse square root
+        raise ConfigError(f"query_pre_attn_scalar must be > 0, got {scalar}")
     return _llama_like(
         cfg,
         qkv_bias=bias,
         o_bias=bias,
         norm_placement="sandwich",
-        attn_scale=float(_get(cfg, "query_pre_attn_scalar", default=256)) ** -0.5,
+        attn_scale=scalar**-0.5,
         attn_softcap=float(cfg.get("attn_logit_softcapping") or 0.0),
         final_softcap=float(cfg.get("final_logit_softcapping") or 0.0),
         **_gemma_knobs(cfg),
@@ -313,7 +330,7 @@ def _gpt2_from(cfg):
         num_layers=cfg["n_layer"],
         num_heads=heads,
         num_kv_heads=heads,
-        head_dim=hidden // heads,
+        head_dim=_per_head(cfg, "n_embd", "n_head"),
         intermediate_size=cfg.get("n_inner") or 4 * hidden,
         max_seq_len=cfg["n_positions"],
         norm="layernorm",
@@ -353,6 +370,7 @@ def _gpt2_to(spec):
 
 def _neox_from(cfg):
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = _per_head(cfg, "hidden_size", "num_attention_heads")
     bias = bool(cfg.get("attention_bias", True))
     return ModelSpec(
         family="gpt_neox",
@@ -361,7 +379,7 @@ def _neox_from(cfg):
         num_layers=cfg["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=heads,
-        head_dim=hidden // heads,
+        head_dim=head_dim,
         intermediate_size=cfg["intermediate_size"],
         max_seq_len=cfg.get("max_position_embeddings", 2048),
         norm="layernorm",
@@ -376,7 +394,7 @@ def _neox_from(cfg):
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=_eos(cfg),
         pad_token_id=cfg.get("pad_token_id"),
-        **_rope(cfg, hidden // heads, default_partial=0.25),
+        **_rope(cfg, head_dim, default_partial=0.25),
     )
 
 
@@ -415,7 +433,7 @@ def _bert_from(cfg):
         num_layers=cfg["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=heads,
-        head_dim=hidden // heads,
+        head_dim=_per_head(cfg, "hidden_size", "num_attention_heads"),
         intermediate_size=cfg["intermediate_size"],
         max_seq_len=cfg.get("max_position_embeddings", 512),
         norm="layernorm",
@@ -467,7 +485,7 @@ ADAPTERS: dict[str, tuple[Callable[[dict], ModelSpec], Callable[[ModelSpec], dic
 
 
 def _adapter(model_type: Any) -> tuple[Callable, Callable]:
-    if model_type not in ADAPTERS:
+    if not isinstance(model_type, str) or model_type not in ADAPTERS:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}"
         )
@@ -480,7 +498,7 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         return from_hf(cfg)
     except KeyError as err:
         raise ConfigError(f"config.json of model_type {cfg['model_type']!r} lacks field {err.args[0]!r}") from None
-    except TypeError as err:  # a field of the wrong JSON type
+    except (TypeError, ValueError, ArithmeticError) as err:  # a field of the wrong JSON type or value
         raise ConfigError(f"config.json of model_type {cfg['model_type']!r}: {err}") from None
 
 

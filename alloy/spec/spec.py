@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,43 @@ ROPE_SCALINGS = ("none", "linear", "llama3")
 MLPS = ("gated", "plain")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 LAYER_TYPES = ("full", "sliding")
+
+# (lowest, highest) of each size. The highs are far above any released model (Llama 3.1 405B:
+# 126 layers, hidden 16384, 128 heads, FFN 53248; vocabularies up to ~262k; contexts up to 10M)
+# yet small enough that a per-layer loop is instant and size products stay far inside int64:
+# `num_hidden_layers: 1000000000` is refused here instead of being expanded layer by layer.
+SIZE_LIMITS = {
+    "vocab_size": (1, 1 << 22),
+    "hidden_size": (1, 1 << 16),
+    "num_layers": (1, 1 << 10),
+    "num_heads": (1, 1 << 10),
+    "num_kv_heads": (1, 1 << 10),
+    "head_dim": (1, 1 << 12),
+    "intermediate_size": (1, 1 << 20),
+    "max_seq_len": (1, 1 << 24),
+    "rotary_dim": (0, 1 << 12),
+    "type_vocab_size": (0, 1 << 16),
+    "sliding_window": (0, 1 << 30),
+    "rope_original_max_seq_len": (0, 1 << 24),
+}
+MAX_PARAMS = 10**14  # 250x Llama 3.1 405B: more is a typo, not a model
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What each field's annotation admits (a JSON config can hold anything); checked before any
+# other check compares, multiplies or iterates a value.
+_ADMITS = {
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+    "int": _is_int,
+    "float": lambda v: (isinstance(v, float) and math.isfinite(v)) or (_is_int(v) and abs(v) < 1e308),
+    "int | None": lambda v: v is None or _is_int(v),
+    "tuple[int, ...]": lambda v: isinstance(v, tuple) and all(map(_is_int, v)),
+    "tuple[str, ...]": lambda v: isinstance(v, tuple) and all(isinstance(t, str) for t in v),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +115,13 @@ class ModelSpec:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _ADMITS[f.type](value):
+                kind = "a finite number" if f.type == "float" else f.type
+                raise ConfigError(f"ModelSpec.{f.name} must be {kind}, got {reprlib.repr(value)}")
+            if f.type == "float":  # a JSON 10**100 is an int, which torch cannot take past int64
+                object.__setattr__(self, f.name, float(value))
         for name, allowed in (
             ("norm", NORMS),
             ("norm_placement", NORM_PLACEMENTS),
@@ -90,10 +135,12 @@ class ModelSpec:
                 raise UnsupportedModelError(
                     f"ModelSpec.{name}={value!r} is not supported; supported: {', '.join(allowed)}"
                 )
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "intermediate_size", "max_seq_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ConfigError(f"ModelSpec.{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name, (low, high) in SIZE_LIMITS.items():
+            if not low <= getattr(self, name) <= high:
+                raise ConfigError(f"ModelSpec.{name} must be from {low} to {high:,}, got {getattr(self, name)}")
+        if self.num_params() > MAX_PARAMS:
+            raise ConfigError(f"the spec describes {self.num_params():.3g} parameters, over the limit of "
+                              f"{MAX_PARAMS:.0e}; check vocab_size, hidden_size, intermediate_size, num_layers")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
@@ -110,6 +157,27 @@ class ModelSpec:
             object.__setattr__(self, "sliding_window", 0)
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
             raise ConfigError(f"rotary_dim={self.rotary_dim} must be even and at most head_dim={self.head_dim}")
+        if self.positions == "rope" and self.rope_dim % 2:
+            raise ConfigError(f"RoPE rotates pairs of dimensions; head_dim={self.head_dim} is odd")
+        self._check_knobs()
+
+    def _check_knobs(self) -> None:
+        """Float knobs within their domain: rope_inv_freq divides by the factors and the
+        original length, a negative eps makes a norm's rsqrt NaN."""
+        for name in ("norm_eps", "attn_scale", "attn_softcap", "final_softcap"):  # 0: none / the default
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ModelSpec.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("rope_theta", "rope_factor"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ModelSpec.{name} must be > 0, got {getattr(self, name)}")
+        if self.rope_scaling == "llama3" and not (
+            0 < self.rope_low_freq_factor <= self.rope_high_freq_factor and self.rope_original_max_seq_len > 0
+        ):
+            raise ConfigError(
+                "llama3 RoPE scaling needs 0 < low_freq_factor <= high_freq_factor and "
+                f"original_max_position_embeddings > 0, got {self.rope_low_freq_factor}, "
+                f"{self.rope_high_freq_factor}, {self.rope_original_max_seq_len}"
+            )
 
     # Derived figures, used by the model and the planner alike.
     @property
@@ -158,13 +226,17 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(data) - {f.name for f in fields})
         if unknown:
             raise ConfigError(f"unknown ModelSpec field {unknown[0]!r}")
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise ConfigError(f"ModelSpec field {missing[0]!r} is missing")
         data = dict(data)
-        data["layer_types"] = tuple(data.get("layer_types", ()))
-        data["eos_token_id"] = tuple(data.get("eos_token_id", ()))
+        for name in ("layer_types", "eos_token_id"):  # JSON lists; anything else fails the type check
+            if isinstance(data.get(name), list):
+                data[name] = tuple(data[name])
         return cls(**data)
 
     # Hugging Face config.json in and out; the per-family adapters live in alloy.spec.hf.

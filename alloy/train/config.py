@@ -106,8 +106,25 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _pairs(overrides: list[str]) -> list[tuple[str, str]]:
+    """(key, raw value) of each `--key=value`, `--key value` or `key=value` item, in order."""
+    pairs, items = [], iter(overrides)
+    for item in items:
+        key, sep, raw = item.removeprefix("--").partition("=")
+        if not sep and item.startswith("--"):
+            raw = next(items, None)
+            if raw is None or raw.startswith("--"):
+                raise ConfigError(f"override {item!r} has no value; write {item}=VALUE or {item} VALUE")
+        elif not sep:
+            raise ConfigError(f"override {item!r} is not --key=value or --key value")
+        if not key:
+            raise ConfigError(f"override {item!r} names no key")
+        pairs.append((key, raw))
+    return pairs
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """Read YAML (or start from the defaults), apply `key=value` / `section.key=value` overrides."""
+    """Read YAML (or start from the defaults), apply `--key=value` / `--section.key value` overrides."""
     data: dict[str, Any] = {}
     source = str(path) if path else "defaults"
     if path:
@@ -120,11 +137,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())[:200]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
-    for item in overrides:
-        key, sep, raw = item.removeprefix("--").partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not key=value")
-        _set_dotted(data, key.replace("-", "_"), yaml.safe_load(raw))
+    for key, raw in _pairs(overrides):
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {key}: {raw!r} is not a YAML value") from None
+        _set_dotted(data, key.replace("-", "_"), value)
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as err:
