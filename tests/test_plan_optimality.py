@@ -17,7 +17,7 @@ import random
 import pytest
 
 from alloy.devices import DeviceProfile, Inventory, Link
-from alloy.plan.cost import Workload
+from alloy.plan.cost import TRAIN_WORKER_OVERHEAD_BYTES, Workload
 from alloy.plan.search import Search
 from alloy.plan.timing import build_problem, replica_timing, stage_memory_bytes, step_timing, sync_cost
 from alloy.spec import resolve_spec
@@ -110,7 +110,10 @@ def random_instance(rng: random.Random):
     probe = build_problem(spec, Inventory(devices=devices, links=links), work)
     whole = float(stage_memory_bytes(probe, 0, num_layers, min(num_devices, work.batch_size), work.batch_size,
                                      work.batch_size))
-    devices = [d.model_copy(update={"memory_bytes": max(1, int(whole * rng.uniform(0.3, 1.3)))}) for d in devices]
+    # every training worker holds a fixed runtime overhead whatever its share: scale only the rest
+    fixed = TRAIN_WORKER_OVERHEAD_BYTES if task == "train" else 0.0
+    devices = [d.model_copy(update={"memory_bytes": max(1, int(fixed + (whole - fixed) * rng.uniform(0.3, 1.3)))})
+               for d in devices]
     return build_problem(spec, Inventory(devices=devices, links=links), work), rng.choice([1, 2, 3])
 
 
