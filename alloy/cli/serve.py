@@ -66,15 +66,13 @@ def load_server(args):
 
 
 def _stages(args, directory, spec):
-    import alloy
     from alloy.cli.generate import plan_stages
-    from alloy.infer.optimize import parse_dtype, prepare
+    from alloy.infer.optimize import parse_dtype
+    from alloy.infer.partition import Pipeline
 
-    dtype = parse_dtype(args.dtype)
     stages, plan = plan_stages(args, spec, prompt_len=min(spec.max_seq_len, args.ctx_size or 256) // 2,
                                new_tokens=64)
-    models = [prepare(alloy.load(directory, device=s.device, layers=s.layers, embed=s.has_embed, head=s.has_head),
-                      dtype) for s in stages]
+    models = Pipeline.load(directory, stages, dtype=parse_dtype(args.dtype)).stages
     lines = [f"layers {s.layers[0]}-{s.layers[1] - 1} on {s.device}" for s in stages]
     if plan is not None:
         lines.append(f"predicted {plan.predicted.tokens_per_s:.4g} tokens/s (batch {plan.batch_size})")

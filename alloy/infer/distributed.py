@@ -76,18 +76,26 @@ def generate_distributed(model_dir, stages: list[StageSpec], prompts: list[list[
         return json.loads(Path(job["out"]).read_text())["tokens"]
 
 
-def run_rank(job: dict) -> None:
+def stage_rank(job: dict, timeout: timedelta):
+    """Join the job's process group and load this rank's stage of job["stages"], prepared for
+    decoding in job["dtype"]: (model, rank, world). Shared by generation and serving."""
     import alloy
-    from alloy.infer.generate import stream
-    from alloy.infer.optimize import DTYPES, prepare
-
+    from alloy.infer.optimize import prepare
     from alloy.runtime.launch import init_gloo
 
-    init_gloo(timeout=timedelta(seconds=120))
+    init_gloo(timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     stage = StageSpec(**{**job["stages"][rank], "layers": tuple(job["stages"][rank]["layers"])})
     model = prepare(alloy.load(job["model_dir"], device=stage.device, layers=stage.layers, embed=stage.has_embed,
                                head=stage.has_head), job["dtype"])
+    return model, rank, world
+
+
+def run_rank(job: dict) -> None:
+    from alloy.infer.generate import stream
+    from alloy.infer.optimize import DTYPES
+
+    model, rank, world = stage_rank(job, timedelta(seconds=120))
     runner = DistributedRunner(model, rank, world, DTYPES[job["dtype"]])
     prompts = job["prompts"]
     eos = set(model.spec.eos_token_id if job["eos_ids"] is None else job["eos_ids"])

@@ -192,8 +192,13 @@ def create_app(model, *, model_name: str, engine: Engine | None = None, api_key:
         ident = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
         shape = _Shape(kind, ident, model_name, int(time.time()))
         if body.stream:
+            from starlette.background import BackgroundTask
+
+            # the background task runs however the response ends, even when the client left before
+            # the first chunk (then the generator's own cleanup never runs)
             return StreamingResponse(_stream(events, handle, shape, len(prompt), body.include_usage, model),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                     background=BackgroundTask(handle.cancel))
         pieces, logprobs, finish, count = [], [], None, 0
         try:
             while True:

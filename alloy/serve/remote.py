@@ -111,15 +111,11 @@ def launch_server(job: dict, stages: list[StageSpec], api_key: str | None) -> No
 
 def run_rank(job: dict) -> None:
     import alloy
-    from alloy.infer.optimize import DTYPES, prepare
-    from alloy.runtime.launch import init_gloo
+    from alloy.infer.distributed import stage_rank
+    from alloy.infer.optimize import DTYPES
 
     # no timeout worth the name: a quiet server waits between requests for as long as it likes
-    init_gloo(timeout=timedelta(days=365))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    stage = StageSpec(**{**job["stages"][rank], "layers": tuple(job["stages"][rank]["layers"])})
-    model = prepare(alloy.load(job["model_dir"], device=stage.device, layers=stage.layers, embed=stage.has_embed,
-                               head=stage.has_head), job["dtype"])
+    model, rank, world = stage_rank(job, timedelta(days=365))
     activation_dtype = DTYPES[job["dtype"]]
     if rank > 0:
         serve_stage(model, rank, world, job["max_batch"], job["ctx_size"], activation_dtype)
