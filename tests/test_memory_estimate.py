@@ -8,13 +8,15 @@ that the tensors, not the interpreter, make up the figure.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from alloy.devices import DeviceProfile, Inventory
 from alloy.plan import Workload, make_plan
 from alloy.runtime import run
 from alloy.runtime.data import DataSource
-from alloy.spec import ModelSpec
+from alloy.spec import ModelSpec, resolve_spec
 
 
 def spec(hidden: int, layers: int, vocab: int, seq: int) -> ModelSpec:
@@ -43,3 +45,34 @@ def test_peak_memory_is_within_15_percent_of_the_plan(tmp_path, hidden, layers, 
     for rank, stage in zip(report.ranks, stages):
         used = rank["memory"]["peak_bytes"] - rank["memory"]["before_bytes"]
         assert used == pytest.approx(stage.predicted_memory_bytes, rel=0.15), (used / 2**20, stage)
+
+
+def test_a_plan_that_cannot_fit_is_refused_before_any_worker_starts(tmp_path, capsys):
+    """A plan made on another machine, or edited, is priced again on its own devices: one whose
+    stage overflows its device is refused in one line, and no worker is launched."""
+    from alloy.cli import main
+    from alloy.spec import PRESETS
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(PRESETS["tiny-llama"]))
+    text = tmp_path / "text.txt"
+    text.write_text("to be or not to be, that is the question. " * 200)
+    model = resolve_spec(str(config))
+    inventory = Inventory(name="cpus", devices=[cpu("cpu0"), cpu("cpu1")])
+    plan = make_plan(model, inventory, Workload("train", 8, 64, dtype="fp32"), replicas=2)
+    need = max(s.predicted_memory_bytes for s in plan.stages)
+    argv = ["train", f"--model={config}", f"--data.path={text}", "--batch_size=8", "--seq_len=64", "--steps=1",
+            "--verify=false", "--devices=auto"]
+
+    small = plan.model_copy(update={"devices": [d.model_copy(update={"memory_bytes": int(need * 0.9)})
+                                                for d in plan.devices]})
+    small.save(tmp_path / "small.json")
+    assert main(argv + [f"--out_dir={tmp_path / 'refused'}", f"--plan={tmp_path / 'small.json'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the tokenizer's progress
+    assert err.startswith("alloy train: error:") and "needs" in err and "cpu0" in err, err
+    assert not (tmp_path / "refused" / "workers").exists()
+
+    # The same plan with room to spare runs: the check refuses overflow, not plans made elsewhere.
+    plan.save(tmp_path / "roomy.json")
+    assert main(argv + [f"--out_dir={tmp_path / 'ran'}", f"--plan={tmp_path / 'roomy.json'}"]) == 0, \
+        capsys.readouterr().err

@@ -226,6 +226,48 @@ def test_outputs_follow_the_umask(run, tmp_path):
     assert oct(gguf.stat().st_mode & 0o777) == "0o640"
 
 
+def test_an_onnx_export_killed_mid_write_leaves_nothing_after_the_next_and_follows_the_umask(run, tmp_path):
+    pytest.importorskip("onnxscript")
+    fused = fuse_run(run, tmp_path / "fused")
+    target = tmp_path / "out" / "model.onnx"
+    child = subprocess.run([sys.executable, __file__, "onnx-kill-mid-write", str(fused), str(target)],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert _hidden(target.parent), "the killed export left no staging: the test did not kill it mid-write"
+    old = os.umask(0o027)
+    try:
+        export_model(fused, target, format="onnx")
+    finally:
+        os.umask(old)
+    assert _hidden(target.parent) == []
+    assert {oct(p.stat().st_mode & 0o777) for p in target.parent.iterdir()} == {"0o640"}
+
+
+def test_a_document_written_to_a_fifo_goes_through_it_and_a_failed_write_names_the_users_path(tmp_path, monkeypatch):
+    import errno
+    import threading
+
+    from alloy.jsonio import write_text_atomic
+
+    fifo = tmp_path / "plan.fifo"  # as /dev/stdout would be: replaced by a regular file before
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    write_text_atomic(fifo, "{}\n")
+    reader.join(10)
+    assert got == ["{}\n"] and fifo.is_fifo()
+
+    def disk_full(self, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError) as caught:
+        write_text_atomic(tmp_path / "plan.json", "{}")
+    assert caught.value.filename == str(tmp_path / "plan.json") and ".tmp" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.fifo"]
+
+
 # --- checksums: a corrupted shard is refused, naming the file --------------------------------------
 
 def test_resume_and_fuse_refuse_a_corrupted_shard_naming_it(run, tmp_path):
@@ -327,6 +369,15 @@ if __name__ == "__main__":
         run_dir, out, n = args
         _kill_self_at_rename(int(n))
         fuse_run(run_dir, out, step=2, overwrite=True)
+    elif mode == "onnx-kill-mid-write":  # SIGKILL once the exporter has written part of its file
+        model_dir, out = args
+
+        def half_written(model, example, path, **kwargs):
+            Path(path).write_bytes(b"\x08half")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.onnx.export = half_written
+        export_model(model_dir, out, format="onnx")
     elif mode == "fuse-loop":  # "ready" once warm, so that the kill lands in the steady loop
         run_dir, out = args
         fuse_run(run_dir, out, overwrite=True)

@@ -10,6 +10,7 @@ Units are in the names: `_bytes`, `_bytes_per_s`, `_flops` (FLOP/s), `_s`.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Literal
 
@@ -23,8 +24,14 @@ Dtype = Literal["fp32", "bf16", "fp16", "fp8", "int8"]
 DeviceKind = Literal["cpu", "cuda", "mps", "xpu"]
 
 
+# Planning is O(devices^2) in links and its heuristics grow with the count: 1024 devices plan in
+# ~2 s, 4096 in ~30 s. Beyond any heterogeneous cluster Alloy targets, so refused rather than waited on.
+MAX_DEVICES = 1024
+
+
 class _Doc(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A rate or size of inf/nan would only surface as a nonsense plan: refused at the field.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LinkSpec(_Doc):
@@ -81,7 +88,7 @@ class DeviceProfile(_Doc):
     kind: DeviceKind
     model: str = ""  # marketing name, e.g. "NVIDIA A100-SXM4-40GB"
     node: str = "local"  # the machine it sits in; devices on one node share its intra-node links
-    count: int = Field(default=1, ge=1)  # declared files may say "8 of these"; expanded on load
+    count: int = Field(default=1, ge=1, le=MAX_DEVICES)  # declared files may say "8 of these"; expanded on load
     memory_bytes: int = Field(gt=0)  # capacity usable for weights, activations and caches
     free_memory_bytes: int | None = Field(default=None, ge=0)
     matmul_flops: dict[Dtype, float] = Field(min_length=1)  # sustained FLOP/s per well-supported dtype
@@ -146,6 +153,8 @@ class Inventory(_Doc):
 
     @model_validator(mode="after")
     def _expand_and_check(self) -> "Inventory":
+        if sum(d.count for d in self.devices) > MAX_DEVICES:
+            raise ValueError(f"{sum(d.count for d in self.devices)} devices: at most {MAX_DEVICES} are planned over")
         expanded: list[DeviceProfile] = []
         for device in self.devices:
             if device.count == 1:
@@ -164,17 +173,25 @@ class Inventory(_Doc):
         object.__setattr__(self, "devices", expanded)
         return self
 
+    @functools.cached_property
+    def _by_name(self) -> dict[str, DeviceProfile]:
+        return {d.name: d for d in self.devices}
+
+    @functools.cached_property
+    def _links_by_ends(self) -> dict[frozenset, Link]:
+        return {frozenset((link.a, link.b)): link for link in self.links}
+
     def device(self, name: str) -> DeviceProfile:
-        for device in self.devices:
-            if device.name == name:
-                return device
+        # A dict, not a scan: the planner asks for every pair of a 1024-device cluster.
+        if name in self._by_name:
+            return self._by_name[name]
         raise ConfigError(f"unknown device {name!r}; the inventory has {', '.join(d.name for d in self.devices)}")
 
     def link(self, a: str, b: str) -> LinkSpec:
         """Bandwidth and latency between two devices: an explicit link, else the node defaults."""
-        for link in self.links:
-            if {link.a, link.b} == {a, b}:
-                return link
+        link = self._links_by_ends.get(frozenset((a, b)))
+        if link is not None:
+            return link
         if self.device(a).node == self.device(b).node:
             return self.intra_node_link
         return self.inter_node_link

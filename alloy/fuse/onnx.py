@@ -10,7 +10,6 @@ up in the traced graph; the body is the same `Transformer`, built without its em
 from __future__ import annotations
 
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -52,7 +51,7 @@ def export_onnx(model_or_dir, out: str | Path, *, dtype: str | None = None, opse
         import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it)
     except ImportError:
         raise UnsupportedModelError("ONNX export needs onnx and onnxscript: pip install 'alloy-lm[export]'") from None
-    from alloy.checkpoint.io import load
+    from alloy.checkpoint.io import load, staging_path, sweep_stale
 
     model = load(model_or_dir, dtype=dtype) if not isinstance(model_or_dir, Transformer) else model_or_dir
     spec = model.spec
@@ -66,7 +65,9 @@ def export_onnx(model_or_dir, out: str | Path, *, dtype: str | None = None, opse
     batch = torch.export.Dim("batch")
     sequence = torch.export.Dim("sequence", max=spec.max_seq_len)
     size_bytes = sum(p.numel() * p.element_size() for p in wrapper.parameters())
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    sweep_stale(target)  # what a killed export of this file left
+    staging = staging_path(target)
+    staging.mkdir()  # with the umask (tempfile.mkdtemp's is 0700) and a name the sweep knows
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")

@@ -14,7 +14,7 @@ from alloy.plan.cost import Workload
 from alloy.plan.plan import (BaselinePrediction, ModelSummary, Plan, Prediction, ReplicaPlan, SearchInfo,
                              Stage)
 from alloy.plan.search import Search
-from alloy.plan.timing import (Layout, Problem, build_problem, decode_token_s, micro_batching,
+from alloy.plan.timing import (Layout, Problem, Replica, build_problem, decode_token_s, micro_batching,
                                pipeline_time_s, send_s, stage_memory_bytes, step_timing)
 from alloy.spec import ModelSpec
 
@@ -86,6 +86,34 @@ def plan_candidates(spec: ModelSpec, inventory: Inventory, work: Workload, devic
         seen[key] = len(out)
         out.append((name, plan))
     return out
+
+
+def check_fits(plan: Plan, spec: ModelSpec, source: str = "plan") -> None:
+    """Refuse a plan made elsewhere (or edited) whose stages overflow their devices: its layout is
+    priced again here, on its own device profiles, before any worker starts."""
+    work = Workload(plan.task, plan.batch_size, plan.seq_len, new_tokens=plan.new_tokens, dtype=plan.dtype,
+                    micro_batches=plan.micro_batches, checkpointing=plan.checkpointing)
+    p = build_problem(spec, Inventory(name="plan", devices=plan.devices), work)
+    index = {d.name: i for i, d in enumerate(p.devices)}
+    replicas = []
+    for r in plan.replicas:
+        missing = [s.device for s in r.stages if s.device not in index]
+        if missing:
+            raise PlanError(f"{source}: stage device {missing[0]!r} is not among the plan's devices")
+        cuts = (r.stages[0].layers[0], *(s.layers[1] for s in r.stages))
+        if cuts[0] != 0 or cuts[-1] != spec.num_layers or any(
+                s.layers[0] != a or a >= b for s, a, b in zip(r.stages, cuts, cuts[1:])):
+            raise PlanError(f"{source}: replica {r.index}'s stages do not cover layers 0-{spec.num_layers - 1} "
+                            "in order, each once")
+        replicas.append(Replica(tuple(index[s.device] for s in r.stages), cuts, r.batch_share))
+    timing = step_timing(p, Layout(tuple(replicas), plan.micro_batches))
+    for r, t in zip(plan.replicas, timing.replicas):
+        for stage, need in zip(r.stages, t.memory_bytes):
+            have = float(p.memory_bytes[index[stage.device]])
+            if need > have:
+                raise PlanError(f"{source}: stage {stage.rank} on {stage.device} (layers {stage.layers[0]}-"
+                                f"{stage.layers[1] - 1}) needs {need / 2**20:,.0f} MiB, the device has "
+                                f"{have / 2**20:,.0f} MiB; make a new plan (alloy plan) or leave out --plan")
 
 
 def _layout_key(plan: Plan) -> tuple:

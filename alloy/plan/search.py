@@ -26,6 +26,10 @@ EXACT_MAX_THRESHOLDS = 4096  # bottleneck candidates the pipeline DP tries befor
 HEURISTIC_THRESHOLDS = 24
 OPTIMIZER_RESCORE = 8  # pipeline splits rescored with the optimizer update included
 SHORTLIST = 4  # groupings whose micro-batch count is searched in full (heuristic mode)
+# Layer boundaries the pipeline DP may cut at. Its tables grow with their square (and the
+# threshold sweep with it), so a model deeper than this (the deepest real one has 126 layers) is
+# cut every `ceil(L / 128)` layers: 512 layers planned in seconds, not minutes.
+MAX_CUT_POINTS = 129
 
 
 @dataclass
@@ -43,8 +47,10 @@ class Search:
     def __init__(self, problem: Problem, replicas: int | None = None):
         self.p = problem
         self.replicas = replicas  # pin the number of replicas; None searches it
-        n = problem.num_layers + 1
-        self.start, self.stop = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")  # (L+1, L+1)
+        L = problem.num_layers
+        self.cut_every = max(1, math.ceil(L / (MAX_CUT_POINTS - 1)))
+        self.bounds = np.unique(np.r_[np.arange(0, L, self.cut_every), L])  # where a stage may start/stop
+        self.start, self.stop = np.meshgrid(self.bounds, self.bounds, indexing="ij")  # (B, B) layer indices
         self.exact = len(problem.devices) <= EXACT_MAX_DEVICES
         self._valid = self.start < self.stop
         self._cuts_cache: dict = {}
@@ -54,7 +60,8 @@ class Search:
     # ---- one pipeline ------------------------------------------------------------------------
 
     def stage_table(self, order: tuple[int, ...], share: int, micro_batches: int) -> np.ndarray:
-        """(stages, L+1, L+1): slot time of layers [i, j) at each pipeline position; inf = no fit."""
+        """(stages, B, B): slot time of layers [bounds[i], bounds[j]) at each pipeline position;
+        inf = no fit."""
         p, i, j = self.p, self.start, self.stop
         m, mb, mb_max = micro_batching(p, share, micro_batches, len(order))
         table = np.empty((len(order),) + i.shape)
@@ -89,7 +96,7 @@ class Search:
         return result
 
     def _solve_cuts(self, order, share, micro_batches):
-        L = self.p.num_layers
+        L = len(self.bounds) - 1  # the last boundary's index
         if len(order) > L:
             return None
         m = micro_batching(self.p, share, micro_batches, len(order))[0]
@@ -121,7 +128,7 @@ class Search:
         for index in np.argsort(totals, kind="stable")[:OPTIMIZER_RESCORE]:
             if not np.isfinite(totals[index]):
                 break
-            cuts = _backtrack(table, thresholds[index])
+            cuts = tuple(int(self.bounds[c]) for c in _backtrack(table, thresholds[index]))
             timing = replica_timing(self.p, order, cuts, share, micro_batches)
             if best is None or timing.time_s < best[0]:
                 best = (timing.time_s, cuts)

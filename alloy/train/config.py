@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from alloy.errors import ConfigError
+from alloy.jsonio import validation_message
 
 
 class _Section(BaseModel):
@@ -93,7 +94,7 @@ def _describe(err: ValidationError, source: str) -> str:
             annotation = section.model_fields[str(part)].annotation
             section = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else section
         return f"{source}: unknown key {loc!r}; allowed: {_fields(section)}"
-    return f"{source}: {loc or '(top level)'}: {first['msg']}"
+    return f"{source}: {validation_message(err)}"
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

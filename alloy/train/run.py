@@ -84,6 +84,7 @@ def _inventory(devices: str):
 
 def _plan(config: TrainConfig, spec, out_dir: Path, plan_path: str | None, resume: bool, log=print):
     from alloy.plan import Plan, Workload, make_plan
+    from alloy.plan.planner import check_fits
     from alloy.runtime.layout import PlanMismatchError
 
     saved = out_dir / "plan.json"
@@ -103,6 +104,8 @@ def _plan(config: TrainConfig, spec, out_dir: Path, plan_path: str | None, resum
     if plan.batch_size != config.batch_size or plan.seq_len != config.seq_len:
         raise PlanMismatchError(f"the plan is for batch {plan.batch_size} x {plan.seq_len} tokens; the config asks "
                                 f"for {config.batch_size} x {config.seq_len}")
+    if plan_path:  # made elsewhere or edited: priced again before a worker starts
+        check_fits(plan, spec, str(plan_path))
     plan.save(saved)
     return plan
 
