@@ -1,5 +1,15 @@
-"""Hugging Face checkpoints in and out, through declarative key maps."""
+"""Models in and out: HF folders through declarative key maps, GGUF files, hub ids in the local
+cache. Names are imported on first use, so resolving a hub id or a spec never imports torch."""
 
-from alloy.checkpoint.io import load, parse_dtype, save
+from __future__ import annotations
 
+import importlib
+
+_LAZY = {"load": "alloy.checkpoint.io", "parse_dtype": "alloy.checkpoint.io", "save": "alloy.checkpoint.io"}
 __all__ = ["load", "parse_dtype", "save"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'alloy.checkpoint' has no attribute {name!r}")

@@ -122,10 +122,17 @@ def load(
     embed: bool | None = None,
     head: bool | None = None,
 ) -> Transformer:
-    """Read an HF directory into a Transformer, or just a pipeline stage of it: layers [a, b)
-    with or without the embeddings and head (by default: with them when the range touches
-    that end). Only the stage's own tensors are read."""
-    directory = Path(path)
+    """Read a model into a Transformer, or just a pipeline stage of it: layers [a, b) with or
+    without the embeddings and head (by default: with them when the range touches that end).
+    Only the stage's own tensors are read. `path` is an HF directory, a GGUF file (or a folder
+    holding one), or a hub id `org/name[@revision]` already in the local Hugging Face cache."""
+    from alloy.checkpoint.gguf_in import find_gguf, load_gguf
+    from alloy.checkpoint.hub import resolve_model
+
+    directory = resolve_model(path)
+    gguf_file = find_gguf(directory)
+    if gguf_file is not None:
+        return load_gguf(gguf_file, device, dtype, layers=layers, embed=embed, head=head)
     if directory.is_file():  # a config.json or weights file inside the model directory
         directory = directory.parent
     if not directory.is_dir():
@@ -133,16 +140,26 @@ def load(
     spec = ModelSpec.from_hf_config(read_config(directory / "config.json"))
     layout = LAYOUTS[spec.family]
     source = _Source(directory, layout)
-    target_dtype = parse_dtype(dtype)
+    rules = layout.expand(spec)
+    _check_accounted(source, rules, layout, spec, directory)
+    model = fill(spec, rules, source, directory, device, dtype, layers=layers, embed=embed, head=head)
+    model.tokenizer, model.side_files = _read_side_files(directory)
+    return model.eval()
 
+
+def fill(spec: ModelSpec, rules: list[Rule], source, where: str | Path, device, dtype, *,
+         layers=None, embed=None, head=None) -> Transformer:
+    """A Transformer (or stage) whose parameters are `rules` applied to `source`'s tensors: any
+    object with `get(name)` and `shape(name)` (a folder's safetensors, a GGUF file). Each
+    parameter filled once, each shape checked; `where` names the source in errors."""
+    target_dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = Transformer(spec, layers, embed=embed, head=head)
     wanted = dict(model.state_dict())
-    rules = layout.expand(spec)
+    rules = list(rules)
     if "head.weight" in wanted and spec.tie_embeddings:  # a head-only slice of a tied model
         embed_rule = next(r for r in rules if r.ours == ("embed.tok.weight",))
-        rules.append(Rule(embed_rule.hf, ("head.weight",)))
-    _check_accounted(source, rules, layout, spec, directory)
+        rules.append(Rule(embed_rule.hf, ("head.weight",), embed_rule.transform))
 
     state: dict[str, torch.Tensor] = {}
     for rule in rules:
@@ -152,26 +169,25 @@ def load(
             tensors = rule.transform.load([source.get(name) for name in rule.hf], spec)
         except RuntimeError:  # a fused tensor whose size does not split as the config says
             raise CheckpointError(
-                f"{directory}: tensor {rule.hf[0]!r} has shape {list(source.shape(rule.hf[0]))}, "
+                f"{where}: tensor {rule.hf[0]!r} has shape {list(source.shape(rule.hf[0]))}, "
                 f"which does not match the config"
             ) from None
         for name, tensor in zip(rule.ours, tensors):
             expected = tuple(wanted[name].shape)
             if tuple(tensor.shape) != expected:
                 raise CheckpointError(
-                    f"{directory}: tensor {rule.hf[0]!r} has shape {list(source.shape(rule.hf[0]))}; "
+                    f"{where}: tensor {rule.hf[0]!r} has shape {list(source.shape(rule.hf[0]))}; "
                     f"the config implies {list(expected)} for {name}"
                 )
             tensor = tensor.to(device=device or "cpu", dtype=target_dtype or tensor.dtype)
             state[name] = tensor.contiguous()
     missing = set(wanted) - set(state)
     if missing:
-        raise CheckpointError(f"{directory}: no tensor for {_names(missing)}")
+        raise CheckpointError(f"{where}: no tensor for {_names(missing)}")
     model.load_state_dict(state, strict=True, assign=True)
     if spec.positions == "rope":  # non-persistent buffer: recompute off the meta device
         model.inv_freq = rope_inv_freq(spec).to(device or "cpu")
-    model.tokenizer, model.side_files = _read_side_files(directory)
-    return model.eval()
+    return model
 
 
 def _check_accounted(source: _Source, rules: list[Rule], layout: Layout, spec: ModelSpec, directory: Path):

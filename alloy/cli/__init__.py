@@ -23,6 +23,7 @@ VERBS = {
     "serve": "Serve a model over an OpenAI-compatible HTTP API with continuous batching.",
     "chat": "Chat with a model in the terminal (streaming, history, /reset, /system).",
     "inspect": "Show a model's architecture (spec) and size: preset, HF directory or config.json.",
+    "pull": "Download a model (org/name[@revision]) into the local Hugging Face cache.",
 }
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import queue
 import sys
 import time
-from pathlib import Path
 
 from alloy.errors import ConfigError
 
@@ -37,9 +36,9 @@ def run(args) -> int:
     from alloy.infer.tokenize import apply_chat_template, chat_template, eos_ids, require_tokenizer
     from alloy.serve.engine import Engine, Request
 
-    directory = Path(args.model)
-    if not directory.is_dir():
-        raise ConfigError(f"{args.model} is not a model directory")
+    from alloy.checkpoint.hub import display_name, existing_model
+
+    directory = existing_model(args.model)  # a folder, a GGUF file, or a hub id in the local cache
     if args.max_tokens < 1:
         raise ConfigError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     text_side = alloy.load(directory, layers=(0, 0), embed=False, head=False)
@@ -58,7 +57,7 @@ def run(args) -> int:
         pass
     system = args.system
     history: list[dict] = []
-    print(f"alloy chat: {directory.resolve().name} ({'; '.join(lines)}). {HELP}")
+    print(f"alloy chat: {display_name(args.model, directory)} ({'; '.join(lines)}). {HELP}")
     try:
         while True:
             try:

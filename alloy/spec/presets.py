@@ -34,10 +34,19 @@ PRESETS: dict[str, dict] = {
 
 
 def resolve_spec(model: str | Path) -> ModelSpec:
-    """A ModelSpec from a preset name, an HF directory, or a config.json path."""
+    """A ModelSpec from a preset name, an HF directory, a config.json path, a GGUF file, or a
+    hub id (org/name[@revision]) in the local Hugging Face cache."""
     if str(model) in PRESETS:
         return ModelSpec.from_hf_config(PRESETS[str(model)])
-    path = Path(model)
+    from alloy.checkpoint.hub import resolve_model
+
+    path = resolve_model(model)
+    if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists()):
+        from alloy.checkpoint.gguf_in import find_gguf, read_spec
+
+        gguf_file = find_gguf(path)
+        if gguf_file is not None:
+            return read_spec(gguf_file)
     if path.exists():
         return ModelSpec.from_hf_config(read_config(path))
     raise ConfigError(

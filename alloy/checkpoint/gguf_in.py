@@ -1,0 +1,316 @@
+"""One GGUF file (llama.cpp's format) -> a Transformer, with its tokenizer and chat template.
+
+Read with the `gguf` package's memory-mapped reader: only the requested stage's tensors are
+touched, one at a time. Quantized tensors are dequantized to fp32 as they are read (until
+native quantized kernels land). The architecture's metadata becomes a ModelSpec, knob by knob;
+an architecture or tensor type Alloy cannot express is refused by name.
+
+Layout facts, from llama.cpp's convert_hf_to_gguf.py (and transformers' GGUF loader, which
+undoes them the same way):
+- "llama" permutes the rows of q and k (weights and biases) for interleaved RoPE; undone with
+  alloy.fuse.gguf.unpermute. Every other architecture here keeps HF's rotate-half rows.
+- Gemma and Gemma 2 store norm scales as 1 + w; Alloy keeps w (norm_offset=1).
+- GPT-2's Conv1D weights are stored transposed, as [out, in], with q|k|v fused.
+- Phi-3 keeps its fused qkv and gate|up tensors as they are.
+- A model whose head is tied to the embeddings has no `output` tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from alloy.checkpoint.keymap import IDENTITY, SPLIT_GATE_UP, SPLIT_QKV, Rule, Transform
+from alloy.errors import CheckpointError, UnsupportedModelError
+from alloy.spec import ModelSpec
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2")
+_MISSING = object()
+_LIST_AT_MOST = 5
+
+
+def find_gguf(path: Path) -> Path | None:
+    """The GGUF file `path` names: itself, or the only one in a folder without a config.json."""
+    if path.suffix == ".gguf" and not path.is_file():
+        raise CheckpointError(f"{path}: no such GGUF file")
+    if path.is_file():
+        return path if path.suffix == ".gguf" else None
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    files = sorted(path.glob("*.gguf"))
+    if len(files) > 1:
+        raise CheckpointError(f"{path}: holds {len(files)} GGUF files ({', '.join(f.name for f in files[:5])}); "
+                              "name the one to load")
+    return files[0] if files else None
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:200]
+
+
+def open_gguf(path: str | Path):
+    """A gguf.GGUFReader over `path` (memory-mapped), or one CheckpointError."""
+    try:
+        import gguf
+    except ImportError:
+        raise UnsupportedModelError("reading GGUF needs the gguf package: pip install 'alloy-lm[gguf]'") from None
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as err:  # the reader raises ValueError, IndexError, struct errors on bad bytes
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(err).__name__}: {_one_line(err)})") from None
+
+
+class Metadata:
+    """Typed access to a reader's key/value fields, with one-line errors naming the key."""
+
+    def __init__(self, reader, path: Path):
+        self.reader, self.path = reader, path
+
+    def get(self, key: str, default: Any = _MISSING) -> Any:
+        field = self.reader.get_field(key)
+        if field is None:
+            if default is _MISSING:
+                raise CheckpointError(f"{self.path}: GGUF metadata lacks {key!r}")
+            return default
+        try:
+            return field.contents()
+        except Exception as err:
+            raise CheckpointError(f"{self.path}: GGUF metadata {key!r} is unreadable ({_one_line(err)})") from None
+
+
+# ---- metadata -> ModelSpec -------------------------------------------------------------------
+
+def read_spec(path: str | Path) -> ModelSpec:
+    path = Path(path)
+    return spec_from_gguf(open_gguf(path), path)
+
+
+def spec_from_gguf(reader, path: Path) -> ModelSpec:
+    meta = Metadata(reader, path)
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported; "
+                                    f"supported: {', '.join(ARCHITECTURES)}")
+    names = {t.name for t in reader.tensors}
+    for refused, why in (("rope_freqs.weight", "RoPE frequency factors (Llama 3.1-style rope scaling)"),
+                         ("rope_factors_long.weight", "LongRoPE factors")):
+        if refused in names:
+            raise UnsupportedModelError(f"{path}: tensor {refused!r} ({why}) is not supported yet")
+    a = lambda key, default=_MISSING: meta.get(f"{arch}.{key}", default)  # noqa: E731
+    hidden, heads = a("embedding_length"), a("attention.head_count")
+    kv_heads = a("attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):  # per-layer counts (OpenELM-style): one value only here
+        if len(set(kv_heads)) != 1:
+            raise UnsupportedModelError(f"{path}: per-layer key/value head counts {kv_heads} are not supported")
+        kv_heads = kv_heads[0]
+    head_dim = a("attention.key_length", hidden // heads if heads else 0)
+    embed_rows = next((int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight"), None)
+    eos = meta.get("tokenizer.ggml.eos_token_id", None)
+    fields: dict[str, Any] = dict(
+        family=arch,
+        vocab_size=a("vocab_size", embed_rows),
+        hidden_size=hidden,
+        num_layers=a("block_count"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=a("feed_forward_length"),
+        max_seq_len=a("context_length"),
+        tie_embeddings="output.weight" not in names,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id", None),
+        eos_token_id=() if eos is None else (eos,),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id", None),
+    )
+    if arch == "gpt2":
+        fields |= dict(norm="layernorm", norm_eps=a("attention.layer_norm_epsilon"), positions="learned",
+                       qkv_bias=True, o_bias=True, mlp="plain", activation="gelu_tanh", mlp_bias=True)
+        return ModelSpec(**fields)
+
+    fields |= dict(norm_eps=a("attention.layer_norm_rms_epsilon"), **_rope(a, head_dim, path))
+    # Optional biases and QK-norm are told by the tensors the file holds (llama.cpp does the same).
+    fields |= dict(qkv_bias="blk.0.attn_q.bias" in names or "blk.0.attn_qkv.bias" in names,
+                   o_bias="blk.0.attn_output.bias" in names, mlp_bias="blk.0.ffn_up.bias" in names,
+                   qk_norm="blk.0.attn_q_norm.weight" in names)
+    if arch in ("gemma", "gemma2"):
+        fields |= dict(norm_offset=1.0, embedding_scaled=True, activation="gelu_tanh")
+    if arch == "gemma2":
+        window = a("attention.sliding_window", 0)
+        # llama.cpp: every other layer slides, starting with the first. GGUF has no
+        # query_pre_attn_scalar: llama.cpp scales queries by head_dim ** -0.5, except for the one
+        # size it knows differs, Gemma 2 27B (46 layers), scaled by (hidden / heads) ** -0.5.
+        if fields["num_layers"] == 46:
+            fields["attn_scale"] = (hidden / heads) ** -0.5
+        fields |= dict(norm_placement="sandwich", attn_softcap=float(a("attn_logit_softcapping", 0.0)),
+                       final_softcap=float(a("final_logit_softcapping", 0.0)), sliding_window=window,
+                       layer_types=tuple("sliding" if i % 2 == 0 else "full" for i in range(fields["num_layers"]))
+                       if window else ())
+    if arch == "phi3":
+        window = a("attention.sliding_window", 0)
+        fields |= dict(sliding_window=window, layer_types=("sliding",) * fields["num_layers"] if window else ())
+    return ModelSpec(**fields)
+
+
+def _rope(a, head_dim: int, path: Path) -> dict[str, Any]:
+    rotary = a("rope.dimension_count", head_dim)
+    out: dict[str, Any] = dict(rope_theta=float(a("rope.freq_base", 10000.0)),
+                               rotary_dim=0 if rotary == head_dim else rotary)
+    kind = a("rope.scaling.type", "none")
+    if kind == "linear":
+        return out | dict(rope_scaling="linear", rope_factor=float(a("rope.scaling.factor")))
+    if kind != "none":
+        raise UnsupportedModelError(f"{path}: rope scaling {kind!r} is not supported; supported: none, linear")
+    return out
+
+
+# ---- tensors ---------------------------------------------------------------------------------
+
+def _unpermute(heads_of) -> Transform:
+    from alloy.fuse.gguf import permute, unpermute
+
+    return Transform("unpermute_rope_rows", lambda t, s: [unpermute(t[0], heads_of(s))],
+                     lambda t, s: [permute(t[0], heads_of(s))])
+
+
+UNPERMUTE_Q = _unpermute(lambda s: s.num_heads)
+UNPERMUTE_K = _unpermute(lambda s: s.num_kv_heads)
+NORM_PLUS_ONE = Transform("gemma_norm_plus_one", lambda t, s: [t[0] - 1], lambda t, s: [t[0] + 1])
+
+
+def gguf_rules(spec: ModelSpec, arch: str) -> list[Rule]:
+    """Alloy parameters <- GGUF tensors for the whole model (every layer). The llama-layout
+    names come from the exporter's table (alloy.fuse.gguf.tensor_names); the knobs it does not
+    write (biases, QK-norm, sandwich norms, Phi-3's fused tensors) are added from gguf's names."""
+    import gguf
+
+    from alloy.fuse.gguf import tensor_names
+
+    T, N = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
+    name = lambda t, i=None, part="weight": N[t].format(bid=i) + "." + part  # noqa: E731
+    if arch == "gpt2":
+        return _gpt2_rules(spec, name)
+    table = dict(tensor_names(spec))  # Alloy name -> GGUF name
+    for i in range(spec.num_layers):
+        extras = []
+        if spec.qkv_bias:
+            extras += [(T.ATTN_Q, "attn.wq", "bias"), (T.ATTN_K, "attn.wk", "bias"), (T.ATTN_V, "attn.wv", "bias")]
+        if spec.o_bias:
+            extras.append((T.ATTN_OUT, "attn.wo", "bias"))
+        if spec.mlp_bias:
+            extras += [(T.FFN_GATE, "mlp.gate", "bias"), (T.FFN_UP, "mlp.up", "bias"), (T.FFN_DOWN, "mlp.down", "bias")]
+        if spec.qk_norm:
+            extras += [(T.ATTN_Q_NORM, "attn.q_norm", "weight"), (T.ATTN_K_NORM, "attn.k_norm", "weight")]
+        if spec.norm_placement == "sandwich":
+            extras += [(T.ATTN_POST_NORM, "attn_post_norm", "weight"), (T.FFN_POST_NORM, "mlp_post_norm", "weight")]
+        for t, ours, part in extras:
+            table.setdefault(f"layers.{i}.{ours}.{part}", name(t, i, part))
+    fused = {"attn.wq", "attn.wk", "attn.wv", "mlp.gate", "mlp.up"} if arch == "phi3" else set()
+    rules = []
+    for ours, theirs in table.items():
+        module = ours.split(".", 2)[2].rsplit(".", 1)[0] if ours.startswith("layers.") else ""  # "attn.wq"
+        if module in fused:
+            continue
+        transform = IDENTITY
+        if arch == "llama" and module in ("attn.wq", "attn.wk"):  # weights and biases alike
+            transform = UNPERMUTE_Q if module == "attn.wq" else UNPERMUTE_K
+        elif spec.norm_offset and ours.endswith("norm.weight") and not module.startswith("attn."):
+            transform = NORM_PLUS_ONE  # every Gemma norm scale but QK-norm (Gemma 1/2 have none)
+        rules.append(Rule((theirs,), (ours,), transform))
+    if arch == "phi3":
+        for i in range(spec.num_layers):
+            L = f"layers.{i}."
+            rules += [Rule((name(T.ATTN_QKV, i),), tuple(f"{L}attn.w{x}.weight" for x in "qkv"), SPLIT_QKV),
+                      Rule((name(T.FFN_UP, i),), (L + "mlp.gate.weight", L + "mlp.up.weight"), SPLIT_GATE_UP)]
+    return rules
+
+
+def _gpt2_rules(spec: ModelSpec, name) -> list[Rule]:
+    import gguf
+
+    T = gguf.MODEL_TENSOR
+    rules = [Rule((name(T.TOKEN_EMBD),), ("embed.tok.weight",)), Rule((name(T.POS_EMBD),), ("embed.pos.weight",))]
+    rules += [Rule((name(T.OUTPUT_NORM, part=p),), (f"norm.{p}",)) for p in ("weight", "bias")]
+    if not spec.tie_embeddings:
+        rules.append(Rule((name(T.OUTPUT),), ("head.weight",)))
+    for i in range(spec.num_layers):
+        L = f"layers.{i}."
+        for p in ("weight", "bias"):
+            rules += [Rule((name(T.ATTN_NORM, i, p),), (f"{L}attn_norm.{p}",)),
+                      Rule((name(T.ATTN_QKV, i, p),), tuple(f"{L}attn.w{x}.{p}" for x in "qkv"), SPLIT_QKV),
+                      Rule((name(T.ATTN_OUT, i, p),), (f"{L}attn.wo.{p}",)),
+                      Rule((name(T.FFN_NORM, i, p),), (f"{L}mlp_norm.{p}",)),
+                      Rule((name(T.FFN_UP, i, p),), (f"{L}mlp.up.{p}",)),
+                      Rule((name(T.FFN_DOWN, i, p),), (f"{L}mlp.down.{p}",))]
+    return rules
+
+
+class GGUFSource:
+    """The file's tensors by GGUF name, each dequantized to a torch tensor when read."""
+
+    def __init__(self, reader, path: Path):
+        import gguf
+
+        self.path = path
+        self.tensors = {t.name: t for t in reader.tensors}
+        readable = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, *gguf.quants._type_traits}
+        for t in self.tensors.values():
+            if t.tensor_type not in readable:
+                raise UnsupportedModelError(
+                    f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which Alloy cannot dequantize; "
+                    "re-quantize it as Q8_0, Q4_0, Q4_K, Q6_K, F16 or F32")
+        self.where = self.tensors  # the names a Source holds, as io's checks expect
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(self.tensors[name].shape))  # GGUF lists dims fastest first
+
+    def get(self, name: str) -> torch.Tensor:
+        import gguf
+
+        t = self.tensors[name]
+        try:
+            if t.tensor_type == gguf.GGMLQuantizationType.F32:
+                array = np.array(t.data, dtype=np.float32)
+            elif t.tensor_type == gguf.GGMLQuantizationType.F16:
+                return torch.from_numpy(np.array(t.data, dtype=np.float16)).reshape(self.shape(name))
+            else:
+                array = gguf.quants.dequantize(t.data, t.tensor_type)
+            return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(self.shape(name))
+        except (ValueError, IndexError, NotImplementedError, RuntimeError) as err:
+            raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({type(err).__name__}: "
+                                  f"{_one_line(err)})") from None
+
+
+def _names(keys) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_LIST_AT_MOST])
+    return shown + (f" ... and {len(keys) - _LIST_AT_MOST} more" if len(keys) > _LIST_AT_MOST else "")
+
+
+def load_gguf(path: str | Path, device=None, dtype=None, *, layers=None, embed=None, head=None):
+    """A Transformer (or a stage of one) from a GGUF file, with `tokenizer` and `side_files`
+    (tokenizer.json, tokenizer_config.json with the chat template, generation_config.json) rebuilt
+    from the metadata. Default dtype: fp16/bf16 when the embeddings are stored so, else fp32."""
+    import gguf
+
+    from alloy.checkpoint.gguf_vocab import side_files_from_gguf
+    from alloy.checkpoint.io import fill
+
+    path = Path(path)
+    reader = open_gguf(path)
+    spec = spec_from_gguf(reader, path)
+    source = GGUFSource(reader, path)
+    rules = gguf_rules(spec, spec.family)
+    needed = {n for rule in rules for n in rule.hf}
+    missing, extra = needed - set(source.tensors), set(source.tensors) - needed
+    if missing or extra:
+        parts = ([f"missing {_names(missing)}"] if missing else []) + ([f"unexpected {_names(extra)}"] if extra else [])
+        raise CheckpointError(f"{path}: tensors do not match the {spec.family} metadata: {'; '.join(parts)}")
+    if dtype is None:
+        stored = source.tensors["token_embd.weight"].tensor_type
+        dtype = {gguf.GGMLQuantizationType.F16: torch.float16,
+                 gguf.GGMLQuantizationType.BF16: torch.bfloat16}.get(stored, torch.float32)
+    model = fill(spec, rules, source, path, device, dtype, layers=layers, embed=embed, head=head)
+    model.tokenizer, model.side_files = side_files_from_gguf(Metadata(reader, path), spec)
+    return model.eval()
