@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 
 import concurrent.futures
+import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,6 +142,26 @@ def test_two_node_rendezvous_on_one_machine_equals_a_single_process(tmp_path):
                  for k in (0, 1)]
         reports = [f.result() for f in nodes]
     assert _relative(reports[0].state_dict(), ref_state) <= TOL
+
+
+def test_several_nodes_number_their_ranks_in_node_rank_order(tmp_path):
+    """Rank r runs stage r, planned for a device of node r // per_node: so node K's workers must get
+    ranks K * per_node ... (c10d's rendezvous ignores --node-rank and orders nodes by host and pid)."""
+    from alloy.runtime.launch import launch
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    # node 1 starts first: an order by start time or pid would give it ranks 0-1
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        nodes = []
+        for k in (1, 0):
+            nodes.append(pool.submit(launch, {"out_dir": str(tmp_path)}, 2, env=env, worker_module="rank_probe",
+                                     rdzv=Rendezvous(nnodes=2, node_rank=k, endpoint=endpoint), timeout_s=120))
+            time.sleep(1.0)
+        for f in nodes:
+            f.result()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    assert [(r["node"], r["group_rank"]) for r in ranks] == [(0, 0), (0, 0), (1, 1), (1, 1)]
 
 
 def test_unreachable_rendezvous_fails_in_bounded_time_naming_the_address(tmp_path):

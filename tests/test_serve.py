@@ -479,9 +479,7 @@ def test_generation_config_sets_the_defaults_and_the_eos_ids(tmp_path, reference
         engine.stop()
 
 
-def test_serving_over_processes_equals_one_process(model_dir, reference, tmp_path):
-    """`--processes`: one torch.distributed rank per planned stage, rank 0 serving HTTP; concurrent
-    requests get the one-process tokens, and SIGTERM stops every rank."""
+def _two_stage_plan(model_dir, tmp_path) -> Path:
     from alloy.cli import main
 
     inventory = {"name": "two", "devices": [
@@ -492,13 +490,16 @@ def test_serving_over_processes_equals_one_process(model_dir, reference, tmp_pat
     assert main(["plan", "--model", str(model_dir), "--devices", str(tmp_path / "inv.json"), "--task", "infer",
                  "--batch-size", "1", "--seq-len", "3", "--new-tokens", "6", "--dtype", "fp32",
                  "--out", str(plan_file), "--json"]) == 0
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "alloy", "serve", str(model_dir), "--port", str(port), "--name",
-                             NAME, "--plan", str(plan_file), "--processes"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    return plan_file
+
+
+def _serve_and_compare(launchers: list[list[str]], url: str, reference) -> None:
+    """Start each launcher command, wait for /health, check concurrent greedy completions against
+    one process, SIGTERM the launchers; then no rank may be left running."""
+    procs = [subprocess.Popen([sys.executable, "-m", "alloy", "serve", *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) for argv in launchers]
     try:
-        assert "2 processes" in proc.stdout.readline()
+        assert "2 processes" in procs[0].stdout.readline()
         deadline = time.monotonic() + 90
         while True:
             try:
@@ -506,7 +507,8 @@ def test_serving_over_processes_equals_one_process(model_dir, reference, tmp_pat
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            dead = [p for p in procs if p.poll() is not None]
+            assert time.monotonic() < deadline and not dead, dead and dead[0].stderr.read()
             time.sleep(0.3)
         prompts = ["one", "two two", "three 3", "four!"]
         got = {}
@@ -523,8 +525,10 @@ def test_serving_over_processes_equals_one_process(model_dir, reference, tmp_pat
             t.join(timeout=120)
         assert got == {p: expected(reference, p, 12)[0] for p in prompts}
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=60)
     deadline = time.monotonic() + 15
     while True:  # every rank is gone (the launcher starts them in a session of their own)
         alive = subprocess.run(["pgrep", "-f", "alloy.serve.remote"], capture_output=True, text=True).stdout.split()
@@ -532,3 +536,31 @@ def test_serving_over_processes_equals_one_process(model_dir, reference, tmp_pat
             break
         assert time.monotonic() < deadline, f"ranks left running: {alive}"
         time.sleep(0.3)
+
+
+def test_serving_over_processes_equals_one_process(model_dir, reference, tmp_path):
+    """`--processes`: one torch.distributed rank per planned stage, rank 0 serving HTTP; concurrent
+    requests get the one-process tokens, and SIGTERM stops every rank."""
+    port = free_port()
+    _serve_and_compare([[str(model_dir), "--port", str(port), "--name", NAME,
+                         "--plan", str(_two_stage_plan(model_dir, tmp_path)), "--processes"]],
+                       f"http://127.0.0.1:{port}", reference)
+
+
+def test_serving_over_two_nodes_equals_one_process(model_dir, reference, tmp_path):
+    """`--nnodes 2`: the same command on each machine (here two launchers on one), each starting
+    its node's rank; node 0's rank 0 serves HTTP and the tokens are the one-process tokens."""
+    port, endpoint = free_port(), f"127.0.0.1:{free_port()}"
+    common = [str(model_dir), "--port", str(port), "--name", NAME, "--plan", str(_two_stage_plan(model_dir, tmp_path)),
+              "--nnodes", "2", "--rdzv-endpoint", endpoint]
+    _serve_and_compare([common + ["--node-rank", "0"], common + ["--node-rank", "1"]],
+                       f"http://127.0.0.1:{port}", reference)
+
+
+def test_several_nodes_need_a_meeting_point_and_a_rank_in_range(model_dir, capsys):
+    from alloy.cli import main
+
+    assert main(["serve", str(model_dir), "--nnodes", "2"]) == 2
+    assert "--rdzv-endpoint" in capsys.readouterr().err
+    assert main(["serve", str(model_dir), "--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:1"]) == 2
+    assert "--node-rank must be in 0..1" in capsys.readouterr().err

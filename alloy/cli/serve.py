@@ -31,6 +31,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--processes", action="store_true",
                         help="run each stage of the split as its own torch.distributed process (rank 0 serves HTTP)")
+    parser.add_argument("--nnodes", type=int, default=1,
+                        help="machines the stages are spread over (implies --processes; run the same command on "
+                             "each with its own --node-rank; node 0 serves HTTP)")
+    parser.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
+    parser.add_argument("--rdzv-endpoint", default=None,
+                        help="HOST:PORT on node 0 where the nodes meet (torchrun's c10d rendezvous)")
 
 
 def load_server(args):
@@ -38,9 +44,9 @@ def load_server(args):
     import alloy
     from alloy.serve.app import create_app
 
-    directory = Path(args.model)
-    if not directory.is_dir():
-        raise ConfigError(f"{args.model} is not a model directory")
+    from alloy.checkpoint.hub import display_name, existing_model
+
+    directory = existing_model(args.model)  # a folder, a GGUF file, or a hub id in the local cache
     for name, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
                              ("--port", args.port, 0)):
         if value < low:
@@ -48,7 +54,7 @@ def load_server(args):
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    name = args.name or directory.resolve().name
+    name = args.name or display_name(args.model, directory)
     api_key = args.api_key or os.environ.get("ALLOY_API_KEY") or None
     text_side = alloy.load(directory, layers=(0, 0), embed=False, head=False)
     spec = text_side.spec
@@ -82,7 +88,7 @@ def _stages(args, directory, spec):
 def run(args) -> int:
     import uvicorn
 
-    if args.processes:
+    if args.processes or args.nnodes > 1:
         return _run_processes(args)
     app, lines = load_server(args)
     print(f"alloy serve: {args.name or Path(args.model).resolve().name} at http://{args.host}:{args.port}/v1")
@@ -98,23 +104,38 @@ def _run_processes(args) -> int:
     import tempfile
 
     import alloy
+    from alloy.checkpoint.hub import display_name, existing_model
     from alloy.cli.generate import plan_stages
+    from alloy.runtime.launch import Rendezvous
     from alloy.serve.remote import launch_server
 
-    directory = Path(args.model)
-    if not directory.is_dir():
-        raise ConfigError(f"{args.model} is not a model directory")
+    if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise ConfigError(f"--node-rank must be in 0..{args.nnodes - 1} for --nnodes {args.nnodes}, "
+                          f"got {args.node_rank}")
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (an address of node 0 every node reaches)")
+
+    directory = existing_model(args.model)  # a folder, a GGUF file, or a hub id in the local cache
     spec = alloy.load(directory, layers=(0, 0), embed=False, head=False).spec
     if not spec.causal:
         raise ConfigError("--processes serves text generation; an encoder runs in one process")
     stages, plan = plan_stages(args, spec, prompt_len=min(spec.max_seq_len, args.ctx_size or 256) // 2, new_tokens=64)
     if len(stages) < 2:
         raise ConfigError("--processes needs a split over several devices (--devices or --plan)")
-    name = args.name or directory.resolve().name
-    lines = [f"rank {i}: layers {s.layers[0]}-{s.layers[1] - 1} on {s.device}" for i, s in enumerate(stages)]
+    if len(stages) % args.nnodes:
+        raise ConfigError(f"{len(stages)} stages do not split evenly over {args.nnodes} nodes")
+    name = args.name or display_name(args.model, directory)
+    per_node = len(stages) // args.nnodes
+    lines = [f"rank {i}: layers {s.layers[0]}-{s.layers[1] - 1} on {s.device}"
+             + (f" (node {i // per_node})" if args.nnodes > 1 else "") for i, s in enumerate(stages)]
     if plan is not None:
         lines.append(f"predicted {plan.predicted.tokens_per_s:.4g} tokens/s (batch {plan.batch_size})")
-    print(f"alloy serve: {name} at http://{args.host}:{args.port}/v1 ({len(stages)} processes)")
+    if args.node_rank == 0:
+        print(f"alloy serve: {name} at http://{args.host}:{args.port}/v1 ({len(stages)} processes"
+              + (f" on {args.nnodes} nodes)" if args.nnodes > 1 else ")"))
+    else:
+        print(f"alloy serve: node {args.node_rank} of {args.nnodes}, ranks {args.node_rank * per_node}-"
+              f"{(args.node_rank + 1) * per_node - 1}, joining {args.rdzv_endpoint}")
     for line in lines:
         print(f"  {line}", flush=True)
     # SIGTERM (docker stop, kill) ends the launcher through its cleanup, which stops every rank
@@ -123,5 +144,6 @@ def _run_processes(args) -> int:
         job = {"model_dir": str(directory.resolve()), "dtype": args.dtype, "max_batch": args.max_batch,
                "max_queue": args.max_queue, "ctx_size": args.ctx_size, "host": args.host, "port": args.port,
                "name": name, "plan_summary": "; ".join(lines), "out_dir": out_dir}
-        launch_server(job, stages, args.api_key or os.environ.get("ALLOY_API_KEY") or None)
+        rdzv = Rendezvous(nnodes=args.nnodes, node_rank=args.node_rank, endpoint=args.rdzv_endpoint or "")
+        launch_server(job, stages, args.api_key or os.environ.get("ALLOY_API_KEY") or None, rdzv)
     return 0

@@ -80,14 +80,22 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
 
 def torchrun_command(job_path: Path, nproc_per_node: int, rdzv: Rendezvous, endpoint: str,
                      worker_module: str = "alloy.runtime.worker", max_restarts: int = 0) -> list[str]:
+    if rdzv.nnodes == 1:
+        meet = ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                f"--rdzv-conf=join_timeout={int(rdzv.join_timeout_s)},read_timeout={int(rdzv.join_timeout_s)}"]
+    else:
+        # Several nodes: the static rendezvous, because it numbers ranks node by node in --node-rank
+        # order; c10d ignores --node-rank and orders nodes by host name and pid, which would hand
+        # node 1's devices the stages planned for node 0's (and move rank 0, the server, with them).
+        host, _, port = endpoint.rpartition(":")
+        meet = ["--rdzv-backend=static", f"--master-addr={host}", f"--master-port={port}",
+                f"--rdzv-conf=timeout={int(rdzv.join_timeout_s)}"]
     return [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc-per-node={nproc_per_node}",
         f"--nnodes={rdzv.nnodes}",
         f"--node-rank={rdzv.node_rank}",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={endpoint}",
-        f"--rdzv-conf=join_timeout={int(rdzv.join_timeout_s)},read_timeout={int(rdzv.join_timeout_s)}",
+        *meet,
         f"--max-restarts={max_restarts}",
         "--monitor-interval=0.5",
         "-m", worker_module, str(job_path),

@@ -100,13 +100,16 @@ def serve_stage(model, rank: int, world: int, max_batch: int, ctx_size: int | No
                 dist.send(out[:, -1].float().cpu().contiguous(), 0)
 
 
-def launch_server(job: dict, stages: list[StageSpec], api_key: str | None) -> None:
-    """Start one rank per stage with torchrun and wait (until the server is stopped)."""
-    from alloy.runtime.launch import launch
+def launch_server(job: dict, stages: list[StageSpec], api_key: str | None, rdzv=None) -> None:
+    """Start this node's ranks (one per stage; stages split evenly over `rdzv.nnodes` nodes, node 0
+    first) with torchrun and wait, until the server is stopped."""
+    from alloy.runtime.launch import Rendezvous, launch
 
+    rdzv = rdzv or Rendezvous()
     job = dict(job, stages=[asdict(s) for s in stages])
     env = dict(os.environ, **({"ALLOY_API_KEY": api_key} if api_key else {}))  # never written to the job file
-    launch(job, len(stages), timeout_s=10 * 365 * 86400.0, env=env, worker_module="alloy.serve.remote")
+    launch(job, len(stages) // rdzv.nnodes, rdzv=rdzv, timeout_s=10 * 365 * 86400.0, env=env,
+           worker_module="alloy.serve.remote")
 
 
 def run_rank(job: dict) -> None:
