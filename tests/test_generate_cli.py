@@ -119,3 +119,49 @@ def test_text_stream_holds_back_a_possible_stop_string():
     assert "".join(pieces) == "abxyq" and pieces[2:4] == ["", ""]  # "x", "xy" could start "xyz"
     stream = TextStream(tokenizer, stop=["xyz"])
     assert "".join(stream.push(CHARS.index(c)) for c in "abxyzcd") == "ab" and stream.stopped
+
+
+def _trained_tokenizer(kind: str):
+    """A byte-level BPE (GPT-2 / Llama 3 style) or a Metaspace one (SentencePiece style: the
+    decoder drops the first token's leading space), trained here on multilingual text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = ["héllo wörld, naïve café — 東京 タワー 🙂🙃 digits 12345", "the quick brown fox  jumps\tover",
+            "ünïcödé ßtraße 北京 😀 x=y+1; print('ok')"] * 20
+    if kind == "byte-level":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                               decoders.Strip(" ", 1, 0)])
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"] + [f"<0x{b:02X}>" for b in range(256)])
+    tokenizer.train_from_iterator(text, trainer)
+    return tokenizer
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_text_stream_pieces_equal_the_whole_decode_cut_at_the_first_stop(kind):
+    """The incremental stream (a short decode window per token) against decoding everything at
+    once: the same text, cut at the first stop string, and never a piece taken back."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    tokenizer = _trained_tokenizer(kind)
+    size = tokenizer.get_vocab_size()
+
+    @settings(max_examples=150, deadline=None)
+    @given(tokens=st.lists(st.integers(0, size - 1), min_size=1, max_size=40),
+           stop=st.lists(st.text(alphabet="ab é東🙂 lo", min_size=1, max_size=3), max_size=2))
+    def check(tokens, stop):
+        stream = TextStream(tokenizer, stop)
+        pieces = [stream.push(t) for t in tokens]
+        pieces.append(stream.flush())
+        whole = tokenizer.decode(tokens)
+        hits = [whole.find(s) for s in stop if s in whole]
+        assert "".join(pieces) == (whole[:min(hits)] if hits else whole)
+
+    check()

@@ -93,33 +93,53 @@ class TextStream:
 
     Holds back an incomplete UTF-8 character (decoded as U+FFFD) and any tail that could be the
     start of a stop string, so printed text never has to be taken back.
+
+    Incremental: each token decodes a short window (the tokens since the last complete piece, with
+    the few before them as context, as vLLM and TGI do: a SentencePiece or byte-level decoder needs
+    the previous token to place a leading space), so a long generation costs O(n), not O(n^2).
     """
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
-        self.tokenizer, self.stop = tokenizer, list(stop)
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
         self.tokens: list[int] = []
+        self.text = ""  # everything decoded so far
         self.printed = 0
         self.stopped = False
+        self._prefix = self._read = 0  # window [prefix, read) is context; [read, ...) not yet in text
+        self._longest_stop = max(map(len, self.stop), default=0)
 
     def push(self, token: int) -> str:
         if self.stopped:
             return ""
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens)
-        hits = [text.find(s) for s in self.stop if s in text]
+        context = self.tokenizer.decode(self.tokens[self._prefix:self._read])
+        window = self.tokenizer.decode(self.tokens[self._prefix:])
+        if len(window) > len(context) and not window.endswith("\ufffd"):
+            self.text += window[len(context):]
+            self._prefix, self._read = self._read, len(self.tokens)
+        # Only the tail can hold a new stop string: what was printed had none.
+        tail_from = max(0, self.printed - self._longest_stop)
+        hits = [self.text.find(s, tail_from) for s in self.stop]
+        hits = [h for h in hits if h >= 0]
         if hits:
             self.stopped = True
-            return self._emit(text[:min(hits)])
-        safe = len(text.rstrip("\ufffd"))
+            return self._emit(self.text[:min(hits)])
+        safe = len(self.text)
         for s in self.stop:  # keep back a suffix that is a prefix of a stop string
             for k in range(min(len(s) - 1, safe), 0, -1):
-                if text[:safe].endswith(s[:k]):
+                if self.text.endswith(s[:k], 0, safe):
                     safe -= k
                     break
-        return self._emit(text[:safe])
+        return self._emit(self.text[:safe])
 
     def flush(self) -> str:
-        return "" if self.stopped else self._emit(self.tokenizer.decode(self.tokens))
+        if self.stopped:
+            return ""
+        if self._read < len(self.tokens):  # an incomplete character at the end: as the decoder has it
+            context = self.tokenizer.decode(self.tokens[self._prefix:self._read])
+            self.text += self.tokenizer.decode(self.tokens[self._prefix:])[len(context):]
+            self._prefix = self._read = len(self.tokens)
+        return self._emit(self.text)
 
     def _emit(self, text: str) -> str:
         piece = text[self.printed:] if len(text) > self.printed else ""
