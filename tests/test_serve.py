@@ -164,6 +164,27 @@ def test_seeded_sampling_repeats(client):
     assert a.choices[0].text == b.choices[0].text
 
 
+def test_top_k_min_p_and_repeat_penalty_are_applied(client, reference):
+    """llama.cpp's and vLLM's sampling fields beyond OpenAI's: top_k=1 samples the greedy tokens at
+    any temperature (where plain sampling does not), and a repetition penalty changes the text."""
+    greedy, _ = expected(reference, "sample", 16)
+    extra = lambda **kw: dict(extra_body=kw)  # noqa: E731  (fields the openai client does not name)
+    sampled = {client.completions.create(model=NAME, prompt="sample", max_tokens=16, temperature=1.5, seed=s
+                                         ).choices[0].text for s in range(3)}
+    assert sampled != {greedy}  # so the top_k check below is not vacuous
+    for s in range(3):
+        got = client.completions.create(model=NAME, prompt="sample", max_tokens=16, temperature=1.5, seed=s,
+                                        **extra(top_k=1))
+        assert got.choices[0].text == greedy
+        got = client.completions.create(model=NAME, prompt="sample", max_tokens=16, temperature=1.5, seed=s,
+                                        **extra(min_p=0.999999))
+        assert got.choices[0].text == greedy
+    penalised = {client.completions.create(model=NAME, prompt="sample", max_tokens=16, temperature=0,
+                                           **extra(**{key: 5.0})).choices[0].text
+                 for key in ("repetition_penalty", "repeat_penalty")}
+    assert len(penalised) == 1 and penalised != {greedy}
+
+
 def test_sixteen_concurrent_streams_each_equal_their_own_run(server, reference):
     prompts = [f"client {i}: " + "xyz"[: i % 3] for i in range(16)]
     want = {p: expected(reference, p, 24)[0] for p in prompts}
@@ -213,6 +234,10 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
     (json.dumps({"model": NAME, "prompt": "x", "temperature": -1}).encode(), 400, "temperature"),
     (json.dumps({"model": NAME, "prompt": "x", "n": 3}).encode(), 400, "n"),
     (json.dumps({"model": NAME, "prompt": ""}).encode(), 400, "empty"),
+    (json.dumps({"model": NAME, "prompt": "x", "top_k": -1}).encode(), 400, "top_k"),
+    (json.dumps({"model": NAME, "prompt": "x", "min_p": 1.5}).encode(), 400, "min_p"),
+    (json.dumps({"model": NAME, "prompt": "x", "repeat_penalty": 0}).encode(), 400, "repeat_penalty"),
+    (json.dumps({"model": NAME, "prompt": "x", "logit_bias": {"5": 10}}).encode(), 400, "logit_bias"),
     (json.dumps({"model": "gpt-4", "prompt": "x"}).encode(), 404, "does not exist"),
 ])
 def test_bad_completion_requests(server, body, status, fragment):

@@ -250,8 +250,11 @@ def _request(body, prompt: list[int], max_tokens: int | None, logprobs: int, mod
         max_tokens = max(1, engine.ctx_size - len(prompt))
     try:
         defaults = sampling_defaults(model)
+        penalty = body.repetition_penalty if body.repetition_penalty is not None else body.repeat_penalty
         sampling = Sampling(temperature=defaults["temperature"] if body.temperature is None else body.temperature,
-                            top_p=defaults["top_p"] if body.top_p is None else body.top_p, seed=body.seed)
+                            top_p=defaults["top_p"] if body.top_p is None else body.top_p, seed=body.seed,
+                            top_k=body.top_k or 0, min_p=body.min_p or 0.0,
+                            repetition_penalty=1.0 if penalty is None else penalty)
     except AlloyError as err:
         raise ApiError(400, str(err)) from None
     from alloy.infer.tokenize import eos_ids

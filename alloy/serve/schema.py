@@ -26,6 +26,12 @@ class _Body(BaseModel):
     seed: int | None = Field(None, ge=0, lt=1 << 63)
     presence_penalty: Literal[0, 0.0] = 0.0
     frequency_penalty: Literal[0, 0.0] = 0.0
+    logit_bias: dict[str, Literal[0, 0.0]] | None = None
+    # Beyond OpenAI, as llama.cpp's server and vLLM take them (repeat_penalty: llama.cpp's name)
+    top_k: int | None = Field(None, ge=0, le=1 << 20)
+    min_p: float | None = Field(None, ge=0.0, lt=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
     stream_options: dict | None = None
     user: str | None = None
 
