@@ -35,6 +35,31 @@ CASES: dict[str, tuple[str, dict]] = {
     "neox-sequential-tied": ("gpt_neox", SMALL | dict(rotary_pct=0.5, use_parallel_residual=False,
                                                       tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)),
     "bert": ("bert", SMALL | dict(type_vocab_size=2)),
+    # Issue 22's architectures: long-context RoPE, Gemma 3, mixtures of experts.
+    "llama-yarn": ("llama", SMALL | dict(num_key_value_heads=2, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
+        beta_fast=8.0, beta_slow=1.0))),
+    "qwen2-yarn-mscale": ("qwen2", SMALL | dict(num_key_value_heads=2, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=8,
+        mscale=1.0, mscale_all_dim=0.5, truncate=False))),
+    # SEQ (16) stays within original_max_position_embeddings, so these run the short factors;
+    # test_architectures runs past it (the long ones).
+    "phi3-longrope": ("phi3", SMALL | dict(num_key_value_heads=2, pad_token_id=0, original_max_position_embeddings=32,
+                                           rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, short_factor=[1.0 + 0.3 * i for i in range(4)],
+        long_factor=[2.0 + 1.5 * i for i in range(4)]))),
+    "gemma3": ("gemma3_text", SMALL | dict(num_key_value_heads=2, head_dim=16, sliding_window=5,
+                                           sliding_window_pattern=2, query_pre_attn_scalar=24,
+                                           final_logit_softcapping=2.0, rope_parameters=dict(
+        full_attention=dict(rope_type="linear", factor=2.0, rope_theta=1_000_000.0),
+        sliding_attention=dict(rope_type="default", rope_theta=10.0)))),
+    "mixtral": ("mixtral", SMALL | dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3-moe": ("qwen3_moe", SMALL | dict(num_key_value_heads=2, head_dim=16, num_experts=4,
+                                            num_experts_per_tok=2, norm_topk_prob=True,
+                                            moe_intermediate_size=24, mlp_only_layers=[1])),
+    "olmo2": ("olmo2", SMALL | dict(num_key_value_heads=2, pad_token_id=0, eos_token_id=0)),
+    "olmoe": ("olmoe", SMALL | dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                    norm_topk_prob=False, pad_token_id=0, eos_token_id=0)),
 }
 DECODERS = [name for name, (kind, _) in CASES.items() if kind != "bert"]
 SOFTCAPPED = {"gemma2-softcap-sliding"}

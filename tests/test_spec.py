@@ -87,7 +87,7 @@ def test_unknown_model_type_names_the_supported_ones():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "rope_type='yarn'"),
+    ("rope_parameters", {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}, "rope_type='dynamic'"),
     ("hidden_act", "gelu_fast", "hidden_act='gelu_fast'"),
     ("num_local_experts", 8, "num_local_experts=8"),
 ])

@@ -117,16 +117,21 @@ def _head(spec: ModelSpec, hf_head: str) -> list[Rule]:
     return [] if spec.tie_embeddings else [Rule((hf_head,), ("head.weight",))]
 
 
-def _llama_rules(spec: ModelSpec) -> list[Rule]:
+def _llama_rules(spec: ModelSpec, moe_block: str = "mlp",
+                 expert: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> list[Rule]:
     L = "layers.{i}."
     rules = [Rule(("embed_tokens.weight",), ("embed.tok.weight",)), *_norm("norm", "norm", spec)]
     rules += _head(spec, "lm_head.weight")
-    rules += _norm(L + "input_layernorm", L + "attn_norm", spec)
-    if spec.norm_placement == "sandwich":  # Gemma 2 names its four norms this way
+    if spec.norm_placement == "output":  # OLMo 2: norms on the sublayers' outputs only
+        rules += _norm(L + "post_attention_layernorm", L + "attn_norm", spec)
+        rules += _norm(L + "post_feedforward_layernorm", L + "mlp_norm", spec)
+    elif spec.norm_placement == "sandwich":  # Gemma 2 names its four norms this way
+        rules += _norm(L + "input_layernorm", L + "attn_norm", spec)
         rules += _norm(L + "post_attention_layernorm", L + "attn_post_norm", spec)
         rules += _norm(L + "pre_feedforward_layernorm", L + "mlp_norm", spec)
         rules += _norm(L + "post_feedforward_layernorm", L + "mlp_post_norm", spec)
     else:
+        rules += _norm(L + "input_layernorm", L + "attn_norm", spec)
         rules += _norm(L + "post_attention_layernorm", L + "mlp_norm", spec)
     for proj in "qkv":
         rules += _linear(f"{L}self_attn.{proj}_proj", f"{L}attn.w{proj}", spec.qkv_bias)
@@ -134,9 +139,31 @@ def _llama_rules(spec: ModelSpec) -> list[Rule]:
     if spec.qk_norm:
         rules += [Rule((L + "self_attn.q_norm.weight",), (L + "attn.q_norm.weight",)),
                   Rule((L + "self_attn.k_norm.weight",), (L + "attn.k_norm.weight",))]
-    for proj in ("gate", "up", "down"):
-        rules += _linear(f"{L}mlp.{proj}_proj", f"{L}mlp.{proj}", spec.mlp_bias)
+    return rules + _mlp_rules(spec, moe_block, "gate", expert)
+
+
+def _mlp_rules(spec: ModelSpec, moe_block: str = "mlp", router: str = "gate",
+               expert: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> list[Rule]:
+    """Dense MLPs, or per layer (MoE models mix both) the router and each expert's gate/up/down."""
+    dense = [("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")]
+    if not spec.num_experts:
+        return [r for theirs, ours in dense for r in _linear(f"layers.{{i}}.mlp.{theirs}", f"layers.{{i}}.mlp.{ours}",
+                                                             spec.mlp_bias)]
+    rules = []
+    for i in range(spec.num_layers):
+        L = f"layers.{i}."
+        if not spec.is_moe_layer(i):
+            rules += [r for theirs, ours in dense for r in _linear(f"{L}mlp.{theirs}", f"{L}mlp.{ours}", spec.mlp_bias)]
+            continue
+        rules.append(Rule((f"{L}{moe_block}.{router}.weight",), (f"{L}mlp.router.weight",)))
+        for e in range(spec.num_experts):
+            for theirs, ours in zip(expert, ("gate", "up", "down")):
+                rules += _linear(f"{L}{moe_block}.experts.{e}.{theirs}", f"{L}mlp.experts.{e}.{ours}", spec.mlp_bias)
     return rules
+
+
+def _mixtral_rules(spec: ModelSpec) -> list[Rule]:
+    return _llama_rules(spec, moe_block="block_sparse_moe", expert=("w1", "w3", "w2"))
 
 
 def _phi3_rules(spec: ModelSpec) -> list[Rule]:
@@ -202,6 +229,11 @@ LAYOUTS: dict[str, Layout] = {
     "qwen3": _LLAMA,
     "gemma": _LLAMA,
     "gemma2": _LLAMA,
+    "gemma3_text": _LLAMA,
+    "qwen3_moe": _LLAMA,
+    "olmoe": _LLAMA,
+    "olmo2": _LLAMA,
+    "mixtral": Layout("model.", ("model.",), _mixtral_rules, ignore=(_ROTARY_BUFFERS,)),
     "phi3": Layout("model.", ("model.",), _phi3_rules, ignore=(_ROTARY_BUFFERS,)),
     # Old GPT-2 checkpoints carry the causal-mask buffers attn.bias / attn.masked_bias.
     "gpt2": Layout("transformer.", ("transformer.",), _gpt2_rules,

@@ -32,7 +32,7 @@ LLAMA_KNOBS = dict(causal=True, norm="rmsnorm", norm_offset=0.0, norm_placement=
                    final_norm=True, embedding_norm=False, embedding_scaled=False, positions="rope",
                    rope_scaling="none", type_vocab_size=0, qkv_bias=False, o_bias=False, qk_norm=False,
                    attn_softcap=0.0, layer_types=(), mlp="gated", activation="silu", mlp_bias=False,
-                   final_softcap=0.0)
+                   final_softcap=0.0, num_experts=0)
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint8}
 
 

@@ -50,10 +50,18 @@ class Norm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
-    """Inverse frequencies [rope_dim / 2] in fp32, with the spec's context-extension scaling."""
+# Rows of rope_inv_freq: one RoPE table per kind of layer and length.
+ROPE_FULL, ROPE_LOCAL, ROPE_LONG = 0, 1, 2
+
+
+def _plain_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def _scaled_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    """The full layers' inverse frequencies [rope_dim / 2], with the spec's context extension."""
     dim = spec.rope_dim
-    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = _plain_inv_freq(spec.rope_theta, dim)
     if spec.rope_scaling == "linear":
         return inv_freq / spec.rope_factor
     if spec.rope_scaling == "llama3":
@@ -69,14 +77,60 @@ def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / spec.rope_factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled)
+    if spec.rope_scaling == "yarn":
+        return _yarn_inv_freq(spec)
+    if spec.rope_scaling == "longrope":  # the short factors; ROPE_LONG holds the long ones
+        return _longrope_inv_freq(spec, spec.rope_short_factor)
     return inv_freq
 
 
-def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape [B, 1, T, rope_dim] for integer positions [B, T]."""
+def _longrope_inv_freq(spec: ModelSpec, factors: tuple[float, ...]) -> torch.Tensor:
+    """LongRoPE: each frequency divided by its own searched factor."""
+    shape = torch.arange(0, spec.rope_dim, 2, dtype=torch.int64).float() / spec.rope_dim
+    return 1.0 / (torch.tensor(factors, dtype=torch.float32) * spec.rope_theta**shape)
+
+
+def _yarn_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    """YaRN: frequencies that turn fewer than beta_slow times over the original length are
+    interpolated (divided by factor), more than beta_fast kept, a linear ramp between."""
+    dim, base, old_len = spec.rope_dim, spec.rope_theta, spec.rope_original_max_seq_len
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(spec.rope_beta_fast), correction_dim(spec.rope_beta_slow)
+    if spec.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    return (1.0 / (spec.rope_factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+
+
+def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    """Inverse frequencies [3, rope_dim / 2] in fp32, one row per table: full layers (LongRoPE:
+    its short factors), sliding layers (their own unscaled base, Gemma 3), LongRoPE's long factors."""
+    full = _scaled_inv_freq(spec)
+    local = _plain_inv_freq(spec.rope_local_theta, spec.rope_dim) if spec.rope_local_theta else full
+    long = _longrope_inv_freq(spec, spec.rope_long_factor) if spec.rope_scaling == "longrope" else full
+    return torch.stack([full, local, long])
+
+
+def rope_scale(spec: ModelSpec, row: int) -> float:
+    """What cos and sin of table `row` are multiplied by (1 for the unscaled local table)."""
+    return 1.0 if row == ROPE_LOCAL and spec.rope_local_theta else spec.rope_attention_factor
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
+    """cos, sin of shape [B, 1, T, rope_dim] for integer positions [B, T], times `scale` in fp32."""
     freqs = positions.float()[..., None] * inv_freq.float()  # (B, T, rope_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    if scale == 1.0:
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    return (emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -94,15 +148,16 @@ class Attention(nn.Module):
         super().__init__()
         self.spec = spec
         self.window = spec.layer_window(layer)
+        self.rope_row = ROPE_LOCAL if self.window and spec.rope_local_theta else ROPE_FULL
         h, hd = spec.hidden_size, spec.head_dim
         self.wq = nn.Linear(h, spec.num_heads * hd, bias=spec.qkv_bias)
         self.wk = nn.Linear(h, spec.num_kv_heads * hd, bias=spec.qkv_bias)
         self.wv = nn.Linear(h, spec.num_kv_heads * hd, bias=spec.qkv_bias)
         self.wo = nn.Linear(spec.num_heads * hd, h, bias=spec.o_bias)
         self.wqkv = None  # [wq; wk; wv] as one matmul, set by alloy.infer.optimize for decoding
-        if spec.qk_norm:
-            self.q_norm = Norm(spec, hd, kind="rmsnorm")
-            self.k_norm = Norm(spec, hd, kind="rmsnorm")
+        if spec.qk_norm:  # over each head, or over all heads at once
+            self.q_norm = Norm(spec, hd if spec.qk_norm_per_head else spec.num_heads * hd, kind="rmsnorm")
+            self.k_norm = Norm(spec, hd if spec.qk_norm_per_head else spec.num_kv_heads * hd, kind="rmsnorm")
 
     def forward(self, x, rope, mask, cache=None, layer=None, start=0):
         spec = self.spec
@@ -112,10 +167,12 @@ class Attention(nn.Module):
             q, k, v = self.wqkv(x).split([spec.num_heads * spec.head_dim, kv_dim, kv_dim], dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if spec.qk_norm and not spec.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, spec.num_heads, spec.head_dim)
         k = k.view(B, T, spec.num_kv_heads, spec.head_dim)
         v = v.view(B, T, spec.num_kv_heads, spec.head_dim)
-        if spec.qk_norm:
+        if spec.qk_norm and spec.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if rope is not None:
@@ -148,9 +205,9 @@ def _softcapped_attention(q, k, v, attn_mask, is_causal, scale, cap):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, width: int | None = None):
         super().__init__()
-        h, f = spec.hidden_size, spec.intermediate_size
+        h, f = spec.hidden_size, width or spec.intermediate_size
         self.gated = spec.mlp == "gated"
         self.act = _ACTIVATIONS[spec.activation]
         if self.gated:
@@ -172,19 +229,23 @@ class Block(nn.Module):
     """One layer. Where the norms sit and how residuals add are spec knobs."""
 
     def __init__(self, spec: ModelSpec, layer: int):
+        from alloy.model.moe import MoE  # moe.py builds its experts from MLP, so imports this file
+
         super().__init__()
         self.spec = spec
         self.layer = layer
         self.attn_norm = Norm(spec)
         self.attn = Attention(spec, layer)
         self.mlp_norm = Norm(spec)
-        self.mlp = MLP(spec)
+        self.mlp = MoE(spec) if spec.is_moe_layer(layer) else MLP(spec)
         if spec.norm_placement == "sandwich":
             self.attn_post_norm = Norm(spec)
             self.mlp_post_norm = Norm(spec)
 
     def forward(self, x, rope, masks, cache=None, start=0):
+        """rope: {table row: (cos, sin)} as Transformer builds it, or None."""
         mask = masks[self.attn.window]
+        rope = rope[self.attn.rope_row] if rope is not None else None
         attn = lambda h: self.attn(h, rope, mask, cache, self.layer, start)  # noqa: E731
         placement = self.spec.norm_placement
         if self.spec.parallel_residual:
@@ -195,5 +256,8 @@ class Block(nn.Module):
         if placement == "sandwich":
             x = x + self.attn_post_norm(attn(self.attn_norm(x)))
             return x + self.mlp_post_norm(self.mlp(self.mlp_norm(x)))
+        if placement == "output":
+            x = x + self.attn_norm(attn(x))
+            return x + self.mlp_norm(self.mlp(x))
         x = self.attn_norm(x + attn(x))  # post-norm (BERT)
         return self.mlp_norm(x + self.mlp(x))

@@ -17,7 +17,7 @@ from torch import nn
 
 from alloy.errors import ConfigError
 from alloy.model.cache import KVCache, SlotCache
-from alloy.model.layers import Block, Norm, rope_inv_freq, rope_tables
+from alloy.model.layers import ROPE_FULL, ROPE_LONG, Block, Norm, rope_inv_freq, rope_scale, rope_tables
 from alloy.spec import ModelSpec
 
 
@@ -86,7 +86,7 @@ class Transformer(nn.Module):
         if self.has_head and not (spec.tie_embeddings and self.has_embed):
             self.head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.positions == "rope":
-            self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)
+            self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)  # [3, rope_dim / 2]
         self.apply(_init_weights)
 
 
@@ -124,7 +124,7 @@ class Transformer(nn.Module):
             if positions.max() >= self.spec.max_seq_len and self.spec.positions == "learned":
                 raise ConfigError(f"position {int(positions.max())} is beyond the model's {self.spec.max_seq_len}")
             x = self.embed(x, positions, token_type_ids)
-        rope = rope_tables(self.inv_freq, positions, x.dtype) if self.spec.positions == "rope" else None
+        rope = self._rope(positions, x.dtype) if self.spec.positions == "rope" else None
         windows = {block.attn.window for block in self.layers.values()}
         masks = {w: self._mask(w, start, T, attention_mask, x.device) for w in windows}
         for block in self.layers.values():
@@ -140,6 +140,18 @@ class Transformer(nn.Module):
         if self.spec.final_softcap:
             logits = torch.tanh(logits / self.spec.final_softcap) * self.spec.final_softcap
         return logits
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict:
+        """{table row: (cos, sin)} for the rows this slice's layers read."""
+        spec = self.spec
+        full = ROPE_FULL
+        # As transformers: LongRoPE's long factors once a position in this call passes the
+        # original length (earlier cached keys keep the rotation they were stored with).
+        if spec.rope_scaling == "longrope" and int(positions.max()) + 1 > spec.rope_original_max_seq_len:
+            full = ROPE_LONG
+        rows = {block.attn.rope_row for block in self.layers.values()}
+        return {row: rope_tables(self.inv_freq[full if row == ROPE_FULL else row], positions, dtype,
+                                 rope_scale(spec, row)) for row in rows}
 
     def _mask(self, window, start, T, attention_mask, device):
         """(bool mask [B|1, 1, T, keys] or None, is_causal) for SDPA.

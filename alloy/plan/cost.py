@@ -115,6 +115,13 @@ def model_costs(spec: ModelSpec, work: Workload) -> ModelCosts:
 
     mlp_in = 2 if spec.mlp == "gated" else 1
     matmul_params = h * hd * (2 * nh + 2 * kv) + h * ff * (mlp_in + 1)  # q, k, v, o, mlp
+    ff_token = ff  # FFN width a token passes through
+    if spec.num_experts:  # MoE: memory holds every expert (num_params); a token runs the router and k experts
+        moe_layers = L - len(spec.dense_layers)
+        ff_token = spec.experts_per_token * (spec.expert_intermediate_size or ff)
+        active_ffn = moe_layers * (h * spec.num_experts + h * ff_token * (mlp_in + 1)) \
+            + (L - moe_layers) * h * ff * (mlp_in + 1)
+        matmul_params = h * hd * (2 * nh + 2 * kv) + active_ffn / L  # mean over layers
     # Layer params without embeddings: total minus embeddings/head, spread evenly.
     non_layer = spec.vocab_size * h * (1 + (not spec.tie_embeddings and spec.causal))
     layer_param_count = (spec.num_params() - non_layer) / L
@@ -132,7 +139,7 @@ def model_costs(spec: ModelSpec, work: Workload) -> ModelCosts:
     # Tensors a layer keeps for its backward, in elements per token: both norms' inputs and
     # outputs, q k v, the attention output, and the MLP's up/gate, activation and product.
     # RoPE writes rotated copies of q and k, which the backward keeps too.
-    act_elems = 4 * h + 2 * nh * hd + 2 * kv * hd + (4 if spec.mlp == "gated" else 2) * ff
+    act_elems = 4 * h + 2 * nh * hd + 2 * kv * hd + (4 if spec.mlp == "gated" else 2) * ff_token
     if spec.positions == "rope":
         act_elems += nh * hd + kv * hd
     full_act_bytes = act_elems * b * S

@@ -7,6 +7,7 @@ the transformers-5 form. A knob value Alloy does not implement is an error, neve
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from alloy.errors import ConfigError, UnsupportedModelError
@@ -60,11 +61,14 @@ def _per_head(cfg: dict[str, Any], hidden: str, heads: str) -> int:
     return cfg[hidden] // count
 
 
-def _rope(cfg: dict[str, Any], head_dim: int, default_partial: float = 1.0) -> dict[str, Any]:
-    """RoPE knobs from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (older)."""
-    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+def _rope(cfg: dict[str, Any], head_dim: int, default_partial: float = 1.0,
+          params: dict[str, Any] | None = None, default_theta: float = 10000.0) -> dict[str, Any]:
+    """RoPE knobs from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (older);
+    `params` overrides where the family nests them (Gemma 3's per-layer-type tables)."""
+    if params is None:
+        params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     kind = params.get("rope_type", params.get("type", "default"))
-    theta = params.get("rope_theta", _get(cfg, "rope_theta", "rotary_emb_base", default=10000.0))
+    theta = params.get("rope_theta", _get(cfg, "rope_theta", "rotary_emb_base", default=default_theta))
     partial = float(params.get(
         "partial_rotary_factor", _get(cfg, "partial_rotary_factor", "rotary_pct", default=default_partial)
     ))
@@ -78,17 +82,46 @@ def _rope(cfg: dict[str, Any], head_dim: int, default_partial: float = 1.0) -> d
         return out
     if kind == "linear":
         return out | {"rope_scaling": "linear", "rope_factor": float(params["factor"])}
+    if kind not in ("llama3", "yarn", "longrope"):
+        raise UnsupportedModelError(
+            f"rope_type={kind!r} is not supported; supported: default, linear, llama3, yarn, longrope"
+        )
+    # As transformers: a top-level original_max_position_embeddings (Phi-3) wins, then the
+    # scaling's own, then the model's length.
+    original = int(_get(cfg, "original_max_position_embeddings", default=None)
+                   or params.get("original_max_position_embeddings") or _get(cfg, "max_position_embeddings"))
+    out |= {"rope_scaling": kind, "rope_original_max_seq_len": original}
     if kind == "llama3":
         return out | {
-            "rope_scaling": "llama3",
             "rope_factor": float(params["factor"]),
             "rope_low_freq_factor": float(params["low_freq_factor"]),
             "rope_high_freq_factor": float(params["high_freq_factor"]),
-            "rope_original_max_seq_len": int(params["original_max_position_embeddings"]),
         }
-    raise UnsupportedModelError(
-        f"rope_type={kind!r} is not supported; supported: default, linear, llama3"
-    )
+    factor = params.get("factor")
+    factor = float(factor if factor is not None else _get(cfg, "max_position_embeddings") / original)
+    attention = params.get("attention_factor")
+    if kind == "yarn":
+        if attention is None:  # the paper's mscale, as transformers infers it
+            def mscale(scale, m=1.0):
+                return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+            m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+            attention = mscale(factor, m) / mscale(factor, m_all) if (m and m_all) else mscale(factor)
+        return out | {
+            "rope_factor": factor,
+            "rope_attention_factor": float(attention),
+            "rope_beta_fast": float(params.get("beta_fast") or 32),
+            "rope_beta_slow": float(params.get("beta_slow") or 1),
+            "rope_truncate": params.get("truncate", True),
+        }
+    if attention is None:
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return out | {
+        "rope_factor": factor,
+        "rope_attention_factor": float(attention),
+        "rope_short_factor": tuple(float(x) for x in params["short_factor"]),
+        "rope_long_factor": tuple(float(x) for x in params["long_factor"]),
+    }
 
 
 def _rope_to_hf(spec: ModelSpec) -> dict[str, Any]:
@@ -97,14 +130,19 @@ def _rope_to_hf(spec: ModelSpec) -> dict[str, Any]:
         params["partial_rotary_factor"] = spec.rotary_dim / spec.head_dim
     if spec.rope_scaling == "linear":
         params |= {"rope_type": "linear", "factor": spec.rope_factor}
-    elif spec.rope_scaling == "llama3":
-        params |= {
-            "rope_type": "llama3",
-            "factor": spec.rope_factor,
-            "low_freq_factor": spec.rope_low_freq_factor,
-            "high_freq_factor": spec.rope_high_freq_factor,
-            "original_max_position_embeddings": spec.rope_original_max_seq_len,
-        }
+    elif spec.rope_scaling in ("llama3", "yarn", "longrope"):
+        params |= {"rope_type": spec.rope_scaling, "factor": spec.rope_factor,
+                   "original_max_position_embeddings": spec.rope_original_max_seq_len}
+    if spec.rope_scaling == "llama3":
+        params |= {"low_freq_factor": spec.rope_low_freq_factor, "high_freq_factor": spec.rope_high_freq_factor}
+    elif spec.rope_scaling == "yarn":
+        params |= {"attention_factor": spec.rope_attention_factor, "beta_fast": spec.rope_beta_fast,
+                   "beta_slow": spec.rope_beta_slow}
+        if not spec.rope_truncate:
+            params["truncate"] = False
+    elif spec.rope_scaling == "longrope":
+        params |= {"attention_factor": spec.rope_attention_factor,
+                   "short_factor": list(spec.rope_short_factor), "long_factor": list(spec.rope_long_factor)}
     return params
 
 
@@ -144,9 +182,11 @@ def _sliding_layers(cfg: dict[str, Any], num_layers: int, window: int, default: 
     return {"sliding_window": int(window), "layer_types": types}
 
 
-def _llama_like(cfg: dict[str, Any], default_head_dim: int = 0, **knobs: Any) -> ModelSpec:
-    _refuse(cfg, "num_local_experts", None)
-    _refuse(cfg, "num_experts", None)
+def _llama_like(cfg: dict[str, Any], default_head_dim: int = 0, rope_params: dict[str, Any] | None = None,
+                default_theta: float = 10000.0, **knobs: Any) -> ModelSpec:
+    if "num_experts" not in knobs:  # a dense family's config that names experts is not what it says
+        _refuse(cfg, "num_local_experts", None)
+        _refuse(cfg, "num_experts", None)
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     implied_head_dim = default_head_dim or _per_head(cfg, "hidden_size", "num_attention_heads")
     head_dim = _get(cfg, "head_dim", default=implied_head_dim)
@@ -166,8 +206,8 @@ def _llama_like(cfg: dict[str, Any], default_head_dim: int = 0, **knobs: Any) ->
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=_eos(cfg),
         pad_token_id=cfg.get("pad_token_id"),
-        **_rope(cfg, head_dim),
     )
+    fields.update(_rope(cfg, head_dim, params=rope_params, default_theta=default_theta))
     fields.update(knobs)
     return ModelSpec(**fields)
 
@@ -269,14 +309,13 @@ def _gemma_to(spec, architecture="GemmaForCausalLM"):
     return cfg | {"attention_bias": spec.qkv_bias}
 
 
-def _gemma2_from(cfg):
+def _gemma2_knobs(cfg: dict[str, Any], default_sliding: Callable[[int], bool]) -> dict[str, Any]:
     bias = bool(cfg.get("attention_bias", False))
     window = cfg.get("sliding_window") or 0
     scalar = float(_get(cfg, "query_pre_attn_scalar", default=256))
     if not scalar > 0:  # the softmax scale is its inverse square root
         raise ConfigError(f"query_pre_attn_scalar must be > 0, got {scalar}")
-    return _llama_like(
-        cfg,
+    return dict(
         qkv_bias=bias,
         o_bias=bias,
         norm_placement="sandwich",
@@ -284,8 +323,43 @@ def _gemma2_from(cfg):
         attn_softcap=float(cfg.get("attn_logit_softcapping") or 0.0),
         final_softcap=float(cfg.get("final_logit_softcapping") or 0.0),
         **_gemma_knobs(cfg),
-        **_sliding_layers(cfg, cfg["num_hidden_layers"], window, lambda i: i % 2 == 0),
+        **_sliding_layers(cfg, cfg["num_hidden_layers"], window, default_sliding),
     )
+
+
+def _gemma2_from(cfg):
+    return _llama_like(cfg, **_gemma2_knobs(cfg, lambda i: i % 2 == 0))
+
+
+def _gemma3_from(cfg):
+    """Gemma 3 text: Gemma 2's layout plus QK-norm, and sliding layers on their own RoPE base."""
+    if cfg.get("use_bidirectional_attention"):
+        raise UnsupportedModelError("gemma3_text: use_bidirectional_attention=True is not supported")
+    pattern = cfg.get("sliding_window_pattern") or 6  # configs from before layer_types
+    if not isinstance(pattern, int) or pattern < 1:
+        raise ConfigError(f"sliding_window_pattern must be a positive integer, got {pattern!r}")
+    nested = cfg.get("rope_parameters") or {}
+    if "full_attention" in nested or "sliding_attention" in nested:
+        full = dict(nested.get("full_attention") or {})
+        local = dict(nested.get("sliding_attention") or {})
+    else:  # the older form: rope_theta + rope_scaling for full layers, rope_local_base_freq
+        full, local = dict(nested or cfg.get("rope_scaling") or {}), {}
+    local.setdefault("rope_theta", _get(cfg, "rope_local_base_freq", default=10000.0))
+    if local.get("rope_type", local.get("type", "default")) != "default" and local != full:
+        raise UnsupportedModelError("gemma3_text: sliding layers with scaled RoPE are not supported")
+    knobs = _gemma2_knobs(cfg, lambda i: (i + 1) % pattern != 0)
+    local_theta = 0.0 if local == full else float(local["rope_theta"])  # 0: the full layers' table
+    return _llama_like(cfg, rope_params=full, default_theta=1_000_000.0, qk_norm=True,
+                       rope_local_theta=local_theta, **knobs)
+
+
+def _gemma3_to(spec):
+    cfg = _gemma2_to(spec) | {"architectures": ["Gemma3ForCausalLM"]}
+    full = cfg["rope_parameters"]
+    local = {"rope_type": "default", "rope_theta": spec.rope_local_theta} if spec.rope_local_theta else full
+    cfg["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
+    cfg["layer_types"] = [f"{t}_attention" for t in spec.layer_types] or ["full_attention"] * spec.num_layers
+    return cfg
 
 
 def _gemma2_to(spec):
@@ -305,16 +379,112 @@ def _int_if_whole(x: float) -> float | int:
 
 def _phi3_from(cfg):
     window = cfg.get("sliding_window") or 0
-    return _llama_like(cfg, **_sliding_layers(cfg, cfg["num_hidden_layers"], window, lambda i: True))
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    if params.get("rope_type", params.get("type")) in ("su", "yarn"):  # Phi-3's older names, as transformers
+        params["rope_type"] = "longrope"
+    # Phi3Config always has a top-level original length (4096 by default), which wins
+    cfg = cfg | {"original_max_position_embeddings": cfg.get("original_max_position_embeddings") or 4096}
+    return _llama_like(cfg, rope_params=params,
+                       **_sliding_layers(cfg, cfg["num_hidden_layers"], window, lambda i: True))
 
 
 def _phi3_to(spec):
     cfg = _llama_like_to_hf(spec, "Phi3ForCausalLM")
-    cfg.pop("head_dim")  # Phi-3 derives it from hidden_size / heads
+    if spec.head_dim == spec.hidden_size // spec.num_heads:
+        cfg.pop("head_dim")  # Phi-3 derives it from hidden_size / heads
     cfg.pop("layer_types", None)
     cfg["rope_parameters"].setdefault("partial_rotary_factor", 1.0)
     cfg.setdefault("sliding_window", None)
+    if spec.rope_original_max_seq_len:
+        cfg["original_max_position_embeddings"] = spec.rope_original_max_seq_len
     return cfg
+
+
+# ---- Mixture of experts: mixtral, qwen3_moe, olmoe --------------------------------------------
+
+_EXPERT_COUNT = ("num_experts", "num_local_experts")  # transformers 5 writes the second for Qwen3-MoE
+
+
+def _experts(cfg: dict[str, Any], count_fields: tuple[str, ...], default_count: int, default_top_k: int,
+             renormalize: bool, dense: Callable[[int], bool] = lambda i: False, expert_width: int = 0):
+    count = _get(cfg, *count_fields, default=default_count)
+    if not count:
+        return {}
+    low, high = SIZE_LIMITS["num_layers"]  # bounded before the dense rule runs once per layer
+    layers = cfg["num_hidden_layers"]
+    if not isinstance(layers, int) or not low <= layers <= high:
+        raise ConfigError(f"num_hidden_layers must be an integer from {low} to {high:,}, got {layers!r}")
+    return dict(num_experts=count, experts_per_token=_get(cfg, "num_experts_per_tok", default=default_top_k),
+                router_renormalize=bool(renormalize), expert_intermediate_size=expert_width,
+                dense_layers=tuple(i for i in range(layers) if dense(i)))
+
+
+def _mixtral_from(cfg):
+    window = cfg.get("sliding_window") or 0
+    return _llama_like(cfg, default_theta=1_000_000.0,
+                       **_experts(cfg, ("num_local_experts",), 8, 2, renormalize=True),
+                       **_sliding_layers(cfg, cfg["num_hidden_layers"], window, lambda i: True))
+
+
+def _moe_to_hf(spec: ModelSpec, count_field: str) -> dict[str, Any]:
+    return {count_field: spec.num_experts, "num_experts_per_tok": spec.experts_per_token or None}
+
+
+def _mixtral_to(spec):
+    return _mistral_to(spec) | {"architectures": ["MixtralForCausalLM"]} | _moe_to_hf(spec, "num_local_experts")
+
+
+def _qwen3_moe_from(cfg):
+    bias = bool(cfg.get("attention_bias", False))
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else 0
+    step = _get(cfg, "decoder_sparse_step", default=1)
+    only_mlp = set(_get(cfg, "mlp_only_layers", default=[]))
+    return _llama_like(
+        cfg, qkv_bias=bias, o_bias=bias, qk_norm=True, default_head_dim=128,
+        **_experts(cfg, _EXPERT_COUNT, 128, 8, renormalize=cfg.get("norm_topk_prob", False),
+                   dense=lambda i: i in only_mlp or (i + 1) % step != 0,
+                   expert_width=_get(cfg, "moe_intermediate_size", default=768)),
+        **_sliding_layers(cfg, cfg["num_hidden_layers"], window or 0, lambda i: True),
+    )
+
+
+def _qwen3_moe_to(spec):
+    cfg = _mistral_to(spec) | {"architectures": ["Qwen3MoeForCausalLM"], "attention_bias": spec.qkv_bias}
+    cfg["use_sliding_window"] = bool(spec.sliding_window)
+    return cfg | _moe_to_hf(spec, "num_experts") | {
+        "norm_topk_prob": spec.router_renormalize, "decoder_sparse_step": 1,
+        "mlp_only_layers": list(spec.dense_layers),
+        "moe_intermediate_size": spec.expert_intermediate_size or spec.intermediate_size,
+    }
+
+
+def _olmoe_from(cfg):
+    if cfg.get("clip_qkv") is not None:
+        raise UnsupportedModelError(f"olmoe: clip_qkv={cfg['clip_qkv']!r} is not supported (only None)")
+    bias = bool(cfg.get("attention_bias", False))
+    if cfg.get("head_dim") not in (None, _per_head(cfg, "hidden_size", "num_attention_heads")):
+        raise UnsupportedModelError("olmoe: head_dim must be hidden_size / num_attention_heads (its q_norm "
+                                    "spans hidden_size)")
+    return _llama_like(cfg, qkv_bias=bias, o_bias=bias, qk_norm=True, qk_norm_per_head=False,
+                       **_experts(cfg, _EXPERT_COUNT, 64, 8, renormalize=cfg.get("norm_topk_prob", False)))
+
+
+def _olmo2_from(cfg):
+    bias = bool(cfg.get("attention_bias", False))
+    return _llama_like(cfg, qkv_bias=bias, o_bias=bias, qk_norm=True, qk_norm_per_head=False,
+                       norm_placement="output")
+
+
+def _olmo2_to(spec):
+    return _llama_like_to_hf(spec, "Olmo2ForCausalLM") | {"attention_bias": spec.qkv_bias}
+
+
+def _olmoe_to(spec):
+    cfg = _llama_like_to_hf(spec, "OlmoeForCausalLM")
+    cfg.pop("head_dim")  # OLMoE derives it from hidden_size / heads
+    return cfg | _moe_to_hf(spec, "num_experts") | {
+        "attention_bias": spec.qkv_bias, "norm_topk_prob": spec.router_renormalize, "clip_qkv": None,
+    }
 
 
 # ---- GPT-2 ---------------------------------------------------------------------------------
@@ -477,7 +647,12 @@ ADAPTERS: dict[str, tuple[Callable[[dict], ModelSpec], Callable[[ModelSpec], dic
     "qwen3": (_qwen3_from, _qwen3_to),
     "gemma": (_gemma_from, _gemma_to),
     "gemma2": (_gemma2_from, _gemma2_to),
+    "gemma3_text": (_gemma3_from, _gemma3_to),
     "phi3": (_phi3_from, _phi3_to),
+    "mixtral": (_mixtral_from, _mixtral_to),
+    "qwen3_moe": (_qwen3_moe_from, _qwen3_moe_to),
+    "olmoe": (_olmoe_from, _olmoe_to),
+    "olmo2": (_olmo2_from, _olmo2_to),
     "gpt2": (_gpt2_from, _gpt2_to),
     "gpt_neox": (_neox_from, _neox_to),
     "bert": (_bert_from, _bert_to),
