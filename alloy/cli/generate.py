@@ -33,6 +33,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--plan", default=None, help="a plan JSON from `alloy plan --task infer`")
     parser.add_argument("--processes", action="store_true", help="run each stage as a torch.distributed process")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    parser.add_argument("--lora", default=None, help="a LoRA adapter directory (PEFT format) to apply to the model")
 
 
 def plan_stages(args, spec, prompt_len: int, new_tokens: int):
@@ -65,6 +66,10 @@ def run(args) -> int:
     from alloy.infer.sampling import Sampling
     from alloy.infer.tokenize import TextStream, encode, require_tokenizer
 
+    if args.lora:  # the adapter folded into a merged copy of the model, which every path below loads
+        from alloy.checkpoint.lora import merged_model_dir
+
+        args.model = str(merged_model_dir(args.model, args.lora))
     dtype = parse_dtype(args.dtype)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                         repetition_penalty=args.repetition_penalty, seed=args.seed)

@@ -29,6 +29,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--micro-batches", type=int, default=None, help="pipeline micro-batches (default: search)")
     parser.add_argument("--replicas", type=int, default=None, help="data-parallel replicas (default: search)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing (train)")
+    parser.add_argument("--lora-rank", type=int, default=None,
+                        help="train: LoRA fine-tuning with adapters of this rank (the base frozen: no gradient, "
+                             "optimizer state or all-reduce for it)")
     parser.add_argument("--json", action="store_true", help="print the plan document instead of the table")
     parser.add_argument("--out", help="write the plan document (JSON) here")
     parser.add_argument("--png", help="draw the layout and the pipeline timeline into this PNG")
@@ -66,7 +69,8 @@ def _verified(spec, inventory, work, names, args):
     console = Console(stderr=True)
     inventory = calibrate(inventory, spec=spec, names=chosen)
     return verify(spec, inventory, work, device_names=names, log=console.print, precision=work.dtype
-                  if work.dtype in ("fp32", "bf16") else "fp32", activation_checkpointing=work.checkpointing)
+                  if work.dtype in ("fp32", "bf16") else "fp32", activation_checkpointing=work.checkpointing,
+                  lora={"rank": work.lora_rank} if work.lora_rank else None)
 
 
 def check_output(path: str, flag: str) -> None:
@@ -93,7 +97,7 @@ def run(args) -> int:
     work = Workload(task=args.task, batch_size=args.batch_size,
                     seq_len=args.seq_len or min(2048, spec.max_seq_len - (args.task == "infer") * args.new_tokens),
                     dtype=args.dtype, micro_batches=args.micro_batches, checkpointing=args.checkpointing,
-                    new_tokens=args.new_tokens)
+                    new_tokens=args.new_tokens, lora_rank=args.lora_rank)
     if args.verify:
         plan = _verified(spec, inventory, work, names, args)
     else:

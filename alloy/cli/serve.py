@@ -36,7 +36,8 @@ def add_arguments(parser) -> None:
                              "each with its own --node-rank; node 0 serves HTTP)")
     parser.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
     parser.add_argument("--rdzv-endpoint", default=None,
-                        help="HOST:PORT on node 0 where the nodes meet (torchrun's c10d rendezvous)")
+                        help="HOST:PORT on node 0 where the nodes meet (torchrun's static rendezvous)")
+    parser.add_argument("--lora", default=None, help="a LoRA adapter directory (PEFT format) to apply to the model")
 
 
 def load_server(args):
@@ -87,6 +88,13 @@ def _stages(args, directory, spec):
 
 def run(args) -> int:
     import uvicorn
+
+    if args.lora:  # the adapter folded into a merged copy of the model, served under the base's name
+        from alloy.checkpoint.hub import display_name, existing_model
+        from alloy.checkpoint.lora import merged_model_dir
+
+        args.name = args.name or display_name(args.model, existing_model(args.model))
+        args.model = str(merged_model_dir(args.model, args.lora))
 
     if args.processes or args.nnodes > 1:
         return _run_processes(args)

@@ -46,10 +46,14 @@ class Workload:
     micro_batches: int | None = None  # None: the search picks
     checkpointing: bool = False  # activation checkpointing: keep layer inputs, recompute the rest
     new_tokens: int = 128  # infer: tokens generated per request
+    lora_rank: int | None = None  # train: LoRA adapters of this rank on every block linear, the base frozen
 
     def __post_init__(self) -> None:
         if self.task not in ("train", "infer"):
             raise PlanError(f"task must be train or infer, got {self.task!r}")
+        if self.lora_rank is not None and (not isinstance(self.lora_rank, Integral) or isinstance(self.lora_rank, bool)
+                                           or self.lora_rank < 1 or self.task != "train"):
+            raise PlanError(f"lora rank must be a positive integer for a training workload, got {self.lora_rank!r}")
         if self.dtype not in DTYPE_BYTES:
             raise PlanError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
         for name, low, high in (("batch_size", 1, MAX_BATCH), ("seq_len", 1, MAX_TOKENS),
@@ -85,7 +89,14 @@ class ModelCosts:
     head_decode_flops_per_sample: float
     boundary_bytes_per_sample: float  # hidden states crossing a stage boundary, one direction
     boundary_decode_bytes_per_sample: float
-    total_param_bytes: float  # the gradient an all-reduce moves (whole model, in dtype)
+    total_param_bytes: float  # the gradient an all-reduce moves (whole model, in dtype; LoRA: the adapters)
+    # LoRA: the frozen base holds weights only; the adapters hold weights, grads and AdamW state
+    layer_adapter_params: float = 0.0  # adapter parameters of one layer (0: full training)
+    adapter_state_bytes: int = 0
+
+    @property
+    def lora(self) -> bool:
+        return self.layer_adapter_params > 0
 
     @property
     def prefix_params(self) -> np.ndarray:
@@ -122,6 +133,10 @@ def model_costs(spec: ModelSpec, work: Workload) -> ModelCosts:
         active_ffn = moe_layers * (h * spec.num_experts + h * ff_token * (mlp_in + 1)) \
             + (L - moe_layers) * h * ff * (mlp_in + 1)
         matmul_params = h * hd * (2 * nh + 2 * kv) + active_ffn / L  # mean over layers
+    lora = train and work.lora_rank is not None
+    # rank * (in + out) for each of q, k, v, o, the MLP's input projections and down (alloy.model.lora's defaults)
+    adapter_params = (work.lora_rank * ((h + nh * hd) * 2 + (h + kv * hd) * 2 + (h + ff) * (mlp_in + 1))
+                      if lora else 0)
     # Layer params without embeddings: total minus embeddings/head, spread evenly.
     non_layer = spec.vocab_size * h * (1 + (not spec.tie_embeddings and spec.causal))
     layer_param_count = (spec.num_params() - non_layer) / L
@@ -133,6 +148,10 @@ def model_costs(spec: ModelSpec, work: Workload) -> ModelCosts:
     ])
     # Backward is twice the forward; checkpointing recomputes the forward once more.
     step_factor = (4 if work.checkpointing else 3) if train else 1
+    # LoRA: a frozen weight needs no weight gradient, so its backward is one matmul, not two (the
+    # attention scores' backward stays two); the adapters' own matmuls are rank-thin, counted at 3x.
+    frozen_saving = 2 * matmul_params if lora else 0
+    head_factor = step_factor - 1 if lora else step_factor
     # A float: times step_factor * S it can pass int64 (vocab 4M x hidden 64k x 16M tokens).
     head_flops_per_token = 2.0 * h * spec.vocab_size if spec.causal else 0.0
 
@@ -156,12 +175,15 @@ def model_costs(spec: ModelSpec, work: Workload) -> ModelCosts:
     mean_ctx = [min(S + work.new_tokens / 2, w) if w else S + work.new_tokens / 2 for w in windows]
 
     param_state_bytes = (2 * b + (MASTER_WEIGHT_BYTES if b < 4 else 0) + ADAMW_STATE_BYTES) if train else b
+    adapter_state_bytes = param_state_bytes if lora else 0
+    if lora:  # the runtime keeps weights in fp32 and autocasts; a frozen one is that copy alone
+        param_state_bytes = max(b, MASTER_WEIGHT_BYTES)
     ones = np.ones(L)
     return ModelCosts(
         num_layers=L, hidden_size=h, vocab_size=spec.vocab_size, dtype_bytes=b,
         param_state_bytes=param_state_bytes,
         layer_params=layer_param_count * ones,
-        layer_step_flops_per_sample=step_factor * S * fwd_flops_per_token,
+        layer_step_flops_per_sample=S * (step_factor * fwd_flops_per_token - frozen_saving + 6 * adapter_params),
         layer_act_bytes_per_sample=kept_act * ones,
         layer_peak_bytes_per_sample=peak * ones,
         layer_kv_bytes_per_sample=np.array([t * kv_per_token for t in kv_tokens]) * (not train),
@@ -173,12 +195,14 @@ def model_costs(spec: ModelSpec, work: Workload) -> ModelCosts:
         head_params=spec.vocab_size * h if spec.causal else 0,
         tied=spec.tie_embeddings,
         # Prefill needs logits for the last position only.
-        head_step_flops_per_sample=step_factor * (S if train else 1) * head_flops_per_token,
+        head_step_flops_per_sample=head_factor * (S if train else 1) * head_flops_per_token,
         # Train: logits and their gradient for every position; infer: the last position only.
         head_peak_bytes_per_sample=(TRAIN_LOGITS_COPIES * S if train else 1) * spec.vocab_size * LOGITS_BYTES
         * spec.causal,
         head_decode_flops_per_sample=head_flops_per_token * (not train),
         boundary_bytes_per_sample=S * h * b,
         boundary_decode_bytes_per_sample=h * b * (not train),
-        total_param_bytes=spec.num_params() * b,
+        total_param_bytes=(L * adapter_params if lora else spec.num_params()) * b,
+        layer_adapter_params=float(adapter_params),
+        adapter_state_bytes=adapter_state_bytes,
     )

@@ -170,6 +170,11 @@ def stage_params(p: Problem, start, stop):
     return params + c.embed_params * first + c.head_params * head_here
 
 
+def stage_adapter_params(p: Problem, start, stop):
+    """LoRA adapter parameters of layers [start, stop) (0 in full training): the only trainable ones."""
+    return (stop - start) * p.costs.layer_adapter_params
+
+
 def stage_weight_bytes(p: Problem, start, stop):
     return stage_params(p, start, stop) * p.costs.dtype_bytes
 
@@ -240,6 +245,7 @@ def stage_memory_bytes(p: Problem, start, stop, in_flight: int, mb_max_samples: 
     """Peak bytes on a stage. 1F1B keeps `in_flight` micro-batches of activations alive at once."""
     c, last = p.costs, (stop == p.num_layers)
     state = stage_params(p, start, stop) * c.param_state_bytes
+    state = state + stage_adapter_params(p, start, stop) * c.adapter_state_bytes
     transient = mb_max_samples * (p.max_layer_peak_bytes_per_sample + c.head_peak_bytes_per_sample * last)
     if p.work.task == "train":
         state = state + TRAIN_WORKER_OVERHEAD_BYTES
@@ -286,7 +292,8 @@ def stage_optimizer_s(p: Problem, device: int, start, stop):
     """The optimizer update of a stage's parameters (training only)."""
     if p.work.task != "train":
         return 0.0 * start
-    return stage_params(p, start, stop) * p.optimizer_s_per_param[device]
+    trainable = stage_adapter_params(p, start, stop) if p.costs.lora else stage_params(p, start, stop)
+    return trainable * p.optimizer_s_per_param[device]
 
 
 def stage_overhead_s(p: Problem, device: int, stages: int) -> float:
@@ -394,7 +401,7 @@ def sync_cost(p: Problem, groups: list[tuple[int, ...]]) -> SyncCost:
             return SyncCost(hidden_s=(calls - 1) * bucket_s(bucket), exposed_s=exposed_s + bucket_s(last),
                             first_bucket_fraction=min(1.0, bucket / total_bytes))
         exposed_s += (calls - 1) * bucket_s(bucket) + bucket_s(last)
-    elif c.tied and len(groups[0]) > 1:
+    elif c.tied and len(groups[0]) > 1 and not c.lora:  # LoRA: the embeddings are frozen
         embed_bytes = c.embed_params * c.dtype_bytes
         calls = math.ceil(embed_bytes / gradient_bucket_bytes(embed_bytes, False))
         exposed_s += calls * call_s(2) + embed_bytes / bw

@@ -84,6 +84,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _trained(model: torch.nn.Module):
+    """The parameters a checkpoint holds: the trainable ones. A frozen base (LoRA) is not written:
+    every start rebuilds it from the run's init_dir or seed, unchanged."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
 def save_rank(root: Path, step: int, rank: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
               info: dict) -> None:
     """Write this rank's shard for the checkpoint after `step` steps."""
@@ -93,7 +99,7 @@ def save_rank(root: Path, step: int, rank: int, model: torch.nn.Module, optimize
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     optimizer_steps: dict[str, float] = {}
-    for name, param in model.named_parameters():
+    for name, param in _trained(model):
         tensors[f"param.{name}"] = param.detach().cpu().contiguous()
         state = optimizer.state.get(param, {})
         for key in ("exp_avg", "exp_avg_sq"):
@@ -200,7 +206,7 @@ def load_rank(directory: Path, rank: int, model: torch.nn.Module, optimizer: tor
     except Exception as err:
         raise CheckpointError(f"{directory}: rank {rank}'s shard is unreadable ({' '.join(str(err).split())[:200]})") from None
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in _trained(model):
             key = f"param.{name}"
             if key not in tensors or tensors[key].shape != param.shape:
                 raise CheckpointError(f"{directory}: rank {rank}'s shard lacks {name} or has another shape")

@@ -16,25 +16,29 @@ import torch.distributed as dist
 
 from alloy.model import Transformer
 from alloy.model.init import canonical_name
+from alloy.model.lora import LoraConfig, apply_lora
 from alloy.plan.timing import gradient_bucket_bytes, overlaps_backward
 from alloy.runtime.layout import RunLayout
 from alloy.spec import ModelSpec
 
 
 
-def stage_model(spec: ModelSpec, layout: RunLayout, rank: int, device="meta") -> Transformer:
+def stage_model(spec: ModelSpec, layout: RunLayout, rank: int, device="meta", lora: dict | None = None) -> Transformer:
     stage = layout.rank(rank).stage
     with torch.device(device):
-        return Transformer(spec, (stage.first, stage.last), embed=stage.embed, head=stage.head)
+        model = Transformer(spec, (stage.first, stage.last), embed=stage.embed, head=stage.head)
+        return apply_lora(model, LoraConfig(**lora)) if lora else model
 
 
-def holder_sets(spec: ModelSpec, layout: RunLayout) -> dict[str, tuple[int, ...]]:
-    """Logical parameter name -> the ranks that hold it, from the layout alone (no real model)."""
+def holder_sets(spec: ModelSpec, layout: RunLayout, lora: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """Trainable logical parameter name -> the ranks that hold it, from the layout alone (no real
+    model). With LoRA only the adapters train: the frozen base is never reduced."""
     holders: dict[str, list[int]] = defaultdict(list)
     for info in layout.ranks():
-        model = stage_model(spec, layout, info.rank)
-        for name, _ in model.named_parameters():
-            holders[canonical_name(model, name)].append(info.rank)
+        model = stage_model(spec, layout, info.rank, lora=lora)
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                holders[canonical_name(model, name)].append(info.rank)
     return {name: tuple(sorted(ranks)) for name, ranks in holders.items()}
 
 
@@ -49,8 +53,9 @@ class GradientSync:
     order, so every rank issues the same calls in the same order.
     """
 
-    def __init__(self, spec: ModelSpec, layout: RunLayout, model: Transformer, rank: int, timeout=None):
-        holders = holder_sets(spec, layout)
+    def __init__(self, spec: ModelSpec, layout: RunLayout, model: Transformer, rank: int, timeout=None,
+                 lora: dict | None = None):
+        holders = holder_sets(spec, layout, lora)
         self.groups = {}
         for ranks in sorted({r for r in holders.values() if len(r) > 1}):
             group = dist.new_group(list(ranks), timeout=timeout)  # collective: all ranks call it
@@ -58,6 +63,8 @@ class GradientSync:
                 self.groups[ranks] = group
         params_by_group: dict[tuple[int, ...], list[torch.nn.Parameter]] = defaultdict(list)
         for name, param in reversed(list(model.named_parameters())):
+            if not param.requires_grad:
+                continue
             ranks = holders[canonical_name(model, name)]
             if len(ranks) > 1:
                 params_by_group[ranks].append(param)

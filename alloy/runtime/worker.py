@@ -85,7 +85,7 @@ class Trainer:
             init_dir=job.get("init_dir"), optim=OptimConfig(**job.get("optim", {})),
             pipeline_schedule=job.get("pipeline_schedule", "1f1b"), precision=job.get("precision", "fp32"),
             activation_checkpointing=bool(job.get("activation_checkpointing")), timeout=self.timeout,
-            param_dtype=job.get("param_dtype", "fp32"),
+            param_dtype=job.get("param_dtype", "fp32"), lora=job.get("lora"),
         )
         # torchrun restarted every rank after one died: go on from the last complete checkpoint
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -150,7 +150,8 @@ class Trainer:
         dist.barrier()
         if self.rank == 0:
             ckpt.finalize(self.ckpt_root, step, self.spec, self.layout, int(self.job["checkpoint"]["keep_last"]),
-                          {"total_steps": self.steps, "seq_len": self.seq_len, "data": self.job.get("data")})
+                          {"total_steps": self.steps, "seq_len": self.seq_len, "data": self.job.get("data"),
+                           "lora": self.job.get("lora")})
         dist.barrier()
 
     def _resume(self, runner: StageRunner) -> int:

@@ -7,7 +7,7 @@ Every key is typed and unknown keys are errors naming the key and the allowed on
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -44,6 +44,15 @@ class CheckpointConfig(_Section):
     keep_last: int = Field(default=2, ge=1)
 
 
+class LoraSection(_Section):
+    """LoRA fine-tuning (alloy.model.lora): the base frozen, low-rank adapters trained."""
+
+    rank: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16.0, gt=0)  # the update is scaled by alpha / rank
+    dropout: float = Field(default=0.0, ge=0, lt=1)  # on the adapters' input only
+    targets: list[str] | None = None  # Alloy linear names (wq, wk, wv, wo, gate, up, down); None: all of them
+
+
 class TrainConfig(_Section):
     model: str = "tiny-llama"  # preset, config.json, or an HF directory to fine-tune from
     data: DataConfig = DataConfig()
@@ -64,6 +73,7 @@ class TrainConfig(_Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    lora: LoraSection | None = None  # absent: full fine-tuning; present: final/ is a PEFT adapter, not a model
     eval_every: int = Field(default=50, ge=1)
     eval_batches: int = Field(default=2, ge=1)
     out_dir: str = "runs/train"
@@ -92,7 +102,9 @@ def _describe(err: ValidationError, source: str) -> str:
         section: type[BaseModel] = TrainConfig
         for part in first["loc"][:-1]:
             annotation = section.model_fields[str(part)].annotation
-            section = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else section
+            # an optional section (`lora: LoraSection | None`) names its class inside the union
+            options = [a for a in (annotation, *get_args(annotation)) if isinstance(a, type)]
+            section = next((a for a in options if issubclass(a, BaseModel)), section)
         return f"{source}: unknown key {loc!r}; allowed: {_fields(section)}"
     return f"{source}: {validation_message(err)}"
 

@@ -8,7 +8,8 @@ RUN_DIR holds everything a run makes, so a run can be inspected, resumed or fuse
     metrics.jsonl       one line per step: loss, lr, grad norm, tokens/s, per-device step time
     checkpoints/        per-rank shards with a manifest (alloy.runtime.checkpoint)
     loss.png            the loss curve
-    final/              the fused Hugging Face model (unless fuse: false)
+    final/              the fused Hugging Face model (unless fuse: false); with `lora:`, the
+                        adapter in PEFT's format (adapter_config.json names the base model)
 """
 
 from __future__ import annotations
@@ -95,9 +96,11 @@ def _plan(config: TrainConfig, spec, out_dir: Path, plan_path: str | None, resum
     else:
         checkpointing = {"on": True, "off": False}.get(config.activation_checkpointing, False)
         work = Workload("train", config.batch_size, config.seq_len, dtype=config.precision,
-                        micro_batches=config.micro_batches, checkpointing=checkpointing)
+                        micro_batches=config.micro_batches, checkpointing=checkpointing,
+                        lora_rank=config.lora.rank if config.lora else None)
         plan = plan_for(spec, _inventory(config.devices), work, verify=config.verify, log=log,
-                        precision=config.precision, activation_checkpointing=checkpointing)
+                        precision=config.precision, activation_checkpointing=checkpointing,
+                        lora=_lora_job(config))
     if plan.model.spec != spec.to_dict():
         raise PlanMismatchError(f"{plan_path or saved}: the plan was made for another model "
                                 f"({plan.model.family}, {plan.model.num_layers} layers)")
@@ -108,6 +111,36 @@ def _plan(config: TrainConfig, spec, out_dir: Path, plan_path: str | None, resum
         check_fits(plan, spec, str(plan_path))
     plan.save(saved)
     return plan
+
+
+def _lora_job(config: TrainConfig) -> dict | None:
+    return config.lora.model_dump() if config.lora else None
+
+
+def _check_lora_targets(config: TrainConfig, spec) -> None:
+    """Bad targets fail here, in one line, before any worker starts."""
+    if config.lora:
+        import torch
+
+        from alloy.model import Transformer
+        from alloy.model.lora import LoraConfig, apply_lora
+
+        with torch.device("meta"):
+            apply_lora(Transformer(spec), LoraConfig(**config.lora.model_dump()))
+
+
+def _write_lora_final(config: TrainConfig, spec, report, init_dir: str | None, target: Path) -> Path:
+    """The trained adapters (replica 0's stages) as a PEFT adapter directory, naming its base."""
+    from alloy.checkpoint.lora import write_adapter
+
+    state = report.state_dict()
+    scale = config.lora.alpha / config.lora.rank
+    adapters = {name.removesuffix(".lora_A"): (A, state[name.removesuffix("_A") + "_B"], scale)
+                for name, A in state.items() if name.endswith(".lora_A")}
+    if target.exists():
+        shutil.rmtree(target)  # the run's own earlier final/
+    base = str(Path(init_dir).resolve()) if init_dir else config.model
+    return write_adapter(spec, adapters, target, dropout=config.lora.dropout, base_model=base)
 
 
 def plan_for(spec, inventory, work, *, verify: bool, log=print, **run_options):
@@ -235,12 +268,16 @@ def _train(config: TrainConfig, out_dir: Path, plan_path, resume: bool, ours: bo
 
     resume = _check_fresh_or_resumable(out_dir, resume, ours, log)
     spec, init_dir = resolve_model(config.model)
+    _check_lora_targets(config, spec)
     if config.seq_len > spec.max_seq_len:
         raise ConfigError(f"seq_len {config.seq_len} is beyond the model's maximum {spec.max_seq_len}")
     if resume:
         saved = json.loads((out_dir / "run.json").read_text())
         if saved["spec"] != spec.to_dict():
             raise CheckpointError(f"{out_dir} holds a run of another model; resume it with its own config")
+        if saved["config"].get("lora") != _lora_job(config):  # its checkpoints hold (or lack) those adapters
+            raise ConfigError(f"lora changed since the run started ({saved['config'].get('lora')} then, "
+                              f"{_lora_job(config)} now); resume with the run's own lora section")
         before = saved["config"]["data"]
         if before != config.data.model_dump():  # its tokens are the old data's: never mix silently
             raise ConfigError(f"data changed since the run started ({before} then, {config.data.model_dump()} now); "
@@ -296,6 +333,7 @@ def _train(config: TrainConfig, out_dir: Path, plan_path, resume: bool, ours: bo
         checkpoint={"dir": str(out_dir / "checkpoints"), "every": config.checkpoint.every,
                     "keep_last": config.checkpoint.keep_last},
         resume=resume, stop_at=config.stop_at, metrics_path=str(metrics), max_restarts=max_restarts,
+        lora=_lora_job(config),
     )
     lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     done = lines[-1]["step"] if lines else 0
@@ -310,7 +348,9 @@ def _train(config: TrainConfig, out_dir: Path, plan_path, resume: bool, ours: bo
     result.loss_png = _plot(lines, out_dir / "loss.png", result.notes)
     if config.tensorboard:
         _tensorboard(lines, out_dir / "tensorboard")
-    if config.fuse and done >= steps:
+    if config.fuse and done >= steps and config.lora:
+        result.final_dir = _write_lora_final(config, spec, report, init_dir, out_dir / "final")
+    elif config.fuse and done >= steps:
         from alloy.fuse import fuse_run
 
         result.final_dir = fuse_run(out_dir, out_dir / "final", overwrite=True)  # the run's own earlier final/
