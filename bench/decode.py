@@ -1,4 +1,4 @@
-"""Decode tokens/s: Alloy's generate vs. transformers' generate, fp32 / bf16 / int8, batch 1 and 8.
+"""Decode tokens/s: Alloy's generate vs. transformers' generate, fp32 / bf16 / int8 / GGUF blocks, batch 1 and 8.
 
 Same Llama spec (built through LlamaConfig, untied head: the issue's ~98M reference is h768,
 12 layers, ff 2048, vocab 8192), same 16-token prompt, greedy, 128 new tokens, 2 threads.
@@ -6,7 +6,9 @@ The roofline fraction is (weight bytes read per token / the devices profile's me
 bandwidth) / measured time per token: 1.0 would be streaming every weight once per token at
 the measured rate (on a CPU the profile measures a vectorised streaming read on all threads).
 Alloy's bf16 and int8 are weight-only (fp32 arithmetic on CPU); transformers' bf16 is the whole
-model in bf16.
+model in bf16. Alloy's q8_0 / q4_0 / q4_k keep the weights as GGUF blocks (head in q8_0) and
+run int8-activation dot products on them (alloy.quant); no llama.cpp baseline here yet, so they
+are compared with Alloy's own fp32 and int8.
 Run one measurement: python -m bench.decode --impl alloy --dtype int8 [--batch 8] [--quick]
 """
 
@@ -19,10 +21,11 @@ import time
 import torch
 
 SIZES = {  # (hidden, layers, heads, ffn, vocab, new_tokens)
-    "quick": (256, 4, 4, 688, 2048, 32),
+    "quick": (256, 4, 4, 768, 2048, 32),  # FFN a multiple of 256: every GGUF block format takes it
     "full": (768, 12, 12, 2048, 8192, 128),
 }
 PROMPT_TOKENS = 16
+QUANT_ROWS = ("q8_0", "q4_0", "q4_k")  # GGUF block formats measured (q4_1 runs too: --dtype q4_1)
 
 
 def hf_config(size: str):
@@ -101,16 +104,22 @@ def variants(quick: bool) -> dict[str, list[str]]:
     runs = {f"{impl}-{dtype}": ["--impl", impl, "--dtype", dtype, *size]
             for dtype in ("fp32", "bf16") for impl in ("alloy", "transformers")}
     runs["alloy-int8"] = ["--impl", "alloy", "--dtype", "int8", *size]
+    for dtype in QUANT_ROWS:
+        runs[f"alloy-{dtype}"] = ["--impl", "alloy", "--dtype", dtype, *size]
     for dtype in ("fp32", "bf16"):
         for impl in ("alloy", "transformers"):
             runs[f"{impl}-{dtype}-b8"] = ["--impl", impl, "--dtype", dtype, "--batch", "8", *size]
+    runs["alloy-q8_0-b8"] = ["--impl", "alloy", "--dtype", "q8_0", "--batch", "8", *size]
     return runs
 
 
 PAIRS = [("alloy-fp32", "transformers-fp32", "tokens_per_s"), ("alloy-bf16", "transformers-bf16", "tokens_per_s"),
          ("alloy-int8", "transformers-bf16", "tokens_per_s"), ("alloy-int8", "transformers-fp32", "tokens_per_s"),
          ("alloy-fp32-b8", "transformers-fp32-b8", "tokens_per_s"),
-         ("alloy-bf16-b8", "transformers-bf16-b8", "tokens_per_s")]
+         ("alloy-bf16-b8", "transformers-bf16-b8", "tokens_per_s"),
+         ("alloy-q8_0", "alloy-fp32", "tokens_per_s"), ("alloy-q8_0", "alloy-int8", "tokens_per_s"),
+         ("alloy-q4_0", "alloy-fp32", "tokens_per_s"), ("alloy-q4_k", "alloy-fp32", "tokens_per_s"),
+         ("alloy-q8_0-b8", "alloy-fp32-b8", "tokens_per_s")]
 
 
 def headline(summary: dict, machine_flops: dict[str, float]) -> dict:
@@ -127,12 +136,12 @@ def headline(summary: dict, machine_flops: dict[str, float]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--impl", choices=["alloy", "transformers"], required=True)
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "int8", "q8_0", "q4_0", "q4_1", "q4_k"], default="fp32")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    if args.impl == "transformers" and args.dtype == "int8":
-        parser.error("transformers has no CPU weight-only int8 path here; compare alloy-int8 with transformers-bf16")
+    if args.impl == "transformers" and args.dtype not in ("fp32", "bf16"):
+        parser.error(f"transformers has no CPU {args.dtype} path here; compare alloy-{args.dtype} with transformers-bf16")
     result = measure(args.impl, "quick" if args.quick else "full", args.dtype, args.batch, memory_bandwidth())
     print(json.dumps(result))
 

@@ -25,7 +25,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--dtype", default="fp32", help="weights in fp32, bf16 or int8 (per-channel). On CPU the arithmetic stays fp32 (Alloy's GEMV kernels stream the smaller weights); on GPU bf16/int8 compute in bf16 (default fp32)")
+    parser.add_argument("--dtype", default="fp32", help="weights in fp32, bf16, int8 (per-channel) or a GGUF block format q8_0, q4_0, q4_1, q4_k (CPU only; head in q8_0). On CPU the arithmetic stays fp32 or int8 dot products (Alloy's kernels stream the smaller weights); on GPU bf16/int8 compute in bf16 (default fp32)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--system", default=None, help="system message (with --chat)")
     parser.add_argument("--devices", default=None,
@@ -52,8 +52,13 @@ def plan_stages(args, spec, prompt_len: int, new_tokens: int):
         from alloy.infer.optimize import decode_inventory
         from alloy.plan import Workload, make_plan
 
-        work = Workload(task="infer", batch_size=1, seq_len=prompt_len, dtype=args.dtype, new_tokens=new_tokens)
-        plan = make_plan(spec, decode_inventory(load_devices(args.devices), args.dtype), work)
+        from alloy.infer.optimize import QUANT_FORMATS
+
+        # The planner knows byte widths, not block formats: plan a block format as int8 (1 byte a
+        # weight, an upper bound on Q8_0's 1.06 and a safe overestimate for the 4-bit ones).
+        plan_dtype = "int8" if args.dtype in QUANT_FORMATS else args.dtype
+        work = Workload(task="infer", batch_size=1, seq_len=prompt_len, dtype=plan_dtype, new_tokens=new_tokens)
+        plan = make_plan(spec, decode_inventory(load_devices(args.devices), plan_dtype), work)
         return stages_from_plan(plan), plan
     return [StageSpec("cpu", (0, spec.num_layers), True, True)], None
 

@@ -11,6 +11,12 @@ is how fast the weights stream from memory plus a fixed cost per op. `prepare(mo
   rows) goes to PyTorch's GEMM, which is faster there.
 - elsewhere (CUDA), or on a CPU without the kernels: the model in bf16 for bf16/int8, and int8 as
   alloy.infer.quantize.Int8Linear.
+- q8_0 / q4_0 / q4_1 / q4_k (GGUF block formats, alloy.quant): every nn.Linear becomes a
+  QuantLinear holding the blocks, quantized one layer at a time from the checkpoint's dtype (the
+  model is never whole in fp32); the head is Q8_0 for every format (llama.cpp's 4-bit mixes
+  also keep the output matrix at 6-8 bits), and so is the token table, whose blocks a tied
+  head shares. On CPU only; the arithmetic is the activation in int8 per 32
+  inputs against the blocks (decode) or fp32 (prefill, fallback).
 
 The result is for inference only: its state dict no longer matches the checkpoint's names.
 """
@@ -24,9 +30,14 @@ from torch import nn
 from alloy.errors import ConfigError
 from alloy import kernels
 from alloy.infer.quantize import int8_rows, quantize_int8
+from alloy.quant import check_width, get_format, quantize
+from alloy.quant.linear import QuantEmbedding, QuantLinear
 from alloy.model.layers import MLP, Attention, Norm
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}  # activations without kernels
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16,  # activations without kernels
+          "q8_0": torch.float32, "q4_0": torch.float32, "q4_1": torch.float32, "q4_k": torch.float32}
+QUANT_FORMATS = ("q8_0", "q4_0", "q4_1", "q4_k")  # GGUF block formats: alloy.quant
+HEAD_FORMAT = "q8_0"  # the output matrix's format under every block format
 GEMV_MAX_ROWS = 16  # up to this many rows (batch x new tokens) the GEMV kernel beats MKL's GEMM here
 
 
@@ -120,11 +131,14 @@ def uses_kernels(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def prepare(model: nn.Module, dtype: str = "fp32", *, fuse: bool = True) -> nn.Module:
-    """Convert `model` in place for fast decoding in `dtype` (fp32, bf16 or int8) and return it."""
+    """Convert `model` in place for fast decoding in `dtype` (fp32, bf16, int8 or a GGUF block
+    format: q8_0, q4_0, q4_1, q4_k) and return it."""
     dtype = parse_dtype(dtype)
     model.eval().requires_grad_(False)
     if fuse:
         fuse_projections(model)
+    if dtype in QUANT_FORMATS:
+        return _prepare_quantized(model, dtype)
     if not uses_kernels(model):
         model.to(DTYPES[dtype])
         return quantize_int8(model) if dtype == "int8" else model
@@ -143,11 +157,44 @@ def prepare(model: nn.Module, dtype: str = "fp32", *, fuse: bool = True) -> nn.M
     return model
 
 
+@torch.no_grad()
+def _prepare_quantized(model: nn.Module, fmt: str) -> nn.Module:
+    if next(model.parameters()).device.type != "cpu":
+        raise ConfigError(f"--dtype {fmt} runs on CPU only for now; use bf16 or int8 on {next(model.parameters()).device}")
+    # Check every width before quantizing anything, so a bad model fails in a second, not midway.
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear:
+            check_width(get_format(HEAD_FORMAT if name == "head" else fmt), module.in_features, name)
+    embed = getattr(model, "embed", None)
+    if embed is not None:
+        check_width(get_format(HEAD_FORMAT), embed.tok.weight.shape[1], "embed.tok")
+    for parent_name, module in list(model.named_modules()):
+        for name, child in list(module.named_children()):
+            full = f"{parent_name}.{name}" if parent_name else name
+            if type(child) is nn.Linear:
+                # one layer at a time: the fp32 copy of a weight lives only inside quantize()
+                layer_fmt = HEAD_FORMAT if full == "head" else fmt
+                setattr(module, name, QuantLinear.from_weight(child.weight, child.bias, layer_fmt, name=full))
+    if embed is not None:
+        # The token table in the head's format; a tied head reads the same blocks (one copy).
+        dim = embed.tok.weight.shape[1]
+        blocks = quantize(embed.tok.weight, HEAD_FORMAT)
+        embed.tok = QuantEmbedding(blocks, HEAD_FORMAT, dim)
+        if getattr(model, "has_head", False) and not hasattr(model, "head"):
+            model.head = QuantLinear(blocks, HEAD_FORMAT, dim)
+    model.to(torch.float32)  # what is left: norms, position embeddings, biases (the blocks are uint8)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Norm) and child.kind == "rmsnorm" and kernels.available():
+                setattr(module, name, DecodeNorm(child))
+    return model
+
+
 def decode_inventory(inventory, dtype: str):
     """The inventory as a decode plan in `dtype` should see it: on CPUs with Alloy's kernels, bf16
     and int8 are weight-only (fp32 arithmetic), so a CPU without a fast bf16 matmul still decodes
     bf16 weights at its fp32 rate, reading half the bytes. Other devices are unchanged."""
-    if dtype == "fp32" or not kernels.available():
+    if dtype == "fp32" or dtype in QUANT_FORMATS or not kernels.available():
         return inventory
     devices = []
     for d in inventory.devices:

@@ -1,5 +1,8 @@
 """CPU decode GEMV kernels and a streaming-read probe (gemv.c), built on first use with the system C compiler, loaded with ctypes.
 
+`load(source, flags)` builds and caches any kernel source here; quant.py uses it for quant.c
+(GGUF block formats), once per instruction set.
+
 Why a kernel of our own: a decode step is a chain of GEMVs, so its speed is how fast weights
 stream from memory. On this class of CPU, PyTorch's fp32 GEMV (MKL) reads ~8-11 GB/s and its
 bf16 one has no fast path on AVX2, while a plain AVX2 loop on two threads reads ~15-18 GB/s
@@ -32,10 +35,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ALLOY_CACHE_DIR") or Path.home() / ".cache" / "alloy") / "kernels"
 
 
-def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"gemv-{key}.so"
+def _build(compiler: str, source_path: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
+    """Compile `source_path` with `flags` into the cache (once per source, compiler and flags)."""
+    source = source_path.read_bytes()
+    key = hashlib.sha256(source + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"{source_path.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +48,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
+        subprocess.run([compiler, *flags, str(source_path), "-o", tmp], check=True, capture_output=True, text=True,
                        timeout=120)
         os.replace(tmp, target)
     finally:
@@ -53,24 +57,39 @@ def _build(compiler: str) -> Path:
     return target
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    if os.environ.get("ALLOY_CPU_KERNELS", "1") == "0":
-        return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        warnings.warn("no C compiler found: decoding on CPU uses PyTorch's slower matmuls", stacklevel=2)
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def load(source_path: Path, flags: tuple[str, ...], what: str) -> ctypes.CDLL | None:
+    """Build (cached) and load a kernel library; None, with a warning saying `what` is slower, if
+    there is no compiler or the build fails."""
+    cc = compiler()
+    if cc is None:
+        warnings.warn(f"no C compiler found: {what} uses PyTorch's slower ops", stacklevel=3)
         return None
     try:
-        # Loaded after torch, so gemv.c's OpenMP calls bind to the libgomp.so.1 torch already
+        # Loaded after torch, so the OpenMP calls bind to the libgomp.so.1 torch already
         # loaded: one thread pool, not two spinning against each other.
-        lib = ctypes.CDLL(str(_build(compiler)))
+        return ctypes.CDLL(str(_build(cc, source_path, flags)))
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", None) or err
-        warnings.warn(f"building the CPU decode kernels failed ({str(detail).strip()[:200]}); "
-                      "using PyTorch's slower matmuls", stacklevel=2)
+        warnings.warn(f"building the CPU kernels for {what} failed ({str(detail).strip()[:200]}); "
+                      "using PyTorch's slower ops", stacklevel=3)
+        return None
+
+
+def enabled() -> bool:
+    """ALLOY_CPU_KERNELS=0 turns every compiled kernel off (PyTorch fallbacks everywhere)."""
+    return os.environ.get("ALLOY_CPU_KERNELS", "1") != "0"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    if not enabled() or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    lib = load(SOURCE, FLAGS, "decoding on CPU")
+    if lib is None:
         return None
     for name in _FUNCTIONS.values():
         fn = getattr(lib, name)

@@ -1,0 +1,66 @@
+"""GGUF block-quantized weights (Q8_0, Q4_0, Q4_1, Q4_K) kept quantized in memory.
+
+`quantize(w [out, in])` -> uint8 [out, in / block_size * type_size], each row its blocks in GGUF's
+byte layout; `dequantize` inverts it to the exact floats ggml would decode. `QuantLinear`
+(alloy.quant.linear) runs a matmul on those bytes with the kernels of alloy.kernels.quant.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alloy.errors import ConfigError
+from alloy.kernels import quant as kernel_quant
+from alloy.quant import formats, q4_k
+from alloy.quant.formats import FORMATS, Format
+
+_QUANTIZE = {"q8_0": formats.quantize_q8_0, "q4_0": formats.quantize_q4_0, "q4_1": formats.quantize_q4_1,
+             "q4_k": q4_k.quantize_q4_k}
+_DEQUANTIZE = {"q8_0": formats.dequantize_q8_0, "q4_0": formats.dequantize_q4_0, "q4_1": formats.dequantize_q4_1,
+               "q4_k": q4_k.dequantize_q4_k}
+# Rows quantized per step: bounds the fp32 temporaries (Q4_K's search holds ~40 per weight).
+CHUNK_WEIGHTS = 1 << 20
+
+__all__ = ["FORMATS", "Format", "quantize", "dequantize", "get_format"]
+
+
+def get_format(name: str) -> Format:
+    if name not in FORMATS:
+        raise ConfigError(f"unknown quantized format {name!r}; choose from {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+def check_width(fmt: Format, in_features: int, what: str = "weight") -> None:
+    if in_features % fmt.block_size:
+        raise ConfigError(f"{what} has {in_features} inputs, not a multiple of {fmt.name}'s block of "
+                          f"{fmt.block_size}; choose another --dtype")
+
+
+@torch.no_grad()
+def quantize(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """fp32/bf16/fp16 [out, in] -> uint8 [out, in / block_size * type_size] on the CPU."""
+    fmt = get_format(name)
+    if weight.dim() != 2:
+        raise ConfigError(f"quantize takes a 2-d weight [out, in], got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    check_width(fmt, in_features)
+    row_bytes = in_features // fmt.block_size * fmt.type_size
+    result = torch.empty(out_features, row_bytes, dtype=torch.uint8)
+    step = max(1, CHUNK_WEIGHTS // in_features)
+    for start in range(0, out_features, step):
+        rows = weight[start:start + step].detach().to("cpu", torch.float32)
+        blocks = rows.reshape(-1, fmt.block_size)
+        isa = kernel_quant.best_isa() if name == "q4_k" else None
+        # Q4_K's search is ~40x faster in C (the same ops in the same order: same bytes)
+        raw = kernel_quant.quantize_q4_k(blocks.contiguous(), isa) if isa else _QUANTIZE[name](blocks)
+        result[start:start + step] = raw.view(rows.shape[0], row_bytes)
+    return result
+
+
+def dequantize(raw: torch.Tensor, name: str) -> torch.Tensor:
+    """uint8 [out, row_bytes] -> fp32 [out, in]."""
+    fmt = get_format(name)
+    if raw.dim() != 2 or raw.dtype != torch.uint8 or raw.shape[1] % fmt.type_size:
+        raise ConfigError(f"{name} data must be uint8 [out, k * {fmt.type_size}], got {raw.dtype} {tuple(raw.shape)}")
+    blocks = raw.reshape(-1, fmt.type_size)
+    return _DEQUANTIZE[name](blocks).view(raw.shape[0], -1)

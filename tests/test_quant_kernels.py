@@ -1,0 +1,225 @@
+"""QuantLinear (alloy.quant.linear) on every kernel variant this CPU runs, and the PyTorch
+fallback, against a float64 matmul on the same dequantized weights; then whole models.
+
+Tolerances are derived, not measured. The integer-dot path rounds the activation to int8 per
+32 inputs with scale d = max|x| / 127, so |x - x̂| <= d / 2 per input and the output moves by at
+most sum over blocks of d / 2 * sum|w| in that block; on top comes fp32 rounding, a few units of
+2^-24 per accumulated term of the largest magnitude involved. The GEMM and fallback paths have
+only the fp32 term (the weights are dequantized exactly). The integer path is also held to the
+fp32 term alone against a reference whose activation is rounded exactly as quant.c rounds it:
+that catches a wrong offset or min term that the looser bound would let through.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import alloy
+from alloy import quant
+from alloy.errors import ConfigError
+from alloy.infer import generate
+from alloy.infer.optimize import parse_dtype, prepare
+from alloy.kernels import quant as kernel_quant
+from alloy.quant.linear import GEMV_MAX_ROWS, QuantEmbedding, QuantLinear
+
+PATHS = [*kernel_quant.built_isas(), None]  # None: the PyTorch fallback
+EPS32 = 2.0**-24
+
+
+def _tolerance(x: torch.Tensor, w: torch.Tensor, integer_dots: bool) -> torch.Tensor:
+    """Per-output bound [rows, out] on |kernel - float64 reference| (see the module docstring)."""
+    x, w = x.double(), w.double()
+    k = x.shape[1]
+    # fp32: every accumulated term is below 4 max|w_row| |x_i| (the Q4 offsets and mins are
+    # accumulated apart from the nibble dots, each bounded by 2-3 max|w_row|), k + 8 roundings deep
+    magnitude = x.abs().sum(1, keepdim=True) * (4 * w.abs().amax(1))[None, :]
+    fp32 = (k + 8) * EPS32 * magnitude + 1e-30
+    if not integer_dots:
+        return fp32
+    half_step = (x.abs().view(x.shape[0], -1, 32).amax(2) / 127 / 2) * (1 + 1e-4)  # [rows, blocks]
+    w_block_abs = w.abs().view(w.shape[0], -1, 32).sum(2)  # [out, blocks]
+    return half_step @ w_block_abs.t() + fp32
+
+
+def _act_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x as quant.c rounds it, in float64: per 32 inputs d = max|x| / 127 (fp32), q = round-half-even(x / d)."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    d = blocks.abs().amax(2, keepdim=True) / 127
+    inverse = torch.where(d > 0, torch.ones_like(d) / d, torch.zeros_like(d))
+    return (torch.round(blocks * inverse).double() * d.double()).view(x.shape)
+
+
+@settings(max_examples=60, deadline=None)
+@given(fmt=st.sampled_from(list(quant.FORMATS)), path=st.sampled_from(PATHS),
+       rows=st.sampled_from([1, 2, 3, 5, 8, 13, 31, 32, 33, 40]), out=st.integers(1, 37), blocks=st.integers(1, 3),
+       with_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_quant_linear_equals_float64_on_dequantized_weights(fmt, path, rows, out, blocks, with_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = quant.FORMATS[fmt].block_size * blocks
+    w = torch.randn(out, k, generator=g)
+    x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 4
+    bias = torch.randn(out, generator=g) if with_bias else None
+    layer = QuantLinear.from_weight(w, bias, fmt, isa=path)
+    w_exact = quant.dequantize(layer.blocks, fmt)
+    # the C dequantizer gives ggml's floats too, bit for bit (signed zeros included)
+    assert torch.equal(layer.dequantized().view(torch.int32), w_exact.view(torch.int32))
+    want = x.double() @ w_exact.double().t() + (0 if bias is None else bias.double())
+    got = layer(x)
+    assert got.dtype == torch.float32 and got.shape == (rows, out)
+    integer_dots = path is not None and rows <= GEMV_MAX_ROWS
+    assert ((got.double() - want).abs() <= _tolerance(x, w_exact, integer_dots)).all()
+    if integer_dots:  # and tightly, with the activation rounded the kernel's way: fp32 error only
+        x_int8 = _act_rounded(x)
+        want = x_int8 @ w_exact.double().t() + (0 if bias is None else bias.double())
+        assert ((got.double() - want).abs() <= _tolerance(x, w_exact, integer_dots=False)).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_large_layer_every_path(path):
+    # 2 threads over 517 output rows, k = 1024: the block loops at a real size, GEMV and GEMM tiles
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(517, 1024, generator=g), torch.randn(40, 1024, generator=g)
+    for fmt in quant.FORMATS:
+        layer = QuantLinear.from_weight(w, None, fmt, isa=path)
+        w_exact = layer.dequantized()
+        for rows in (1, 5, 40):
+            want = x[:rows].double() @ w_exact.double().t()
+            err = (layer(x[:rows]).double() - want).abs()
+            assert (err <= _tolerance(x[:rows], w_exact, path is not None and rows <= GEMV_MAX_ROWS)).all(), fmt
+
+
+def _tiny_llama(hidden: int, ffn: int, heads: int, tied: bool = False) -> alloy.Transformer:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+                                      num_key_value_heads=heads // 2, intermediate_size=ffn, vocab_size=96,
+                                      max_position_embeddings=64, tie_word_embeddings=tied)
+    model = alloy.Transformer(alloy.ModelSpec.from_hf_config(config.to_dict())).eval()
+    with torch.no_grad():  # logits far apart: greedy tokens do not hinge on near-ties
+        (model.embed.tok.weight if tied else model.head.weight).mul_(30)
+    return model
+
+
+class _Float64Twin(torch.nn.Module):
+    """x @ W.T + b in float64 with W the floats the blocks encode and, where QuantLinear takes the
+    integer-dot path (<= GEMV_MAX_ROWS rows), x rounded to int8 per 32 inputs as quant.c does
+    (scale max|x| / 127, round half to even): the kernels' arithmetic without their fp32 sums."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_quant: bool):
+        super().__init__()
+        self.weight = weight.detach().double()
+        self.bias = None if bias is None else bias.detach().double()
+        self.act_quant = act_quant
+
+    def forward(self, x):
+        rows = x.numel() // x.shape[-1]
+        xd = x.double()
+        if self.act_quant and rows <= GEMV_MAX_ROWS:
+            xd = _act_rounded(x.reshape(rows, -1)).view(x.shape)
+        y = xd @ self.weight.t() + (0 if self.bias is None else self.bias)
+        return y.to(x.dtype)
+
+
+def _rounded(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    return quant.dequantize(quant.quantize(weight, fmt), fmt)
+
+
+def _twin(model: alloy.Transformer, fmt: str, act_quant: bool = True) -> alloy.Transformer:
+    """The model with every linear a _Float64Twin and the token table rounded through Q8_0, a
+    tied head reading that rounded table (as prepare() keeps the head and the table)."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        table = twin.embed.tok.weight
+        table.copy_(_rounded(table, "q8_0"))
+    for parent_name, parent in list(twin.named_modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                full = f"{parent_name}.{name}" if parent_name else name
+                weight = _rounded(child.weight, "q8_0" if full == "head" else fmt)
+                setattr(parent, name, _Float64Twin(weight, child.bias, act_quant))
+    if not hasattr(twin, "head"):
+        twin.head = _Float64Twin(twin.embed.tok.weight, None, act_quant)
+    return twin
+
+
+@pytest.mark.parametrize("fmt, hidden, ffn, heads, tied", [("q8_0", 64, 128, 4, False), ("q4_0", 64, 96, 4, False),
+                                                           ("q4_1", 64, 96, 4, True), ("q4_k", 256, 256, 4, False)])
+def test_quantized_model_generates_like_its_float64_twin(fmt, hidden, ffn, heads, tied):
+    # Prefill (2 x 20 rows: dequantize + GEMM) and 32 decode steps of 2 rows (the integer kernels).
+    model = _tiny_llama(hidden, ffn, heads, tied)
+    prepared = prepare(copy.deepcopy(model), fmt)
+    assert isinstance(prepared.head, QuantLinear) and prepared.head.fmt == "q8_0"
+    assert isinstance(prepared.embed.tok, QuantEmbedding)
+    if tied:  # one copy of the table, read by the lookup and the head
+        assert prepared.head.blocks.data_ptr() == prepared.embed.tok.blocks.data_ptr()
+    assert not any(type(m) is torch.nn.Linear for m in prepared.modules())
+    prompts = torch.randint(1, 96, (2, 20), generator=torch.Generator().manual_seed(3)).tolist()
+    # without kernels (ALLOY_CPU_KERNELS=0) every path is the exact-activation fallback
+    twin = _twin(model, fmt, act_quant=kernel_quant.best_isa() is not None)
+    want = [g.tokens for g in generate(twin, prompts, max_new_tokens=32, eos_ids=())]
+    assert [g.tokens for g in generate(prepared, prompts, max_new_tokens=32, eos_ids=())] == want
+    # Against the plain dequantized fp32 model (no activation rounding) the logits move by the
+    # activation's 8-bit rounding only: well under 2 % of their range on this model.
+    ids = torch.tensor([prompts[0] + want[0]])
+    with torch.no_grad():
+        plain = _twin(model, fmt, act_quant=False)
+        steps = [prepared(ids[:, : t + 1])[0, -1] - plain(ids[:, : t + 1])[0, -1] for t in range(19, 25)]
+        spread = float(plain(ids)[0].max() - plain(ids)[0].min())
+    assert max(float(s.abs().max()) for s in steps) < 0.02 * spread
+
+
+def test_fallback_without_kernels_generates_the_same(monkeypatch):
+    model = _tiny_llama(64, 128, 4)
+    prompts = [[5, 6, 7, 8]]
+    with_kernels = prepare(copy.deepcopy(model), "q8_0")
+    kernels_ran = kernel_quant.best_isa() is not None
+    monkeypatch.setenv("ALLOY_CPU_KERNELS", "0")
+    without = prepare(copy.deepcopy(model), "q8_0")
+    assert {m.isa for m in without.modules() if isinstance(m, QuantLinear)} == {None}
+    # without kernels every row count takes the exact GEMM path: the twin without activation rounding
+    want = generate(_twin(model, "q8_0", act_quant=False), prompts, max_new_tokens=16, eos_ids=())[0].tokens
+    assert generate(without, prompts, max_new_tokens=16, eos_ids=())[0].tokens == want
+    want = generate(_twin(model, "q8_0", act_quant=kernels_ran), prompts, max_new_tokens=16, eos_ids=())[0].tokens
+    assert generate(with_kernels, prompts, max_new_tokens=16, eos_ids=())[0].tokens == want
+
+
+def test_bad_dtype_and_widths_raise_config_errors():
+    with pytest.raises(ConfigError, match="unknown dtype 'q5_k'"):
+        parse_dtype("q5_k")
+    model = _tiny_llama(64, 128, 4)
+    with pytest.raises(ConfigError, match="64 inputs, not a multiple of q4_k's block of 256"):
+        prepare(model, "q4_k")
+    # nothing was quantized before the width check failed
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    with pytest.raises(ConfigError, match="must be uint8"):
+        QuantLinear(torch.zeros(3, 10, dtype=torch.uint8), "q8_0", 32)
+
+
+def test_cli_generate_with_a_block_format(tmp_path, capsys):
+    import json
+
+    from alloy.cli import main
+    from hf_cases import char_tokenizer
+
+    config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=128, vocab_size=96, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    char_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    argv = ["generate", "--model", str(tmp_path), "--prompt", "Hello", "--max-new-tokens", "8", "--json"]
+    model = prepare(alloy.load(tmp_path), "q8_0")
+    want = generate(model, [[ord(c) - 32 for c in "Hello"]], max_new_tokens=8, eos_ids=())[0].tokens
+    assert main([*argv, "--dtype", "q8_0"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["dtype"] == "q8_0" and record["tokens"] == want
+    assert main([*argv, "--dtype", "q4_0"]) == 0 and len(json.loads(capsys.readouterr().out)["tokens"]) == 8
+    # bad input: a clean exit 2 with one line naming the problem
+    assert main([*argv, "--dtype", "q4_k"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a multiple of q4_k's block of 256" in err and "\n" not in err
+    assert main([*argv, "--dtype", "q3_k"]) == 2 and "unknown dtype 'q3_k'" in capsys.readouterr().err
