@@ -479,6 +479,20 @@ def test_extreme_sampling_values_pick_the_top_token(temperature, top_p):
     assert torch.equal(got, logits.argmax(-1))
 
 
+@pytest.mark.parametrize("penalty", [5e-324, 1e-30, 1e30])
+def test_extreme_repetition_penalties_sample_a_real_token(penalty):
+    """What schemathesis found next: a penalty of 5e-324 divided a seen token's logit to inf, and
+    the temperature's shift made it NaN."""
+    from alloy.infer.sampling import Sampler, Sampling
+
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
+    seen = logits.argsort(-1, descending=True)[:, :3]  # positive logits: a tiny penalty makes them huge
+    got = Sampler(Sampling(temperature=2.0, top_p=5e-324, repetition_penalty=penalty, seed=0))(logits, seen)
+    assert ((0 <= got) & (got < 50)).all()
+    if penalty < 1:  # the seen tokens' logits grew past every other: one of them is sampled
+        assert all(int(g) in row.tolist() for g, row in zip(got, seen))
+
+
 def test_generation_config_sets_the_defaults_and_the_eos_ids(tmp_path, reference):
     """generation_config.json: do_sample false makes an unspecified temperature greedy, and its
     eos_token_id list ends a generation on a token config.json does not name."""

@@ -55,7 +55,9 @@ class Sampler:
         if s.repetition_penalty != 1.0 and seen is not None:
             picked = logits.gather(1, seen)
             picked = torch.where(picked > 0, picked / s.repetition_penalty, picked * s.repetition_penalty)
-            logits = logits.scatter(1, seen, picked)
+            # a penalty near 0 (5e-324) divides to inf, and inf - inf below is NaN: keep it finite
+            big = torch.finfo(logits.dtype).max
+            logits = logits.scatter(1, seen, picked.clamp(-big, big))
         if s.greedy:
             return logits.argmax(dim=-1)
         # shifted so the top logit is 0, and divided in float64 (a temperature of 1e-186 is 0 in
