@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         # a deterministic benchmark (no timing) says so with ROUNDS = 1: repeating it adds nothing
         rounds = getattr(module, "ROUNDS", None) or reps
         warmup = 0 if args.quick or getattr(module, "ROUNDS", None) else 1
-        samples = harness.alternate(name, module.variants(args.quick), rounds, warmup=warmup, log=log)
+        samples = harness.alternate(name, module.variants(args.quick), rounds, warmup=warmup, log=log,
+                                    may_crash=getattr(module, "MAY_CRASH", ()))
         summary = harness.summarize(samples, module.PAIRS)
         headline = module.headline(summary, machine_flops())
         record = {"benchmark": name, "quick": args.quick, "environment": harness.environment(),

@@ -7,16 +7,24 @@ bandwidth) / measured time per token: 1.0 would be streaming every weight once p
 the measured rate (on a CPU the profile measures a vectorised streaming read on all threads).
 Alloy's bf16 and int8 are weight-only (fp32 arithmetic on CPU); transformers' bf16 is the whole
 model in bf16. Alloy's q8_0 / q4_0 / q4_k keep the weights as GGUF blocks (head in q8_0) and
-run int8-activation dot products on them (alloy.quant); no llama.cpp baseline here yet, so they
-are compared with Alloy's own fp32 and int8.
+run int8-activation dot products on them (alloy.quant). llama.cpp's own tools, llama-bench and
+llama-quantize (found beside $LLAMA_BENCH or on PATH; left out where absent), run the same spec and weights from Alloy's own GGUF export,
+quantized by llama.cpp's own quantizer (Q8_0, Q4_0, Q4_K_M), at batch 1 with 2 threads: each dtype
+against its llama.cpp counterpart. Every variant is its own process (a crash is a crash).
 Run one measurement: python -m bench.decode --impl alloy --dtype int8 [--batch 8] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import json
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -48,6 +56,69 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
+MAY_CRASH = ("llamacpp-",)  # a llama.cpp build that crashes on this CPU is reported, not fatal
+LLAMA_FTYPES = {"fp32": None, "bf16": None, "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k": "Q4_K_M"}
+
+
+def llama_binary(name: str) -> str | None:
+    """A llama.cpp tool: $LLAMA_BENCH's folder (or $LLAMA_SERVER's), else PATH. Build llama.cpp
+    with GGML_NATIVE=OFF on a VM: a native build here emitted an instruction the guest lacks
+    (SIGILL / SIGSEGV on every quantized model)."""
+    for env in ("LLAMA_BENCH", "LLAMA_SERVER"):
+        if os.environ.get(env):
+            candidate = Path(os.environ[env]).with_name(name)
+            if candidate.is_file():
+                return str(candidate)
+    return shutil.which(name)
+
+
+def alloy_model(size: str):
+    import alloy
+
+    torch.manual_seed(0)
+    return alloy.Transformer(alloy.ModelSpec.from_hf_config(hf_config(size).to_dict()))
+
+
+def llama_gguf(size: str, dtype_name: str) -> Path:
+    """The bench model as a GGUF file for llama.cpp: Alloy's export (F32 or BF16), quantized by
+    llama.cpp's own quantizer for the block formats; cached in the temporary directory."""
+    import alloy
+
+    root = Path(tempfile.gettempdir()) / f"alloy-bench-decode-{size}-v1"
+    base = root / ("model-bf16.gguf" if dtype_name == "bf16" else "model-f32.gguf")
+    if not base.is_file():
+        from bench.serve import byte_bpe
+
+        alloy.save(alloy_model(size), root / "hf", overwrite=True)
+        byte_bpe(hf_config(size).vocab_size)[0].save(str(root / "hf" / "tokenizer.json"))  # llama.cpp needs a vocabulary
+        subprocess.run([sys.executable, "-m", "alloy", "export", str(root / "hf"), "--format", "gguf", "--out",
+                        str(base), "--force"] + (["--dtype", "bf16"] if dtype_name == "bf16" else []),
+                       check=True, stdout=subprocess.DEVNULL)
+    if LLAMA_FTYPES[dtype_name] is None:
+        return base
+    out = root / f"model-{dtype_name}.gguf"
+    if not out.is_file():
+        staging = out.with_name(out.name + f".{os.getpid()}")
+        subprocess.run([llama_binary("llama-quantize"), str(base), str(staging), LLAMA_FTYPES[dtype_name], "2"],
+                       check=True, capture_output=True)
+        staging.replace(out)
+    return out
+
+
+def measure_llama_cpp(size: str, dtype_name: str, new: int) -> dict:
+    """llama-bench on the same weights, 2 threads: the prompt (16 tokens) then `new` tokens, its
+    time the sum of both, as Alloy's figure includes its prefill."""
+    model = llama_gguf(size, dtype_name)
+    proc = subprocess.run([llama_binary("llama-bench"), "-m", str(model), "-p", str(PROMPT_TOKENS), "-n", str(new),
+                           "-t", "2", "-r", "1", "-o", "json"], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama-bench exited with {proc.returncode}: {proc.stderr.strip()[-300:]}")
+    rows = {("pp" if r["n_gen"] == 0 else "tg"): r for r in json.loads(proc.stdout)}
+    elapsed = PROMPT_TOKENS / rows["pp"]["avg_ts"] + new / rows["tg"]["avg_ts"]
+    return {"tokens_per_s": new / elapsed, "step_s": elapsed / new, "decode_only_tokens_per_s": rows["tg"]["avg_ts"],
+            "weight_bytes": float(model.stat().st_size)}
+
+
 def build(impl: str, size: str, dtype_name: str):
     torch.manual_seed(0)
     config = hf_config(size)
@@ -61,11 +132,10 @@ def build(impl: str, size: str, dtype_name: str):
             return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
                                   min_new_tokens=new, pad_token_id=0)
         return model, run
-    import alloy
     from alloy.infer import generate
     from alloy.infer.optimize import prepare
 
-    model = prepare(alloy.Transformer(alloy.ModelSpec.from_hf_config(config.to_dict())), dtype_name)
+    model = prepare(alloy_model(size), dtype_name)
 
     def run(ids, new):
         return generate(model, ids.tolist(), max_new_tokens=new, eos_ids=())
@@ -73,6 +143,11 @@ def build(impl: str, size: str, dtype_name: str):
 
 
 def measure(impl: str, size: str, dtype_name: str, batch: int, bandwidth: float | None) -> dict:
+    if impl == "llamacpp":
+        out = measure_llama_cpp(size, dtype_name, SIZES[size][-1])
+        if bandwidth:  # the file's bytes: every weight once per token, the embedding table too (an overestimate)
+            out["roofline_fraction"] = out["weight_bytes"] / bandwidth / out["step_s"]
+        return out
     torch.set_num_threads(2)
     model, run = build(impl, size, dtype_name)
     new = SIZES[size][-1]
@@ -110,6 +185,12 @@ def variants(quick: bool) -> dict[str, list[str]]:
         for impl in ("alloy", "transformers"):
             runs[f"{impl}-{dtype}-b8"] = ["--impl", impl, "--dtype", dtype, "--batch", "8", *size]
     runs["alloy-q8_0-b8"] = ["--impl", "alloy", "--dtype", "q8_0", "--batch", "8", *size]
+    if not (llama_binary("llama-bench") and llama_binary("llama-quantize")):
+        print("  (decode: llama.cpp baseline left out: no llama-bench / llama-quantize on PATH or beside "
+              "$LLAMA_BENCH; build llama.cpp, GGML_NATIVE=OFF on a VM)", file=sys.stderr)
+    else:
+        for dtype in LLAMA_FTYPES:
+            runs[f"llamacpp-{dtype}"] = ["--impl", "llamacpp", "--dtype", dtype, *size]
     return runs
 
 
@@ -119,14 +200,16 @@ PAIRS = [("alloy-fp32", "transformers-fp32", "tokens_per_s"), ("alloy-bf16", "tr
          ("alloy-bf16-b8", "transformers-bf16-b8", "tokens_per_s"),
          ("alloy-q8_0", "alloy-fp32", "tokens_per_s"), ("alloy-q8_0", "alloy-int8", "tokens_per_s"),
          ("alloy-q4_0", "alloy-fp32", "tokens_per_s"), ("alloy-q4_k", "alloy-fp32", "tokens_per_s"),
-         ("alloy-q8_0-b8", "alloy-fp32-b8", "tokens_per_s")]
+         ("alloy-q8_0-b8", "alloy-fp32-b8", "tokens_per_s")] + [
+         (f"alloy-{d}", f"llamacpp-{d}", "tokens_per_s") for d in LLAMA_FTYPES]
 
 
 def headline(summary: dict, machine_flops: dict[str, float]) -> dict:
     figures, ratios = summary["figures"], summary["ratios"]
     out = {f"{name.replace('-', '_')}_tokens_per_s": f["tokens_per_s"]["median"] for name, f in figures.items()}
     for a, b, key in PAIRS:
-        out[f"ratio_{a.replace('-', '_')}_vs_{b.replace('-', '_')}"] = ratios[f"{a}/{b}:{key}"]["median"]
+        if f"{a}/{b}:{key}" in ratios:  # a baseline this machine leaves out has no ratio
+            out[f"ratio_{a.replace('-', '_')}_vs_{b.replace('-', '_')}"] = ratios[f"{a}/{b}:{key}"]["median"]
     for name, f in figures.items():
         if "roofline_fraction" in f:
             out[f"{name.replace('-', '_')}_roofline_fraction"] = f["roofline_fraction"]["median"]
@@ -135,11 +218,13 @@ def headline(summary: dict, machine_flops: dict[str, float]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impl", choices=["alloy", "transformers"], required=True)
+    parser.add_argument("--impl", choices=["alloy", "transformers", "llamacpp"], required=True)
     parser.add_argument("--dtype", choices=["fp32", "bf16", "int8", "q8_0", "q4_0", "q4_1", "q4_k"], default="fp32")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    if args.impl == "llamacpp" and (args.dtype not in LLAMA_FTYPES or args.batch != 1):
+        parser.error(f"the llama.cpp baseline runs {', '.join(LLAMA_FTYPES)} at batch 1")
     if args.impl == "transformers" and args.dtype not in ("fp32", "bf16"):
         parser.error(f"transformers has no CPU {args.dtype} path here; compare alloy-{args.dtype} with transformers-bf16")
     result = measure(args.impl, "quick" if args.quick else "full", args.dtype, args.batch, memory_bandwidth())

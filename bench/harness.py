@@ -34,21 +34,36 @@ def run_variant(module: str, argv: list[str], timeout_s: float) -> dict:
 
 
 def alternate(module: str, variants: dict[str, list[str]], reps: int, warmup: int = 1,
-              timeout_s: float = 900.0, log=print) -> dict[str, list[dict]]:
+              timeout_s: float = 900.0, log=print, may_crash: tuple[str, ...] = ()) -> dict[str, list[dict]]:
+    """`may_crash`: name prefixes of baselines whose failure is reported (as a crash, and the
+    variant dropped) instead of ending the benchmark."""
     samples: dict[str, list[dict]] = {name: [] for name in variants}
+    crashed: dict[str, str] = {}
     for round_index in range(-warmup, reps):
         for name, argv in variants.items():
+            if name in crashed:
+                continue
             started = time.perf_counter()
-            result = run_variant(module, argv, timeout_s)
+            try:
+                result = run_variant(module, argv, timeout_s)
+            except (RuntimeError, subprocess.TimeoutExpired) as err:
+                if not name.startswith(may_crash) or not may_crash:
+                    raise
+                crashed[name] = " ".join(str(err).split())[:300]
+                log(f"  {'crashed':>11}  {name:<24} {crashed[name]}")
+                continue
             tag = "warm-up" if round_index < 0 else f"round {round_index + 1}/{reps}"
             log(f"  {tag:>11}  {name:<24} {time.perf_counter() - started:6.1f} s  {_short(result)}")
             if round_index >= 0:
                 samples[name].append(result)
+    for name, why in crashed.items():  # kept as a record; no figure to compare
+        samples[name] = [{"crashed": why}] if not samples[name] else samples[name]
     return samples
 
 
 def summarize(samples: dict[str, list[dict]], pairs: list[tuple[str, str, str]]) -> dict:
     figures = {}
+    samples = {name: runs for name, runs in samples.items() if runs and "crashed" not in runs[0]}
     for name, runs in samples.items():
         keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         figures[name] = {k: _stats([r[k] for r in runs]) for k in keys}
