@@ -84,7 +84,7 @@ def serve_args(model_dir, **extra):
 def server(model_dir):
     from alloy.cli.serve import load_server
 
-    app, _ = load_server(serve_args(model_dir))
+    app, _, _ = load_server(serve_args(model_dir))
     live = LiveServer(app)
     yield live
     live.close()
@@ -431,6 +431,19 @@ def test_cli_serve_refuses_bad_arguments_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "alloy", "serve", str(tmp_path / "nope")], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "not a model directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_serve_on_a_port_in_use_exits_2_naming_it(model_dir):
+    """HTTP runs in a thread beside the engine's loop: when it cannot listen, the engine stops too
+    and the command ends in one line instead of waiting forever."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "alloy", "serve", str(model_dir), "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"could not serve on 127.0.0.1:{port}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_chat_repl_streams_answers_with_speed(model_dir):

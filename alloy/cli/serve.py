@@ -40,8 +40,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lora", default=None, help="a LoRA adapter directory (PEFT format) to apply to the model")
 
 
-def load_server(args):
-    """(app, description lines) for the arguments: the model loaded, the engine started."""
+def load_server(args, *, start: bool = True):
+    """(app, engine or None, description lines) for the arguments: the model loaded, the engine
+    started in its own thread unless `start` is False (then run it with alloy.serve.app.serve)."""
     import alloy
     from alloy.serve.app import create_app
 
@@ -61,15 +62,17 @@ def load_server(args):
     spec = text_side.spec
     if not spec.causal:  # an encoder: embeddings only
         model = alloy.load(directory)
-        return create_app(model, model_name=name, api_key=api_key), [f"embeddings from {name} ({spec.family})"]
+        return create_app(model, model_name=name, api_key=api_key), None, [f"embeddings from {name} ({spec.family})"]
     stages, lines = _stages(args, directory, spec)
     from alloy.serve.engine import Engine
 
     engine = Engine(stages, tokenizer=text_side.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                    ctx_size=args.ctx_size).start()
+                    ctx_size=args.ctx_size)
+    if start:
+        engine.start()
     app = create_app(text_side, model_name=name, engine=engine, api_key=api_key, plan_summary="; ".join(lines))
     app.router.on_shutdown.append(engine.stop)
-    return app, lines
+    return app, engine, lines
 
 
 def _stages(args, directory, spec):
@@ -87,8 +90,6 @@ def _stages(args, directory, spec):
 
 
 def run(args) -> int:
-    import uvicorn
-
     if args.lora:  # the adapter folded into a merged copy of the model, served under the base's name
         from alloy.checkpoint.hub import display_name, existing_model
         from alloy.checkpoint.lora import merged_model_dir
@@ -98,11 +99,13 @@ def run(args) -> int:
 
     if args.processes or args.nnodes > 1:
         return _run_processes(args)
-    app, lines = load_server(args)
+    from alloy.serve.app import serve
+
+    app, engine, lines = load_server(args, start=False)
     print(f"alloy serve: {args.name or Path(args.model).resolve().name} at http://{args.host}:{args.port}/v1")
     for line in lines:
-        print(f"  {line}")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        print(f"  {line}", flush=True)
+    serve(app, engine, host=args.host, port=args.port)
     return 0
 
 

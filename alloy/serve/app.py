@@ -362,3 +362,40 @@ def sentence_embeddings(model, inputs: list[list[int]]) -> torch.Tensor:
     weights = mask[..., None].to(hidden.dtype)
     pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
     return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
+def serve(app, engine: Engine | None, *, host: str, port: int) -> None:
+    """Serve `app` until SIGINT / SIGTERM. With an engine: HTTP from a thread and the engine's loop
+    in this one, the thread that loaded the model (why: Engine.run_here)."""
+    import signal
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    if engine is None:
+        server.run()
+        return
+
+    def stop(*_):
+        server.should_exit = True
+        engine.stop()
+
+    def http():
+        try:
+            server.run()
+        finally:
+            engine.stop()  # the server ended (stopped, or it could not listen): so does the engine
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    web = threading.Thread(target=http, name="alloy-http", daemon=True)
+    web.start()
+    try:
+        engine.run_here()
+    finally:
+        server.should_exit = True
+        web.join(timeout=30)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        raise AlloyError(f"could not serve on {host}:{port} (in use, or not an address of this machine)")

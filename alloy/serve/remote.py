@@ -123,20 +123,16 @@ def run_rank(job: dict) -> None:
     if rank > 0:
         serve_stage(model, rank, world, job["max_batch"], job["ctx_size"], activation_dtype)
         return
-    import uvicorn
-
-    from alloy.serve.app import create_app
+    from alloy.serve.app import create_app, serve
     from alloy.serve.engine import Engine
 
     text_side = alloy.load(job["model_dir"], layers=(0, 0), embed=False, head=False)
     engine = Engine(RemoteStages(model, world, activation_dtype), tokenizer=text_side.tokenizer,
-                    max_batch=job["max_batch"], max_queue=job["max_queue"], ctx_size=job["ctx_size"]).start()
+                    max_batch=job["max_batch"], max_queue=job["max_queue"], ctx_size=job["ctx_size"])
     app = create_app(text_side, model_name=job["name"], engine=engine, api_key=os.environ.get("ALLOY_API_KEY"),
                      plan_summary=job.get("plan_summary"))
-    try:  # uvicorn handles SIGTERM / SIGINT: it shuts down and returns
-        uvicorn.run(app, host=job["host"], port=job["port"], log_level="warning")
-    finally:
-        engine.stop()  # its thread tells the other ranks to stop
+    # HTTP from a thread, the engine (and stage 0) here; its loop's end tells the other ranks to stop
+    serve(app, engine, host=job["host"], port=job["port"])
 
 
 if __name__ == "__main__":
