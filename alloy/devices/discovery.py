@@ -6,6 +6,7 @@ cgroup limits) because those, not the machine's nominal size, bound what a worke
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ def _cpu() -> FoundDevice:
     limit = _cgroup_memory_limit_bytes()
     if limit is not None:
         total, available = min(total, limit), min(available, limit)
-    flags = set(info.get("flags", info.get("Features", "")).split())
+    flags = cpu_flags()
     return FoundDevice(
         name="cpu", kind="cpu",
         model=info.get("model name") or info.get("Hardware") or platform.processor() or platform.machine(),
@@ -88,6 +89,14 @@ def _mps() -> FoundDevice:
 def _xpu(index: int) -> FoundDevice:
     props = torch.xpu.get_device_properties(index)
     return FoundDevice(name=f"xpu:{index}", kind="xpu", model=props.name, memory_bytes=props.total_memory)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """Every ISA flag Linux reports for this CPU (x86 `flags`, ARM `Features`); the profile keeps
+    the matmul ones, the kernels dispatch on all of them."""
+    info = _cpuinfo()
+    return frozenset(info.get("flags", info.get("Features", "")).split())
 
 
 def _cpuinfo() -> dict[str, str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from alloy import kernels
+from alloy.devices.discovery import cpu_flags  # the one reader of /proc/cpuinfo
 
 SOURCE = Path(__file__).with_name("quant.c")
 _BASE = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off")
@@ -24,17 +25,6 @@ ISA_FLAGS = {  # variant -> (compiler flags, CPU flags it needs)
     "avx2": (_BASE, ("avx2", "fma", "f16c")),
 }
 FORMAT_IDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q4_k": 3}
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def runnable_isas() -> list[str]:
