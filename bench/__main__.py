@@ -20,6 +20,7 @@ BENCHMARKS = {
     "quality": "held-out perplexity of a small trained model at fp32, bf16 and int8 weights (decode's quality cost)",
     "plan": "planner runtime at 8/64/256 declared devices; predicted gains on the example clusters",
     "serve": "OpenAI-compatible server vs. llama.cpp's, same GGUF-exported weights: tokens/s, TTFT, ITL at 1/4/16 clients",
+    "lora": "LoRA training tokens/s vs full fine-tuning and transformers+PEFT, fp32 and bf16",
     "validate": "planner fidelity: cost model and planner vs. published heterogeneous-cluster measurements",
 }
 

@@ -42,6 +42,15 @@ def make_step(forward, optimizer, ids: torch.Tensor):
     return step
 
 
+def time_steps(step, steps: int) -> float:
+    """Seconds per step over `steps` timed steps, after one untimed warm-up (allocator, kernels)."""
+    step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - started) / steps
+
+
 def train_flops_per_token(model: torch.nn.Module, layers: int, seq: int, hidden: int) -> tuple[int, int]:
     """(matmul parameters, training FLOPs per token): 6 N for the matmuls (the embedding table is a
     lookup, not a matmul: left out), plus attention scores and values (fwd 4*T*h per layer, x3 with bwd)."""
@@ -72,12 +81,7 @@ def measure(impl: str, size: str, dtype_name: str, steps: int) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
 
-    step = make_step(forward, optimizer, ids)
-    step()  # warm-up: allocator, kernels
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    step_s = (time.perf_counter() - started) / steps
+    step_s = time_steps(make_step(forward, optimizer, ids), steps)
     h, layers, ffn = SIZES[size][0], SIZES[size][1], SIZES[size][4]
     params, flops_per_token = train_flops_per_token(model, layers, seq, h)
     return {"tokens_per_s": batch * seq / step_s, "step_s": step_s, "achieved_flops": flops_per_token * batch * seq / step_s,
@@ -99,7 +103,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def dtypes(quick: bool) -> tuple[str, ...]:
+def dtypes(quick: bool, bench: str = "train") -> tuple[str, ...]:
     """fp32 and bf16; at full size bf16 only where this CPU has a fast bf16 matmul (the devices
     profile). Without one a full bf16 step takes ~1 min on either side and shows nothing."""
     if quick:
@@ -111,7 +115,7 @@ def dtypes(quick: bool) -> tuple[str, ...]:
     except Exception:  # no profile: run both
         return ("fp32", "bf16")
     if "bf16" in slow:
-        print(f"(train: bf16 left out at full size: {slow['bf16']})", file=sys.stderr)
+        print(f"({bench}: bf16 left out at full size: {slow['bf16']})", file=sys.stderr)
         return ("fp32",)
     return ("fp32", "bf16")
 

@@ -91,3 +91,25 @@ def test_hetero_benchmark_quick_runs_every_variant_from_a_fresh_checkout():
     alloy = record["samples"]["alloy"][0]
     assert alloy["chosen"] and len(alloy["trials"]) >= 3
     assert all(t["predicted_step_s"] > 0 for t in alloy["trials"])
+
+
+def test_lora_benchmark_quick_reports_every_impl_and_finite_ratios():
+    """Smoke test (no speed asserted): Alloy's LoRA, its full fine-tuning and transformers + PEFT
+    each train at both dtypes, and LoRA trains a small fraction of the parameters."""
+    import math
+
+    proc = subprocess.run([sys.executable, "-m", "bench", "lora", "--quick", "--json"], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout)
+    figures, ratios = record["figures"], record["ratios"]
+    rows = {f"{impl}-{dtype}" for impl in ("alloy-lora", "alloy-qlora", "alloy-full", "peft")
+            for dtype in ("fp32", "bf16")}
+    assert set(figures) == rows, sorted(figures)
+    assert all(f["tokens_per_s"]["min"] > 0 and f["peak_rss_bytes"]["min"] > 0 for f in figures.values())
+    lora, full, peft = (figures[f"{impl}-fp32"] for impl in ("alloy-lora", "alloy-full", "peft"))
+    assert lora["trainable_params"]["median"] == peft["trainable_params"]["median"]  # same adapters on both sides
+    assert lora["trainable_params"]["median"] < 0.2 * full["trainable_params"]["median"]
+    assert figures["alloy-qlora-fp32"]["trainable_params"]["median"] == lora["trainable_params"]["median"]
+    assert len(ratios) == 12 and all(math.isfinite(s["min"]) and math.isfinite(s["max"]) for s in ratios.values())
+    assert all(math.isfinite(v) and v > 0 for v in record["headline"].values()), record["headline"]

@@ -61,3 +61,31 @@ def test_lora_rank_must_be_positive():
     with pytest.raises(PlanError, match="lora rank"):
         Workload("infer", 1, 128, lora_rank=8)
 
+
+
+def test_the_plan_document_records_the_lora_rank(tmp_path, capsys):
+    """plan.json says whether it priced a LoRA run, and a LoRA plan read back is priced as one: the
+    8B example, which fits only as LoRA, passes the check a plan from elsewhere gets."""
+    import json
+
+    from pydantic import ValidationError
+
+    from alloy.cli import main
+    from alloy.plan import Plan
+    from alloy.plan.planner import check_fits
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "llama-3.1-8b", "--devices", WORKSTATION, "--batch-size", "16",
+                 "--lora-rank", "16", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert json.loads(out.read_text())["lora_rank"] == 16
+    plan = Plan.load(out)
+    assert plan.lora_rank == 16
+    check_fits(plan, resolve_spec("llama-3.1-8b"), str(out))
+    full = make_plan(resolve_spec("tiny-llama"), Inventory.load(WORKSTATION), Workload("train", 4, 128))
+    assert full.lora_rank is None
+    before = json.loads(full.to_json())
+    del before["lora_rank"]  # a version-1 plan written before the field: full training
+    assert Plan.model_validate(before).lora_rank is None
+    with pytest.raises(ValidationError, match="lora_rank"):
+        Plan.model_validate(before | {"lora_rank": 0})

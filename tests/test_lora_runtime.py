@@ -25,6 +25,8 @@ TOL = 1e-10  # float64, as tests/test_runtime.py argues
 LAYOUTS = {
     # uneven data parallel: 3 and 1 samples of a 4-sample batch
     "dp-3-1": RunLayout(tuple((Stage(f"cpu{i}", 0, 4, True, True),) for i in range(2)), (3, 1), (1, 1)),
+    # three replicas with 3, 2 and 1 samples of a 6-sample batch
+    "dp-3-2-1": RunLayout(tuple((Stage(f"cpu{i}", 0, 4, True, True),) for i in range(3)), (3, 2, 1), (1, 1, 1)),
     # uneven pipeline: 3 layers then 1 (and the tied head)
     "pp-3-1": RunLayout(((Stage("cpu0", 0, 3, True, False), Stage("cpu1", 3, 4, False, True)),), (4,), (2,)),
 }

@@ -1,4 +1,5 @@
-"""`alloy fuse RUN_DIR --out DIR`: a run's checkpoint shards -> one standard model (seed step 4)."""
+"""`alloy fuse RUN_DIR --out DIR`: a run's checkpoint shards -> one standard model (seed step 4);
+with --merge-lora, a LoRA run's adapters folded into its base model."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ def add_arguments(parser) -> None:
                         "(default: as trained)")
     parser.add_argument("--format", default="hf", choices=FORMATS, help="hf (config.json + safetensors), "
                         "gguf (llama.cpp) or onnx (forward pass, dynamic batch and sequence)")
+    parser.add_argument("--merge-lora", action="store_true", help="a LoRA run: fold its adapters into the base "
+                        "model it fine-tuned (W += alpha/rank * B A) and write that full model")
     parser.add_argument("--force", action="store_true", help="replace a previous output at --out (never "
                         "anything else: a folder holding other files, or the input, is refused)")
 
@@ -24,7 +27,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     start = time.monotonic()
     out = fuse_run(args.run_dir, args.out, step=args.step, dtype=args.dtype, format=args.format,
-                   overwrite=args.force)
+                   overwrite=args.force, merge_lora=args.merge_lora)
     size = sum(p.stat().st_size for p in (out.rglob("*") if out.is_dir() else [out]) if p.is_file())
-    print(f"fused {args.run_dir} -> {out} ({args.format}, {size / 1e6:,.1f} MB in {time.monotonic() - start:.1f} s)")
+    what = args.format + (", LoRA merged" if args.merge_lora else "")
+    print(f"fused {args.run_dir} -> {out} ({what}, {size / 1e6:,.1f} MB in {time.monotonic() - start:.1f} s)")
     return 0

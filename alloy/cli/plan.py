@@ -32,6 +32,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lora-rank", type=int, default=None,
                         help="train: LoRA fine-tuning with adapters of this rank (the base frozen: no gradient, "
                              "optimizer state or all-reduce for it)")
+    parser.add_argument("--quantize-base", choices=("q8_0", "q4_0", "q4_1", "q4_k"), default=None,
+                        help="train with --lora-rank (QLoRA): price the frozen block linears as GGUF blocks "
+                             "of this format (8.5 or 4.5-5 bits a weight) instead of fp32")
     parser.add_argument("--json", action="store_true", help="print the plan document instead of the table")
     parser.add_argument("--out", help="write the plan document (JSON) here")
     parser.add_argument("--png", help="draw the layout and the pipeline timeline into this PNG")
@@ -70,7 +73,7 @@ def _verified(spec, inventory, work, names, args):
     inventory = calibrate(inventory, spec=spec, names=chosen)
     return verify(spec, inventory, work, device_names=names, log=console.print, precision=work.dtype
                   if work.dtype in ("fp32", "bf16") else "fp32", activation_checkpointing=work.checkpointing,
-                  lora={"rank": work.lora_rank} if work.lora_rank else None)
+                  lora={"rank": work.lora_rank, "quantize_base": work.quantize_base} if work.lora_rank else None)
 
 
 def check_output(path: str, flag: str) -> None:
@@ -97,7 +100,8 @@ def run(args) -> int:
     work = Workload(task=args.task, batch_size=args.batch_size,
                     seq_len=args.seq_len or min(2048, spec.max_seq_len - (args.task == "infer") * args.new_tokens),
                     dtype=args.dtype, micro_batches=args.micro_batches, checkpointing=args.checkpointing,
-                    new_tokens=args.new_tokens, lora_rank=args.lora_rank)
+                    new_tokens=args.new_tokens, lora_rank=args.lora_rank,
+                    quantize_base=args.quantize_base)
     if args.verify:
         plan = _verified(spec, inventory, work, names, args)
     else:

@@ -1,4 +1,5 @@
-"""Fusion (seed step 4): a distributed run's shards -> one standard model; merging; export."""
+"""Fusion (seed step 4): a distributed run's shards -> one standard model (a LoRA run's adapters folded
+into its base with merge_lora=True); merging; export."""
 
 from alloy.fuse.export import export_model
 from alloy.fuse.fuse import find_checkpoint, fuse_run

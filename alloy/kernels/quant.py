@@ -80,9 +80,14 @@ def gemv(x: torch.Tensor, raw: torch.Tensor, fmt: str, out_features: int, bias: 
     return y
 
 
-def dequantize(raw: torch.Tensor, fmt: str, in_features: int, isa: str | None) -> torch.Tensor:
-    """GGUF blocks uint8 [out, row_bytes] -> fp32 [out, in], on OpenMP threads."""
-    out = torch.empty(raw.shape[0], in_features, dtype=torch.float32)
+def dequantize(raw: torch.Tensor, fmt: str, in_features: int, isa: str | None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """GGUF blocks uint8 [out, row_bytes] -> fp32 [out, in], on OpenMP threads (into `out` if given:
+    contiguous fp32 of that shape)."""
+    if out is None:
+        out = torch.empty(raw.shape[0], in_features, dtype=torch.float32)
+    elif out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != (raw.shape[0], in_features):
+        raise ValueError(f"qdequant needs a contiguous fp32 out of [{raw.shape[0]}, {in_features}]")
     _lib(isa).alloy_qdequant(FORMAT_IDS[fmt], raw.data_ptr(), out.data_ptr(), raw.shape[0], in_features,
                              torch.get_num_threads())
     return out

@@ -8,6 +8,10 @@ state dict, key maps and checkpoints are untouched, and adds two trainable matri
 
 Initialisation is PEFT's (A kaiming-uniform with a = sqrt(5), B zeros), so a fresh adapter
 changes nothing. `merge_lora` folds W += scale * B A back into plain `nn.Linear`s.
+
+QLoRA: `quantize_base(model, "q4_0")` then holds every block linear's frozen weight as GGUF
+blocks (alloy.quant.linear.QuantLinear, exact mode), dequantized tile by tile in the forward and
+again in the backward; the adapters stay in the model's float dtype.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] | None = None  # leaf module names; None: DEFAULT_TARGETS the model has
+    quantize_base: str | None = None  # QLoRA: the frozen block linears in this GGUF format (q8_0, q4_0, ...)
 
     def __post_init__(self):
         if self.targets is not None:  # a list from YAML or JSON: held as a tuple, so the config stays hashable
@@ -44,6 +49,10 @@ class LoraConfig:
             raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         if self.targets is not None and not self.targets:
             raise ConfigError("LoRA targets is empty; name at least one linear (e.g. wq, wv) or leave it out")
+        if self.quantize_base is not None:
+            from alloy.quant import get_format
+
+            get_format(self.quantize_base)  # an unknown format is refused here, before any model is built
 
     @property
     def scale(self) -> float:
@@ -65,14 +74,23 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))
         self.rank, self.scale = rank, scale
+        self.base: nn.Module | None = None  # QLoRA: a QuantLinear holding the frozen weight and bias instead
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         if self.lora_A.device.type != "meta":
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's init_lora_weights=True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The same ops in the same order as PEFT's lora.Linear, so fp32 results agree to rounding.
-        out = F.linear(x, self.weight, self.bias)
-        return out + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        out = F.linear(x, self.weight, self.bias) if self.base is None else self.base(x)
+        return out.add_(F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B), alpha=self.scale)
+
+    @torch.no_grad()
+    def quantize_base(self, fmt: str) -> None:
+        from alloy.quant.linear import QuantLinear
+
+        self.base = QuantLinear.from_weight(self.weight, self.bias, fmt, exact=True)
+        del self.weight, self.bias  # the blocks are the only copy of the frozen weight
+        self.bias = None
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B A: what merging adds to the weight, [out, in]."""
@@ -132,6 +150,25 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
 
 
 @torch.no_grad()
+def quantize_base(model: nn.Module, fmt: str) -> nn.Module:
+    """QLoRA: every linear in the model's blocks keeps its frozen weight as `fmt` GGUF blocks, an
+    adapted one under its adapter, the others as a frozen QuantLinear; in place. Embeddings, norms
+    and the head stay as they are (QLoRA's convention: they are a small part and quantize worst)."""
+    from alloy.quant.linear import QuantLinear
+
+    for name, module in list(model.named_modules()):
+        if not name.startswith("layers."):
+            continue
+        if isinstance(module, LoraLinear) and module.base is None:
+            module.quantize_base(fmt)
+        elif type(module) is nn.Linear:
+            if module.weight.requires_grad:
+                raise ConfigError(f"{name} is trainable; quantize_base holds only frozen weights")
+            _swap(model, name, QuantLinear.from_weight(module.weight, module.bias, fmt, exact=True, name=name))
+    return model
+
+
+@torch.no_grad()
 def init_lora_params(model: nn.Module, seed: int) -> nn.Module:
     """PEFT's init drawn from a generator per (seed, module name), as alloy.model.init does for the
     base: a pipeline stage's adapters equal the whole model's, whatever the layout."""
@@ -158,11 +195,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base (W += scale * B A) and put plain nn.Linears back; in place."""
     for name, module in lora_modules(model).items():
-        merged = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           device=module.weight.device, dtype=module.weight.dtype)
-        merged.weight.copy_(module.weight + module.delta_weight().to(module.weight.dtype))
-        if module.bias is not None:
-            merged.bias.copy_(module.bias)
-        merged.requires_grad_(module.weight.requires_grad)  # frozen like the rest of the base
+        weight = module.weight if module.base is None else module.base.dequantized().to(module.lora_A.dtype)
+        bias = module.bias if module.base is None else module.base.bias
+        merged = nn.Linear(module.in_features, module.out_features, bias=bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        merged.weight.copy_(weight + module.delta_weight().to(weight.dtype))
+        if bias is not None:
+            merged.bias.copy_(bias)
+        merged.requires_grad_(weight.requires_grad)  # frozen like the rest of the base
         _swap(model, name, merged)
     return model

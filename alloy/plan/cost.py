@@ -35,6 +35,9 @@ TRAIN_LOGITS_COPIES = 5.5
 # 80; a CI runner measured +113 on a data-parallel rank). Centred, so one machine's spread stays
 # inside the 15 % bound of tests/test_memory_estimate.py.
 TRAIN_WORKER_OVERHEAD_BYTES = 128 * 1024**2
+# Bytes per weight of each GGUF block format a QLoRA base may use: alloy.quant.formats's block bytes
+# over block weights, written out because the planner imports no torch (a test holds them equal).
+QUANT_BYTES = {"q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32, "q4_k": 144 / 256}
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Workload:
     checkpointing: bool = False  # activation checkpointing: keep layer inputs, recompute the rest
     new_tokens: int = 128  # infer: tokens generated per request
     lora_rank: int | None = None  # train: LoRA adapters of this rank on every block linear, the base frozen
+    quantize_base: str | None = None  # train with LoRA (QLoRA): the frozen block linears in this GGUF format
 
     def __post_init__(self) -> None:
         if self.task not in ("train", "infer"):
@@ -54,6 +58,9 @@ class Workload:
         if self.lora_rank is not None and (not isinstance(self.lora_rank, Integral) or isinstance(self.lora_rank, bool)
                                            or self.lora_rank < 1 or self.task != "train"):
             raise PlanError(f"lora rank must be a positive integer for a training workload, got {self.lora_rank!r}")
+        if self.quantize_base is not None and (self.lora_rank is None or self.quantize_base not in QUANT_BYTES):
+            raise PlanError(f"quantize_base needs a LoRA rank and one of {', '.join(QUANT_BYTES)}, "
+                            f"got {self.quantize_base!r}")
         if self.dtype not in DTYPE_BYTES:
             raise PlanError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
         for name, low, high in (("batch_size", 1, MAX_BATCH), ("seq_len", 1, MAX_TOKENS),
@@ -93,6 +100,8 @@ class ModelCosts:
     # LoRA: the frozen base holds weights only; the adapters hold weights, grads and AdamW state
     layer_adapter_params: float = 0.0  # adapter parameters of one layer (0: full training)
     adapter_state_bytes: int = 0
+    # QLoRA: bytes one layer saves by holding its block linears quantized instead of in fp32
+    layer_quant_saving_bytes: float = 0.0
 
     @property
     def lora(self) -> bool:
@@ -178,6 +187,10 @@ def model_costs(spec: ModelSpec, work: Workload) -> ModelCosts:
     adapter_state_bytes = param_state_bytes if lora else 0
     if lora:  # the runtime keeps weights in fp32 and autocasts; a frozen one is that copy alone
         param_state_bytes = max(b, MASTER_WEIGHT_BYTES)
+    # QLoRA quantizes every linear of a block (alloy.model.lora.quantize_base): all of a layer's
+    # parameters but its norms' (at most 4 h), and the head and embeddings stay as they are
+    quant_saving = ((layer_param_count - 4 * h) * (param_state_bytes - QUANT_BYTES[work.quantize_base])
+                    if lora and work.quantize_base else 0.0)
     ones = np.ones(L)
     return ModelCosts(
         num_layers=L, hidden_size=h, vocab_size=spec.vocab_size, dtype_bytes=b,
@@ -205,4 +218,5 @@ def model_costs(spec: ModelSpec, work: Workload) -> ModelCosts:
         total_param_bytes=(L * adapter_params if lora else spec.num_params()) * b,
         layer_adapter_params=float(adapter_params),
         adapter_state_bytes=adapter_state_bytes,
+        layer_quant_saving_bytes=float(quant_saving),
     )

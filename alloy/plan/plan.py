@@ -108,6 +108,11 @@ class Plan(_Doc):
     new_tokens: int
     dtype: str
     checkpointing: bool
+    # train: LoRA adapters of this rank priced (the base frozen); None: full training. Optional, so
+    # version-1 plans written before it still load as full training (as with `verification`).
+    lora_rank: int | None = Field(default=None, ge=1)
+    # QLoRA: the frozen block linears priced as GGUF blocks of this format; None: a float base
+    quantize_base: Literal["q8_0", "q4_0", "q4_1", "q4_k"] | None = None
     micro_batches: int
     devices: list[DeviceProfile]  # the devices the plan uses, as profiled or declared
     replicas: list[ReplicaPlan]

@@ -92,7 +92,8 @@ def check_fits(plan: Plan, spec: ModelSpec, source: str = "plan") -> None:
     """Refuse a plan made elsewhere (or edited) whose stages overflow their devices: its layout is
     priced again here, on its own device profiles, before any worker starts."""
     work = Workload(plan.task, plan.batch_size, plan.seq_len, new_tokens=plan.new_tokens, dtype=plan.dtype,
-                    micro_batches=plan.micro_batches, checkpointing=plan.checkpointing)
+                    micro_batches=plan.micro_batches, checkpointing=plan.checkpointing, lora_rank=plan.lora_rank,
+                    quantize_base=plan.quantize_base)
     p = build_problem(spec, Inventory(name="plan", devices=plan.devices), work)
     index = {d.name: i for i, d in enumerate(p.devices)}
     replicas = []
@@ -201,7 +202,8 @@ def describe(p: Problem, layout: Layout, mode: str, layouts_scored: int, seconds
                            vocab_size=spec.vocab_size, num_params=spec.num_params(),
                            max_seq_len=spec.max_seq_len, spec=spec.to_dict()),
         batch_size=w.batch_size, seq_len=w.seq_len, new_tokens=w.new_tokens if w.task == "infer" else 0,
-        dtype=w.dtype, checkpointing=w.checkpointing, micro_batches=layout.micro_batches,
+        dtype=w.dtype, checkpointing=w.checkpointing, lora_rank=w.lora_rank, quantize_base=w.quantize_base,
+        micro_batches=layout.micro_batches,
         devices=[p.devices[d] for d in used],
         unused_devices=[dev.name for i, dev in enumerate(p.devices) if i not in used],
         replicas=replicas,

@@ -246,6 +246,7 @@ def stage_memory_bytes(p: Problem, start, stop, in_flight: int, mb_max_samples: 
     c, last = p.costs, (stop == p.num_layers)
     state = stage_params(p, start, stop) * c.param_state_bytes
     state = state + stage_adapter_params(p, start, stop) * c.adapter_state_bytes
+    state = state - (stop - start) * c.layer_quant_saving_bytes
     transient = mb_max_samples * (p.max_layer_peak_bytes_per_sample + c.head_peak_bytes_per_sample * last)
     if p.work.task == "train":
         state = state + TRAIN_WORKER_OVERHEAD_BYTES

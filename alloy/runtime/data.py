@@ -3,6 +3,11 @@
 Each rank slices its replica's rows out of the global batch, so no data moves between ranks
 and a single process given the same source sees exactly the same batches — which is also what
 makes a resumed run continue exactly: the batch depends on the step number only.
+
+The token file (alloy.train.data) is int32. A token that must not be a loss target (a chat
+example's system and user turns, padding, the first token of a packed unit) is stored as
+-(id + 1): -1 is id 0, -2 is id 1, and so on. It is still an input; as a target it becomes
+IGNORE_INDEX (`split_batch`). Raw text and random data are never negative: every target counts.
 """
 
 from __future__ import annotations
@@ -13,6 +18,23 @@ import numpy as np
 import torch
 
 from alloy.errors import ConfigError
+
+
+IGNORE_INDEX = -100  # F.cross_entropy's ignore_index: a target that carries no loss
+
+
+def split_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of stored token rows [B, seq_len + 1]: the ids of [:, :-1], and the ids of
+    [:, 1:] with no-loss tokens as IGNORE_INDEX. Both new contiguous tensors: a pipeline stage
+    checks its inputs' strides against its (contiguous) shape metadata, and torch 2.11's check
+    refuses row views."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    return torch.where(inputs < 0, -inputs - 1, inputs), torch.where(targets < 0, IGNORE_INDEX, targets)
+
+
+def loss_target_count(batch: torch.Tensor) -> int:
+    """How many of the rows' next-token targets carry loss (all of them for text and random data)."""
+    return int((batch[:, 1:] >= 0).sum())
 
 
 @dataclass(frozen=True)

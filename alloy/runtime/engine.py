@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from alloy.checkpoint import load as load_checkpoint
+from alloy.errors import ConfigError
 from alloy.model import Transformer
-from alloy.model.init import canonical_name, init_params
-from alloy.model.lora import LoraConfig, apply_lora, init_lora_params
+from alloy.model.init import canonical_name
+from alloy.runtime.build import build_stage_model
+from alloy.runtime.data import IGNORE_INDEX, loss_target_count, split_batch
 from alloy.runtime.layout import RunLayout
 from alloy.runtime.sync import GradientSync
 from alloy.spec import ModelSpec
@@ -94,15 +95,10 @@ def apply_activation_checkpointing(model: Transformer) -> Transformer:
 
 
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross entropy; IGNORE_INDEX targets (no-loss tokens) add nothing."""
     # bf16/fp16 logits are upcast to fp32; fp32 and fp64 ones are kept as they are
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-
-
-def _next_token_pairs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) of seq_len + 1 wide token rows. Contiguous: a pipeline stage checks its inputs'
-    strides against its (contiguous) shape metadata, and torch 2.11's check refuses the row views."""
-    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX)
 
 
 class StageRunner:
@@ -114,18 +110,13 @@ class StageRunner:
         self.info = layout.rank(rank)
         self.device, self.precision = device, precision
         stage = self.info.stage
-        if init_dir:
-            model = load_checkpoint(init_dir, dtype="fp32", layers=(stage.first, stage.last),
-                                    embed=stage.embed, head=stage.head)
-        else:
-            model = init_params(Transformer(spec, (stage.first, stage.last), embed=stage.embed, head=stage.head), seed)
-        dtypes = {"fp32": torch.float32, "fp64": torch.float64}  # fp64: exact-equivalence tests
-        if param_dtype not in dtypes:
-            raise ValueError(f"param_dtype {param_dtype!r} is not one of {', '.join(dtypes)}")
-        self.model = model.to(device, dtypes[param_dtype]).train()
-        if lora:  # the base frozen, adapters (in the parameters' dtype) the only trainable tensors
-            apply_lora(self.model, LoraConfig(**lora))
-            init_lora_params(self.model, seed)
+        if lora and lora.get("quantize_base") and device.type != "cpu":
+            raise ConfigError(f"QLoRA's quantized base runs on CPU workers; {device} holds a stage "
+                              "(use lora without quantize_base there)")
+        # LoRA: the base frozen, adapters (in the parameters' dtype) the only trainable tensors
+        self.model = build_stage_model(spec, (stage.first, stage.last), embed=stage.embed, head=stage.head,
+                                       init_dir=init_dir, seed=seed, param_dtype=param_dtype,
+                                       lora=lora).to(device)
         if activation_checkpointing:
             apply_activation_checkpointing(self.model)
         self.module = StageModule(self.model, device, precision)
@@ -170,9 +161,12 @@ class StageRunner:
         """One optimizer step over `batches` (gradient accumulation: each is a global batch of
         token ids [global_batch, seq_len + 1]); this rank takes its replica's rows of each."""
         start_s = time.perf_counter()
-        # Each token's loss weighs 1 / (all tokens of all accumulated global batches): summed over
-        # micro-batches, accumulation and replicas this is the full-batch mean, whatever the shares.
-        self._loss_scale = 1.0 / (len(batches) * batches[0].shape[0] * (batches[0].shape[1] - 1))
+        # Each target's loss weighs 1 / (loss-carrying targets of all accumulated global batches):
+        # summed over micro-batches, accumulation and replicas this is the full-batch mean, whatever
+        # the shares. Every rank holds every global batch, so every rank counts the same. A step
+        # with no loss target (all prompt or padding) sums to 0 and is scaled by 1: no 0/0.
+        targets = sum(loss_target_count(batch) for batch in batches)
+        self._loss_scale = 1.0 / targets if targets else 1.0
         self.optimizer.zero_grad(set_to_none=True)
         local_loss = torch.zeros((), dtype=torch.float64)
         for i, batch in enumerate(batches):
@@ -205,7 +199,7 @@ class StageRunner:
                           scalars[2:].tolist())
 
     def _forward_backward(self, rows: torch.Tensor) -> torch.Tensor:
-        inputs, targets = _next_token_pairs(rows)
+        inputs, targets = split_batch(rows)
         stage = self.info.stage
         if self.schedule is None:
             logits = self.module(inputs)
@@ -247,7 +241,7 @@ class StageRunner:
     def evaluate(self, batch: torch.Tensor) -> float:
         """Mean next-token loss of a global batch, forward only, through each replica's pipeline."""
         rows = self._my_rows(batch)
-        inputs, targets = _next_token_pairs(rows)
+        inputs, targets = split_batch(rows)
         stage, pipeline = self.info.stage, self.info.pipeline_ranks
         position = self.info.stage_index
         total = torch.zeros((), dtype=torch.float64)
@@ -262,7 +256,7 @@ class StageRunner:
         else:
             dist.send(out.to(dtype).contiguous().cpu(), dst=pipeline[position + 1])
         dist.all_reduce(total)
-        return float(total) / (batch.shape[0] * inputs.shape[1])
+        return float(total) / max(1, loss_target_count(batch))  # a batch of no loss targets: 0
 
     def named_state(self) -> dict[str, torch.Tensor]:
         """This rank's parameters under their logical names (a tied head copy is left out)."""

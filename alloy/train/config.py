@@ -25,6 +25,11 @@ class DataConfig(_Section):
     text_field: str = "text"  # the JSONL field holding the text
     max_bytes: int = Field(default=8_000_000, gt=0)  # read at most this much text
     val_fraction: float = Field(default=0.05, ge=0, lt=1)  # held-out share of the tokens
+    # "chat": JSONL conversations (messages, instruction/input/output, or prompt/completion rows)
+    # rendered with the model's chat template, loss on the assistant's tokens only, packed whole
+    # into seq_len units (docs/LORA.md); "text": raw text; "auto": chat when a .jsonl file's first
+    # row has one of those shapes, text otherwise.
+    format: Literal["auto", "text", "chat"] = "auto"
 
 
 class OptimizerConfig(_Section):
@@ -51,6 +56,8 @@ class LoraSection(_Section):
     alpha: float = Field(default=16.0, gt=0)  # the update is scaled by alpha / rank
     dropout: float = Field(default=0.0, ge=0, lt=1)  # on the adapters' input only
     targets: list[str] | None = None  # Alloy linear names (wq, wk, wv, wo, gate, up, down); None: all of them
+    # QLoRA: hold the frozen block linears as GGUF blocks of this format (8 or 4 bits a weight, CPU workers)
+    quantize_base: Literal["q8_0", "q4_0", "q4_1", "q4_k"] | None = None
 
 
 class TrainConfig(_Section):

@@ -4,7 +4,8 @@ RUN_DIR holds everything a run makes, so a run can be inspected, resumed or fuse
     run.json            the resolved config, model spec and step count (written first)
     plan.json           the layout the workers ran
     tokenizer.json      the model's own, or a byte-level BPE trained on the corpus
-    data/tokens.bin     the tokenized corpus (train, then validation tokens)
+    tokenizer_config.json  the model's, with the chat template the data was rendered with inlined
+    data/tokens.bin     the tokenized corpus (train, then validation tokens); tokens.json its counts
     metrics.jsonl       one line per step: loss, lr, grad norm, tokens/s, per-device step time
     checkpoints/        per-rank shards with a manifest (alloy.runtime.checkpoint)
     loss.png            the loss curve
@@ -56,19 +57,37 @@ def resolve_model(name: str):
     return resolve_spec(name), None
 
 
-def _tokenizer(config: TrainConfig, init_dir: str | None, out_dir: Path, vocab_size: int):
+def _side_files(init_dir: str | None) -> dict[str, bytes]:
+    """The init model's files that name its chat template and EOS (name -> bytes)."""
+    names = ("tokenizer_config.json", "chat_template.jinja")
+    return {n: (Path(init_dir) / n).read_bytes() for n in names if init_dir and (Path(init_dir) / n).is_file()}
+
+
+def _tokenizer(config: TrainConfig, init_dir: str | None, out_dir: Path, vocab_size: int, side_files: dict):
     from tokenizers import Tokenizer
 
-    from alloy.train.data import documents, train_tokenizer
+    from alloy.train.data import EOT, corpus_format, documents, rendered_conversations, train_tokenizer
+    from alloy.train.instruct import CHATML_TOKENS, ChatFormat
 
     saved = out_dir / "tokenizer.json"
     if saved.is_file():
         return Tokenizer.from_file(str(saved))
+    chat = corpus_format(config.data) == "chat"
+    fmt = ChatFormat.for_model(side_files)
+    # fuse copies tokenizer_config.json into final/: with the template the data was rendered with
+    # (a chat_template.jinja or ChatML inlined), `alloy generate --chat` prompts as training did
+    if chat or not fmt.builtin:
+        (out_dir / "tokenizer_config.json").write_bytes(fmt.tokenizer_config())
+    elif side_files.get("tokenizer_config.json"):
+        (out_dir / "tokenizer_config.json").write_bytes(side_files["tokenizer_config.json"])
     source = Path(init_dir) / "tokenizer.json" if init_dir else None
     if source and source.is_file():
         shutil.copy(source, saved)
         return Tokenizer.from_file(str(saved))
-    tokenizer = train_tokenizer(documents(config.data), vocab_size)
+    if chat:  # trained on conversations as ChatML writes them, its markers special tokens
+        tokenizer = train_tokenizer(rendered_conversations(config.data, fmt), vocab_size, (EOT, *CHATML_TOKENS))
+    else:
+        tokenizer = train_tokenizer(documents(config.data), vocab_size)
     tokenizer.save(str(saved))
     return tokenizer
 
@@ -97,7 +116,8 @@ def _plan(config: TrainConfig, spec, out_dir: Path, plan_path: str | None, resum
         checkpointing = {"on": True, "off": False}.get(config.activation_checkpointing, False)
         work = Workload("train", config.batch_size, config.seq_len, dtype=config.precision,
                         micro_batches=config.micro_batches, checkpointing=checkpointing,
-                        lora_rank=config.lora.rank if config.lora else None)
+                        lora_rank=config.lora.rank if config.lora else None,
+                        quantize_base=config.lora.quantize_base if config.lora else None)
         plan = plan_for(spec, _inventory(config.devices), work, verify=config.verify, log=log,
                         precision=config.precision, activation_checkpointing=checkpointing,
                         lora=_lora_job(config))
@@ -169,8 +189,10 @@ def plan_for(spec, inventory, work, *, verify: bool, log=print, **run_options):
 
 
 LOCK = ".alloy-lock"  # held by the process training in the directory; also marks a directory alloy train made
-RUN_FILES = {"run.json", "plan.json", "tokenizer.json", "data", "metrics.jsonl", "workers", "checkpoints", LOCK}
-DERIVED = ("plan.json", "tokenizer.json", "data", "metrics.jsonl", "workers", "run.json")  # remade by a fresh start
+RUN_FILES = {"run.json", "plan.json", "tokenizer.json", "tokenizer_config.json", "data", "metrics.jsonl", "workers",
+             "checkpoints", LOCK}
+DERIVED = ("plan.json", "tokenizer.json", "tokenizer_config.json", "data", "metrics.jsonl", "workers",
+           "run.json")  # remade by a fresh start
 
 
 def _never_stepped(out_dir: Path) -> bool:
@@ -264,6 +286,7 @@ def train(config: TrainConfig, *, plan_path: str | None = None, resume: bool = F
 def _train(config: TrainConfig, out_dir: Path, plan_path, resume: bool, ours: bool, progress, log,
            max_restarts: int):
     from alloy.runtime import DataSource, OptimConfig, run
+    from alloy.train.config import DataConfig
     from alloy.train.data import TokenFile, tokenize_corpus
 
     resume = _check_fresh_or_resumable(out_dir, resume, ours, log)
@@ -278,22 +301,27 @@ def _train(config: TrainConfig, out_dir: Path, plan_path, resume: bool, ours: bo
         if saved["config"].get("lora") != _lora_job(config):  # its checkpoints hold (or lack) those adapters
             raise ConfigError(f"lora changed since the run started ({saved['config'].get('lora')} then, "
                               f"{_lora_job(config)} now); resume with the run's own lora section")
-        before = saved["config"]["data"]
+        before = DataConfig().model_dump() | saved["config"]["data"]  # a key added since: its default
         if before != config.data.model_dump():  # its tokens are the old data's: never mix silently
             raise ConfigError(f"data changed since the run started ({before} then, {config.data.model_dump()} now); "
                               "resume with the run's own data, or start a new run")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    tokenizer = _tokenizer(config, init_dir, out_dir, spec.vocab_size)
+    side_files = _side_files(init_dir)
+    tokenizer = _tokenizer(config, init_dir, out_dir, spec.vocab_size, side_files)
     data_meta = out_dir / "data" / "tokens.json"
     if data_meta.is_file():
         tokens = TokenFile.from_dict(json.loads(data_meta.read_text()), out_dir / "data")
+        if tokens.format == "chat" and tokens.seq_len != config.seq_len:  # packed to its units
+            raise ConfigError(f"{data_meta}: the chat data was packed for seq_len {tokens.seq_len}, not "
+                              f"{config.seq_len}; resume with the run's own seq_len, or start a new run")
     else:
         log(f"tokenizing {config.data.path} ...")
-        tokens = tokenize_corpus(config.data, tokenizer, out_dir / "data", spec.vocab_size)
+        tokens = tokenize_corpus(config.data, tokenizer, out_dir / "data", spec, side_files=side_files,
+                                 seq_len=config.seq_len, log=log)
         data_meta.write_text(json.dumps(tokens.to_dict()))
-    train_data = DataSource("tokens", seed=config.seed, path=str(tokens.path), start=0, end=tokens.train_end)
+    train_data = DataSource("tokens", seed=config.seed, path=str(tokens.path), start=0, end=tokens.train_stop)
     blocks = train_data.num_blocks(config.seq_len)
     if blocks < 1:
         raise ConfigError(f"data.path: {config.data.path}: {tokens.train_end} training tokens do not fill one "
