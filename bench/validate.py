@@ -12,8 +12,8 @@ import re
 import time
 from dataclasses import asdict
 
-from alloy.fidelity import require_data_root, sensitivity
-from alloy.fidelity.validate import as_dicts, run_all
+from bench.fidelity import require_data_root, sensitivity
+from bench.fidelity.validate import as_dicts, run_all
 
 
 ROUNDS = 1  # the metrics are deterministic; only the planning times vary, and they are reported as measured
@@ -39,7 +39,7 @@ def measure() -> dict:
 
 
 def spreads() -> list[dict]:
-    """The spread of the missing serving checks over their unpublished inputs (`alloy.fidelity.sensitivity`)."""
+    """The spread of the missing serving checks over their unpublished inputs (`bench.fidelity.sensitivity`)."""
     return [{**asdict(s), "covers": s.covers} for s in sensitivity.run_all(require_data_root())]
 
 

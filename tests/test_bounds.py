@@ -257,7 +257,7 @@ def test_a_cluster_of_more_devices_than_planned_over_or_an_infinite_rate_is_refu
 
 
 DEVICE_FIELDS = ["memory_bytes", "free_memory_bytes", "memory_bandwidth_bytes_per_s", "host_link_bytes_per_s",
-                 "threads", "tensor_parallel", "optimizer_s_per_param", "micro_batch_overhead_s", "count"]
+                 "threads", "optimizer_s_per_param", "micro_batch_overhead_s", "count"]
 
 
 @settings(max_examples=120, deadline=2000)

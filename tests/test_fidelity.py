@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from alloy.devices.schema import MeasuredLayerTimes
-from alloy.fidelity import data_root
-from alloy.fidelity.helix import parse_quantity
+from bench.fidelity import data_root
+from bench.fidelity.helix import parse_quantity
 from alloy.plan.timing import interpolate
 
 ROOT = data_root()
@@ -25,19 +25,19 @@ def by_name(metrics, prefix):
 
 @pytest.fixture(scope="module")
 def per_layer():
-    from alloy.fidelity.validate import per_layer_metrics
+    from bench.fidelity.validate import per_layer_metrics
     return per_layer_metrics(ROOT)
 
 
 @pytest.fixture(scope="module")
 def serving():
-    from alloy.fidelity.validate import serving_metrics
+    from bench.fidelity.validate import serving_metrics
     return serving_metrics(ROOT)
 
 
 @pytest.fixture(scope="module")
 def training():
-    from alloy.fidelity.validate import training_metrics
+    from bench.fidelity.validate import training_metrics
     return training_metrics(ROOT)
 
 
@@ -120,8 +120,8 @@ def test_offline_throughput_within_25_percent(serving, model, method):
 def test_vllm_caps_read_as_kv_slots_of_the_trace_mean_context():
     """The caps file's falling part, read as KV memory, gives ~870 tokens per decode slot: the
     trace's mean context (750 prompt + 240 / 2 output, data README) — a check that the caps are KV."""
-    from alloy.fidelity import kv_caps
-    from alloy.fidelity.validate import specs
+    from bench.fidelity import kv_caps
+    from bench.fidelity.validate import specs
     model_specs = specs(ROOT)
     slots = [fit[1] for (model, machine), caps in kv_caps.read_caps(ROOT).items()
              if "x" not in machine and (fit := kv_caps.fit_budget(model_specs[model], caps))]
@@ -142,7 +142,7 @@ def test_t4_pipeline_is_the_bottleneck_of_separate_70b(serving):
 def test_overhead_fit_uses_no_checked_run():
     """The three serving overheads are fitted on runs whose totals are not checked: the 30B Helix
     sub-cluster chains and the Section 6.7 layout under its three schedulers."""
-    from alloy.fidelity import validate as v
+    from bench.fidelity import validate as v
     model_specs = v.specs(ROOT)
     setup = v.serving_setup(ROOT, model_specs)
     names = sorted(n for n, _ in v.overhead_runs(ROOT, model_specs, setup.invs, setup.caps))
@@ -155,7 +155,7 @@ def test_overhead_fit_uses_no_checked_run():
 def test_fixed_count_hosts_match_littles_law():
     """The Swarm / random hosts' launch counts (the artifact's host script) are what Little's law
     reads off each measured run of them: tokens/s x mean decode latency."""
-    from alloy.fidelity import validate as v
+    from bench.fidelity import validate as v
     checked = 0
     for (model, method), host in v.HOSTS.items():
         for r in v._measured_rows(ROOT):
@@ -168,7 +168,7 @@ def test_fixed_count_hosts_match_littles_law():
 
 
 def test_fixed_count_host_is_capped_by_kv_room():
-    from alloy.fidelity.serving import DeviceLoad, Host, MAXFLOW, requests_in_flight
+    from bench.fidelity.serving import DeviceLoad, Host, MAXFLOW, requests_in_flight
     from alloy.spec import resolve_spec
     spec = resolve_spec("llama-3.2-1b")
     loads = [DeviceLoad("a", (0, spec.num_layers), kv_tokens=99_000, max_batch=100, tokens_per_s=1e3)]
@@ -178,8 +178,8 @@ def test_fixed_count_host_is_capped_by_kv_room():
 
 
 def test_print_resolution_widens_the_measured_value(tmp_path):
-    from alloy.fidelity.helix import read_layer_csv_resolution
-    from alloy.fidelity.validate import beyond
+    from bench.fidelity.helix import read_layer_csv_resolution
+    from bench.fidelity.validate import beyond
     f = tmp_path / "t.csv"
     f.write_text("0,0\n2,1.4\n1000,8\n")
     assert read_layer_csv_resolution(f) == {0.0: 1.0, 2.0: pytest.approx(0.1), 1000.0: 1.0}
@@ -199,7 +199,7 @@ def test_sailor_mit_step_time(training):
 
 @needs_data
 def test_sailor_mit_leaves_out_the_suspect_plans():
-    from alloy.fidelity.training import sailor_plans
+    from bench.fidelity.training import sailor_plans
     names = [p.name for p in sailor_plans(ROOT, "mit")]
     assert len(names) == 8 and "mit/N6/plan_config_N6_D2.json" not in names
 
@@ -228,7 +228,7 @@ def test_alloy_sailor_plan_predicts_at_most_the_best_measured_plan(training):
 @needs_data
 def test_sailor_search_plan_is_feasible():
     from collections import Counter
-    from alloy.fidelity import sailor_plan, training as tr
+    from bench.fidelity import sailor_plan, training as tr
     data = tr.SailorData.load(ROOT)
     group = [p for p in tr.sailor_plans(ROOT, "mit") if "/N3/" in p.name]
     vms = sailor_plan.vms_of(group)
@@ -244,14 +244,14 @@ def test_sailor_search_plan_is_feasible():
 
 def test_amp_sends_and_reductions_share_the_node_card():
     """Two replicas leaving one node at once each get half its card; a rank's own node-local send does not."""
-    from alloy.fidelity.training import _nic_streams
+    from bench.fidelity.training import _nic_streams
     node_of = lambda r: r // 4  # noqa: E731
     assert _nic_streams(node_of, 3, 4, [(3, 4), (2, 6), (1, 2)]) == 2
     assert _nic_streams(node_of, 1, 2, [(3, 4), (2, 6), (1, 2)]) == 1
 
 
 def test_amp_layer_time_splits_tensor_parallel_profiles():
-    from alloy.fidelity.training import amp_layer_s
+    from bench.fidelity.training import amp_layer_s
     fwd = {("V100", 1): [0.0, 0.0, 4e-3], ("V100", 2): [0.0, 0.0, 5e-3]}
     assert amp_layer_s(fwd, "V100", 1, 2, 3, 4, 1e12) == pytest.approx(3 * 4 * 4e-3)  # AMP: linear at mp 1
     bw = 170e9 / 8
@@ -264,7 +264,7 @@ def test_amp_layer_time_splits_tensor_parallel_profiles():
 
 @pytest.fixture(scope="module")
 def planner():
-    from alloy.fidelity.validate import planner_metrics
+    from bench.fidelity.validate import planner_metrics
     return planner_metrics(ROOT)
 
 
@@ -282,7 +282,7 @@ def test_alloy_plans_the_24_node_cluster_in_under_10_s(planner):
 # ---- KV budget beyond the profiled layer counts (no data needed) --------------------------------
 
 def test_physical_budget_uses_the_median_reserve_per_gpu():
-    from alloy.fidelity import kv_caps
+    from bench.fidelity import kv_caps
     gib = 2**30
     vram = {"A": 40 * gib, "B": 16 * gib, "Bx4": 64 * gib, "C": 24 * gib}
     budgets = {"A": 33 * gib, "B": 12.4 * gib, "Bx4": 52.6 * gib}  # reserves per GPU: 3.0, 2.0, 1.0 GiB
@@ -294,7 +294,7 @@ def test_physical_budget_uses_the_median_reserve_per_gpu():
 
 def test_serving_refinement_only_moves_layers_between_adjacent_stages():
     import time
-    from alloy.fidelity.serving_plan import _pipelines, refine
+    from bench.fidelity.serving_plan import _pipelines, refine
     start = {"a": (0, 2), "b": (2, 8), "c": (0, 4), "d": (4, 8)}
     assert sorted(map(tuple, _pipelines(start))) == [("a", "b"), ("c", "d")]
     score = lambda p: -abs(p["a"][1] - 4) - abs(p["c"][1] - 5)  # noqa: E731  best: a=(0,4), c=(0,5)
@@ -305,7 +305,7 @@ def test_serving_refinement_only_moves_layers_between_adjacent_stages():
 def test_round_trip_adds_each_overhead_term():
     """R = profiled decode time + per-layer x layers + per-request x batch per stage + host x requests in flight."""
     from alloy.devices import DeviceProfile, Inventory
-    from alloy.fidelity.serving import DeviceLoad, HOP_S, Overhead, in_flight_bound
+    from bench.fidelity.serving import DeviceLoad, HOP_S, Overhead, in_flight_bound
     from alloy.spec import resolve_spec
     spec = resolve_spec("llama-3.2-1b")
     k = spec.num_layers
@@ -322,7 +322,7 @@ def test_round_trip_adds_each_overhead_term():
 
 def test_overhead_fit_refuses_no_runs():
     from alloy.errors import PlanError
-    from alloy.fidelity.serving import fit_overhead
+    from bench.fidelity.serving import fit_overhead
     with pytest.raises(PlanError, match="at least one measured run"):
         fit_overhead([], {}, {})
 
@@ -330,7 +330,7 @@ def test_overhead_fit_refuses_no_runs():
 # ---- spread of the missing checks over their unpublished inputs -----------------------------------
 
 def test_physical_budget_takes_a_given_reserve():
-    from alloy.fidelity import kv_caps
+    from bench.fidelity import kv_caps
     gib = 2**30
     vram, budgets = {"A": 40 * gib, "Bx2": 32 * gib}, {"A": 33 * gib}
     assert kv_caps.reserves_per_gpu(budgets, vram) == {"A": pytest.approx(3.0 * gib)}
@@ -340,7 +340,7 @@ def test_physical_budget_takes_a_given_reserve():
 
 @needs_data
 def test_reserve_spread_brackets_the_checked_separate_prediction(serving):
-    from alloy.fidelity import sensitivity
+    from bench.fidelity import sensitivity
     s = sensitivity.reserve_spread(ROOT, points=5)
     checked = by_name(serving, "offline decode tok/s llama70b separate")[0]
     assert s.checked == pytest.approx(checked.predicted)  # the median reserve is the checked one
@@ -352,7 +352,7 @@ def test_reserve_spread_brackets_the_checked_separate_prediction(serving):
 
 def test_route_table_aggregates_query_routes_by_route():
     from alloy.errors import ConfigError
-    from alloy.fidelity.helix import route_table
+    from bench.fidelity.helix import route_table
     lines = ["(0, 700, 200, [3, 2, 0], [0, 40, -1], [40, 80, -1])",
              "(1, 800, 300, [3, 2, 0], [0, 40, -1], [40, 80, -1])",
              "(2, 100, 10, [3, 4, 2, 0], [0, 30, 40, -1], [30, 40, 80, -1])", ""]
@@ -366,7 +366,7 @@ def test_route_table_aggregates_query_routes_by_route():
 def test_read_routes_names_compute_nodes_and_weighs_by_output_tokens(tmp_path):
     import json
     from alloy.errors import ConfigError
-    from alloy.fidelity.helix import read_routes
+    from bench.fidelity.helix import read_routes
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"run": {"routes": [{"stages": "3:0-40 2:40-80", "output_tokens": 300},
                                                     {"stages": "1:0-80", "output_tokens": 100}]}}))
@@ -377,7 +377,7 @@ def test_read_routes_names_compute_nodes_and_weighs_by_output_tokens(tmp_path):
 
 def test_with_routes_counts_visits_and_the_layers_each_visit_runs():
     from alloy.errors import PlanError
-    from alloy.fidelity.serving import DeviceLoad, with_routes
+    from bench.fidelity.serving import DeviceLoad, with_routes
     loads = [DeviceLoad("a", (0, 6), 1e6, 10, 100.0), DeviceLoad("b", (4, 10), 1e6, 10, 100.0),
              DeviceLoad("c", (0, 10), 1e6, 10, 100.0)]
     routed = with_routes(loads, {(("a", 0, 6), ("b", 6, 10)): 3.0, (("a", 0, 4), ("b", 4, 10)): 1.0})
@@ -394,7 +394,7 @@ def test_with_routes_counts_visits_and_the_layers_each_visit_runs():
 @needs_data
 def test_logged_routes_run_inside_the_placements_they_were_logged_on():
     import json
-    from alloy.fidelity.validate import HELIX, ROUTES_FILE, RS_LAYOUT, _placement, logged_routes
+    from bench.fidelity.validate import HELIX, ROUTES_FILE, RS_LAYOUT, _placement, logged_routes
     layouts = {"llama70b helix maxflow": ROOT / HELIX / "layout_llama70b/ilp/ilp_sol.ini",
                "llama70b petals maxflow": ROOT / HELIX / "layout_llama70b/petals/petals_sol.ini",
                "llama70b swarm swarm": ROOT / HELIX / "layout_llama70b/swarm/swarm_sol.ini"}
@@ -415,7 +415,7 @@ def test_convoy_splits_first_fit_at_the_smallest_per_iteration_cap():
     """Stages admit 300 and 480 requests per iteration, the 300 one seen by half the requests (a convoy of
     600 brings it 300): the largest group every stage admits is 480, so a convoy of 900 splits into 480
     and 420; up to 480 it stays whole."""
-    from alloy.fidelity.serving import DeviceLoad, convoy_groups
+    from bench.fidelity.serving import DeviceLoad, convoy_groups
     loads = [DeviceLoad("t4", (0, 4), 1e6, 300, 1.0, share=0.5, iteration_cap=300),
              DeviceLoad("a100", (4, 8), 1e6, 480, 1.0, share=1.0, iteration_cap=480),
              DeviceLoad("l4", (0, 4), 1e6, 300, 1.0, share=0.5)]  # no cap known: no limit

@@ -101,13 +101,20 @@ class DeviceProfile(_Doc):
     measured: bool = False  # True when timed on this hardware, False when declared
     compute_capability: str | None = None  # CUDA only, e.g. "8.0"
     measure_s: float | None = None  # how long measuring this device took
-    # Several GPUs of one node acting as one stage (tensor parallel inside the stage, a fixed
-    # input): memory and rates above are then the group's totals.
-    tensor_parallel: int = Field(default=1, ge=1)
     layer_times: list[MeasuredLayerTimes] = Field(default_factory=list)  # measured per-layer profiles
     # What the runtime pays beyond the layers (alloy.runtime.calibrate measures them on the workers):
     optimizer_s_per_param: float | None = Field(default=None, ge=0)  # AdamW update of one parameter
     micro_batch_overhead_s: float | None = Field(default=None, ge=0)  # per micro-batch on a pipeline stage
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_fields(cls, data):
+        # `tensor_parallel` was a tag no planner or runtime code read (the rates are a TP group's
+        # totals either way); plans and inventories written with it, `"tensor_parallel": 1` in every
+        # device, still load.
+        if isinstance(data, dict) and "tensor_parallel" in data:
+            data = {k: v for k, v in data.items() if k != "tensor_parallel"}
+        return data
 
     @model_validator(mode="after")
     def _rates_positive(self) -> "DeviceProfile":

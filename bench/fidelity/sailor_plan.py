@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 
-from alloy.fidelity.training import PROFILE_NAMES, SailorData, SailorPlan, StagePlan, sailor_step_s
+from bench.fidelity.training import PROFILE_NAMES, SailorData, SailorPlan, StagePlan, sailor_step_s
 
 REFINE_TOP = 32  # candidates (of the balanced-cut scoring) that get hill-climbed
 ADAM_BYTES_PER_PARAM_BYTE = 4  # fp32 weight + gradient + two Adam moments = 4 x the fp32 parameter bytes

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from alloy.fidelity import helix, kv_caps
-from alloy.fidelity.validate import (HELIX, HOSTS, ServingSetup, _measured_rows, _placement, published_throughput,
+from bench.fidelity import helix, kv_caps
+from bench.fidelity.validate import (HELIX, HOSTS, ServingSetup, _measured_rows, _placement, published_throughput,
                                      serving_setup, specs)
 
 GIB = 2**30

@@ -8,7 +8,7 @@
 - `route_table(lines)` / `read_routes(path, run)` -> the routes a prototype run's requests took
   (`query_route.txt`), each with its share of the generated tokens.
 - `helix_inventory(...)` -> an Alloy `Inventory`: one device per compute node, carrying the node's
-  measured per-layer profiles (`layer_times`) and, for "T4x4"-style VMs, `tensor_parallel`.
+  measured per-layer profiles (`layer_times`); a "T4x4"-style VM is one device, its rates the group's.
 
 Unit caveat (see the data README): Helix's helpers say `mbps = 1e6`, `gbps = 1e9` and its simulator
 divides *bytes* by them, so a link of `1000 * mbps` is 1e9 bytes/s here too.
@@ -153,7 +153,7 @@ def helix_inventory(root: Path, cluster_file: str | Path, machine_file: str | Pa
         devices.append(DeviceProfile(
             name=f"n{i}", kind="cuda", model=machine_type, node=f"vm{i}",
             memory_bytes=int(machines[machine_type]["vram_size"]), matmul_flops={"fp16": flops},
-            memory_bandwidth_bytes_per_s=bandwidth, tensor_parallel=gpus_in(machine_type)[1],
+            memory_bandwidth_bytes_per_s=bandwidth,
             layer_times=layer_profiles(root, machine_type, specs)))
     links = [Link(a=f"n{a}", b=f"n{b}", bandwidth_bytes_per_s=bw, latency_s=lat)
              for (a, b), (bw, lat) in cluster.links.items() if a.isdigit() and b.isdigit()]

@@ -44,7 +44,7 @@ from scipy.optimize import linprog, nnls
 
 from alloy.devices import DeviceProfile, Inventory
 from alloy.errors import PlanError
-from alloy.fidelity.kv_caps import kv_bytes_per_token_layer, weight_bytes
+from bench.fidelity.kv_caps import kv_bytes_per_token_layer, weight_bytes
 from alloy.plan.timing import interpolate
 from alloy.spec import ModelSpec
 

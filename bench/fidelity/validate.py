@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from alloy.fidelity import helix, kv_caps, layer_time, sailor_plan, training
-from alloy.fidelity.serving import (MAXFLOW, OUTPUT_TOKENS, PROMPT_TOKENS, Host, MeasuredRun, Overhead, fit_overhead,
+from bench.fidelity import helix, kv_caps, layer_time, sailor_plan, training
+from bench.fidelity.serving import (MAXFLOW, OUTPUT_TOKENS, PROMPT_TOKENS, Host, MeasuredRun, Overhead, fit_overhead,
                                     predict_throughput)
-from alloy.fidelity.serving_plan import plan_for_serving
+from bench.fidelity.serving_plan import plan_for_serving
 from alloy.plan.timing import interpolate
 from alloy.spec import ModelSpec
 

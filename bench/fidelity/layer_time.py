@@ -32,7 +32,7 @@ DTYPE = "fp16"
 
 def peak(machine_type: str) -> tuple[float, float]:
     """Datasheet peak of a machine; 'T4x4' is four T4 acting as one (tensor-parallel) stage."""
-    from alloy.fidelity.helix import gpus_in
+    from bench.fidelity.helix import gpus_in
 
     gpu, n = gpus_in(machine_type)
     flops, bandwidth = DATASHEET[gpu]

@@ -17,7 +17,7 @@ def data_root() -> Path | None:
     """The published-clusters folder: $ALLOY_PUBLISHED_DATA, else ../shared/data/published-clusters."""
     if os.environ.get(ENV_VAR):
         return Path(os.environ[ENV_VAR])
-    here = Path(__file__).resolve().parents[2]  # the repository root
+    here = Path(__file__).resolve().parents[2]  # the repository root (this is bench/fidelity/)
     for base in (here.parent, here):
         candidate = base / "shared" / "data" / "published-clusters"
         if (candidate / "README.md").is_file():
