@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from bench.train import SIZES, build, dtypes, make_step, time_steps
+from bench.train import SIZES, build, dtypes, hf_config, make_step, time_steps
 
 RANK, ALPHA = 16, 32.0
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -40,14 +40,25 @@ def build_impl(impl: str, size: str, dtype: torch.dtype):
         config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=PEFT_TARGETS, lora_dropout=0.0)
         model = peft.get_peft_model(base, config, autocast_adapter_dtype=False)
         return model, lambda ids: model(input_ids=ids).logits
+    if impl == "alloy-qlora":  # as a training worker builds it: layer by layer, never the fp32 base whole
+        return _qlora(size, dtype)
     model, forward = build("alloy", size, dtype)
-    if impl in ("alloy-lora", "alloy-qlora"):
-        from alloy.model.lora import LoraConfig, apply_lora, quantize_base
+    if impl == "alloy-lora":
+        from alloy.model.lora import LoraConfig, apply_lora
 
         apply_lora(model, LoraConfig(rank=RANK, alpha=ALPHA))  # targets: every default linear
-        if impl == "alloy-qlora":
-            quantize_base(model, QLORA_FORMAT)
     return model, forward
+
+
+def _qlora(size: str, dtype: torch.dtype):
+    from alloy.runtime.build import build_stage_model
+    from alloy.spec import ModelSpec
+
+    spec = ModelSpec.from_hf_config(hf_config(size).to_dict())
+    model = build_stage_model(spec, (0, spec.num_layers), embed=True, head=True, init_dir=None, seed=0,
+                              lora={"rank": RANK, "alpha": ALPHA, "quantize_base": QLORA_FORMAT})
+    model = model.to(dtype)  # the adapters, embeddings, norms and head; the blocks stay bytes
+    return model, model
 
 
 def peak_rss_bytes() -> int:

@@ -11,7 +11,7 @@ from alloy.errors import PlanError
 from alloy.model import Transformer
 from alloy.model.lora import LoraConfig, apply_lora
 from alloy.plan import Workload, make_plan
-from alloy.plan.cost import ADAMW_STATE_BYTES, DTYPE_BYTES, model_costs
+from alloy.plan.cost import ADAMW_STATE_BYTES, DTYPE_BYTES, LORA_HEAP_RETAINED, model_costs
 from alloy.plan.timing import build_problem, stage_memory_bytes, stage_params, sync_cost
 from alloy.spec import resolve_spec
 
@@ -38,7 +38,9 @@ def test_lora_saves_at_least_the_frozen_gradients_and_optimizer_state(dtype):
     for start, stop in ((0, 3), (3, 18), (18, 32), (0, 32)):
         saved = (stage_memory_bytes(full, start, stop, 2, 1, 16) - stage_memory_bytes(lora, start, stop, 2, 1, 16))
         grads_and_adamw = stage_params(full, start, stop) * (DTYPE_BYTES[dtype] + ADAMW_STATE_BYTES)
-        assert saved >= grads_and_adamw - (stop - start) * adapter_bytes
+        # a frozen-base run's heap keeps more of its freed forward temporaries (measured, priced)
+        retained = LORA_HEAP_RETAINED * 2 * (lora.prefix_act_bytes[stop] - lora.prefix_act_bytes[start])
+        assert saved >= grads_and_adamw - (stop - start) * adapter_bytes - retained
         assert saved > 0.5 * grads_and_adamw  # the adapters are a rounding error next to it
     # data parallel moves only the adapters' gradient
     two = sync_cost(lora, [(0,), (1,)]).total_s

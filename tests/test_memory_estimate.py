@@ -76,3 +76,39 @@ def test_a_plan_that_cannot_fit_is_refused_before_any_worker_starts(tmp_path, ca
     plan.save(tmp_path / "roomy.json")
     assert main(argv + [f"--out_dir={tmp_path / 'ran'}", f"--plan={tmp_path / 'roomy.json'}"]) == 0, \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("quantize_base", ["q4_0", None])
+def test_lora_and_qlora_peak_memory_on_a_100m_model_is_within_15_percent(tmp_path, quantize_base):
+    """A ~100M Llama (h768, 12 layers, FFN 2048, vocab 8192) fine-tuned with rank-16 adapters on
+    every block linear, its base in fp32 (LoRA) or as Q4_0 blocks (QLoRA): the worker's peak
+    against the plan's estimate, which prices the base at the format's bytes, the adapters with
+    their AdamW state, and the heap a frozen-base run keeps (alloy.plan.cost.LORA_HEAP_RETAINED)."""
+    model = ModelSpec(family="llama", vocab_size=8192, hidden_size=768, num_layers=12, num_heads=12,
+                      num_kv_heads=12, head_dim=64, intermediate_size=2048, max_seq_len=128, tie_embeddings=False)
+    assert 95e6 < model.num_params() < 100e6
+    inventory = Inventory(name="cpus", devices=[cpu("cpu0")])
+    work = Workload("train", 4, 128, dtype="fp32", lora_rank=16, quantize_base=quantize_base)
+    plan = make_plan(model, inventory, work)
+    report = run(plan, steps=2, out_dir=tmp_path, data=DataSource("random", seed=0), timeout_s=600,
+                 lora={"rank": 16, "alpha": 32.0, "quantize_base": quantize_base})
+    (rank,), (stage,) = report.ranks, plan.replicas[0].stages
+    used = rank["memory"]["peak_bytes"] - rank["memory"]["before_bytes"]
+    assert used == pytest.approx(stage.predicted_memory_bytes, rel=0.15), (used / 2**20, stage)
+
+
+def test_qlora_prices_the_base_at_its_format_bytes():
+    """The plan's memory moves by exactly the block linears' bytes between fp32 and each format."""
+    from alloy.plan.cost import QUANT_BYTES
+    from alloy.quant import FORMATS
+
+    assert QUANT_BYTES == {name: f.type_size / f.block_size for name, f in FORMATS.items()}
+    model = spec(512, 8, 8192, 128)
+    inventory = Inventory(name="cpus", devices=[cpu("cpu0")])
+    base = make_plan(model, inventory, Workload("train", 4, 128, dtype="fp32", lora_rank=8))
+    linear_params = 8 * (4 * 512 * 512 + 3 * 512 * model.intermediate_size)
+    for fmt, per_weight in QUANT_BYTES.items():
+        plan = make_plan(model, inventory, Workload("train", 4, 128, dtype="fp32", lora_rank=8, quantize_base=fmt))
+        saved = base.replicas[0].stages[0].predicted_memory_bytes - plan.replicas[0].stages[0].predicted_memory_bytes
+        # the estimate counts a layer's parameters less its norms (2 h here, 4 h allowed for) as linear
+        assert saved == pytest.approx(linear_params * (4 - per_weight), rel=2e-3), fmt

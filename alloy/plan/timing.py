@@ -18,7 +18,7 @@ import numpy as np
 
 from alloy.devices import DeviceProfile, Inventory
 from alloy.errors import PlanError
-from alloy.plan.cost import TRAIN_WORKER_OVERHEAD_BYTES, ModelCosts, Workload, model_costs
+from alloy.plan.cost import LORA_HEAP_RETAINED, TRAIN_WORKER_OVERHEAD_BYTES, ModelCosts, Workload, model_costs
 from alloy.spec import ModelSpec
 
 
@@ -251,6 +251,8 @@ def stage_memory_bytes(p: Problem, start, stop, in_flight: int, mb_max_samples: 
     if p.work.task == "train":
         state = state + TRAIN_WORKER_OVERHEAD_BYTES
         kept = in_flight * mb_max_samples * (p.prefix_act_bytes[stop] - p.prefix_act_bytes[start])
+        if c.lora:
+            kept = kept * (1 + LORA_HEAP_RETAINED)
     else:
         kept = share * (p.prefix_kv_bytes[stop] - p.prefix_kv_bytes[start])  # every request's KV cache
     return state + kept + transient

@@ -114,7 +114,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if self.exact:
-            x2 = x.reshape(rows, self.in_features).to(torch.promote_types(x.dtype, torch.float32))
+            # in x's precision as an nn.Linear of that dtype would be (bf16: the CPU's fast matmul),
+            # except fp16, whose CPU matmul is slow: fp32 then
+            dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
+            x2 = x.reshape(rows, self.in_features).to(dtype)
             y = _FrozenMatmul.apply(x2, self)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
