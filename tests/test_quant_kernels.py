@@ -24,7 +24,7 @@ import alloy
 from alloy import quant
 from alloy.errors import ConfigError
 from alloy.infer import generate
-from alloy.infer.optimize import parse_dtype, prepare
+from alloy.infer.optimize import decode_dtype, prepare
 from alloy.kernels import quant as kernel_quant
 from alloy.quant.linear import GEMV_MAX_ROWS, QuantEmbedding, QuantLinear
 
@@ -190,7 +190,7 @@ def test_fallback_without_kernels_generates_the_same(monkeypatch):
 
 def test_bad_dtype_and_widths_raise_config_errors():
     with pytest.raises(ConfigError, match="unknown dtype 'q5_k'"):
-        parse_dtype("q5_k")
+        decode_dtype("q5_k")
     model = _tiny_llama(64, 128, 4)
     with pytest.raises(ConfigError, match="64 inputs, not a multiple of q4_k's block of 256"):
         prepare(model, "q4_k")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import importlib
 
-_LAZY = {"load": "alloy.checkpoint.io", "parse_dtype": "alloy.checkpoint.io", "save": "alloy.checkpoint.io"}
-__all__ = ["load", "parse_dtype", "save"]
+_LAZY = {"load": "alloy.checkpoint.io", "save": "alloy.checkpoint.io", "torch_dtype": "alloy.checkpoint.io"}
+__all__ = ["load", "save", "torch_dtype"]
 
 
 def __getattr__(name: str):

@@ -34,6 +34,9 @@ SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
     "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja",
 )
+# Those that say how text becomes ids and how a chat prompt is rendered: they travel with the
+# tokenizer (a fine-tune's or a merge's chosen one), where generation_config.json stays the model's.
+TOKENIZER_FILES = tuple(name for name in SIDE_FILES if name != "generation_config.json")
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -45,7 +48,8 @@ MODEL_FILES = frozenset({"config.json", "model.safetensors.index.json", "merge.j
 _LIST_AT_MOST = 5  # names shown in an error before "... and N more"
 
 
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A weights dtype by name ("bf16", "bfloat16", ...) as a torch.dtype; a torch.dtype or None passes through."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
@@ -143,7 +147,8 @@ def load(
     rules = layout.expand(spec)
     _check_accounted(source, rules, layout, spec, directory)
     model = fill(spec, rules, source, directory, device, dtype, layers=layers, embed=embed, head=head)
-    model.tokenizer, model.side_files = _read_side_files(directory)
+    model.side_files = read_side_files(directory)
+    model.tokenizer = _read_tokenizer(directory, model.side_files)
     return model.eval()
 
 
@@ -152,7 +157,7 @@ def fill(spec: ModelSpec, rules: list[Rule], source, where: str | Path, device, 
     """A Transformer (or stage) whose parameters are `rules` applied to `source`'s tensors: any
     object with `get(name)` and `shape(name)` (a folder's safetensors, a GGUF file). Each
     parameter filled once, each shape checked; `where` names the source in errors."""
-    target_dtype = parse_dtype(dtype)
+    target_dtype = torch_dtype(dtype)
     with torch.device("meta"):
         model = Transformer(spec, layers, embed=embed, head=head)
     wanted = dict(model.state_dict())
@@ -206,17 +211,21 @@ def _check_accounted(source: _Source, rules: list[Rule], layout: Layout, spec: M
         raise CheckpointError(f"{directory}: weights do not match the {spec.family} config: {'; '.join(parts)}")
 
 
-def _read_side_files(directory: Path):
-    side = {name: (directory / name).read_bytes() for name in SIDE_FILES if (directory / name).is_file()}
-    tokenizer = None
-    if "tokenizer.json" in side:
-        from tokenizers import Tokenizer
+def read_side_files(directory: str | Path) -> dict[str, bytes]:
+    """The SIDE_FILES a model folder holds, name -> bytes."""
+    directory = Path(directory)
+    return {name: (directory / name).read_bytes() for name in SIDE_FILES if (directory / name).is_file()}
 
-        try:
-            tokenizer = Tokenizer.from_str(side["tokenizer.json"].decode())
-        except Exception as err:
-            raise CheckpointError(f"{directory}/tokenizer.json: unreadable ({_one_line(err)})") from None
-    return tokenizer, side
+
+def _read_tokenizer(directory: Path, side: dict[str, bytes]):
+    if "tokenizer.json" not in side:
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_str(side["tokenizer.json"].decode())
+    except Exception as err:
+        raise CheckpointError(f"{directory}/tokenizer.json: unreadable ({_one_line(err)})") from None
 
 
 def hf_tensors(spec: ModelSpec, state: dict[str, torch.Tensor], *, partial: bool = False) -> dict[str, torch.Tensor]:

@@ -66,7 +66,8 @@ def plan_stages(args, spec, prompt_len: int, new_tokens: int):
 def run(args) -> int:
     import alloy
     from alloy.infer.generate import stream, validate
-    from alloy.infer.optimize import parse_dtype, prepare
+    from alloy.infer.load import load_for_decoding
+    from alloy.infer.optimize import decode_dtype
     from alloy.infer.partition import Pipeline
     from alloy.infer.sampling import Sampling
     from alloy.infer.tokenize import TextStream, encode, require_tokenizer
@@ -75,7 +76,7 @@ def run(args) -> int:
         from alloy.checkpoint.lora import merged_model_dir
 
         args.model = str(merged_model_dir(args.model, args.lora))
-    dtype = parse_dtype(args.dtype)
+    dtype = decode_dtype(args.dtype)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                         repetition_penalty=args.repetition_penalty, seed=args.seed)
     if args.max_new_tokens < 1:
@@ -99,7 +100,7 @@ def run(args) -> int:
                                       sampling=sampling, dtype=dtype)[0]
         steps = iter(tokens)
     elif len(stages) == 1:
-        model = prepare(alloy.load(args.model, device=stages[0].device), dtype)
+        model = load_for_decoding(args.model, dtype, device=stages[0].device)
         generating = time.perf_counter()  # tokens/s counts generating, not loading
         steps = (int(t[0]) for t in stream(model, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling))
     else:

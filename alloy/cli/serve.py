@@ -77,12 +77,12 @@ def load_server(args, *, start: bool = True):
 
 def _stages(args, directory, spec):
     from alloy.cli.generate import plan_stages
-    from alloy.infer.optimize import parse_dtype
+    from alloy.infer.optimize import decode_dtype
     from alloy.infer.partition import Pipeline
 
     stages, plan = plan_stages(args, spec, prompt_len=min(spec.max_seq_len, args.ctx_size or 256) // 2,
                                new_tokens=64)
-    models = Pipeline.load(directory, stages, dtype=parse_dtype(args.dtype)).stages
+    models = Pipeline.load(directory, stages, dtype=decode_dtype(args.dtype)).stages
     lines = [f"layers {s.layers[0]}-{s.layers[1] - 1} on {s.device}" for s in stages]
     if plan is not None:
         lines.append(f"predicted {plan.predicted.tokens_per_s:.4g} tokens/s (batch {plan.batch_size})")

@@ -2,7 +2,8 @@
 
 `discover()` lists the devices here; `profile()` measures them (cached by hardware
 fingerprint); `Inventory.load()` reads a declared cluster; `gather_inventory()` builds one
-inventory across the ranks of a torch.distributed job; `cpu_slice()` emulates a slower device.
+inventory across the ranks of a torch.distributed job; `cpu_slice()` emulates a slower device;
+`torch_device()` is the torch device a plan's device name means in this process.
 
 The schema is plain pydantic; everything that measures imports torch, and only on first use,
 so planning from declared files stays torch-free.
@@ -17,6 +18,7 @@ from alloy.devices.schema import SCHEMA_VERSION, CpuSlice, DeviceProfile, Invent
 _LAZY = {
     "FoundDevice": "alloy.devices.discovery",
     "discover": "alloy.devices.discovery",
+    "torch_device": "alloy.devices.discovery",
     "EmulationError": "alloy.devices.emulate",
     "cleanup_stale_slices": "alloy.devices.emulate",
     "cpu_slice": "alloy.devices.emulate",

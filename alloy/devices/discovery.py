@@ -52,6 +52,21 @@ def discover() -> list[FoundDevice]:
     return devices
 
 
+def torch_device(name: str, kind: str | None = None) -> torch.device:
+    """The torch device that a plan's or an inventory's device `name` means in this process.
+
+    `kind` is its profile's ("cpu", "cuda", "mps", "xpu"), since a declared device may be called
+    anything ("a100-3"); without it the name's prefix is the kind. "cuda:N" is GPU N. Any other
+    CUDA name (a bare "cuda", "a100-3") is this process's GPU: in a worker that torchrun started,
+    its LOCAL_RANK's (one GPU per local rank); elsewhere cuda:0.
+    """
+    kind = kind or name.split(":", 1)[0]
+    if kind == "cuda":
+        index = name.split(":", 1)[1] if name.startswith("cuda:") else os.environ.get("LOCAL_RANK", "0")
+        return torch.device(f"cuda:{index}")
+    return torch.device(kind)
+
+
 def _cpu() -> FoundDevice:
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     info = _cpuinfo()

@@ -1,7 +1,7 @@
 """The standard training framework: compile / fit / evaluate / predict for any torch module."""
 
-from alloy.framework.callbacks import Callback, EarlyStopping, LearningRateScheduler, ModelCheckpoint
-from alloy.framework.data import LabelEncoder, read_table
+from alloy.callbacks import Callback, EarlyStopping, LearningRateScheduler, ModelCheckpoint
+from alloy.data import LabelEncoder, read_table
 from alloy.framework.model import History, Model
 from alloy.framework.registry import Metric
 

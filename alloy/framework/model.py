@@ -30,9 +30,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from alloy.callbacks import Callback, CallbackList
+from alloy.data import as_inputs
 from alloy.errors import ConfigError
-from alloy.framework.callbacks import Callback, CallbackList
-from alloy.framework.data import as_inputs
 from alloy.framework.registry import make_loss, make_metric, make_optimizer
 
 

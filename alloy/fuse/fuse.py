@@ -27,8 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from alloy.checkpoint.io import (SIDE_FILES, check_output_dir, hf_tensors, parse_dtype, staged_dir, staging_path,
-                                write_hf_config)
+from alloy.checkpoint.io import (SIDE_FILES, TOKENIZER_FILES, check_output_dir, hf_tensors, staged_dir, staging_path,
+                                torch_dtype, write_hf_config)
 from alloy.errors import AlloyError, CheckpointError, ConfigError
 from alloy.model import Transformer
 from alloy.model.lora import LoraConfig, apply_lora, merge_lora as fold_adapters
@@ -36,7 +36,6 @@ from alloy.runtime.checkpoint import complete_checkpoints, read_manifest, step_d
 from alloy.runtime.layout import RankInfo, RunLayout
 from alloy.spec import ModelSpec
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 FORMATS = ("hf", "gguf", "onnx")
 
 
@@ -144,7 +143,7 @@ def fuse_run(run_dir: str | Path, out: str | Path, *, step: int | None = None, d
     base = _lora_base(run_dir, spec, lora) if lora else None
     if base is not None and base.init_dir is not None:
         _check_apart(target, base.init_dir)
-    out_dtype = parse_dtype(dtype)
+    out_dtype = torch_dtype(dtype)
     if format == "hf":
         return _fuse_hf(run_dir, checkpoint, spec, layout, target, out_dtype, base)
     # GGUF/ONNX read the fused HF directory layer by layer; it lives on disk, not in RAM, in a

@@ -98,14 +98,14 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, dtype: str | None = N
         import gguf
     except ImportError:
         raise UnsupportedModelError("GGUF export needs the gguf package: pip install 'alloy-lm[export]'") from None
-    from alloy.checkpoint.io import load, parse_dtype
+    from alloy.checkpoint.io import load, torch_dtype
 
     directory = Path(model_dir)
     spec = ModelSpec.from_hf_config(read_config(directory / "config.json"))
     check_llama_layout(spec)
     target = Path(out)
     names = tensor_names(spec)
-    out_dtype = parse_dtype(dtype) or torch.float32
+    out_dtype = torch_dtype(dtype) or torch.float32
     with torch.device("meta"):
         shapes = {k: tuple(p.shape) for k, p in Transformer(spec).named_parameters()}
     shapes.setdefault("head.weight", (spec.vocab_size, spec.hidden_size))

@@ -25,14 +25,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from alloy.checkpoint.io import SIDE_FILES, check_output_dir, staged_dir
+from alloy.checkpoint.io import SIDE_FILES, TOKENIZER_FILES, check_output_dir, staged_dir
 from alloy.errors import CheckpointError, ConfigError
 from alloy.spec import ModelSpec, read_config
 
 METHODS = ("linear", "task-arithmetic", "ties", "slerp")
 # The files that define how text becomes ids: models that differ in one tokenize differently.
 VOCAB_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt")
-TOKENIZER_FILES = tuple(name for name in SIDE_FILES if name != "generation_config.json")
 
 
 def _files(directory: Path) -> list[Path]:

@@ -41,7 +41,8 @@ HEAD_FORMAT = "q8_0"  # the output matrix's format under every block format
 GEMV_MAX_ROWS = 16  # up to this many rows (batch x new tokens) the GEMV kernel beats MKL's GEMM here
 
 
-def parse_dtype(name: str) -> str:
+def decode_dtype(name: str) -> str:
+    """`name` if it is a format `prepare` decodes in (a key of DTYPES), else a ConfigError."""
     if name not in DTYPES:
         raise ConfigError(f"unknown dtype {name!r} for generation; choose from {', '.join(DTYPES)}")
     return name
@@ -133,7 +134,7 @@ def uses_kernels(model: nn.Module) -> bool:
 def prepare(model: nn.Module, dtype: str = "fp32", *, fuse: bool = True) -> nn.Module:
     """Convert `model` in place for fast decoding in `dtype` (fp32, bf16, int8 or a GGUF block
     format: q8_0, q4_0, q4_1, q4_k) and return it."""
-    dtype = parse_dtype(dtype)
+    dtype = decode_dtype(dtype)
     model.eval().requires_grad_(False)
     if fuse:
         fuse_projections(model)

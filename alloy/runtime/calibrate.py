@@ -329,9 +329,10 @@ def _allreduce(world: int, burst_s: float) -> dict | None:
 def run_worker(job: dict) -> None:
     import torch.distributed as dist
 
+    from alloy.devices import torch_device
     from alloy.devices.emulate import slice_period_us
     from alloy.runtime.launch import init_gloo
-    from alloy.runtime.worker import _set_threads, _slice_context, torch_device
+    from alloy.runtime.worker import _set_threads, _slice_context
     from alloy.spec import ModelSpec
 
     rank, names = int(os.environ["RANK"]), job["order"]
@@ -347,7 +348,7 @@ def run_worker(job: dict) -> None:
         dist.barrier()
         ready = time.time()
         record = {"rank": rank, "ready_time": ready,
-                  "optimizer_s_per_param": _optimizer_probe(spec, torch_device(profile), window_s),
+                  "optimizer_s_per_param": _optimizer_probe(spec, torch_device(profile.name, profile.kind), window_s),
                   "micro_batch_overhead_s": _micro_batch_probe(rank, window_s)}
         burst_s = 3 * window_s / 20  # three CFS periods of work before each message
         record["links"] = _links(rank, names, burst_s)

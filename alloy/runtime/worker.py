@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from alloy.devices import DeviceProfile
+from alloy.devices import DeviceProfile, torch_device
 from alloy.errors import AlloyError
 from alloy.runtime import checkpoint as ckpt
 from alloy.runtime.data import DataSource
@@ -28,16 +28,6 @@ from alloy.runtime.engine import OptimConfig, StageRunner
 from alloy.runtime.launch import init_gloo
 from alloy.runtime.layout import PlanMismatchError, RunLayout
 from alloy.spec import ModelSpec
-
-
-def torch_device(profile: DeviceProfile | None) -> torch.device:
-    if profile is None or profile.kind == "cpu":
-        return torch.device("cpu")
-    if profile.kind == "cuda":
-        # A declared "cuda:N" names its index; otherwise this node's local rank picks the GPU.
-        index = profile.name.split(":", 1)[1] if profile.name.startswith("cuda:") else os.environ.get("LOCAL_RANK", "0")
-        return torch.device(f"cuda:{index}")
-    return torch.device(profile.kind)
 
 
 def _slice_context(profile: DeviceProfile | None):
@@ -80,8 +70,9 @@ class Trainer:
     def run(self) -> None:
         job, rank, layout = self.job, self.rank, self.layout
         before_bytes = _rss_bytes()  # the process before its model: imports, the process group
+        device = torch.device("cpu") if self.profile is None else torch_device(self.profile.name, self.profile.kind)
         runner = StageRunner(
-            self.spec, layout, rank, device=torch_device(self.profile), seed=int(job.get("seed", 0)),
+            self.spec, layout, rank, device=device, seed=int(job.get("seed", 0)),
             init_dir=job.get("init_dir"), optim=OptimConfig(**job.get("optim", {})),
             pipeline_schedule=job.get("pipeline_schedule", "1f1b"), precision=job.get("precision", "fp32"),
             activation_checkpointing=bool(job.get("activation_checkpointing")), timeout=self.timeout,

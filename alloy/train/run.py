@@ -57,12 +57,6 @@ def resolve_model(name: str):
     return resolve_spec(name), None
 
 
-def _side_files(init_dir: str | None) -> dict[str, bytes]:
-    """The init model's files that name its chat template and EOS (name -> bytes)."""
-    names = ("tokenizer_config.json", "chat_template.jinja")
-    return {n: (Path(init_dir) / n).read_bytes() for n in names if init_dir and (Path(init_dir) / n).is_file()}
-
-
 def _tokenizer(config: TrainConfig, init_dir: str | None, out_dir: Path, vocab_size: int, side_files: dict):
     from tokenizers import Tokenizer
 
@@ -285,6 +279,7 @@ def train(config: TrainConfig, *, plan_path: str | None = None, resume: bool = F
 
 def _train(config: TrainConfig, out_dir: Path, plan_path, resume: bool, ours: bool, progress, log,
            max_restarts: int):
+    from alloy.checkpoint.io import read_side_files
     from alloy.runtime import DataSource, OptimConfig, run
     from alloy.train.config import DataConfig
     from alloy.train.data import TokenFile, tokenize_corpus
@@ -308,7 +303,7 @@ def _train(config: TrainConfig, out_dir: Path, plan_path, resume: bool, ours: bo
     out_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    side_files = _side_files(init_dir)
+    side_files = read_side_files(init_dir) if init_dir else {}  # the init model's chat template and EOS
     tokenizer = _tokenizer(config, init_dir, out_dir, spec.vocab_size, side_files)
     data_meta = out_dir / "data" / "tokens.json"
     if data_meta.is_file():
