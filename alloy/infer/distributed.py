@@ -79,15 +79,14 @@ def generate_distributed(model_dir, stages: list[StageSpec], prompts: list[list[
 def stage_rank(job: dict, timeout: timedelta):
     """Join the job's process group and load this rank's stage of job["stages"], prepared for
     decoding in job["dtype"]: (model, rank, world). Shared by generation and serving."""
-    import alloy
-    from alloy.infer.optimize import prepare
+    from alloy.infer.load import load_for_decoding
     from alloy.runtime.launch import init_gloo
 
     init_gloo(timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     stage = StageSpec(**{**job["stages"][rank], "layers": tuple(job["stages"][rank]["layers"])})
-    model = prepare(alloy.load(job["model_dir"], device=stage.device, layers=stage.layers, embed=stage.has_embed,
-                               head=stage.has_head), job["dtype"])
+    model = load_for_decoding(job["model_dir"], job["dtype"], device=stage.device, layers=stage.layers,
+                              embed=stage.has_embed, head=stage.has_head)
     return model, rank, world
 
 

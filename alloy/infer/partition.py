@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alloy.devices import torch_device
 from alloy.errors import ConfigError
 from alloy.infer.optimize import compute_dtype
 from alloy.model import Transformer
@@ -35,21 +36,21 @@ def stages_from_plan(plan, replica: int = 0) -> list[StageSpec]:
     profiles = {d.name: d for d in plan.devices}
     out = []
     for stage in plan.replicas[replica].stages:
-        out.append(StageSpec(torch_device_name(profiles.get(stage.device), stage.device), tuple(stage.layers),
+        out.append(StageSpec(_stage_device(profiles.get(stage.device), stage.device), tuple(stage.layers),
                              stage.has_embed, stage.has_head))
     return out
 
 
-def torch_device_name(profile, name: str) -> str:
+def _stage_device(profile, name: str) -> str:
+    """A plan stage's device as a torch device string here (alloy.devices.torch_device's rule),
+    checked to exist: generation drives CPUs and this machine's CUDA GPUs."""
     kind = profile.kind if profile is not None else name.split(":")[0]
-    if kind == "cpu":
-        return "cpu"
-    if kind == "cuda":
-        index = name.split(":", 1)[1] if name.startswith("cuda:") else "0"
-        if not torch.cuda.is_available() or int(index) >= torch.cuda.device_count():
-            raise ConfigError(f"the plan puts a stage on {name}, but this machine has no such CUDA device")
-        return f"cuda:{index}"
-    raise ConfigError(f"the plan puts a stage on {name} ({kind}), which generation here cannot drive")
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"the plan puts a stage on {name} ({kind}), which generation here cannot drive")
+    device = torch_device(name, kind)
+    if device.type == "cuda" and (not torch.cuda.is_available() or device.index >= torch.cuda.device_count()):
+        raise ConfigError(f"the plan puts a stage on {name}, but this machine has no such CUDA device")
+    return str(device)
 
 
 def even_split(num_layers: int, devices: list[str]) -> list[StageSpec]:
@@ -78,11 +79,10 @@ class Pipeline:
     @classmethod
     def load(cls, directory, stage_specs: list[StageSpec], *, dtype: str = "fp32", micro_batches: int = 1):
         """Load only each stage's tensors onto its device, prepared for decoding in `dtype`."""
-        import alloy
-        from alloy.infer.optimize import prepare
+        from alloy.infer.load import load_for_decoding
 
-        models = [prepare(alloy.load(directory, device=s.device, layers=s.layers, embed=s.has_embed,
-                                     head=s.has_head), dtype) for s in stage_specs]
+        models = [load_for_decoding(directory, dtype, device=s.device, layers=s.layers, embed=s.has_embed,
+                                    head=s.has_head) for s in stage_specs]
         return cls(models, micro_batches)
 
     def new_state(self, batch_size: int, max_len: int):

@@ -187,3 +187,28 @@ class Transformer(nn.Module):
             # A padding query would see no key at all and give NaN; let it see itself.
             allowed = allowed | (k_slot == q_slot)
         return allowed, False
+
+
+def assemble(spec: ModelSpec, layers: tuple[int, int], *, embed: bool, head: bool, piece) -> Transformer:
+    """A stage of layers [a, b) built one piece at a time: `piece((i, i + 1), False, False)` makes
+    layer i and `piece((a, a), embed, head)` the stage's ends (embeddings, final norm, head), each
+    a finished Transformer slice (loaded, quantized, adapted: whatever the caller does to it),
+    moved in before the next is made. So a conversion that needs a float copy of the weights
+    (quantizing, QLoRA) holds one layer's copy at a time, never the stage's."""
+    first, last = layers
+    with torch.device("meta"):
+        model = Transformer(spec, layers, embed=embed, head=head)
+    ends = piece((first, first), embed, head)
+    for name, module in ends.named_children():
+        if name != "layers":
+            setattr(model, name, module)
+    for name, buffer in ends.named_buffers(recurse=False):
+        setattr(model, name, buffer)
+    model.tokenizer, model.side_files = ends.tokenizer, ends.side_files
+    del ends
+    for i in range(first, last):
+        model.layers[str(i)] = piece((i, i + 1), False, False).layers[str(i)]
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a module the pieces do not fill: a layout this builder does not know
+        raise ConfigError(f"cannot build {', '.join(left[:3])} piece by piece for this model")
+    return model

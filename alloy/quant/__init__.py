@@ -19,7 +19,9 @@ _QUANTIZE = {"q8_0": formats.quantize_q8_0, "q4_0": formats.quantize_q4_0, "q4_1
 _DEQUANTIZE = {"q8_0": formats.dequantize_q8_0, "q4_0": formats.dequantize_q4_0, "q4_1": formats.dequantize_q4_1,
                "q4_k": q4_k.dequantize_q4_k}
 # Rows quantized per step: bounds the fp32 temporaries (Q4_K's search holds ~40 per weight).
-CHUNK_WEIGHTS = 1 << 20
+# 256K weights: the reference quantizers' ~10 temporaries of a chunk stay ~10 MB, within the
+# 1.3x-the-blocks bound on loading as Q4_0 (tests/test_quant_memory.py); the speed is the same.
+CHUNK_WEIGHTS = 1 << 18
 
 __all__ = ["FORMATS", "Format", "quantize", "dequantize", "get_format"]
 

@@ -13,8 +13,8 @@ import ctypes.util
 import torch
 
 from alloy.checkpoint import load as load_checkpoint
-from alloy.errors import ConfigError
 from alloy.model import Transformer
+from alloy.model.transformer import assemble
 from alloy.model.init import init_params
 from alloy.model.lora import LoraConfig, apply_lora, init_lora_params, quantize_base
 from alloy.spec import ModelSpec
@@ -44,25 +44,15 @@ def build_stage_model(spec: ModelSpec, layers: tuple[int, int], *, embed: bool, 
             init_lora_params(apply_lora(model, config), seed)
         release_free_heap()
         return model
-    first, last = layers
-    with torch.device("meta"):
-        model = Transformer(spec, layers, embed=embed, head=head)
-    ends = _piece(spec, (first, first), embed, head, init_dir, seed).to(dtype)  # embeddings, final norm, head
-    ends.requires_grad_(False)
-    for name, module in ends.named_children():
-        if name != "layers":
-            setattr(model, name, module)
-    for name, buffer in ends.named_buffers(recurse=False):
-        setattr(model, name, buffer)
-    for i in range(first, last):
-        piece = _piece(spec, (i, i + 1), False, False, init_dir, seed).to(dtype)
-        init_lora_params(apply_lora(piece, config), seed)
-        quantize_base(piece, config.quantize_base)
-        model.layers[str(i)] = piece.layers[str(i)]
-        del piece
-    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:  # a module of the stage this builder does not know how to fill
-        raise ConfigError(f"QLoRA cannot build {', '.join(left[:3])}: this model's layout is not supported")
+
+    def piece(span: tuple[int, int], with_embed: bool, with_head: bool) -> Transformer:
+        part = _piece(spec, span, with_embed, with_head, init_dir, seed).to(dtype)
+        if span[0] == span[1]:  # the ends: embeddings, final norm, head stay float, frozen
+            return part.requires_grad_(False)
+        init_lora_params(apply_lora(part, config), seed)
+        return quantize_base(part, config.quantize_base)
+
+    model = assemble(spec, layers, embed=embed, head=head, piece=piece)
     release_free_heap()
     return model.train()
 
