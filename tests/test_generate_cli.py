@@ -165,3 +165,16 @@ def test_text_stream_pieces_equal_the_whole_decode_cut_at_the_first_stop(kind):
         assert "".join(pieces) == (whole[:min(hits)] if hits else whole)
 
     check()
+
+
+def test_a_stop_string_inside_an_unfinished_character_cuts_the_flushed_tail():
+    """A token whose text ends in half a UTF-8 character is held back until the end; the stop
+    string inside it still cuts there (the flush once printed it whole)."""
+    tokenizer = _trained_tokenizer("byte-level")
+    cases = [(t, text) for t in range(tokenizer.get_vocab_size())
+             if len(text := tokenizer.decode([t])) >= 2 and text.endswith("\ufffd") and text[0] != "\ufffd"]
+    assert cases, "the byte-level vocabulary has a token ending in a partial character"
+    token, text = cases[0]
+    stream = TextStream(tokenizer, [text[1]])
+    pieces = [stream.push(token), stream.flush()]
+    assert "".join(pieces) == text[:text.index(text[1])]

@@ -117,13 +117,9 @@ class TextStream:
         if len(window) > len(context) and not window.endswith("\ufffd"):
             self.text += window[len(context):]
             self._prefix, self._read = self._read, len(self.tokens)
-        # Only the tail can hold a new stop string: what was printed had none.
-        tail_from = max(0, self.printed - self._longest_stop)
-        hits = [self.text.find(s, tail_from) for s in self.stop]
-        hits = [h for h in hits if h >= 0]
-        if hits:
-            self.stopped = True
-            return self._emit(self.text[:min(hits)])
+        stop_at = self._stop_hit()
+        if stop_at is not None:
+            return self._emit(self.text[:stop_at])
         safe = len(self.text)
         for s in self.stop:  # keep back a suffix that is a prefix of a stop string
             for k in range(min(len(s) - 1, safe), 0, -1):
@@ -139,7 +135,18 @@ class TextStream:
             context = self.tokenizer.decode(self.tokens[self._prefix:self._read])
             self.text += self.tokenizer.decode(self.tokens[self._prefix:])[len(context):]
             self._prefix = self._read = len(self.tokens)
-        return self._emit(self.text)
+        stop_at = self._stop_hit()  # the held-back tail may hold a stop string too
+        return self._emit(self.text if stop_at is None else self.text[:stop_at])
+
+    def _stop_hit(self) -> int | None:
+        """Where the first stop string starts, if one has appeared; the stream then stops there.
+        Only the tail can hold a new one: what was printed had none."""
+        tail_from = max(0, self.printed - self._longest_stop)
+        hits = [h for h in (self.text.find(s, tail_from) for s in self.stop) if h >= 0]
+        if not hits:
+            return None
+        self.stopped = True
+        return min(hits)
 
     def _emit(self, text: str) -> str:
         piece = text[self.printed:] if len(text) > self.printed else ""
