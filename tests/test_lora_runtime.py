@@ -10,8 +10,7 @@ from safetensors.torch import load_file
 from alloy.model import Transformer
 from alloy.model.init import init_params
 from alloy.model.lora import LoraConfig, apply_lora, init_lora_params, lora_state_dict
-from alloy.runtime import DataSource, OptimConfig, RunLayout, Stage, job_document, run_job
-from alloy.runtime.engine import token_loss_sum
+from alloy.runtime import DataSource, OptimConfig, RunLayout, Stage, job_document, reference_run, run_job
 from alloy.spec import ModelSpec
 
 SPEC = ModelSpec(family="llama", vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
@@ -34,22 +33,9 @@ LAYOUTS = {
 
 def _reference(global_batch: int):
     """One process: the same base, adapters, data, loss weighting and AdamW on the adapters only."""
-    model = init_params(Transformer(SPEC), 0).to(torch.float64).train()
-    init_lora_params(apply_lora(model, LoraConfig(**LORA)), 0)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=OPTIM.lr, betas=OPTIM.betas, weight_decay=OPTIM.weight_decay,
-                                  eps=OPTIM.eps)
-    losses = []
-    for step in range(STEPS):
-        optimizer.zero_grad(set_to_none=True)
-        batch = DATA.batch(step, global_batch, SEQ, SPEC.vocab_size)
-        loss = token_loss_sum(model(batch[:, :-1]), batch[:, 1:]) / (global_batch * SEQ)
-        loss.backward()
-        for group in optimizer.param_groups:
-            group["lr"] = OPTIM.lr_at(step, STEPS)
-        optimizer.step()
-        losses.append(loss.item())
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model = init_lora_params(apply_lora(init_params(Transformer(SPEC), 0).to(torch.float64), LoraConfig(**LORA)), 0)
+    return reference_run(SPEC, steps=STEPS, global_batch=global_batch, seq_len=SEQ, data=DATA, optim=OPTIM,
+                         dtype=torch.float64, model=model)
 
 
 def _relative(got: dict, expected: dict) -> float:

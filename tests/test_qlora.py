@@ -17,7 +17,7 @@ from alloy.model import Transformer
 from alloy.model.init import init_params
 from alloy.model.lora import LoraConfig, LoraLinear, apply_lora, init_lora_params, quantize_base
 from alloy.quant.linear import QuantLinear
-from alloy.runtime import DataSource, OptimConfig, RunLayout, Stage, job_document, run_job
+from alloy.runtime import DataSource, OptimConfig, RunLayout, Stage, job_document, reference_run, run_job
 from alloy.runtime.engine import token_loss_sum
 from alloy.spec import ModelSpec
 
@@ -124,27 +124,14 @@ def test_distributed_qlora_equals_a_single_process(name, tmp_path):
     equals one process training plain LoRA over the decoded weights."""
     layout, steps, seq, fmt = LAYOUTS[name], 3, 8, "q8_0"
     data, optim = DataSource("random", seed=5), OptimConfig(lr=1e-2, weight_decay=0.1)
-    reference = _reference(fmt)
-    trainable = [p for p in reference.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay,
-                                  eps=optim.eps)
-    ref_losses = []
-    for step in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        batch = data.batch(step, layout.global_batch, seq, SPEC.vocab_size)
-        loss = token_loss_sum(reference(batch[:, :-1]), batch[:, 1:]) / batch[:, 1:].numel()
-        loss.backward()
-        for group in optimizer.param_groups:
-            group["lr"] = optim.lr_at(step, steps)
-        optimizer.step()
-        ref_losses.append(loss.item())
+    ref_losses, ref_state = reference_run(SPEC, steps=steps, global_batch=layout.global_batch, seq_len=seq,
+                                          data=data, optim=optim, dtype=torch.float64, model=_reference(fmt))
     job = job_document(SPEC, layout, steps=steps, seq_len=seq, out_dir=tmp_path, data=data, optim=optim,
                        threads=1, timeout_s=60, param_dtype="fp64", lora=LORA | {"quantize_base": fmt})
     report = run_job(job, timeout_s=240)
     assert report.losses == pytest.approx(ref_losses, rel=TOL, abs=0)
     state = report.state_dict()
     adapters = {k for k in state if k.endswith((".lora_A", ".lora_B"))}
-    ref_state = reference.state_dict()
     assert adapters == {k for k in ref_state if k.endswith((".lora_A", ".lora_B"))}
     for key in adapters:
         assert ((state[key] - ref_state[key]).norm() / ref_state[key].norm()).item() <= TOL, key
