@@ -112,3 +112,20 @@ def test_qlora_prices_the_base_at_its_format_bytes():
         saved = base.replicas[0].stages[0].predicted_memory_bytes - plan.replicas[0].stages[0].predicted_memory_bytes
         # the estimate counts a layer's parameters less its norms (2 h here, 4 h allowed for) as linear
         assert saved == pytest.approx(linear_params * (4 - per_weight), rel=2e-3), fmt
+
+
+def test_qlora_saves_only_where_the_quantized_base_runs():
+    """QLoRA's blocks run on CPU workers; a GPU stage of the run keeps its base in float (the
+    engine gives it plain LoRA), so the plan prices the saving on CPU stages only."""
+    from alloy.plan.timing import build_problem, stage_memory_bytes
+
+    model = spec(512, 8, 8192, 128)
+    gpu = DeviceProfile(name="gpu0", kind="cuda", memory_bytes=2**34, matmul_flops={"fp32": 1e13},
+                        memory_bandwidth_bytes_per_s=1e12)
+    inventory = Inventory(name="mixed", devices=[cpu("cpu0"), gpu])
+    lora = build_problem(model, inventory, Workload("train", 4, 128, dtype="fp32", lora_rank=8))
+    qlora = build_problem(model, inventory, Workload("train", 4, 128, dtype="fp32", lora_rank=8, quantize_base="q4_0"))
+    on = {d: [stage_memory_bytes(p, 2, 6, 1, 4, 4, d) for p in (lora, qlora)] for d in (0, 1)}
+    assert on[1][0] == on[1][1]  # the GPU: as plain LoRA
+    assert on[0][1] == pytest.approx(on[0][0] - 4 * qlora.costs.layer_quant_saving_bytes)
+    assert qlora.costs.layer_quant_saving_bytes > 0

@@ -62,7 +62,7 @@ def greedy_fill(p: Problem) -> Baseline:
     # accelerate fills accelerators in index order and spills to the CPU last.
     for d in sorted(range(len(p.devices)), key=lambda d: p.devices[d].kind == "cpu"):
         start, stop = cuts[-1], cuts[-1]
-        while stop < L and stage_memory_bytes(p, start, stop + 1, 1, share, share) <= p.memory_bytes[d]:
+        while stop < L and stage_memory_bytes(p, start, stop + 1, 1, share, share, d) <= p.memory_bytes[d]:
             stop += 1
         if stop > start:
             devices.append(d)

@@ -18,7 +18,7 @@ import numpy as np
 
 from alloy.plan.timing import (Layout, Problem, Replica, micro_batching, replica_timing, sync_cost,
                                synced_time_s)
-from alloy.plan.timing import send_s, stage_compute_s, stage_memory_bytes, stage_overhead_s
+from alloy.plan.timing import quantized_base_here, send_s, stage_compute_s, stage_memory_bytes, stage_overhead_s
 
 EXACT_MAX_DEVICES = 5  # every grouping and order is tried up to here (958 ordered groupings at 5)
 EXACT_MAX_BATCH = 16  # shares water-filled over each share's own best layout up to here
@@ -72,10 +72,10 @@ class Search:
             if compute_key not in self._rows:
                 with np.errstate(invalid="ignore"):
                     self._rows[compute_key] = stage_compute_s(p, d, i, j, mb)
-            memory_key = ("memory", min(len(order) - pos, m), mb_max, share)
+            memory_key = ("memory", min(len(order) - pos, m), mb_max, share, quantized_base_here(p, d))
             if memory_key not in self._rows:
                 with np.errstate(invalid="ignore"):
-                    self._rows[memory_key] = stage_memory_bytes(p, i, j, memory_key[1], mb_max, share)
+                    self._rows[memory_key] = stage_memory_bytes(p, i, j, memory_key[1], mb_max, share, d)
             slot = self._rows[compute_key] + stage_overhead_s(p, d, len(order)) + send_s(p, d, nxt, mb)
             table[pos] = np.where(self._valid & (self._rows[memory_key] <= p.memory_bytes[d]), slot, np.inf)
         return table

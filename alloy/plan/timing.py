@@ -241,12 +241,21 @@ def send_s(p: Problem, src: int, dst: int | None, mb_samples: float) -> float:
     return one_way_s + p.work.new_tokens * (mb_samples * p.costs.boundary_decode_bytes_per_sample / bw + lat)
 
 
-def stage_memory_bytes(p: Problem, start, stop, in_flight: int, mb_max_samples: int, share: int):
-    """Peak bytes on a stage. 1F1B keeps `in_flight` micro-batches of activations alive at once."""
+def quantized_base_here(p: Problem, device: int | None) -> bool:
+    """QLoRA's block formats run on CPU workers (Alloy's kernels); a GPU stage of the same run holds
+    its frozen base in float, as plain LoRA (alloy.runtime.engine). None: any device, the least need."""
+    return device is None or p.devices[device].kind == "cpu"
+
+
+def stage_memory_bytes(p: Problem, start, stop, in_flight: int, mb_max_samples: int, share: int,
+                       device: int | None = None):
+    """Peak bytes on a stage (on `device`). 1F1B keeps `in_flight` micro-batches of activations
+    alive at once."""
     c, last = p.costs, (stop == p.num_layers)
     state = stage_params(p, start, stop) * c.param_state_bytes
     state = state + stage_adapter_params(p, start, stop) * c.adapter_state_bytes
-    state = state - (stop - start) * c.layer_quant_saving_bytes
+    if quantized_base_here(p, device):
+        state = state - (stop - start) * c.layer_quant_saving_bytes
     transient = mb_max_samples * (p.max_layer_peak_bytes_per_sample + c.head_peak_bytes_per_sample * last)
     if p.work.task == "train":
         state = state + TRAIN_WORKER_OVERHEAD_BYTES
@@ -316,7 +325,7 @@ def replica_timing(p: Problem, devices: tuple[int, ...], cuts: tuple[int, ...], 
         compute = float(stage_compute_s(p, d, a, b, mb)) + stage_overhead_s(p, d, n)
         slots.append(compute + send_s(p, d, devices[k + 1] if k + 1 < n else None, mb))
         computes.append(compute)
-        mem = float(stage_memory_bytes(p, a, b, min(n - k, m), mb_max, share))
+        mem = float(stage_memory_bytes(p, a, b, min(n - k, m), mb_max, share, d))
         mems.append(mem)
         fits &= mem <= p.memory_bytes[d]
         optimizer = max(optimizer, float(stage_optimizer_s(p, d, a, b)))

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from alloy.errors import ConfigError
 from alloy.model import Transformer
 from alloy.model.init import canonical_name
 from alloy.runtime.build import build_stage_model
@@ -111,8 +110,9 @@ class StageRunner:
         self.device, self.precision = device, precision
         stage = self.info.stage
         if lora and lora.get("quantize_base") and device.type != "cpu":
-            raise ConfigError(f"QLoRA's quantized base runs on CPU workers; {device} holds a stage "
-                              "(use lora without quantize_base there)")
+            # QLoRA's block formats run on CPU workers; a GPU stage of the run keeps its frozen base
+            # in float (plain LoRA there), as the plan priced it (alloy.plan.timing.quantized_base_here)
+            lora = {**lora, "quantize_base": None}
         # LoRA: the base frozen, adapters (in the parameters' dtype) the only trainable tensors
         self.model = build_stage_model(spec, (stage.first, stage.last), embed=stage.embed, head=stage.head,
                                        init_dir=init_dir, seed=seed, param_dtype=param_dtype,
