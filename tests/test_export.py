@@ -130,10 +130,11 @@ def test_permuted_rows_under_interleaved_rope_give_the_same_attention_scores():
 
 
 def test_gguf_refuses_knobs_the_llama_architecture_cannot_express(tmp_path, capsys):
-    directory = tmp_path / "qwen3"
-    build_hf("qwen3-qknorm").save_pretrained(directory)
-    with pytest.raises(UnsupportedModelError, match="cannot express qk_norm=True"):
-        alloy.fuse.export_model(directory, tmp_path / "q.gguf", format="gguf")
-    assert main(["export", str(directory), "--format", "gguf", "--out", str(tmp_path / "q.gguf")]) == 2
-    assert "qk_norm" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["qwen3"]
+    """Mistral is written as llama.cpp's "llama", which has no sliding window."""
+    directory = tmp_path / "mistral"
+    build_hf("mistral-sliding").save_pretrained(directory)
+    with pytest.raises(UnsupportedModelError, match="'llama' architecture, which cannot express layer_types="):
+        alloy.fuse.export_model(directory, tmp_path / "m.gguf", format="gguf")
+    assert main(["export", str(directory), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 2
+    assert "layer_types" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mistral"]

@@ -443,3 +443,81 @@ def test_half_precision_files_load_in_their_precision(exported_llama, dtype, tmp
     reference = alloy.load(directory, dtype=dtype)  # the same weights rounded the same way
     for name, tensor in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+# ---- Gemma 3 ----------------------------------------------------------------------------------
+# What a Gemma 3 GGUF can say, as llama.cpp's converter writes it: the sliding window and the full
+# layers' RoPE (base, linear scaling) and final softcap. Fixed by llama.cpp, so set here to match:
+# 5 sliding : 1 full (7 layers: one full), sliding base 10k, query scale head_dim ** -0.5.
+GEMMA3 = ("gemma3_text", SMALL | dict(num_key_value_heads=2, head_dim=16, num_hidden_layers=7, sliding_window=5,
+                                      query_pre_attn_scalar=16, final_logit_softcapping=2.0, rope_parameters=dict(
+    full_attention=dict(rope_type="linear", factor=2.0, rope_theta=5000.0),
+    sliding_attention=dict(rope_type="default", rope_theta=10000.0))))
+
+
+def write_gemma3_gguf(model, path, pattern=None):
+    """`model` (HF Gemma 3) in llama.cpp's layout: every "*norm.weight" stored as 1 + w, QK-norm too.
+    `pattern`: an `attention.sliding_window_pattern` to write (llama.cpp's converter writes none)."""
+    spec = model_spec(model)
+    state = alloy_state(model)
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_context_length(spec.max_seq_len)
+    writer.add_embedding_length(spec.hidden_size)
+    writer.add_block_count(spec.num_layers)
+    writer.add_feed_forward_length(spec.intermediate_size)
+    writer.add_head_count(spec.num_heads)
+    writer.add_head_count_kv(spec.num_kv_heads)
+    writer.add_key_length(spec.head_dim)
+    writer.add_value_length(spec.head_dim)
+    writer.add_layer_norm_rms_eps(spec.norm_eps)
+    writer.add_rope_freq_base(spec.rope_theta)
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(spec.rope_factor)
+    writer.add_final_logit_softcapping(spec.final_softcap)
+    writer.add_sliding_window(spec.sliding_window)
+    if pattern is not None:
+        writer.add_sliding_window_pattern(pattern)
+    write_byte_level_vocab(writer, byte_level_tokenizer(spec.vocab_size), spec.vocab_size, "default")
+    for rule in gguf_rules(spec, "gemma3"):
+        (name,) = rule.hf
+        (tensor,) = rule.transform.save([state[o] for o in rule.ours], spec)
+        writer.add_tensor(name, tensor.detach().float().contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gemma3_logits_equal_hf_and_llama_cpps(tmp_path):
+    hf = build("gemma3", case=GEMMA3)
+    path = write_gemma3_gguf(hf, tmp_path / "gemma3.gguf")
+    model = alloy.load(path)
+    assert_same_knobs(model.spec, model_spec(hf))
+    assert model.spec.layer_types == ("sliding",) * 5 + ("full", "sliding") and model.spec.rope_local_theta == 10000.0
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert {"blk.0.attn_q_norm.weight", "blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight"} <= names
+    ids = torch.randint(0, 300, (2, 12))  # 12 > the window of 5
+    want = logits(hf, ids)
+    torch.testing.assert_close(logits(model, ids), want, rtol=0, atol=1e-5)
+    # QK-norm's + 1 matters: read back without it, the logits move
+    plain = alloy.Transformer(model.spec).eval()
+    state = model.state_dict()
+    qk_norms = {k: v + 1 for k, v in state.items() if k.endswith(("q_norm.weight", "k_norm.weight"))}
+    plain.load_state_dict(state | qk_norms)
+    assert (logits(plain, ids) - want).abs().max() > 1e-3
+    # llama.cpp reads the file to the same logits
+    theirs = llama_cpp_logits(path, ids[0].tolist())
+    torch.testing.assert_close(theirs, want[0], rtol=0, atol=5e-3)
+
+
+def test_gemma3_sliding_pattern_in_the_file_is_read_and_a_bad_one_refused(tmp_path):
+    hf = build("gemma3", case=GEMMA3)
+    flags = [False, True, True, False, True, True, True]
+    spec = alloy.load(write_gemma3_gguf(hf, tmp_path / "flags.gguf", pattern=flags)).spec
+    assert spec.layer_types == tuple("sliding" if f else "full" for f in flags)
+    spec = alloy.load(write_gemma3_gguf(hf, tmp_path / "period.gguf", pattern=3)).spec
+    assert spec.layer_types == ("sliding", "sliding", "full") * 2 + ("sliding",)
+    with pytest.raises(CheckpointError) as err:
+        alloy.load(write_gemma3_gguf(hf, tmp_path / "bad.gguf", pattern=0))
+    assert "sliding_window_pattern' must be a period >= 1 or 7 per-layer flags, got 0" in _one_line_error(err)

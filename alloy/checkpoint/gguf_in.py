@@ -1,15 +1,17 @@
 """One GGUF file (llama.cpp's format) -> a Transformer, with its tokenizer and chat template.
 
 Read with the `gguf` package's memory-mapped reader: only the requested stage's tensors are
-touched, one at a time. Quantized tensors are dequantized to fp32 as they are read (until
-native quantized kernels land). The architecture's metadata becomes a ModelSpec, knob by knob;
-an architecture or tensor type Alloy cannot express is refused by name.
+touched, one at a time. Quantized tensors are dequantized as they are read, one at a time, then
+cast to the requested dtype: never the whole file in fp32 at once. The architecture's metadata
+becomes a ModelSpec, knob by knob; an architecture or tensor type Alloy cannot express is
+refused by name.
 
 Layout facts, from llama.cpp's convert_hf_to_gguf.py (and transformers' GGUF loader, which
 undoes them the same way):
 - "llama" permutes the rows of q and k (weights and biases) for interleaved RoPE; undone with
   alloy.fuse.gguf.unpermute. Every other architecture here keeps HF's rotate-half rows.
-- Gemma and Gemma 2 store norm scales as 1 + w; Alloy keeps w (norm_offset=1).
+- Gemma, Gemma 2 and Gemma 3 store norm scales as 1 + w; Alloy keeps w (norm_offset=1). Gemma 3's
+  QK-norm scales too: its converter adds 1 to every tensor named "*norm.weight".
 - GPT-2's Conv1D weights are stored transposed, as [out, in], with q|k|v fused.
 - Phi-3 keeps its fused qkv and gate|up tensors as they are.
 - A model whose head is tied to the embeddings has no `output` tensor.
@@ -17,17 +19,26 @@ undoes them the same way):
 
 from __future__ import annotations
 
+import functools
+import reprlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from alloy.checkpoint.gguf_vocab import end_of_generation
 from alloy.checkpoint.keymap import IDENTITY, SPLIT_GATE_UP, SPLIT_QKV, Rule, Transform
-from alloy.errors import CheckpointError, UnsupportedModelError
+from alloy.errors import CheckpointError, ConfigError, UnsupportedModelError
 from alloy.spec import ModelSpec
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2")
+# GGUF architecture -> ModelSpec.family (the HF model_type) where the two names differ
+FAMILY_OF_ARCH = {"gemma3": "gemma3_text"}
+# Block types decoded by alloy.quant in torch: the floats ggml decodes (tests/test_quant_formats.py),
+# and for a large tensor several times as fast as gguf.quants (a Q8_0 262k-row embedding: 0.4 s,
+# not 2.6 s). Every other type goes through gguf.quants, Q4_K included (its numpy is the faster).
+TORCH_DEQUANTIZED = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
 _MISSING = object()
 _LIST_AT_MOST = 5
 
@@ -58,9 +69,30 @@ def open_gguf(path: str | Path):
     except ImportError:
         raise UnsupportedModelError("reading GGUF needs the gguf package: pip install 'alloy-lm[gguf]'") from None
     try:
-        return gguf.GGUFReader(str(path))
+        return _reader_class()(str(path))
     except Exception as err:  # the reader raises ValueError, IndexError, struct errors on bad bytes
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(err).__name__}: {_one_line(err)})") from None
+
+
+@functools.cache
+def _reader_class():
+    import gguf
+
+    class Reader(gguf.GGUFReader):
+        """gguf's reader, parsing from a plain ndarray view of its memory map. The stock reader
+        slices the np.memmap once per array element, and every memmap slice pays for
+        __array_finalize__: 9 s of 11 to open a file with a 262k-token vocabulary (Gemma 3).
+        Same bytes, same arrays, still views of the one map."""
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("_plain")
+            if plain is None:  # first called in __init__, right after the file is mapped
+                plain = self._plain = self.data.view(np.ndarray)
+            dtype, count = np.dtype(dtype), int(count)
+            arr = plain[offset:offset + dtype.itemsize * count].view(dtype)[:count]
+            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+    return Reader
 
 
 class Metadata:
@@ -108,9 +140,8 @@ def spec_from_gguf(reader, path: Path) -> ModelSpec:
         kv_heads = kv_heads[0]
     head_dim = a("attention.key_length", hidden // heads if heads else 0)
     embed_rows = next((int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight"), None)
-    eos = meta.get("tokenizer.ggml.eos_token_id", None)
     fields: dict[str, Any] = dict(
-        family=arch,
+        family=FAMILY_OF_ARCH.get(arch, arch),
         vocab_size=a("vocab_size", embed_rows),
         hidden_size=hidden,
         num_layers=a("block_count"),
@@ -121,7 +152,7 @@ def spec_from_gguf(reader, path: Path) -> ModelSpec:
         max_seq_len=a("context_length"),
         tie_embeddings="output.weight" not in names,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id", None),
-        eos_token_id=() if eos is None else (eos,),
+        eos_token_id=end_of_generation(meta),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id", None),
     )
     if arch == "gpt2":
@@ -134,7 +165,7 @@ def spec_from_gguf(reader, path: Path) -> ModelSpec:
     fields |= dict(qkv_bias="blk.0.attn_q.bias" in names or "blk.0.attn_qkv.bias" in names,
                    o_bias="blk.0.attn_output.bias" in names, mlp_bias="blk.0.ffn_up.bias" in names,
                    qk_norm="blk.0.attn_q_norm.weight" in names)
-    if arch in ("gemma", "gemma2"):
+    if arch in ("gemma", "gemma2", "gemma3"):
         fields |= dict(norm_offset=1.0, embedding_scaled=True, activation="gelu_tanh")
     if arch == "gemma2":
         window = a("attention.sliding_window", 0)
@@ -147,10 +178,38 @@ def spec_from_gguf(reader, path: Path) -> ModelSpec:
                        final_softcap=float(a("final_logit_softcapping", 0.0)), sliding_window=window,
                        layer_types=tuple("sliding" if i % 2 == 0 else "full" for i in range(fields["num_layers"]))
                        if window else ())
+    if arch == "gemma3":
+        fields |= _gemma3(a, fields, hidden, heads, path)
     if arch == "phi3":
         window = a("attention.sliding_window", 0)
         fields |= dict(sliding_window=window, layer_types=("sliding",) * fields["num_layers"] if window else ())
     return ModelSpec(**fields)
+
+
+def _gemma3(a, fields: dict[str, Any], hidden: int, heads: int, path: Path) -> dict[str, Any]:
+    """Gemma 3 as llama.cpp's llama-model.cpp reads it. The converter writes the sliding window
+    (absent: every layer full), the full layers' RoPE base and scaling, and a final softcap only
+    when the config has one. The rest is llama.cpp's unless the file says otherwise: five sliding
+    layers then one full (`attention.sliding_window_pattern`: a period or a flag per layer),
+    sliding layers on an unscaled base of 10k (`rope.freq_base_swa`), no attention softcap, and
+    queries scaled by head_dim ** -0.5 except in the 27B (62 layers), scaled by (hidden / heads)
+    ** -0.5 -- what query_pre_attn_scalar says in each published HF config."""
+    layers, window = fields["num_layers"], a("attention.sliding_window", 0)
+    out: dict[str, Any] = dict(norm_placement="sandwich", final_softcap=float(a("final_logit_softcapping", 0.0)))
+    if layers == 62:
+        out["attn_scale"] = (hidden / heads) ** -0.5
+    if not window:
+        return out
+    pattern = a("attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list) and len(pattern) == layers:
+        sliding = [bool(flag) for flag in pattern]
+    elif isinstance(pattern, int) and pattern >= 1:  # llama.cpp's set_swa_pattern
+        sliding = [i % pattern < pattern - 1 for i in range(layers)]
+    else:
+        raise CheckpointError(f"{path}: GGUF metadata 'gemma3.attention.sliding_window_pattern' must be a period "
+                              f">= 1 or {layers} per-layer flags, got {reprlib.repr(pattern)}")
+    return out | dict(sliding_window=window, rope_local_theta=float(a("rope.freq_base_swa", 10000.0)),
+                      layer_types=tuple("sliding" if s else "full" for s in sliding))
 
 
 def _rope(a, head_dim: int, path: Path) -> dict[str, Any]:
@@ -215,8 +274,8 @@ def gguf_rules(spec: ModelSpec, arch: str) -> list[Rule]:
         transform = IDENTITY
         if arch == "llama" and module in ("attn.wq", "attn.wk"):  # weights and biases alike
             transform = UNPERMUTE_Q if module == "attn.wq" else UNPERMUTE_K
-        elif spec.norm_offset and ours.endswith("norm.weight") and not module.startswith("attn."):
-            transform = NORM_PLUS_ONE  # every Gemma norm scale but QK-norm (Gemma 1/2 have none)
+        elif spec.norm_offset and ours.endswith("norm.weight"):
+            transform = NORM_PLUS_ONE  # every Gemma norm scale, Gemma 3's QK-norm included
         rules.append(Rule((theirs,), (ours,), transform))
     if arch == "phi3":
         for i in range(spec.num_layers):
@@ -274,10 +333,16 @@ class GGUFSource:
                 array = np.array(t.data, dtype=np.float32)
             elif t.tensor_type == gguf.GGMLQuantizationType.F16:
                 return torch.from_numpy(np.array(t.data, dtype=np.float16)).reshape(self.shape(name))
+            elif t.tensor_type.name in TORCH_DEQUANTIZED:
+                from alloy.quant import dequantize
+
+                raw = torch.from_numpy(np.array(t.data, dtype=np.uint8))  # the blocks, copied off the map
+                return dequantize(raw.reshape(-1, raw.shape[-1]), TORCH_DEQUANTIZED[t.tensor_type.name]
+                                  ).reshape(self.shape(name))
             else:
                 array = gguf.quants.dequantize(t.data, t.tensor_type)
             return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(self.shape(name))
-        except (ValueError, IndexError, NotImplementedError, RuntimeError) as err:
+        except (ValueError, IndexError, NotImplementedError, RuntimeError, ConfigError) as err:
             raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({type(err).__name__}: "
                                   f"{_one_line(err)})") from None
 
@@ -301,12 +366,13 @@ def load_gguf(path: str | Path, device=None, dtype=None, *, layers=None, embed=N
     reader = open_gguf(path)
     spec = spec_from_gguf(reader, path)
     source = GGUFSource(reader, path)
-    rules = gguf_rules(spec, spec.family)
+    arch = Metadata(reader, path).get("general.architecture")
+    rules = gguf_rules(spec, arch)
     needed = {n for rule in rules for n in rule.hf}
     missing, extra = needed - set(source.tensors), set(source.tensors) - needed
     if missing or extra:
         parts = ([f"missing {_names(missing)}"] if missing else []) + ([f"unexpected {_names(extra)}"] if extra else [])
-        raise CheckpointError(f"{path}: tensors do not match the {spec.family} metadata: {'; '.join(parts)}")
+        raise CheckpointError(f"{path}: tensors do not match the {arch} metadata: {'; '.join(parts)}")
     if dtype is None:
         stored = source.tensors["token_embd.weight"].tensor_type
         dtype = {gguf.GGMLQuantizationType.F16: torch.float16,

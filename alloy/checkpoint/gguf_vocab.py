@@ -8,6 +8,8 @@ transformers' GGUF tokenizer builder):
 - "llama": SentencePiece BPE: tokens with scores, bytes as <0xNN> tokens. Merges are not
   stored; a pair merges into a token when both halves are tokens, best score first.
 Token types: 1 normal, 2 unknown, 3 control (special), 4 user-defined (added), 5 unused, 6 byte.
+User-defined tokens (Gemma's runs of spaces and newlines, HTML tags) are matched whole before the
+model runs, as llama.cpp's tokenizer_st_partition does.
 """
 
 from __future__ import annotations
@@ -35,6 +37,41 @@ PRE_SPLITS = {
     "falcon3": _LLAMA3_SPLIT, "pixtral": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT,
     "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "megrez": _QWEN2_SPLIT,
 }
+
+
+# Control tokens that end a turn, by text, as llama.cpp's llama-vocab.cpp finds them (files rarely
+# name an end-of-turn id): generation stops on them as on EOS (ModelSpec.eos_token_id).
+END_OF_TURN = frozenset({"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
+                         "<EOT>", "<|end_of_text|>"})
+# Gemma's turn format, as Google's Gemma 3 tokenizer_config.json writes it (text content only), for
+# a file with Gemma's turn tokens but no template: files converted before llama.cpp's converter
+# read chat_template.jinja carry none, and llama.cpp then falls back to ChatML, whose markers are
+# not in the vocabulary. The same turns as llama.cpp's built-in "gemma" template, BOS included.
+GEMMA_TURNS = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+
+def end_of_generation(meta) -> tuple[int, ...]:
+    """EOS first, then the end-of-turn and end-of-message tokens: the file's ids and the control
+    tokens named in END_OF_TURN, as llama.cpp's end-of-generation set holds them."""
+    eos = meta.get("tokenizer.ggml.eos_token_id", None)
+    ends = {meta.get("tokenizer.ggml.eot_token_id", None), meta.get("tokenizer.ggml.eom_token_id", None)}
+    tokens = meta.get("tokenizer.ggml.tokens", None) or []
+    types = meta.get("tokenizer.ggml.token_type", None) or []
+    ends |= {i for i, (t, k) in enumerate(zip(tokens, types)) if k == CONTROL and t in END_OF_TURN}
+    return (() if eos is None else (eos,)) + tuple(sorted(ends - {None, eos}))
 
 
 def side_files_from_gguf(meta, spec: ModelSpec):
@@ -68,12 +105,12 @@ def side_files_from_gguf(meta, spec: ModelSpec):
         if token_id is not None and 0 <= token_id < len(tokens):
             config[key] = tokens[token_id]
     template = meta.get("tokenizer.chat_template", None)
+    control = {t for t, k in zip(tokens, types) if k == CONTROL}
+    if not template and {"<start_of_turn>", "<end_of_turn>"} <= control:
+        template = GEMMA_TURNS
     if template:
         config["chat_template"] = template
-    # generation ends on EOS and on end-of-turn / end-of-message tokens, as llama.cpp's do
-    ends = [i for i in (eos, meta.get("tokenizer.ggml.eot_token_id", None), meta.get("tokenizer.ggml.eom_token_id", None))
-            if i is not None]
-    generation = {"bos_token_id": bos, "eos_token_id": sorted(set(ends)) or None}
+    generation = {"bos_token_id": bos, "eos_token_id": sorted(spec.eos_token_id) or None}
     side["tokenizer.json"] = tokenizer.to_str().encode()
     side["tokenizer_config.json"] = (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
     side["generation_config.json"] = (json.dumps(generation, indent=2) + "\n").encode()
