@@ -15,7 +15,7 @@ from alloy.cli import main
 from alloy.errors import CheckpointError
 from alloy.fuse import find_checkpoint, fuse_run
 from alloy.model import Transformer
-from alloy.runtime import DataSource, OptimConfig, RunLayout, Stage, job_document, run_job
+from alloy.runtime import Checkpointing, DataSource, OptimConfig, RunLayout, Stage, job_document, run_job
 from alloy.runtime.checkpoint import sha256
 from alloy.spec import ModelSpec
 
@@ -47,7 +47,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         job = job_document(SPEC, layout, steps=STEPS, seq_len=8, out_dir=run_dir / "workers",
                            data=DataSource("random", seed=3), optim=OptimConfig(lr=3e-3, weight_decay=0.1),
                            threads=1, timeout_s=60,
-                           checkpoint={"dir": str(run_dir / "checkpoints"), "every": STEPS, "keep_last": 2})
+                           checkpoint=Checkpointing(dir=str(run_dir / "checkpoints"), every=STEPS, keep_last=2))
         run_job(job, timeout_s=240)
         out[name] = run_dir
     return out

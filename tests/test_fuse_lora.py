@@ -15,7 +15,7 @@ import alloy
 from alloy.cli import main
 from alloy.errors import ConfigError
 from alloy.fuse import fuse_run
-from alloy.runtime import DataSource, OptimConfig, RunLayout, Stage, job_document, run_job
+from alloy.runtime import Checkpointing, DataSource, OptimConfig, RunLayout, Stage, job_document, run_job
 from alloy.spec import ModelSpec
 from train_cases import MODEL, make_workspace, write_config
 
@@ -75,7 +75,7 @@ def test_a_pipelined_lora_run_merges_stage_by_stage(lora_run, tmp_path):
     run_dir = tmp_path / "run"
     job = job_document(spec, layout, steps=3, seq_len=8, out_dir=run_dir / "workers", init_dir=str(base_dir),
                        data=DataSource("random", seed=3), optim=OptimConfig(lr=2e-2), threads=1, timeout_s=60,
-                       checkpoint={"dir": str(run_dir / "checkpoints"), "every": 3, "keep_last": 1}, lora=lora)
+                       checkpoint=Checkpointing(dir=str(run_dir / "checkpoints"), every=3, keep_last=1), lora=lora)
     state = run_job(job, timeout_s=240).state_dict()
     (run_dir / "run.json").write_text(json.dumps({"config": {"seed": 0, "lora": lora}, "spec": spec.to_dict(),
                                                   "init_dir": str(base_dir)}))  # as alloy train writes it
@@ -185,7 +185,7 @@ def full_run(tmp_path_factory) -> Path:
     layout = RunLayout(((Stage("cpu0", 0, 2, True, True),),), (2,), (1,))
     job = job_document(spec, layout, steps=1, seq_len=8, out_dir=run_dir / "workers", data=DataSource("random", seed=3),
                        optim=OptimConfig(lr=1e-3), threads=1, timeout_s=60,
-                       checkpoint={"dir": str(run_dir / "checkpoints"), "every": 1, "keep_last": 1})
+                       checkpoint=Checkpointing(dir=str(run_dir / "checkpoints"), every=1, keep_last=1))
     run_job(job, timeout_s=240)
     return run_dir
 

@@ -6,7 +6,6 @@ single-process mean over the unmasked targets, and `alloy train` fine-tunes on c
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -187,7 +186,7 @@ def test_engine_loss_on_masked_data_is_the_mean_over_unmasked_targets(name, tmp_
     layout = LAYOUTS[name]
     optim = OptimConfig(lr=1e-2, weight_decay=0.1)
     job = job_document(SPEC, layout, steps=steps, seq_len=seq, out_dir=tmp_path / "job", data=data, optim=optim,
-                       threads=1, timeout_s=60, param_dtype="fp64", grad_accum=accum, val_data=asdict(val),
+                       threads=1, timeout_s=60, param_dtype="fp64", grad_accum=accum, val_data=val,
                        eval_every=steps, eval_batches=1, metrics_path=str(tmp_path / "metrics.jsonl"))
     report = run_job(job, timeout_s=240)
 

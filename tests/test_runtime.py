@@ -98,7 +98,6 @@ def test_an_fp32_run_trains(tmp_path):
     """The ordinary fp32 path (the equality tests run fp64): pipeline and replicas, training and
     evaluation, on a learnable token cycle, so its loss is finite and falls every step."""
     import json
-    from dataclasses import asdict
 
     import numpy as np
     tokens = tmp_path / "tokens.bin"
@@ -106,7 +105,7 @@ def test_an_fp32_run_trains(tmp_path):
     data = DataSource("tokens", seed=1, path=str(tokens))
     metrics = tmp_path / "metrics.jsonl"
     job = job_document(SPEC, LAYOUTS["hybrid-2x2"], steps=4, seq_len=SEQ, out_dir=tmp_path, data=data,
-                       optim=OptimConfig(lr=1e-2), threads=1, timeout_s=60, val_data=asdict(data), eval_every=4,
+                       optim=OptimConfig(lr=1e-2), threads=1, timeout_s=60, val_data=data, eval_every=4,
                        eval_batches=1, metrics_path=str(metrics))
     report = run_job(job, timeout_s=240)
     assert all(v.dtype == torch.float32 for v in report.state_dict().values())
@@ -203,12 +202,15 @@ def test_world_size_that_does_not_match_the_plan_fails_cleanly(tmp_path):
 
 def test_a_stalled_rank_fails_the_job_within_the_collective_timeout(tmp_path):
     """gloo collectives can hang (PyTorch #132644); every one carries the job's timeout."""
+    from alloy.runtime.launch import launch
+
     layout = LAYOUTS["pp-3-2-1"]
     job = job_document(SPEC, layout, steps=2, seq_len=SEQ, out_dir=tmp_path, threads=1, timeout_s=8)
-    job["stall_rank"] = 2
+    env = dict(os.environ, STALL_RANK="2",  # rank 2 never arrives (tests/stall_worker.py)
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     start = time.monotonic()
     with pytest.raises(LaunchError, match="rank [01]"):
-        run_job(job, timeout_s=180)
+        launch(job, layout.world_size, env=env, worker_module="stall_worker", timeout_s=180)
     assert time.monotonic() - start < 120
 
 

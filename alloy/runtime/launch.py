@@ -102,16 +102,18 @@ def torchrun_command(job_path: Path, nproc_per_node: int, rdzv: Rendezvous, endp
     ]
 
 
-def launch(job: dict, nproc_per_node: int, *, rdzv: Rendezvous = Rendezvous(), timeout_s: float = 600.0,
+def launch(job, nproc_per_node: int, *, rdzv: Rendezvous = Rendezvous(), timeout_s: float = 600.0,
            env: dict | None = None, progress: Callable[[dict], None] | None = None,
            worker_module: str = "alloy.runtime.worker", max_restarts: int = 0) -> None:
-    """Write the job beside its outputs (job["out_dir"]) and run this node's workers — each
-    `python -m worker_module JOB.json` — to completion. With `max_restarts`, torchrun restarts
-    every worker when one dies (the workers resume from their last complete checkpoint).
+    """Write the job beside its outputs (its out_dir) and run this node's workers — each
+    `python -m worker_module JOB.json` — to completion. `job` is a dict, or an object with
+    `to_dict()` (a TrainJob). With `max_restarts`, torchrun restarts every worker when one dies
+    (the workers resume from their last complete checkpoint).
 
     `progress` is called with each new line of the job's metrics file (rank 0 writes one per
     step), so a front-end can draw a progress bar while the workers run.
     """
+    job = job.to_dict() if hasattr(job, "to_dict") else job
     out_dir = Path(job["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     job_path = out_dir / f"job-node{rdzv.node_rank}.json"

@@ -1,6 +1,6 @@
 """`run(plan, ...)`: train for some steps exactly as a Plan says, and report what was measured.
 
-The small API the training front-ends build on: it turns the Plan into a job document, starts
+The small API the training front-ends build on: it turns the Plan into a TrainJob, starts
 the workers with torchrun, and reads back each rank's step records and final shard.
 """
 
@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from alloy.runtime.data import DataSource
-from alloy.runtime.engine import PIPELINE_SCHEDULES, OptimConfig
+from alloy.runtime.engine import PIPELINE_SCHEDULES
+from alloy.runtime.job import TrainJob
 from alloy.runtime.launch import Rendezvous, launch
 from alloy.runtime.layout import PlanMismatchError, RunLayout
 from alloy.spec import ModelSpec
@@ -86,45 +86,35 @@ class RunReport:
         return state
 
 
-def job_document(spec: ModelSpec, layout: RunLayout, *, steps: int, seq_len: int, out_dir: str | Path,
-                 data: DataSource = DataSource(), seed: int = 0, optim: OptimConfig = OptimConfig(),
-                 pipeline_schedule: str = "1f1b", devices: dict | None = None, init_dir: str | None = None,
-                 threads: int | None = None, timeout_s: float = 300.0, predicted_step_s: float | None = None,
-                 **extra) -> dict:
-    """The document every worker reads. `extra` carries the training-run keys (val_data,
-    eval_every, eval_batches, grad_accum, precision, activation_checkpointing, checkpoint,
-    resume, stop_at, metrics_path): see alloy.runtime.worker."""
+def job_document(spec: ModelSpec, layout: RunLayout, *, out_dir: str | Path, **fields) -> TrainJob:
+    """The job every worker runs (`fields`: see TrainJob), checked against the model."""
+    job = TrainJob(spec=spec, layout=layout, out_dir=str(out_dir), **fields)
     layout.validate(spec)
-    if pipeline_schedule not in PIPELINE_SCHEDULES:
-        raise PlanMismatchError(f"pipeline schedule {pipeline_schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}")
-    if seq_len > spec.max_seq_len:
-        raise PlanMismatchError(f"seq_len {seq_len} exceeds the model's maximum {spec.max_seq_len}")
-    missing = {s.device for r in layout.replicas for s in r} - set(devices or {}) if devices is not None else set()
+    if job.pipeline_schedule not in PIPELINE_SCHEDULES:
+        raise PlanMismatchError(f"pipeline schedule {job.pipeline_schedule!r} is not one of "
+                                f"{', '.join(PIPELINE_SCHEDULES)}")
+    if job.seq_len > spec.max_seq_len:
+        raise PlanMismatchError(f"seq_len {job.seq_len} exceeds the model's maximum {spec.max_seq_len}")
+    missing = {s.device for r in layout.replicas for s in r} - set(job.devices) if job.devices else set()
     if missing:
         raise PlanMismatchError(f"the plan's stages use devices it does not describe: {', '.join(sorted(missing))}")
-    return dict(spec=spec.to_dict(), layout=layout.to_dict(), steps=steps, seq_len=seq_len, out_dir=str(out_dir),
-                data=asdict(data), seed=seed, optim=asdict(optim), pipeline_schedule=pipeline_schedule,
-                devices=devices or {}, init_dir=init_dir, threads=threads, timeout_s=timeout_s,
-                predicted_step_s=predicted_step_s, **extra)
+    return job
 
 
-def run(plan, *, steps: int, out_dir: str | Path, spec: ModelSpec | None = None, data: DataSource = DataSource(),
-        seq_len: int | None = None, seed: int = 0, optim: OptimConfig = OptimConfig(),
-        pipeline_schedule: str = "1f1b", init_dir: str | None = None, threads: int | None = None,
-        rdzv: Rendezvous = Rendezvous(), timeout_s: float = 600.0, progress=None, **extra) -> RunReport:
-    """Execute an `alloy.plan.Plan` for `steps` optimizer steps on this node's share of ranks."""
+def run(plan, *, steps: int, out_dir: str | Path, spec: ModelSpec | None = None, seq_len: int | None = None,
+        rdzv: Rendezvous = Rendezvous(), progress=None, **fields) -> RunReport:
+    """Execute an `alloy.plan.Plan` for `steps` optimizer steps on this node's share of ranks.
+    `fields` are the job's other settings (see TrainJob); its `timeout_s` also bounds the whole run."""
     plan_spec = ModelSpec.from_dict(plan.model.spec)
     if spec is not None and spec != plan_spec:
         changed = next(k for k, v in spec.to_dict().items() if plan_spec.to_dict()[k] != v)
         raise PlanMismatchError(f"the plan was made for a different model ({changed}: "
                                 f"{plan_spec.to_dict()[changed]} in the plan, {spec.to_dict()[changed]} given)")
     layout = RunLayout.from_plan(plan)
-    job = job_document(plan_spec, layout, steps=steps, seq_len=seq_len or plan.seq_len, out_dir=out_dir, data=data,
-                       seed=seed, optim=optim, pipeline_schedule=pipeline_schedule, init_dir=init_dir,
-                       threads=threads, devices={d.name: d.model_dump() for d in plan.devices},
-                       timeout_s=timeout_s, predicted_step_s=plan.predicted.step_s,
-                       predicted_terms=predicted_terms(plan), **extra)
-    return run_job(job, rdzv=rdzv, timeout_s=timeout_s, progress=progress)
+    job = job_document(plan_spec, layout, steps=steps, seq_len=seq_len or plan.seq_len, out_dir=out_dir,
+                       devices={d.name: d.model_dump() for d in plan.devices},
+                       predicted_step_s=plan.predicted.step_s, predicted_terms=predicted_terms(plan), **fields)
+    return run_job(job, rdzv=rdzv, timeout_s=job.timeout_s, progress=progress)
 
 
 def predicted_terms(plan) -> dict[str, float]:
@@ -133,13 +123,15 @@ def predicted_terms(plan) -> dict[str, float]:
             "optimizer_s": p.optimizer_s}
 
 
-def run_job(job: dict, *, rdzv: Rendezvous = Rendezvous(), timeout_s: float = 600.0, progress=None) -> RunReport:
-    """Launch this node's workers; `progress(line)` is called with each metrics line as it lands."""
-    layout = RunLayout.from_dict(job["layout"])
+def run_job(job: TrainJob, *, rdzv: Rendezvous = Rendezvous(), timeout_s: float = 600.0,
+            progress=None) -> RunReport:
+    """Launch this node's workers and wait at most `timeout_s` for them; `progress(line)` is
+    called with each metrics line as it lands."""
+    layout = job.layout
     if layout.world_size % rdzv.nnodes:
         raise PlanMismatchError(f"{layout.world_size} ranks do not split evenly over {rdzv.nnodes} nodes")
     launch(job, layout.world_size // rdzv.nnodes, rdzv=rdzv, timeout_s=timeout_s, progress=progress,
-           max_restarts=int(job.get("max_restarts", 0)))
+           max_restarts=job.max_restarts)
     return read_report(job)
 
 
@@ -156,17 +148,17 @@ def measured_step_s(ranks: list[dict]) -> float:
     return statistics.median(slowest[1:] if len(slowest) > 1 else slowest)
 
 
-def read_report(job: dict) -> RunReport:
-    out_dir = Path(job["out_dir"])
-    layout = RunLayout.from_dict(job["layout"])
+def read_report(job: TrainJob) -> RunReport:
+    out_dir = Path(job.out_dir)
+    layout = job.layout
     ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(layout.world_size)]
     steps = len(ranks[0]["records"])
     if steps == 0:
         raise PlanMismatchError(f"{out_dir}: the run took no step (it was already at step {ranks[0]['start_step']})")
     measured = measured_step_s(ranks)
-    tokens = layout.global_batch * int(job["seq_len"]) * int(job.get("grad_accum", 1))
-    report = RunReport(out_dir, [rec["loss"] for rec in ranks[0]["records"]], ranks, job.get("predicted_step_s"),
-                       measured, tokens / measured, predicted_terms=job.get("predicted_terms"))
+    tokens = layout.global_batch * job.seq_len * job.grad_accum
+    report = RunReport(out_dir, [rec["loss"] for rec in ranks[0]["records"]], ranks, job.predicted_step_s,
+                       measured, tokens / measured, predicted_terms=job.predicted_terms)
     (out_dir / "report.json").write_text(json.dumps({
         "losses": report.losses, "predicted_step_s": report.predicted_step_s,
         "measured_step_s": report.measured_step_s, "prediction_error": report.prediction_error,

@@ -1,8 +1,9 @@
 """The process `torchrun` starts for each rank: `python -m alloy.runtime.worker JOB.json`.
 
-It reads the job (spec, layout, devices, data, steps...), takes its rank's stage, enters its
-emulated CPU slice or its device, and trains: step records and final shard always, and, when
-the job asks, evaluation, metrics (rank 0, one JSON line per step), checkpoints and resume.
+It reads the job (an alloy.runtime.job.TrainJob: spec, layout, devices, data, steps...), takes
+its rank's stage, enters its emulated CPU slice or its device, and trains: step records and
+final shard always, and, when the job asks, evaluation, metrics (rank 0, one JSON line per
+step), checkpoints and resume.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from safetensors.torch import save_file
 from alloy.devices import DeviceProfile, torch_device
 from alloy.errors import AlloyError
 from alloy.runtime import checkpoint as ckpt
-from alloy.runtime.data import DataSource
-from alloy.runtime.engine import OptimConfig, StageRunner
+from alloy.runtime.engine import StageRunner
+from alloy.runtime.job import TrainJob
 from alloy.runtime.launch import init_gloo
-from alloy.runtime.layout import PlanMismatchError, RunLayout
-from alloy.spec import ModelSpec
+from alloy.runtime.layout import PlanMismatchError
 
 
 def _slice_context(profile: DeviceProfile | None):
@@ -39,9 +39,9 @@ def _slice_context(profile: DeviceProfile | None):
     return cpu_slice(profile.cpu_slice)
 
 
-def _set_threads(job: dict, profile: DeviceProfile | None) -> None:
-    if job.get("threads"):
-        torch.set_num_threads(int(job["threads"]))
+def _set_threads(job: TrainJob, profile: DeviceProfile | None) -> None:
+    if job.threads:
+        torch.set_num_threads(job.threads)
     elif profile is None or profile.kind == "cpu":
         # CPU workers of one node share its cores; oversubscribing them slows every rank.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -51,60 +51,52 @@ def _set_threads(job: dict, profile: DeviceProfile | None) -> None:
 class Trainer:
     """The training loop of one rank."""
 
-    def __init__(self, job: dict, rank: int, timeout: timedelta):
+    def __init__(self, job: TrainJob, rank: int):
         self.job, self.rank = job, rank
-        self.spec = ModelSpec.from_dict(job["spec"])
-        self.layout = RunLayout.from_dict(job["layout"])
+        self.spec, self.layout = job.spec, job.layout
         self.info = self.layout.rank(rank)
-        profiles = {name: DeviceProfile.model_validate(p) for name, p in job.get("devices", {}).items()}
+        profiles = {name: DeviceProfile.model_validate(p) for name, p in job.devices.items()}
         self.profile = profiles.get(self.info.stage.device)
-        self.timeout = timeout
-        self.steps = int(job["steps"])
-        self.seq_len = int(job["seq_len"])
-        self.accum = int(job.get("grad_accum", 1))
-        self.data = DataSource(**job.get("data", {}))
-        self.val_data = DataSource(**job["val_data"]) if job.get("val_data") else None
-        self.ckpt_root = Path(job["checkpoint"]["dir"]) if job.get("checkpoint") else None
-        self.metrics_path = Path(job["metrics_path"]) if job.get("metrics_path") else None
+        self.timeout = timedelta(seconds=job.timeout_s)
+        self.steps, self.seq_len, self.accum = job.steps, job.seq_len, job.grad_accum
+        self.ckpt_root = Path(job.checkpoint.dir) if job.checkpoint else None
+        self.metrics_path = Path(job.metrics_path) if job.metrics_path else None
 
     def run(self) -> None:
         job, rank, layout = self.job, self.rank, self.layout
         before_bytes = _rss_bytes()  # the process before its model: imports, the process group
         device = torch.device("cpu") if self.profile is None else torch_device(self.profile.name, self.profile.kind)
         runner = StageRunner(
-            self.spec, layout, rank, device=device, seed=int(job.get("seed", 0)),
-            init_dir=job.get("init_dir"), optim=OptimConfig(**job.get("optim", {})),
-            pipeline_schedule=job.get("pipeline_schedule", "1f1b"), precision=job.get("precision", "fp32"),
-            activation_checkpointing=bool(job.get("activation_checkpointing")), timeout=self.timeout,
-            param_dtype=job.get("param_dtype", "fp32"), lora=job.get("lora"),
+            self.spec, layout, rank, device=device, seed=job.seed, init_dir=job.init_dir, optim=job.optim,
+            pipeline_schedule=job.pipeline_schedule, precision=job.precision,
+            activation_checkpointing=job.activation_checkpointing, timeout=self.timeout,
+            param_dtype=job.param_dtype, lora=job.lora,
         )
         # torchrun restarted every rank after one died: go on from the last complete checkpoint
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-        start_step = self._resume(runner) if job.get("resume") or restarted else 0
+        start_step = self._resume(runner) if job.resume or restarted else 0
         if restarted and self.rank == 0 and self.metrics_path and self.metrics_path.is_file():
             kept = [l for l in self.metrics_path.read_text().splitlines() if l.strip()
                     and json.loads(l)["step"] <= start_step]  # the steps after it run again
             fresh = self.metrics_path.with_suffix(".restart")
             fresh.write_text("".join(l + "\n" for l in kept))
             os.replace(fresh, self.metrics_path)  # whole: the launcher may be reading it right now
-        if job.get("stall_rank") == rank:  # fault injection: a rank that never arrives (timeout tests)
-            time.sleep(10 * self.timeout.total_seconds())
-        stop = min(self.steps, int(job.get("stop_at") or self.steps))
+        stop = min(self.steps, job.stop_at or self.steps)
         records = []
         for step in range(start_step, stop):
-            batches = [self.data.batch(step * self.accum + k, layout.global_batch, self.seq_len,
-                                       self.spec.vocab_size) for k in range(self.accum)]
+            batches = [job.data.batch(step * self.accum + k, layout.global_batch, self.seq_len,
+                                      self.spec.vocab_size) for k in range(self.accum)]
             record = runner.step(step, batches, runner.optim.lr_at(step, self.steps))
             records.append(asdict(record))
             done = step + 1
             line = {"step": done, "loss": record.loss, "lr": record.lr, "grad_norm": record.grad_norm,
                     **self._step_times(records)}
-            if self.val_data and (done % int(job.get("eval_every", 50)) == 0 or done == stop):
+            if job.val_data and (done % job.eval_every == 0 or done == stop):
                 line |= self._evaluate(runner)
-            if self.ckpt_root and (done % int(job["checkpoint"]["every"]) == 0 or done == stop):
+            if job.checkpoint and (done % job.checkpoint.every == 0 or done == stop):
                 self._save(runner, done)
             self._log(line)
-        out_dir = Path(job["out_dir"])
+        out_dir = Path(job.out_dir)
         save_file(runner.named_state(), str(out_dir / f"rank{rank}.safetensors"))
         (out_dir / f"rank{rank}.json").write_text(json.dumps({
             "rank": rank, "replica": self.info.replica, "stage": self.info.stage_index,
@@ -123,14 +115,15 @@ class Trainer:
         step_s = last["started_s"] - records[-2]["started_s"] if len(records) > 1 else last["step_s"]
         tokens = self.layout.global_batch * self.seq_len * self.accum
         devices = [info.stage.device for info in self.layout.ranks()]
-        line = {"step_s": step_s, "tokens_per_s": tokens / step_s, "predicted_step_s": self.job.get("predicted_step_s")}
+        line = {"step_s": step_s, "tokens_per_s": tokens / step_s, "predicted_step_s": self.job.predicted_step_s}
         if len(records) > 1:
             line["device_step_s"] = dict(zip(devices, last["previous_step_s"]))
         return line
 
     def _evaluate(self, runner: StageRunner) -> dict:
-        losses = [runner.evaluate(self.val_data.batch(i, self.layout.global_batch, self.seq_len, self.spec.vocab_size))
-                  for i in range(int(self.job.get("eval_batches", 2)))]
+        val_data = self.job.val_data
+        losses = [runner.evaluate(val_data.batch(i, self.layout.global_batch, self.seq_len, self.spec.vocab_size))
+                  for i in range(self.job.eval_batches)]
         loss = sum(losses) / len(losses)
         return {"eval_loss": loss, "eval_ppl": float(torch.tensor(loss).exp())}
 
@@ -140,9 +133,9 @@ class Trainer:
         ckpt.save_rank(self.ckpt_root, step, self.rank, runner.model, runner.optimizer, info)
         dist.barrier()
         if self.rank == 0:
-            ckpt.finalize(self.ckpt_root, step, self.spec, self.layout, int(self.job["checkpoint"]["keep_last"]),
-                          {"total_steps": self.steps, "seq_len": self.seq_len, "data": self.job.get("data"),
-                           "lora": self.job.get("lora")})
+            ckpt.finalize(self.ckpt_root, step, self.spec, self.layout, self.job.checkpoint.keep_last,
+                          {"total_steps": self.steps, "seq_len": self.seq_len, "data": asdict(self.job.data),
+                           "lora": self.job.lora})
         dist.barrier()
 
     def _resume(self, runner: StageRunner) -> int:
@@ -171,22 +164,19 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
-def run_worker(job: dict) -> None:
+def run_worker(job: TrainJob) -> None:
     from alloy.runtime.launch import die_with_parent
 
     die_with_parent()  # torchrun gone (killed, or its launcher was): this rank goes too
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    spec = ModelSpec.from_dict(job["spec"])
-    layout = RunLayout.from_dict(job["layout"])
-    layout.validate(spec)
-    if world != layout.world_size:
-        raise PlanMismatchError(f"the job has {world} ranks but the plan needs {layout.world_size}")
-    timeout = timedelta(seconds=float(job.get("timeout_s", 300)))
-    trainer = Trainer(job, rank, timeout)
+    job.layout.validate(job.spec)
+    if world != job.layout.world_size:
+        raise PlanMismatchError(f"the job has {world} ranks but the plan needs {job.layout.world_size}")
+    trainer = Trainer(job, rank)
     _set_threads(job, trainer.profile)
     with ExitStack() as stack:
         stack.enter_context(_slice_context(trainer.profile))
-        init_gloo(timeout=timeout)
+        init_gloo(timeout=trainer.timeout)
         stack.callback(dist.destroy_process_group)
         trainer.run()
 
@@ -195,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rank = os.environ.get("RANK", "?")
     try:
-        run_worker(json.loads(Path(argv[0]).read_text()))
+        run_worker(TrainJob.from_dict(json.loads(Path(argv[0]).read_text())))
     except AlloyError as err:
         print(f"alloy worker rank {rank}: error: {err}", file=sys.stderr, flush=True)
         return err.exit_code

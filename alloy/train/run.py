@@ -19,7 +19,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from alloy.errors import CheckpointError, ConfigError
@@ -280,7 +280,7 @@ def train(config: TrainConfig, *, plan_path: str | None = None, resume: bool = F
 def _train(config: TrainConfig, out_dir: Path, plan_path, resume: bool, ours: bool, progress, log,
            max_restarts: int):
     from alloy.checkpoint.io import read_side_files
-    from alloy.runtime import DataSource, OptimConfig, run
+    from alloy.runtime import Checkpointing, DataSource, OptimConfig, run
     from alloy.train.config import DataConfig
     from alloy.train.data import TokenFile, tokenize_corpus
 
@@ -350,11 +350,11 @@ def _train(config: TrainConfig, out_dir: Path, plan_path, resume: bool, ours: bo
     report = run(
         plan, steps=steps, out_dir=out_dir / "workers", data=train_data, seq_len=config.seq_len, seed=config.seed,
         optim=optim, init_dir=init_dir, timeout_s=max(600.0, 60.0 * steps), progress=progress,
-        val_data=asdict(val_data) if val_data else None, eval_every=config.eval_every,
+        val_data=val_data, eval_every=config.eval_every,
         eval_batches=config.eval_batches, grad_accum=config.grad_accum, precision=config.precision,
         activation_checkpointing=plan.checkpointing or config.activation_checkpointing == "on",
-        checkpoint={"dir": str(out_dir / "checkpoints"), "every": config.checkpoint.every,
-                    "keep_last": config.checkpoint.keep_last},
+        checkpoint=Checkpointing(dir=str(out_dir / "checkpoints"), every=config.checkpoint.every,
+                                 keep_last=config.checkpoint.keep_last),
         resume=resume, stop_at=config.stop_at, metrics_path=str(metrics), max_restarts=max_restarts,
         lora=_lora_job(config),
     )
