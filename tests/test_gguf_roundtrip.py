@@ -84,10 +84,7 @@ FAMILIES = {
 SOFTCAPPED = {"gemma2"}
 # What alloy/checkpoint/gguf_in.py does not read yet; each xfail is strict, so it fails once the
 # reader catches up and the mark must go.
-READER_LACKS = {
-    "llama3": (UnsupportedModelError, "rope_freqs.weight (Llama 3.1 RoPE scaling)"),
-    "phi3-longrope": (UnsupportedModelError, "rope_factors_long/short.weight (LongRoPE)"),
-}
+READER_LACKS: dict[str, tuple[type[Exception], str]] = {}
 TEMPLATES = {
     "llama-bpe": "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
                  "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"

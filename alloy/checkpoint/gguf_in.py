@@ -15,11 +15,14 @@ undoes them the same way):
 - GPT-2's Conv1D weights are stored transposed, as [out, in], with q|k|v fused.
 - Phi-3 keeps its fused qkv and gate|up tensors as they are.
 - A model whose head is tied to the embeddings has no `output` tensor.
+- RoPE scaling as tensors: "llama"'s rope_freqs (Llama 3.1's, as divisors) and "phi3"'s
+  rope_factors_short/long (LongRoPE) become the spec's LongRoPE knobs (_rope_factors).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import reprlib
 from pathlib import Path
 from typing import Any
@@ -127,10 +130,10 @@ def spec_from_gguf(reader, path: Path) -> ModelSpec:
         raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported; "
                                     f"supported: {', '.join(ARCHITECTURES)}")
     names = {t.name for t in reader.tensors}
-    for refused, why in (("rope_freqs.weight", "RoPE frequency factors (Llama 3.1-style rope scaling)"),
-                         ("rope_factors_long.weight", "LongRoPE factors")):
-        if refused in names:
-            raise UnsupportedModelError(f"{path}: tensor {refused!r} ({why}) is not supported yet")
+    for tensor in sorted(ROPE_FACTOR_TENSORS.keys() & names):
+        if ROPE_FACTOR_TENSORS[tensor] != arch:  # llama.cpp would not load it either
+            raise UnsupportedModelError(f"{path}: tensor {tensor!r} belongs to llama.cpp's "
+                                        f"'{ROPE_FACTOR_TENSORS[tensor]}' architecture, not {arch!r}")
     a = lambda key, default=_MISSING: meta.get(f"{arch}.{key}", default)  # noqa: E731
     hidden, heads = a("embedding_length"), a("attention.head_count")
     kv_heads = a("attention.head_count_kv", heads)
@@ -161,6 +164,7 @@ def spec_from_gguf(reader, path: Path) -> ModelSpec:
         return ModelSpec(**fields)
 
     fields |= dict(norm_eps=a("attention.layer_norm_rms_epsilon"), **_rope(a, head_dim, path))
+    fields |= _rope_factors(reader, a, names, fields, path)
     # Optional biases and QK-norm are told by the tensors the file holds (llama.cpp does the same).
     fields |= dict(qkv_bias="blk.0.attn_q.bias" in names or "blk.0.attn_qkv.bias" in names,
                    o_bias="blk.0.attn_output.bias" in names, mlp_bias="blk.0.ffn_up.bias" in names,
@@ -217,11 +221,83 @@ def _rope(a, head_dim: int, path: Path) -> dict[str, Any]:
     out: dict[str, Any] = dict(rope_theta=float(a("rope.freq_base", 10000.0)),
                                rotary_dim=0 if rotary == head_dim else rotary)
     kind = a("rope.scaling.type", "none")
+    if kind == "longrope":  # the factor tensors say it (_rope_factors)
+        return out
     if kind == "linear":
         return out | dict(rope_scaling="linear", rope_factor=float(a("rope.scaling.factor")))
     if kind != "none":
-        raise UnsupportedModelError(f"{path}: rope scaling {kind!r} is not supported; supported: none, linear")
+        raise UnsupportedModelError(f"{path}: rope scaling {kind!r} is not supported; "
+                                    "supported: none, linear, longrope")
     return out
+
+
+# GGUF tensors that are RoPE scaling, not parameters -> the architecture that reads them
+ROPE_FACTOR_TENSORS = {"rope_freqs.weight": "llama", "rope_factors_long.weight": "phi3",
+                       "rope_factors_short.weight": "phi3"}
+
+
+def _rope_factors(reader, a, names: set[str], fields: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The RoPE factor tensors as the spec's LongRoPE knobs (the llama.cpp converter's encodings,
+    alloy.fuse.gguf.rope_factor_tensors). Each is a divisor of its inverse frequency; a linear
+    scaling type in the same file divides them all again (llama.cpp applies both), so it is
+    folded into the factors.
+
+    - rope_freqs (llama: Llama 3.1's scaling, computed from its params, which are not stored):
+      llama.cpp divides by it at every position, with unscaled cos and sin. Exactly LongRoPE with
+      equal short and long factors, attention factor 1 and the original length the context length.
+    - rope_factors_short / rope_factors_long (phi3): LongRoPE itself, with
+      `rope.scaling.original_context_length` and `rope.scaling.attn_factor` (absent: as
+      transformers and llama.cpp infer it, sqrt(1 + ln(factor) / ln(original)))."""
+    present = sorted(ROPE_FACTOR_TENSORS.keys() & names)
+    if not present:
+        if a("rope.scaling.type", "none") == "longrope":
+            raise CheckpointError(f"{path}: rope scaling 'longrope' without its factor tensors "
+                                  "('rope_factors_short.weight', 'rope_factors_long.weight')")
+        return {}
+    linear = fields.pop("rope_factor", 1.0) if fields.pop("rope_scaling", "none") == "linear" else 1.0
+    read = lambda name: tuple(float(x) * linear for x in _factor_tensor(reader, name, fields, path))  # noqa: E731
+    context = fields["max_seq_len"]
+    if present == ["rope_freqs.weight"]:
+        factors = read("rope_freqs.weight")
+        return dict(rope_scaling="longrope", rope_short_factor=factors, rope_long_factor=factors,
+                    rope_original_max_seq_len=context, rope_attention_factor=1.0)
+    if len(present) != 2:
+        raise CheckpointError(f"{path}: LongRoPE needs both 'rope_factors_short.weight' and "
+                              f"'rope_factors_long.weight'; the file holds only {present[0]!r}")
+    original = int(a("rope.scaling.original_context_length", context))
+    if original <= 0:
+        raise CheckpointError(f"{path}: GGUF metadata 'rope.scaling.original_context_length' must be > 0, "
+                              f"got {original}")
+    factor = context / original
+    attention = a("rope.scaling.attn_factor", None)
+    if attention is None:
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return dict(rope_scaling="longrope", rope_short_factor=read("rope_factors_short.weight"),
+                rope_long_factor=read("rope_factors_long.weight"), rope_original_max_seq_len=original,
+                rope_factor=factor, rope_attention_factor=float(attention))
+
+
+def _factor_tensor(reader, name: str, fields: dict[str, Any], path: Path) -> np.ndarray:
+    """A RoPE factor tensor's values in fp32: one per frequency, rope_dim / 2 of them, all > 0."""
+    import gguf
+
+    (t,) = [t for t in reader.tensors if t.name == name]
+    rope_dim = fields.get("rotary_dim") or fields["head_dim"]
+    shape = tuple(int(n) for n in t.shape)
+    if shape != (rope_dim // 2,):
+        raise CheckpointError(f"{path}: tensor {name!r} must hold {rope_dim // 2} values (rope_dim / 2), "
+                              f"has shape {list(reversed(shape))}")
+    try:
+        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            values = np.array(t.data, dtype=np.float32).reshape(-1)
+        else:
+            values = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(-1)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot read tensor {name!r} ({type(err).__name__}: "
+                              f"{_one_line(err)})") from None
+    if not (np.isfinite(values).all() and (values > 0).all()):
+        raise CheckpointError(f"{path}: tensor {name!r} must hold finite factors > 0")
+    return values
 
 
 # ---- tensors ---------------------------------------------------------------------------------
@@ -369,7 +445,8 @@ def load_gguf(path: str | Path, device=None, dtype=None, *, layers=None, embed=N
     arch = Metadata(reader, path).get("general.architecture")
     rules = gguf_rules(spec, arch)
     needed = {n for rule in rules for n in rule.hf}
-    missing, extra = needed - set(source.tensors), set(source.tensors) - needed
+    # the RoPE factor tensors are in the spec (spec_from_gguf read them), not parameters
+    missing, extra = needed - set(source.tensors), set(source.tensors) - needed - ROPE_FACTOR_TENSORS.keys()
     if missing or extra:
         parts = ([f"missing {_names(missing)}"] if missing else []) + ([f"unexpected {_names(extra)}"] if extra else [])
         raise CheckpointError(f"{path}: tensors do not match the {arch} metadata: {'; '.join(parts)}")
