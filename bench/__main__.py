@@ -17,7 +17,7 @@ BENCHMARKS = {
     "train": "training step tokens/s vs. transformers, fp32 and bf16, one device",
     "hetero": "3 CPU workers at 100/50/25%: Alloy's plan vs. equal split vs. the solo sum",
     "decode": "decode tokens/s vs. transformers generate: fp32, bf16, int8, batch 1 and 8; roofline fraction",
-    "quality": "held-out perplexity of a small trained model at fp32, bf16 and int8 weights (decode's quality cost)",
+    "quality": "held-out perplexity of a small trained model at fp32, bf16, int8 and the GGUF block formats, vs llama.cpp (or gguf-py) on the same file",
     "plan": "planner runtime at 8/64/256 declared devices; predicted gains on the example clusters",
     "serve": "OpenAI-compatible server vs. llama.cpp's, same GGUF-exported weights: tokens/s, TTFT, ITL at 1/4/16 clients",
     "lora": "LoRA training tokens/s vs full fine-tuning and transformers+PEFT, fp32 and bf16",

@@ -35,14 +35,36 @@ def test_plan_benchmark_quick_runs_and_reports_sane_numbers(tmp_path):
 
 
 def test_quality_benchmark_quick_trains_and_scores_each_precision():
+    import math
+
+    from bench.quality import llama_tool
+
     proc = subprocess.run([sys.executable, "-m", "bench", "quality", "--quick", "--json"], capture_output=True,
                           text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    headline = json.loads(proc.stdout)["headline"]
+    record = json.loads(proc.stdout)
+    headline, sample = record["headline"], record["samples"]["alloy"][0]
     # a trained byte-level model beats the uniform 256-way guess; rounding weights costs little
     assert 1 < headline["ppl_fp32"] < 256
     for key in ("ppl_bf16_weights", "ppl_int8_weights", "ppl_bf16_all"):
         assert abs(headline[key] / headline["ppl_fp32"] - 1) < 0.05, (key, headline)
+    # the GGUF block formats (quick widths are multiples of 256, so Q4_K applies too)
+    for fmt, bound in (("q8_0", 0.05), ("q4_0", 0.25), ("q4_1", 0.25), ("q4_k", 0.25)):
+        ppl = headline[f"ppl_{fmt}"]
+        assert math.isfinite(ppl) and abs(ppl / headline["ppl_fp32"] - 1) < bound, (fmt, headline)
+    # gguf-py's decode of the same GGUF blocks, always there (Q4_K only with llama-quantize: gguf.quants
+    # cannot make it), scores what Alloy scores: same bytes, same fp32 arithmetic up to summation order
+    ggufpy = [f for f in ("fp32", "q8_0", "q4_0", "q4_1", "q4_k") if f"ppl_half_ggufpy_{f}" in headline]
+    assert ggufpy[:4] == ["fp32", "q8_0", "q4_0", "q4_1"], headline
+    for fmt in ggufpy:
+        assert abs(headline[f"ratio_alloy_{fmt}_vs_ggufpy_{fmt}"] - 1) < 1e-3, (fmt, headline)
+    if llama_tool("llama-perplexity", "LLAMA_PERPLEXITY") is None:
+        assert sample["baseline"].startswith("gguf-py") and not any("llamacpp" in k for k in headline), sample
+        assert any("no llama-perplexity" in why for why in sample["left_out"]), sample["left_out"]
+    else:  # the bound, for every format llama.cpp ran (a crash is listed in left_out)
+        llamacpp = {k: v for k, v in headline.items() if k.startswith("ratio_") and "llamacpp" in k}
+        assert llamacpp or sample["left_out"], sample
+        assert all(abs(v - 1) < 0.005 for v in llamacpp.values()), llamacpp
 
 
 def test_report_shows_the_newest_full_size_run(tmp_path, monkeypatch, capsys):
