@@ -31,6 +31,8 @@ class ModelRunner:
     """A whole model on one device."""
 
     def __init__(self, model: Transformer):
+        if not model.spec.causal:
+            raise ConfigError(f"{model.spec.family} is an encoder; it does not generate text")
         if not (model.has_embed and model.has_head):
             raise ConfigError("generation needs a model with its embeddings and head; use a Pipeline for slices")
         self.model, self.spec = model, model.spec

@@ -286,6 +286,8 @@ def _train(config: TrainConfig, out_dir: Path, plan_path, resume: bool, ours: bo
 
     resume = _check_fresh_or_resumable(out_dir, resume, ours, log)
     spec, init_dir = resolve_model(config.model)
+    if not spec.causal:  # next-token training needs a head over the vocabulary
+        raise ConfigError(f"{config.model} is an encoder ({spec.family}); alloy train trains causal language models")
     _check_lora_targets(config, spec)
     if config.seq_len > spec.max_seq_len:
         raise ConfigError(f"seq_len {config.seq_len} is beyond the model's maximum {spec.max_seq_len}")
