@@ -338,7 +338,7 @@ def run_worker(job: dict) -> None:
     rank, names = int(os.environ["RANK"]), job["order"]
     profile = DeviceProfile.model_validate(job["devices"][names[rank]])
     spec = ModelSpec.from_dict(job["spec"]) if job.get("spec") else None
-    _set_threads({}, profile)
+    _set_threads(None, profile)  # calibration probes: the node's cores shared among its ranks
     # Windows of 20 CFS periods, so a quota slice's throttling is inside every mean.
     window_s = 0.2 if profile.cpu_slice is None else max(0.2, 20 * slice_period_us(profile.cpu_slice) / 1e6)
     with ExitStack() as stack:

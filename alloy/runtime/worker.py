@@ -39,9 +39,9 @@ def _slice_context(profile: DeviceProfile | None):
     return cpu_slice(profile.cpu_slice)
 
 
-def _set_threads(job: TrainJob, profile: DeviceProfile | None) -> None:
-    if job.threads:
-        torch.set_num_threads(job.threads)
+def _set_threads(threads: int | None, profile: DeviceProfile | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
     elif profile is None or profile.kind == "cpu":
         # CPU workers of one node share its cores; oversubscribing them slows every rank.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -173,7 +173,7 @@ def run_worker(job: TrainJob) -> None:
     if world != job.layout.world_size:
         raise PlanMismatchError(f"the job has {world} ranks but the plan needs {job.layout.world_size}")
     trainer = Trainer(job, rank)
-    _set_threads(job, trainer.profile)
+    _set_threads(job.threads, trainer.profile)
     with ExitStack() as stack:
         stack.enter_context(_slice_context(trainer.profile))
         init_gloo(timeout=trainer.timeout)
