@@ -5,10 +5,11 @@ Measured in a fresh process on a ~98M Llama saved in bf16 (h768, 12 layers, voca
 process's peak RSS over its resident size before the load (after warming every code path on a
 tiny model, so that libraries and kernels count as the interpreter) against the bytes of the
 loaded model's tensors. Loading whole then quantizing peaked at 6.7x the blocks (the bf16
-checkpoint, 196 MB, plus its fp32 conversions); layer by layer, 1.54-1.57x (Xeon AVX-512): one
+checkpoint, 196 MB, plus its fp32 conversions); layer by layer, 1.53-2.10x over 13 runs (Xeon
+AVX-512; the allocator's retention varies from run to run, hence the bound of 2.6x): one
 layer as read (14 MB of bf16), its safetensors pages while the file is mapped, its fused q/k/v and
 gate/up copies, and the quantizer's temporaries ride on top of the blocks. The issue's target is
-1.3x; this test holds what is reached, so that a whole-model load cannot come back.
+1.3x; this test holds what is reached with margin, so that a whole-model load (6.7x) cannot come back.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def test_loading_as_q4_0_builds_layer_by_layer_and_equals_quantizing_the_whole(t
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     record = json.loads(out.stdout.strip().splitlines()[-1])
-    assert record["added"] <= 1.8 * record["size"], (record["added"] / 2**20, record["size"] / 2**20)
+    assert record["added"] <= 2.6 * record["size"], (record["added"] / 2**20, record["size"] / 2**20)
     whole = prepare(alloy.load(tmp_path / "big"), "q4_0")  # the same blocks, quantized after a whole load
     with torch.no_grad():
         expected = whole(torch.tensor([[1, 2, 3, 4, 5]]))[0, -1, :8].tolist()
