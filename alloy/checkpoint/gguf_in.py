@@ -77,6 +77,20 @@ def open_gguf(path: str | Path):
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(err).__name__}: {_one_line(err)})") from None
 
 
+def _drop_mapped_pages(reader) -> None:
+    """Let the kernel drop the memory-mapped file's pages from this process (they stay in the page
+    cache): a reader held across a piece-by-piece load would otherwise keep every tensor read so
+    far resident. Nothing where the map or madvise is unavailable."""
+    import mmap
+
+    mapped = getattr(getattr(reader, "data", None), "_mmap", None)
+    if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mapped.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
+
 @functools.cache
 def _reader_class():
     import gguf
@@ -433,6 +447,12 @@ def load_gguf(path: str | Path, device=None, dtype=None, *, layers=None, embed=N
     """A Transformer (or a stage of one) from a GGUF file, with `tokenizer` and `side_files`
     (tokenizer.json, tokenizer_config.json with the chat template, generation_config.json) rebuilt
     from the metadata. Default dtype: fp16/bf16 when the embeddings are stored so, else fp32."""
+    return open_gguf_model(path)(device, dtype, layers=layers, embed=embed, head=head)
+
+
+def open_gguf_model(path: str | Path):
+    """`load_gguf` bound to one file (alloy.checkpoint.io.open_model): the metadata parsed, the
+    tensors checked and the tokenizer rebuilt once; each call reads its stage's tensors."""
     import gguf
 
     from alloy.checkpoint.gguf_vocab import side_files_from_gguf
@@ -450,10 +470,17 @@ def load_gguf(path: str | Path, device=None, dtype=None, *, layers=None, embed=N
     if missing or extra:
         parts = ([f"missing {_names(missing)}"] if missing else []) + ([f"unexpected {_names(extra)}"] if extra else [])
         raise CheckpointError(f"{path}: tensors do not match the {arch} metadata: {'; '.join(parts)}")
-    if dtype is None:
-        stored = source.tensors["token_embd.weight"].tensor_type
-        dtype = {gguf.GGMLQuantizationType.F16: torch.float16,
-                 gguf.GGMLQuantizationType.BF16: torch.bfloat16}.get(stored, torch.float32)
-    model = fill(spec, rules, source, path, device, dtype, layers=layers, embed=embed, head=head)
-    model.tokenizer, model.side_files = side_files_from_gguf(Metadata(reader, path), spec)
-    return model.eval()
+    stored = source.tensors["token_embd.weight"].tensor_type
+    default_dtype = {gguf.GGMLQuantizationType.F16: torch.float16,
+                     gguf.GGMLQuantizationType.BF16: torch.bfloat16}.get(stored, torch.float32)
+    tokenizer, side_files = side_files_from_gguf(Metadata(reader, path), spec)
+
+    def read(device=None, dtype=None, *, layers=None, embed=None, head=None):
+        model = fill(spec, rules, source, path, device, default_dtype if dtype is None else dtype,
+                     layers=layers, embed=embed, head=head)
+        _drop_mapped_pages(reader)  # what was read is copied; the file's pages need not stay resident
+        model.tokenizer, model.side_files = tokenizer, side_files
+        return model.eval()
+
+    read.spec = spec
+    return read

@@ -130,13 +130,21 @@ def load(
     without the embeddings and head (by default: with them when the range touches that end).
     Only the stage's own tensors are read. `path` is an HF directory, a GGUF file (or a folder
     holding one), or a hub id `org/name[@revision]` already in the local Hugging Face cache."""
-    from alloy.checkpoint.gguf_in import find_gguf, load_gguf
+    return open_model(path)(device, dtype, layers=layers, embed=embed, head=head)
+
+
+def open_model(path: str | Path):
+    """`load` bound to one model: the files opened, the tensor index built and checked and the
+    tokenizer read once; each call reads only its stage's tensors. For building a model piece by
+    piece (alloy.infer.load), where reopening per layer would parse a GGUF's metadata or a large
+    tokenizer.json once per layer."""
+    from alloy.checkpoint.gguf_in import find_gguf, open_gguf_model
     from alloy.checkpoint.hub import resolve_model
 
     directory = resolve_model(path)
     gguf_file = find_gguf(directory)
     if gguf_file is not None:
-        return load_gguf(gguf_file, device, dtype, layers=layers, embed=embed, head=head)
+        return open_gguf_model(gguf_file)
     if directory.is_file():  # a config.json or weights file inside the model directory
         directory = directory.parent
     if not directory.is_dir():
@@ -146,10 +154,19 @@ def load(
     source = _Source(directory, layout)
     rules = layout.expand(spec)
     _check_accounted(source, rules, layout, spec, directory)
-    model = fill(spec, rules, source, directory, device, dtype, layers=layers, embed=embed, head=head)
-    model.side_files = read_side_files(directory)
-    model.tokenizer = _read_tokenizer(directory, model.side_files)
-    return model.eval()
+    side_files = read_side_files(directory)
+    tokenizer = _read_tokenizer(directory, side_files)
+
+    def read(device=None, dtype=None, *, layers=None, embed=None, head=None) -> Transformer:
+        # the files mapped again per call (their headers only): a map held across the pieces would
+        # keep every page read so far resident, as much as the checkpoint by the last layer
+        model = fill(spec, rules, _Source(directory, layout), directory, device, dtype, layers=layers,
+                     embed=embed, head=head)
+        model.side_files, model.tokenizer = side_files, tokenizer
+        return model.eval()
+
+    read.spec = spec
+    return read
 
 
 def fill(spec: ModelSpec, rules: list[Rule], source, where: str | Path, device, dtype, *,

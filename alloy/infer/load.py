@@ -16,22 +16,21 @@ from alloy.model import Transformer
 
 def load_for_decoding(path: str | Path, dtype: str = "fp32", *, device=None, layers: tuple[int, int] | None = None,
                       embed: bool | None = None, head: bool | None = None) -> Transformer:
-    import alloy
+    from alloy.checkpoint.io import open_model
     from alloy.infer.optimize import QUANT_FORMATS, decode_dtype, prepare
+    from alloy.model.transformer import assemble
     from alloy.runtime.build import release_free_heap
 
+    read = open_model(path)  # opened, indexed and its tokenizer read once for every piece
     if decode_dtype(dtype) not in QUANT_FORMATS:
-        return prepare(alloy.load(path, device=device, layers=layers, embed=embed, head=head), dtype)
-    from alloy.model.transformer import assemble
-    from alloy.spec import resolve_spec
-
-    spec = resolve_spec(path)
+        return prepare(read(device, layers=layers, embed=embed, head=head), dtype)
+    spec = read.spec
     first, last = layers if layers is not None else (0, spec.num_layers)
     with_embed = first == 0 if embed is None else embed
     with_head = spec.causal and (last == spec.num_layers if head is None else head)
 
     def piece(span: tuple[int, int], piece_embed: bool, piece_head: bool) -> Transformer:
-        part = alloy.load(path, device=device, layers=span, embed=piece_embed, head=piece_head)
+        part = read(device, layers=span, embed=piece_embed, head=piece_head)
         if next(part.parameters(), None) is None:  # the ends of a middle stage: nothing to convert
             return part
         return prepare(part, dtype)
