@@ -196,6 +196,8 @@ def test_bad_moe_specs_get_one_line_errors(changes, error, match, saved):
     ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "default"},
                                     "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
      UnsupportedModelError, "sliding layers with scaled RoPE"),
+    # found by hypothesis: 0 read as "intermediate_size" and written back as 48
+    ("qwen3-moe", {"moe_intermediate_size": 0}, ConfigError, "moe_intermediate_size must be a positive integer"),
 ])
 def test_bad_configs_get_one_line_errors(name, patch, error, match):
     kind, kwargs = CASES[name]
@@ -285,6 +287,16 @@ def _new_family_property():
 
 def test_any_new_family_config_gives_a_usable_spec_or_one_line():
     _new_family_property()()
+
+
+@pytest.mark.parametrize("scalar", [256, 144, 1.1484375, 1.148438, 7.3e-3, 3.3e5])
+def test_query_pre_attn_scalar_round_trips_exactly(scalar):
+    # hypothesis found 1.148438 written back rounded to 6 places: a softmax scale 2e-7 off
+    _, kwargs = CASES["gemma3"]
+    spec = ModelSpec.from_hf_config({"model_type": "gemma3_text", **kwargs, "query_pre_attn_scalar": scalar})
+    written = spec.to_hf_config()
+    assert ModelSpec.from_hf_config(written) == spec
+    assert written["query_pre_attn_scalar"] == scalar or isinstance(scalar, float)
 
 
 def test_published_moe_sizes():

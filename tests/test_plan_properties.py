@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from alloy.devices import DeviceProfile, Inventory
@@ -61,6 +61,10 @@ def test_a_device_twice_as_fast_never_gets_less_work(slow, ratio, batch, layers)
                                                                   max_size=4),
        extra=flops, batch=st.integers(1, 8), layers=st.integers(1, 8),
        nodes=st.lists(st.sampled_from(["n0", "n1"]), min_size=4, max_size=4))
+# Found by hypothesis: the pipeline DP left the optimizer update out, so 3 layers went to d0
+# (the step 1 % slower) and the third device could not win it back.
+@example(rates=[19295081364.0, 18313228129.0], mems=[8 * GIB] * 4, extra=1e10, batch=1, layers=4,
+         nodes=["n0"] * 4)
 def test_adding_a_device_never_makes_it_slower(rates, mems, extra, batch, layers, nodes):
     devices = [device(f"d{i}", r, mems[i], nodes[i]) for i, r in enumerate(rates)]
     spec = spec_with(layers)

@@ -18,12 +18,19 @@ import numpy as np
 
 from alloy.plan.timing import (Layout, Problem, Replica, micro_batching, replica_timing, sync_cost,
                                synced_time_s)
-from alloy.plan.timing import quantized_base_here, send_s, stage_compute_s, stage_memory_bytes, stage_overhead_s
+from alloy.plan.timing import (quantized_base_here, send_s, stage_compute_s, stage_memory_bytes,
+                               stage_optimizer_s, stage_overhead_s)
 
 EXACT_MAX_DEVICES = 5  # every grouping and order is tried up to here (958 ordered groupings at 5)
 EXACT_MAX_BATCH = 16  # shares water-filled over each share's own best layout up to here
 EXACT_MAX_THRESHOLDS = 4096  # bottleneck candidates the pipeline DP tries before thinning to a grid
 HEURISTIC_THRESHOLDS = 24
+# Largest-optimizer-update caps swept before thinning to a grid: all of them (up to 64) for models
+# of up to 16 cut points, where the search is exact, else 4 evenly spaced.
+EXACT_MAX_OPTIMIZER_CAPS = 64
+EXACT_MAX_CAP_BOUNDS = 17
+HEURISTIC_OPTIMIZER_CAPS = 4
+CAP_MIN_GAIN = 0.01
 OPTIMIZER_RESCORE = 8  # pipeline splits rescored with the optimizer update included
 SHORTLIST = 4  # groupings whose micro-batch count is searched in full (heuristic mode)
 # Layer boundaries the pipeline DP may cut at. Its tables grow with their square (and the
@@ -101,38 +108,87 @@ class Search:
             return None
         m = micro_batching(self.p, share, micro_batches, len(order))[0]
         table = self.stage_table(order, share, micro_batches)
-        bottleneck = np.full(L + 1, np.inf)
-        bottleneck[0] = 0.0
-        for pos in range(len(order)):
-            bottleneck = np.min(np.maximum(bottleneck[:, None], table[pos]), axis=0)
-        if not np.isfinite(bottleneck[L]):
+        optimizer = self._optimizer_table(order, table)
+        first = self._pipeline_totals(table, optimizer, m, np.array([np.inf]))
+        best = self._rescore(order, share, micro_batches, table, optimizer, first)
+        if best is None:
             return None
-        if m == 1:
-            thresholds = np.array([np.inf])
-        else:
-            b_star = bottleneck[L]
-            sums = _least_sums(table, np.array([b_star, np.inf]))
-            # No B above this can win: even the unconstrained least sum plus (m-1)*B is worse.
-            b_hi = max(b_star, (sums[0] + (m - 1) * b_star - sums[1]) / (m - 1))
-            values = np.unique(table[np.isfinite(table)])
-            thresholds = values[(values >= b_star) & (values <= b_hi)]
-            cap = EXACT_MAX_THRESHOLDS if self.exact else HEURISTIC_THRESHOLDS
-            if len(thresholds) > cap:
-                thresholds = np.geomspace(b_star, b_hi, cap)
-        sums = _least_sums(table, thresholds)
-        totals = sums + (m - 1) * np.where(np.isfinite(thresholds), thresholds, 0.0)
-        self.layouts_scored += len(thresholds)
-        # The optimizer update (a max over stages, after the pipeline) is not in the DP: the few
-        # best thresholds' splits are scored in full and the best of those is kept.
+        # The optimizer update (the slowest stage's, after the pipeline) is not a slot time, so
+        # the split above may hold a bigger update than needed. Its largest value O is swept like
+        # the bottleneck: for each cap O the DP runs on the stages whose update fits under it.
+        # Only caps that could still win are tried (least pipeline + O below the best so far);
+        # past EXACT_MAX_OPTIMIZER_CAPS of them an even grid is used.
+        least = min(t for t, _, _ in first)  # the least pipeline time of any split (the sweep is exact)
+        small = self.exact and len(self.bounds) <= EXACT_MAX_CAP_BOUNDS
+        # Exact on small tables; on big ones only a gain over CAP_MIN_GAIN is looked for.
+        gain = 1e-12 if small else CAP_MIN_GAIN
+        finite = optimizer[np.isfinite(optimizer)]
+        caps = np.unique(finite[(finite >= _bottleneck(optimizer)) & (least + finite < best[0] * (1 - gain))])
+        if len(caps) == 0:
+            return best
+        most = EXACT_MAX_OPTIMIZER_CAPS if small else HEURISTIC_OPTIMIZER_CAPS
+        if len(caps) > most:
+            caps = np.linspace(caps[0], caps[-1], most)
+        # On big tables the caps share a quarter of the first sweep's bottleneck budget.
+        limit = max(HEURISTIC_THRESHOLDS // 4, len(first) // (1 if small else 4 * len(caps)))
+        again = self._rescore(order, share, micro_batches, table, optimizer,
+                              self._pipeline_totals(table, optimizer, m, caps, limit))
+        return again if again is not None and again[0] < best[0] else best
+
+    def _rescore(self, order, share, micro_batches, table, optimizer, candidates):
+        """The best of the few best (estimated total, bottleneck, optimizer cap) splits, scored in
+        full (each split's real optimizer update and overheads)."""
         best = None
-        for index in np.argsort(totals, kind="stable")[:OPTIMIZER_RESCORE]:
-            if not np.isfinite(totals[index]):
+        for total, threshold, cap in sorted(candidates, key=lambda c: c[0])[:OPTIMIZER_RESCORE]:
+            if not np.isfinite(total):
                 break
-            cuts = tuple(int(self.bounds[c]) for c in _backtrack(table, thresholds[index]))
+            allowed = np.where(optimizer <= cap, table, np.inf)
+            cuts = tuple(int(self.bounds[c]) for c in _backtrack(allowed, threshold))
             timing = replica_timing(self.p, order, cuts, share, micro_batches)
             if best is None or timing.time_s < best[0]:
                 best = (timing.time_s, cuts)
         return best
+
+    def _optimizer_table(self, order, table):
+        """(stages, B, B): the optimizer update of layers [bounds[i], bounds[j]) at each position."""
+        with np.errstate(invalid="ignore"):
+            rows = [np.broadcast_to(stage_optimizer_s(self.p, d, self.start, self.stop), self.start.shape)
+                    for d in order]
+        return np.where(np.isfinite(table), np.stack(rows), np.inf)
+
+    def _pipeline_totals(self, table, optimizer, m, caps, limit: int | None = None):
+        """(sum(slots) + (m-1) x bottleneck + cap, bottleneck, cap) for each optimizer cap and each
+        bottleneck worth trying under it; all in two passes of the least-sum DP."""
+        stars = np.array([_bottleneck(table if np.isinf(c) else np.where(optimizer <= c, table, np.inf))
+                          for c in caps])
+        caps = caps[np.isfinite(stars)]
+        stars = stars[np.isfinite(stars)]
+        if len(caps) == 0:
+            return []
+        if m == 1:
+            thresholds, owners = np.full(len(caps), np.inf), caps
+        else:
+            pairs = np.r_[stars, np.full(len(caps), np.inf)]
+            sums = _least_sums(table, pairs) if np.all(np.isinf(caps)) else _least_sums(
+                table, pairs, optimizer, np.r_[caps, caps])
+            most = limit or (EXACT_MAX_THRESHOLDS if self.exact else HEURISTIC_THRESHOLDS)
+            thresholds, owners = [], []
+            for k, (cap, b_star) in enumerate(zip(caps, stars)):
+                # No B above this can win: even the unconstrained least sum plus (m-1)*B is worse.
+                b_hi = max(b_star, (sums[k] + (m - 1) * b_star - sums[len(caps) + k]) / (m - 1))
+                allowed = table[(optimizer <= cap) & np.isfinite(table)]
+                values = np.unique(allowed[(allowed >= b_star) & (allowed <= b_hi)])
+                if len(values) > most:
+                    values = np.geomspace(b_star, b_hi, most)
+                thresholds.append(values)
+                owners.append(np.full(len(values), cap))
+            thresholds, owners = np.concatenate(thresholds), np.concatenate(owners)
+        unmasked = bool(np.all(np.isinf(owners)))  # the first pass: no cap, the cheaper DP
+        sums = _least_sums(table, thresholds) if unmasked else _least_sums(table, thresholds, optimizer, owners)
+        totals = sums + (m - 1) * np.where(np.isfinite(thresholds), thresholds, 0.0) + np.where(
+            np.isfinite(owners), owners, 0.0)
+        self.layouts_scored += len(thresholds)
+        return list(zip(totals.tolist(), thresholds.tolist(), owners.tolist()))
 
     def _signature(self, order):
         """Orders on identical hardware get identical answers: key the cache by what the DP reads."""
@@ -415,14 +471,28 @@ def _time(found) -> float:
     return math.inf if found is None else found[0]
 
 
-def _least_sums(table: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """For each threshold B: least sum of slot times over splits with every slot <= B."""
+def _bottleneck(table: np.ndarray) -> float:
+    """The least largest slot over all contiguous splits (inf when nothing fits)."""
+    L1 = table.shape[1]
+    best = np.full(L1, np.inf)
+    best[0] = 0.0
+    for stage in table:
+        best = np.min(np.maximum(best[:, None], stage), axis=0)
+    return float(best[-1])
+
+
+def _least_sums(table: np.ndarray, thresholds: np.ndarray, optimizer: np.ndarray | None = None,
+                caps: np.ndarray | None = None) -> np.ndarray:
+    """For each threshold B (and optimizer cap O): least sum of slot times over splits with every
+    slot <= B (and every stage's optimizer update <= O)."""
     L1 = table.shape[1]
     f = np.full((len(thresholds), L1), np.inf)
     f[:, 0] = 0.0
-    for stage in table:
-        allowed = np.where(stage[None] <= thresholds[:, None, None], stage[None], np.inf)
-        f = np.min(f[:, :, None] + allowed, axis=1)
+    for k, stage in enumerate(table):
+        fits = stage[None] <= thresholds[:, None, None]
+        if caps is not None:
+            fits &= optimizer[k][None] <= caps[:, None, None]
+        f = np.min(f[:, :, None] + np.where(fits, stage[None], np.inf), axis=1)
     return f[:, -1]
 
 

@@ -364,7 +364,7 @@ def _gemma3_to(spec):
 
 def _gemma2_to(spec):
     return _gemma_to(spec, "Gemma2ForCausalLM") | {
-        "query_pre_attn_scalar": _int_if_whole(spec.softmax_scale**-2),
+        "query_pre_attn_scalar": _scalar_for_scale(spec.softmax_scale),
         "attn_logit_softcapping": spec.attn_softcap or None,
         "final_logit_softcapping": spec.final_softcap or None,
         "sliding_window": spec.sliding_window or None,
@@ -372,9 +372,15 @@ def _gemma2_to(spec):
     }
 
 
-def _int_if_whole(x: float) -> float | int:
-    x = round(x, 6)
-    return int(x) if x == int(x) else x
+def _scalar_for_scale(scale: float) -> float | int:
+    """The query_pre_attn_scalar whose inverse square root is exactly `scale` (read back, the
+    spec is the same): the whole number when one serves (256, not 255.99999999999997), else
+    scale**-2 or a neighbouring float."""
+    x = scale**-2
+    for candidate in (round(x), x, math.nextafter(x, math.inf), math.nextafter(x, 0.0)):
+        if candidate > 0 and candidate**-0.5 == scale:
+            return candidate
+    return x
 
 
 def _phi3_from(cfg):
@@ -406,16 +412,20 @@ _EXPERT_COUNT = ("num_experts", "num_local_experts")  # transformers 5 writes th
 
 
 def _experts(cfg: dict[str, Any], count_fields: tuple[str, ...], default_count: int, default_top_k: int,
-             renormalize: bool, dense: Callable[[int], bool] = lambda i: False, expert_width: int = 0):
+             renormalize: bool, dense: Callable[[int], bool] = lambda i: False,
+             expert_width: int | None = None):
     count = _get(cfg, *count_fields, default=default_count)
     if not count:
         return {}
+    if expert_width is not None and not (isinstance(expert_width, int) and expert_width >= 1):
+        # the spec's 0 means "intermediate_size"; in a config it would be experts of no width
+        raise ConfigError(f"moe_intermediate_size must be a positive integer, got {expert_width!r}")
     low, high = SIZE_LIMITS["num_layers"]  # bounded before the dense rule runs once per layer
     layers = cfg["num_hidden_layers"]
     if not isinstance(layers, int) or not low <= layers <= high:
         raise ConfigError(f"num_hidden_layers must be an integer from {low} to {high:,}, got {layers!r}")
     return dict(num_experts=count, experts_per_token=_get(cfg, "num_experts_per_tok", default=default_top_k),
-                router_renormalize=bool(renormalize), expert_intermediate_size=expert_width,
+                router_renormalize=bool(renormalize), expert_intermediate_size=expert_width or 0,
                 dense_layers=tuple(i for i in range(layers) if dense(i)))
 
 
