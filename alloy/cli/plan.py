@@ -35,6 +35,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quantize-base", choices=("q8_0", "q4_0", "q4_1", "q4_k"), default=None,
                         help="train with --lora-rank (QLoRA): price the frozen block linears as GGUF blocks "
                              "of this format (8.5 or 4.5-5 bits a weight) instead of fp32")
+    parser.add_argument("--layers-only", action="store_true",
+                        help="infer with a mixture-of-experts model: split by whole layers only (by default the "
+                             "experts of some layers may run on another device than their attention)")
     parser.add_argument("--json", action="store_true", help="print the plan document instead of the table")
     parser.add_argument("--out", help="write the plan document (JSON) here")
     parser.add_argument("--png", help="draw the layout and the pipeline timeline into this PNG")
@@ -105,7 +108,8 @@ def run(args) -> int:
     if args.verify:
         plan = _verified(spec, inventory, work, names, args)
     else:
-        plan = make_plan(spec, inventory, work, device_names=names, replicas=args.replicas)
+        plan = make_plan(spec, inventory, work, device_names=names, replicas=args.replicas,
+                         expert_offload=not args.layers_only)
     if args.out:
         plan.save(args.out)
     if args.png:

@@ -109,6 +109,19 @@ class ModelCosts:
     adapter_state_bytes: int = 0
     # QLoRA: bytes one layer saves by holding its block linears quantized instead of in fp32
     layer_quant_saving_bytes: float = 0.0
+    # MoE: what an expert placement moves off a layer (router + every expert), per layer (0: dense)
+    layer_moe_params: np.ndarray | None = None  # (L,)
+    expert_params: float = 0.0  # one expert MLP
+    router_params: float = 0.0  # one MoE layer's router
+    num_experts: int = 0
+    experts_per_token: int = 0
+    layer_moe_flops_per_token: np.ndarray | None = None  # (L,) router + k experts, forward
+
+    def experts_read(self, samples) -> np.ndarray | float:
+        """Experts one decode step reads in a MoE layer for `samples` tokens: each token picks k of
+        E, so E·(1 - (1 - k/E)^samples) distinct ones in expectation (uniform routing)."""
+        E, k = self.num_experts, self.experts_per_token
+        return E * (1.0 - (1.0 - k / E) ** np.asarray(samples, float)) if E else 0.0
 
     @property
     def lora(self) -> bool:
@@ -143,6 +156,8 @@ def model_costs(spec: ModelSpec, work: Workload) -> ModelCosts:
     mlp_in = 2 if spec.mlp == "gated" else 1
     matmul_params = h * hd * (2 * nh + 2 * kv) + h * ff * (mlp_in + 1)  # q, k, v, o, mlp
     ff_token = ff  # FFN width a token passes through
+    moe = np.array([bool(spec.num_experts) and i not in spec.dense_layers for i in range(L)])
+    expert_params = h * (spec.expert_intermediate_size or ff) * (mlp_in + 1) if spec.num_experts else 0
     if spec.num_experts:  # MoE: memory holds every expert (num_params); a token runs the router and k experts
         moe_layers = L - len(spec.dense_layers)
         ff_token = spec.experts_per_token * (spec.expert_intermediate_size or ff)
@@ -226,4 +241,8 @@ def model_costs(spec: ModelSpec, work: Workload) -> ModelCosts:
         layer_adapter_params=float(adapter_params),
         adapter_state_bytes=adapter_state_bytes,
         layer_quant_saving_bytes=float(quant_saving),
+        layer_moe_params=moe * float(h * spec.num_experts + spec.num_experts * expert_params),
+        expert_params=float(expert_params), router_params=float(h * spec.num_experts),
+        num_experts=spec.num_experts, experts_per_token=spec.experts_per_token,
+        layer_moe_flops_per_token=moe * 2.0 * (h * spec.num_experts + spec.experts_per_token * expert_params),
     )

@@ -40,6 +40,12 @@ def plan_tables(plan: Plan) -> Group:
             layout.add_row(str(stage.rank), str(replica.index), stage.device, " + ".join(pieces), share,
                            memory_bar(stage.predicted_memory_bytes, stage.memory_capacity_bytes),
                            f"{stage.predicted_utilisation:.0%}")
+            if stage.experts is not None:
+                e = stage.experts
+                layout.add_row(str(e.rank), str(replica.index), e.device,
+                               f"experts of {e.layers[0]}-{e.layers[1] - 1} (for rank {stage.rank})", "",
+                               memory_bar(e.predicted_memory_bytes, e.memory_capacity_bytes),
+                               f"{e.predicted_busy_s / plan.predicted.step_s:.0%}")
     predicted = plan.predicted
     summary = Text(f"predicted step {predicted.step_s:.4g} s, {predicted.tokens_per_s:,.0f} tokens/s")
     if predicted.allreduce_s:

@@ -34,6 +34,20 @@ class ModelSummary(_Doc):
     spec: dict  # the full ModelSpec (ModelSpec.from_dict reads it back)
 
 
+class ExpertPlacement(_Doc):
+    """Inference: the experts (router and expert MLPs) of some of a stage's MoE layers, held and run
+    by another device on a rank of its own; the stage sends each such layer's hidden states there
+    and gets the MoE output back (what llama.cpp users do by hand with `--override-tensor
+    exps=CPU`). Expert ranks come after every stage's rank, in stage order."""
+
+    rank: int
+    device: str
+    layers: tuple[int, int]  # [start, stop) within the stage's own range
+    predicted_memory_bytes: float
+    memory_capacity_bytes: float
+    predicted_busy_s: float
+
+
 class Stage(_Doc):
     rank: int  # global rank, replica-major
     replica: int
@@ -46,6 +60,7 @@ class Stage(_Doc):
     memory_capacity_bytes: float
     predicted_busy_s: float  # compute time per step on this device
     predicted_utilisation: float  # busy / step time
+    experts: ExpertPlacement | None = None  # infer only: these layers' experts run elsewhere
 
 
 class ReplicaPlan(_Doc):
@@ -128,8 +143,12 @@ class Plan(_Doc):
         return [s for r in self.replicas for s in r.stages]
 
     @property
+    def expert_ranks(self) -> list[ExpertPlacement]:
+        return [s.experts for s in self.stages if s.experts is not None]
+
+    @property
     def world_size(self) -> int:
-        return len(self.stages)
+        return len(self.stages) + len(self.expert_ranks)
 
     def stage_for_rank(self, rank: int) -> Stage:
         stages = self.stages

@@ -11,8 +11,9 @@ from alloy.errors import PlanError
 from alloy.plan.baselines import (baselines, equal_shares, equal_split, fastest_alone, proportional_shares,
                                   score)
 from alloy.plan.cost import Workload
-from alloy.plan.plan import (BaselinePrediction, ModelSummary, Plan, Prediction, ReplicaPlan, SearchInfo,
-                             Stage)
+from alloy.plan.experts import Offload, best_offload
+from alloy.plan.plan import (BaselinePrediction, ExpertPlacement, ModelSummary, Plan, Prediction, ReplicaPlan,
+                             SearchInfo, Stage)
 from alloy.plan.search import Search
 from alloy.plan.timing import (Layout, Problem, Replica, build_problem, decode_token_s, micro_batching,
                                pipeline_time_s, send_s, stage_memory_bytes, step_timing)
@@ -22,8 +23,10 @@ GIB = 2**30
 
 
 def make_plan(spec: ModelSpec, inventory: Inventory, work: Workload, device_names: list[str] | None = None,
-              replicas: int | None = None) -> Plan:
-    """The fastest layout the search finds. `replicas` pins the data-parallel degree."""
+              replicas: int | None = None, expert_offload: bool = True) -> Plan:
+    """The fastest layout the search finds. `replicas` pins the data-parallel degree. For MoE
+    inference, a placement of experts apart from attention (alloy.plan.experts) competes with the
+    layer splits unless `expert_offload` is off."""
     started = time.perf_counter()
     problem = build_problem(spec, inventory, work, device_names)
     if replicas is not None:
@@ -35,8 +38,11 @@ def make_plan(spec: ModelSpec, inventory: Inventory, work: Workload, device_name
     choices = (work.micro_batches,) if work.micro_batches else micro_batch_choices(work.batch_size)
     search = Search(problem, replicas=replicas)
     result = search.run(choices)
+    offload = best_offload(problem) if expert_offload and replicas in (None, 1) else None
     if result is None:
-        raise PlanError(_does_not_fit(problem))
+        if offload is None:
+            raise PlanError(_does_not_fit(problem))
+        return describe_offload(problem, offload, search, time.perf_counter() - started)
     layout = result.layout
     if replicas is None:
         # Safety net for the heuristic mode: never hand out a plan that a baseline beats.
@@ -44,7 +50,53 @@ def make_plan(spec: ModelSpec, inventory: Inventory, work: Workload, device_name
             step_s, _ = score(problem, base)
             if step_s is not None and step_s < result.step_s:
                 layout, result.step_s = base.layout, step_s
+    if offload is not None and offload.step_s < result.step_s:
+        return describe_offload(problem, offload, search, time.perf_counter() - started)
     return describe(problem, layout, result.mode, search.layouts_scored, time.perf_counter() - started)
+
+
+def expert_offload_plan(spec: ModelSpec, inventory: Inventory, work: Workload,
+                        device_names: list[str] | None = None) -> Plan:
+    """The best expert placement alone, even where a layer split is faster (benchmarks compare them)."""
+    started = time.perf_counter()
+    problem = build_problem(spec, inventory, work, device_names)
+    offload = best_offload(problem)
+    if offload is None:
+        raise PlanError("no expert placement fits: it needs an inference workload, a mixture-of-experts model "
+                        "and two devices, one holding every layer's attention and the other the rest")
+    return describe_offload(problem, offload, Search(problem), time.perf_counter() - started)
+
+
+def describe_offload(p: Problem, off: Offload, search: Search, seconds: float) -> Plan:
+    """The Plan of an expert placement: one stage on the host, its experts' rank beside it."""
+    L, host, experts = p.num_layers, p.devices[off.host], p.devices[off.experts]
+    base = describe(p, Layout((Replica((off.host,), (0, L), p.work.batch_size),), 1),
+                    "exact" if search.exact else "heuristic", search.layouts_scored, seconds)
+    placement = ExpertPlacement(rank=1, device=experts.name, layers=(off.start, L),
+                                predicted_memory_bytes=off.expert_memory_bytes,
+                                memory_capacity_bytes=float(p.memory_bytes[off.experts]),
+                                predicted_busy_s=off.expert_busy_s)
+    stage = base.stages[0].model_copy(update=dict(
+        predicted_memory_bytes=off.host_memory_bytes, predicted_busy_s=off.host_busy_s,
+        predicted_utilisation=off.host_busy_s / off.step_s, experts=placement))
+    replica = base.replicas[0].model_copy(update=dict(predicted_time_s=off.step_s, stages=[stage]))
+    used = sorted({off.host, off.experts})
+    tokens = _tokens(p.work)
+    baselines = [b.model_copy(update=dict(speedup=None if b.step_s is None else b.step_s / off.step_s))
+                 for b in base.baselines]
+    trips = off.round_trips_s / off.step_s
+    own = f" and the experts of layers 0-{off.start - 1}" if off.start else ""
+    bottleneck = (f"{host.name} runs attention for every layer{own}; "
+                  f"{experts.name} holds the experts of layers {off.start}-{L - 1} "
+                  f"({off.expert_memory_bytes / GIB:.2f} GiB) and is busy {off.expert_busy_s / off.step_s:.0%} "
+                  f"of the step; the hidden states' round trips take {trips:.0%}")
+    return base.model_copy(update=dict(
+        devices=[p.devices[d] for d in used],
+        unused_devices=[d.name for i, d in enumerate(p.devices) if i not in used],
+        replicas=[replica],
+        predicted=Prediction(step_s=off.step_s, tokens_per_s=tokens / off.step_s, prefill_s=off.prefill_s,
+                             decode_token_s=off.decode_token_s),
+        bottleneck=bottleneck, baselines=baselines))
 
 
 def plan_candidates(spec: ModelSpec, inventory: Inventory, work: Workload, device_names: list[str] | None = None,
@@ -132,6 +184,10 @@ def layout_line(plan: Plan) -> str:
         else:
             stages = " > ".join(f"{s.device} {s.layers[0]}-{s.layers[1] - 1}" for s in r.stages)
             stages += f" ({r.micro_batches} micro-batches)"
+        for s in r.stages:
+            if s.experts is not None:
+                a, b = s.experts.layers
+                stages += f" + experts {a}-{b - 1} on {s.experts.device}"
         parts.append(f"{stages} x{r.batch_share}")
     return " | ".join(parts)
 

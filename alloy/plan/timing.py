@@ -43,6 +43,7 @@ class Problem:
     prefix_decode_flops: np.ndarray
     prefix_kv_read_bytes: np.ndarray
     max_layer_peak_bytes_per_sample: float
+    prefix_moe_layers: np.ndarray  # (L+1,) MoE layers before each boundary (0 for a dense model)
     # What the runtime pays beyond the layers' own work, measured where a profile says
     # (alloy.runtime.calibrate) and estimated otherwise: docs/PLANNER.md lists each term.
     optimizer_s_per_param: np.ndarray  # (D,) AdamW update of one parameter held
@@ -109,6 +110,7 @@ def build_problem(spec: ModelSpec, inventory: Inventory, work: Workload,
         prefix_decode_flops=prefix(costs.layer_decode_flops_per_sample),
         prefix_kv_read_bytes=prefix(costs.layer_kv_read_bytes_per_sample),
         max_layer_peak_bytes_per_sample=float(costs.layer_peak_bytes_per_sample.max()),
+        prefix_moe_layers=prefix((costs.layer_moe_params > 0).astype(float)),
     )
 
 
@@ -220,13 +222,22 @@ def stage_compute_s(p: Problem, device: int, start, stop, mb_samples: float):
     return busy_s
 
 
-def decode_token_s(p: Problem, device: int, start, stop, mb_samples: float):
-    """One generated token for a micro-batch: the slower of reading weights+KV and the matmuls."""
+def decode_read_and_flops(p: Problem, start, stop, mb_samples: float):
+    """(bytes read, FLOPs) of one generated token for a micro-batch on layers [start, stop)."""
     c, last = p.costs, (stop == p.num_layers)
-    read_bytes = stage_weight_bytes(p, start, stop) + mb_samples * (
+    # A MoE layer's decode step reads only the experts its tokens picked
+    unread = (p.prefix_moe_layers[stop] - p.prefix_moe_layers[start]) * c.expert_params * (
+        c.num_experts - c.experts_read(mb_samples)) * c.dtype_bytes
+    read_bytes = stage_weight_bytes(p, start, stop) - unread + mb_samples * (
         p.prefix_kv_read_bytes[stop] - p.prefix_kv_read_bytes[start])
     flops = mb_samples * (p.prefix_decode_flops[stop] - p.prefix_decode_flops[start]
                           + c.head_decode_flops_per_sample * last)
+    return read_bytes, flops
+
+
+def decode_token_s(p: Problem, device: int, start, stop, mb_samples: float):
+    """One generated token for a micro-batch: the slower of reading weights+KV and the matmuls."""
+    read_bytes, flops = decode_read_and_flops(p, start, stop, mb_samples)
     return np.maximum(read_bytes / p.memory_bandwidth_bytes_per_s[device], flops / p.flops[device])
 
 
