@@ -20,6 +20,7 @@ BENCHMARKS = {
     "quality": "held-out perplexity of a small trained model at fp32, bf16, int8 and the GGUF block formats, vs llama.cpp (or gguf-py) on the same file",
     "plan": "planner runtime at 8/64/256 declared devices; predicted gains on the example clusters",
     "serve": "OpenAI-compatible server vs. llama.cpp's, same GGUF-exported weights: tokens/s, TTFT, ITL at 1/4/16 clients",
+    "moe": "MoE decode on two emulated devices: the planner's expert placement vs. layer-only splits, predicted and measured",
     "lora": "LoRA training tokens/s vs full fine-tuning and transformers+PEFT, fp32 and bf16",
     "validate": "planner fidelity: cost model and planner vs. published heterogeneous-cluster measurements",
 }

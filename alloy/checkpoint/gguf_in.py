@@ -475,9 +475,9 @@ def open_gguf_model(path: str | Path):
                      gguf.GGMLQuantizationType.BF16: torch.bfloat16}.get(stored, torch.float32)
     tokenizer, side_files = side_files_from_gguf(Metadata(reader, path), spec)
 
-    def read(device=None, dtype=None, *, layers=None, embed=None, head=None):
+    def read(device=None, dtype=None, *, layers=None, embed=None, head=None, stand_ins=None):
         model = fill(spec, rules, source, path, device, default_dtype if dtype is None else dtype,
-                     layers=layers, embed=embed, head=head)
+                     layers=layers, embed=embed, head=head, stand_ins=stand_ins)
         _drop_mapped_pages(reader)  # what was read is copied; the file's pages need not stay resident
         model.tokenizer, model.side_files = tokenizer, side_files
         return model.eval()

@@ -157,11 +157,11 @@ def open_model(path: str | Path):
     side_files = read_side_files(directory)
     tokenizer = _read_tokenizer(directory, side_files)
 
-    def read(device=None, dtype=None, *, layers=None, embed=None, head=None) -> Transformer:
+    def read(device=None, dtype=None, *, layers=None, embed=None, head=None, stand_ins=None) -> Transformer:
         # the files mapped again per call (their headers only): a map held across the pieces would
         # keep every page read so far resident, as much as the checkpoint by the last layer
         model = fill(spec, rules, _Source(directory, layout), directory, device, dtype, layers=layers,
-                     embed=embed, head=head)
+                     embed=embed, head=head, stand_ins=stand_ins)
         model.side_files, model.tokenizer = side_files, tokenizer
         return model.eval()
 
@@ -170,14 +170,25 @@ def open_model(path: str | Path):
 
 
 def fill(spec: ModelSpec, rules: list[Rule], source, where: str | Path, device, dtype, *,
-         layers=None, embed=None, head=None) -> Transformer:
+         layers=None, embed=None, head=None, stand_ins: dict[str, torch.nn.Module] | None = None) -> Transformer:
     """A Transformer (or stage) whose parameters are `rules` applied to `source`'s tensors: any
     object with `get(name)` and `shape(name)` (a folder's safetensors, a GGUF file). Each
-    parameter filled once, each shape checked; `where` names the source in errors."""
+    parameter filled once, each shape checked; `where` names the source in errors.
+
+    `stand_ins` {module name: module} take those modules' places before anything is read, so their
+    tensors are never read nor held (a stage whose experts run on another rank:
+    alloy.infer.distributed); names outside this slice are ignored, a stand-in's own tensors kept."""
     target_dtype = torch_dtype(dtype)
     with torch.device("meta"):
         model = Transformer(spec, layers, embed=embed, head=head)
+    present = dict(model.named_modules())
+    swapped = [name for name in stand_ins or {} if name and name in present]
+    for name in swapped:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, stand_ins[name])
     wanted = dict(model.state_dict())
+    own = {name: t for name, t in wanted.items() if name.startswith(tuple(f"{s}." for s in swapped))}
+    wanted = {name: t for name, t in wanted.items() if name not in own}
     rules = list(rules)
     if "head.weight" in wanted and spec.tie_embeddings:  # a head-only slice of a tied model
         embed_rule = next(r for r in rules if r.ours == ("embed.tok.weight",))
@@ -195,6 +206,8 @@ def fill(spec: ModelSpec, rules: list[Rule], source, where: str | Path, device, 
                 f"which does not match the config"
             ) from None
         for name, tensor in zip(rule.ours, tensors):
+            if name not in wanted:  # a fused tensor split between a module and a stand-in
+                continue
             expected = tuple(wanted[name].shape)
             if tuple(tensor.shape) != expected:
                 raise CheckpointError(
@@ -206,7 +219,7 @@ def fill(spec: ModelSpec, rules: list[Rule], source, where: str | Path, device, 
     missing = set(wanted) - set(state)
     if missing:
         raise CheckpointError(f"{where}: no tensor for {_names(missing)}")
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state | own, strict=True, assign=True)
     if spec.positions == "rope":  # non-persistent buffer: recompute off the meta device
         model.inv_freq = rope_inv_freq(spec).to(device or "cpu")
     return model

@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -56,6 +56,19 @@ def slice_period_us(spec: CpuSlice) -> int:
     if spec.quota is None:
         return CFS_PERIOD_US
     return max(CFS_PERIOD_US, math.ceil(_MIN_QUOTA_US / spec.quota))
+
+
+def slice_context(spec: CpuSlice | dict | None):
+    """What a worker on an emulated device runs in: its slice (entered for the block), with torch's
+    thread count set to what the slice can run (slice_threads); a no-op without a slice. Shared by
+    training workers and generation's stage and expert ranks."""
+    if spec is None:
+        return nullcontext()
+    import torch  # planning imports this module and stays torch-free
+
+    spec = CpuSlice.model_validate(spec)
+    torch.set_num_threads(slice_threads(spec))
+    return cpu_slice(spec)
 
 
 def slice_threads(spec: CpuSlice) -> int:

@@ -5,6 +5,10 @@ one after another (a model that does not fit one device still runs); with severa
 (micro-batches of the batch's rows) each stage has its own thread, so while stage s works on
 group g, stage s - 1 already works on group g + 1 — more than one device busy at a time.
 PyTorch ops release the GIL, so the threads overlap on CPU and CUDA alike.
+
+Over processes (alloy.infer.distributed) a stage may also hand the MoE modules (router and
+experts) of some of its layers to a device of their own (`ExpertSpec`): one more rank holds and
+runs them, the stage keeps attention — llama.cpp's `--override-tensor exps=CPU`.
 """
 
 from __future__ import annotations
@@ -22,23 +26,79 @@ from alloy.model import Transformer
 
 
 @dataclass(frozen=True)
+class ExpertSpec:
+    """The MoE modules of a stage's layers [a, b), held and run by another rank on `device`."""
+
+    device: str  # torch device string
+    layers: tuple[int, int]
+    cpu_slice: dict | None = None  # an emulated device's alloy.devices.CpuSlice, as a dict
+
+
+@dataclass(frozen=True)
 class StageSpec:
     device: str  # torch device string: "cpu", "cuda:0", ...
     layers: tuple[int, int]
     has_embed: bool
     has_head: bool
+    experts: ExpertSpec | None = None  # these layers' experts run on an expert rank (processes only)
+    cpu_slice: dict | None = None  # an emulated device's alloy.devices.CpuSlice, as a dict
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StageSpec":
+        """Back from dataclasses.asdict (a job file): tuples and the ExpertSpec rebuilt."""
+        experts = data.get("experts")
+        if experts is not None:
+            experts = ExpertSpec(**{**experts, "layers": tuple(experts["layers"])})
+        return cls(**{**data, "layers": tuple(data["layers"]), "experts": experts})
+
+
+def expert_ranks(stages: list[StageSpec]) -> dict[int, int]:
+    """{expert rank: index of the stage it serves}: one rank per stage with experts, after the
+    stages' ranks 0..S-1, in stage order."""
+    owners = [s for s, stage in enumerate(stages) if stage.experts is not None]
+    return {len(stages) + k: s for k, s in enumerate(owners)}
+
+
+def check_experts(spec, stages: list[StageSpec]) -> None:
+    """A ConfigError unless every stage's expert layers are a non-empty range inside the stage's own
+    layers with at least one MoE layer (a dense layer in the range stays with its stage)."""
+    for s, stage in enumerate(stages):
+        if stage.experts is None:
+            continue
+        (first, last), (a, b) = stage.layers, stage.experts.layers
+        if not first <= a < b <= last:
+            raise ConfigError(f"stage {s} holds layers [{first}, {last}); its expert layers [{a}, {b}) must be a "
+                              "non-empty range within them")
+        if not any(spec.is_moe_layer(i) for i in range(a, b)):
+            what = "has no experts" if not spec.num_experts else "has only dense layers there"
+            raise ConfigError(f"stage {s} offloads the experts of layers [{a}, {b}), but {spec.family} {what}")
 
 
 def stages_from_plan(plan, replica: int = 0) -> list[StageSpec]:
-    """The stages of one replica of an inference Plan, devices mapped to this machine's torch devices."""
+    """The stages of one replica of an inference Plan, devices mapped to this machine's torch devices;
+    an emulated device's CPU slice and a stage's expert placement come along."""
+    from alloy.spec import ModelSpec
+
     if plan.task != "infer":
         raise ConfigError(f"the plan is for {plan.task!r}; generation needs a plan made with --task infer")
     profiles = {d.name: d for d in plan.devices}
     out = []
     for stage in plan.replicas[replica].stages:
+        experts = None
+        if stage.experts is not None:
+            placed = stage.experts
+            experts = ExpertSpec(_stage_device(profiles.get(placed.device), placed.device), tuple(placed.layers),
+                                 _cpu_slice(profiles.get(placed.device)))
         out.append(StageSpec(_stage_device(profiles.get(stage.device), stage.device), tuple(stage.layers),
-                             stage.has_embed, stage.has_head))
+                             stage.has_embed, stage.has_head, experts, _cpu_slice(profiles.get(stage.device))))
+    if any(s.experts is not None for s in out):
+        check_experts(ModelSpec.from_dict(plan.model.spec), out)
     return out
+
+
+def _cpu_slice(profile) -> dict | None:
+    cpu_slice = getattr(profile, "cpu_slice", None)
+    return None if cpu_slice is None else cpu_slice.model_dump()
 
 
 def _stage_device(profile, name: str) -> str:

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -31,12 +31,9 @@ from alloy.runtime.layout import PlanMismatchError
 
 
 def _slice_context(profile: DeviceProfile | None):
-    if profile is None or profile.cpu_slice is None:
-        return nullcontext()
-    from alloy.devices.emulate import cpu_slice, slice_threads
+    from alloy.devices.emulate import slice_context
 
-    torch.set_num_threads(slice_threads(profile.cpu_slice))
-    return cpu_slice(profile.cpu_slice)
+    return slice_context(None if profile is None else profile.cpu_slice)
 
 
 def _set_threads(threads: int | None, profile: DeviceProfile | None) -> None:
