@@ -48,10 +48,7 @@ def test_fit_learns_and_evaluate_returns_keras_style_lists():
 
 def test_multi_device_fit_equals_single_device_fit(tmp_path):
     """Three processes with uneven shares (devices 4:2:1) give the single process's weights."""
-    cluster = tmp_path / "cpus.json"
-    cluster.write_text(json.dumps({"devices": [
-        {"name": f"cpu{i}", "kind": "cpu", "memory_bytes": 2**30, "matmul_flops": {"fp32": r},
-         "memory_bandwidth_bytes_per_s": 1e10} for i, r in enumerate((4e9, 2e9, 1e9))]}))
+    cluster = _cluster(tmp_path)
     # float64, so the bound comes from float64 rounding, not from one CPU's fp32 summation order
     # (an AVX-512 machine measured 1.02e-5 in fp32): ~1e-16 per op, amplified by the split sums and
     # ~20 Adam steps, stays far below 1e-10, while any real bug (a share lost or counted twice, a
@@ -61,12 +58,115 @@ def test_multi_device_fit_equals_single_device_fit(tmp_path):
     single, multi = Model(_mlp().double(), devices="cpu"), Model(_mlp().double(), devices=str(cluster))
     for m in (single, multi):
         m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"], lr=1e-2)
-    h1 = single.fit(x, y, epochs=2, batch_size=23, verbose=0)  # 23: shares 13/7/3, last batch 16
+    h1 = single.fit(x, y, epochs=2, batch_size=23, verbose=0)  # 23: shares 12/7/4, last batch 16: 8/5/3
     h2 = multi.fit(x, y, epochs=2, batch_size=23, verbose=0)
     for (name, a), b in zip(single.module.state_dict().items(), multi.module.state_dict().values()):
         assert (a - b).norm() / a.norm() <= 1e-10, name
     assert h2.history["loss"] == pytest.approx(h1.history["loss"], rel=1e-10)
     assert h2.history["accuracy"] == pytest.approx(h1.history["accuracy"])
+
+
+def _cluster(tmp_path, rates=(4e9, 2e9, 1e9)):
+    cluster = tmp_path / "cpus.json"
+    cluster.write_text(json.dumps({"devices": [
+        {"name": f"cpu{i}", "kind": "cpu", "memory_bytes": 2**30, "matmul_flops": {"fp32": r},
+         "memory_bandwidth_bytes_per_s": 1e10} for i, r in enumerate(rates)]}))
+    return cluster
+
+
+def test_batch_shares_are_the_planners():
+    from alloy.framework.model import _shares
+    from alloy.plan.search import largest_remainder
+
+    for rows in range(3, 40):
+        assert _shares(rows, (4.0, 2.0, 1.0)) == largest_remainder(rows, [4.0, 2.0, 1.0])
+    assert _shares(23, (4.0, 2.0, 1.0)) == [12, 7, 4]  # one row each, then 20 by speed
+    # fewer rows than ranks (a last batch, a small validation set): one row each to the fastest
+    assert _shares(2, (1.0, 4.0, 2.0)) == [0, 1, 1] and _shares(1, (1.0, 1.0, 1.0)) == [1, 0, 0]
+
+
+def test_multi_device_fit_with_batches_smaller_than_the_ranks_equals_one_process(tmp_path):
+    """Batches of 2 rows over 3 ranks (one rank idle each step, yet in every all-reduce), and a
+    5-row validation set evaluated over the ranks."""
+    x, y = _task(20)
+    x = x.double()
+    single, multi = Model(_mlp().double(), devices="cpu"), Model(_mlp().double(), devices=str(_cluster(tmp_path)))
+    for m in (single, multi):
+        m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"], lr=1e-2)
+    h1 = single.fit(x, y, epochs=2, batch_size=2, validation_data=(x[:5], y[:5]), verbose=0)
+    h2 = multi.fit(x, y, epochs=2, batch_size=2, validation_data=(x[:5], y[:5]), verbose=0)
+    for (name, a), b in zip(single.module.state_dict().items(), multi.module.state_dict().values()):
+        assert (a - b).norm() / a.norm() <= 1e-10, name
+    assert set(h2.history) == set(h1.history)
+    for key in h1.history:
+        assert h2.history[key] == pytest.approx(h1.history[key], rel=1e-10), key
+
+
+class FailsInRankOne(nn.Module):
+    """A module whose forward raises in the second process of a multi-device fit."""
+
+    def __init__(self, error: Exception):
+        super().__init__()
+        self.error, self.linear = error, nn.Linear(8, 2)
+
+    def forward(self, x):
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_rank() == 1:
+            raise self.error
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("error, message", [
+    (ConfigError("no such vocabulary"), r"^alloy worker rank 1: error: no such vocabulary \(every rank's output: "),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
+     r"^worker rank 1 failed: RuntimeError: mat1 and mat2 shapes cannot be multiplied \(every rank's output: "),
+], ids=["alloy-error", "other-exception"])
+def test_an_error_in_a_process_reaches_the_user_in_one_line(tmp_path, error, message):
+    x, y = _task(64)
+    model = Model(FailsInRankOne(error), devices=str(_cluster(tmp_path))).compile()
+    with pytest.raises(alloy.AlloyError, match=message) as caught:
+        model.fit(x, y, epochs=1, verbose=0)
+    assert "\n" not in str(caught.value)
+    log = Path(str(caught.value).rsplit(": ", 1)[-1].rstrip(")"))
+    assert log.is_file()  # the log the message names outlives the fit (nothing else of it does)
+    assert sorted(p.name for p in log.parent.iterdir()) == ["torchrun-node0.log"]
+    log.unlink()
+    log.parent.rmdir()
+
+
+def test_an_unpicklable_callback_is_a_clear_error(tmp_path):
+    x, y = _task(64)
+    model = Model(_mlp(), devices=str(_cluster(tmp_path))).compile()
+    with pytest.raises(ConfigError, match="multi-device fit pickles the module.*cannot be"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[LearningRateScheduler(lambda epoch, lr: lr)])
+
+
+def test_allreduce_grads_sums_every_trainable_gradient_in_place():
+    """The runtime's bucketed gradient all-reduce that multi-device fit uses (one process here):
+    small buckets, two dtypes, a parameter with no gradient (zeros), a frozen one (left alone)."""
+    import torch.distributed as dist
+
+    from alloy.runtime.sync import allreduce_grads
+
+    net = nn.ModuleDict({"a": nn.Linear(4, 3), "b": nn.Linear(3, 2).double(), "unused": nn.Linear(2, 2),
+                         "frozen": nn.Linear(2, 2)})
+    net["frozen"].requires_grad_(False)
+    x = torch.randn(5, 4)
+    net["b"](net["a"](x).double()).sum().backward()
+    expected = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        allreduce_grads(reversed(list(net.parameters())), bucket_bytes=40)
+    finally:
+        dist.destroy_process_group()
+    for name, p in net.named_parameters():
+        if name.startswith("frozen"):
+            assert p.grad is None
+        elif name.startswith("unused"):
+            assert p.grad is not None and not p.grad.any()
+        else:
+            assert p.grad.dtype == p.dtype and torch.equal(p.grad, expected[name]), name
 
 
 class Recorder(Callback):

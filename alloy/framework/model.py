@@ -8,9 +8,12 @@ The seed's workflow, unchanged in shape:
     loss, accuracy = model.evaluate(x_test, y_test)
 
 With several devices (a cluster file, or "auto" finding more than one), `fit` runs data
-parallel: one process per device, each batch split by measured device speed (largest
-remainder), per-sample losses weighted by 1 / global batch so the summed gradient is exactly
-the single-device one — the same exactness rule as the Transformer runtime. A float64 module
+parallel on the Transformer runtime's engine: one process per device, started by its launcher
+(alloy.runtime.launch; the ranks are alloy.framework.worker), each batch split by measured
+device speed with the planner's share rule (alloy.plan.search.largest_remainder), per-sample
+losses weighted by 1 / global batch, and the gradients summed by the runtime's bucketed
+all-reduce (alloy.runtime.sync.allreduce_grads), so the summed gradient is exactly the
+single-device one — the same exactness rule as the Transformer runtime. A float64 module
 (`module.double()`, given float64 inputs) trains in float64 in every process, losses included.
 """
 
@@ -18,10 +21,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import pickle
 import tempfile
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,6 +36,7 @@ from alloy.callbacks import Callback, CallbackList
 from alloy.data import as_inputs
 from alloy.errors import ConfigError
 from alloy.framework.registry import make_loss, make_metric, make_optimizer
+from alloy.plan.search import largest_remainder
 
 
 @dataclass
@@ -47,6 +50,9 @@ class History:
             self.history.setdefault(key, []).append(value)
 
 
+COLLECTIVE_TIMEOUT_S = 300  # how long a rank waits for the others at a collective
+
+
 @dataclass
 class _Rank:
     rank: int = 0
@@ -55,16 +61,6 @@ class _Rank:
     @property
     def world(self) -> int:
         return len(self.weights)
-
-
-def split_shares(total: int, weights: Sequence[float]) -> list[int]:
-    """Largest-remainder integer shares of `total` in proportion to `weights` (zeros allowed)."""
-    exact = [total * w / sum(weights) for w in weights]
-    shares = [math.floor(e) for e in exact]
-    order = sorted(range(len(weights)), key=lambda i: (exact[i] - shares[i], weights[i]), reverse=True)
-    for i in order[: total - sum(shares)]:
-        shares[i] += 1
-    return shares
 
 
 class Model:
@@ -104,10 +100,15 @@ class Model:
         val = as_inputs(*validation_data, what="validation data") if validation_data is not None else None
         weights, profiles = self._device_weights()
         run = dict(epochs=epochs, batch_size=batch_size, shuffle=shuffle, seed=seed, verbose=verbose)
-        if len(weights) == 1:
-            self.history = _fit_loop(self, inputs, targets, val, list(callbacks), run, _Rank())
-        else:
-            self.history = self._fit_parallel(inputs, targets, val, list(callbacks), run, weights, profiles)
+        bar = _ProgressBar() if verbose else None
+        try:
+            if len(weights) == 1:
+                self.history = _fit_loop(self, inputs, targets, val, list(callbacks), run, _Rank(), bar)
+            else:
+                self.history = self._fit_parallel(inputs, targets, val, list(callbacks), run, weights, profiles, bar)
+        finally:
+            if bar:
+                bar.stop()
         return self.history
 
     def _device_weights(self) -> tuple[tuple[float, ...], list]:
@@ -130,24 +131,41 @@ class Model:
             raise ConfigError("multi-device fit runs on CPU devices (and emulated CPU slices) for now")
         return tuple(d.flops("fp32") for d in cpus), list(cpus)
 
-    def _fit_parallel(self, inputs, targets, val, callbacks, run, weights, profiles) -> History:
-        import torch.multiprocessing as mp
+    def _fit_parallel(self, inputs, targets, val, callbacks, run, weights, profiles, bar) -> History:
+        """One rank per device (alloy.framework.worker), started by the runtime's launcher; the
+        module, data and callbacks go to the ranks in a torch.save file beside the job."""
+        from alloy.framework import worker
+        from alloy.runtime.launch import LaunchError, launch
 
-        from alloy.runtime.launch import free_port
-
-        with tempfile.TemporaryDirectory(prefix="alloy-fit-") as result_dir:
-            payload = dict(model=self, inputs=inputs, targets=targets, val=val, callbacks=callbacks, run=run,
-                           weights=weights, profiles=[p.model_dump() if p else None for p in profiles],
-                           port=free_port(), result_dir=result_dir)
-            # spawn, not fork: a forked child hangs in OpenMP once the parent has used its threads.
-            mp.start_processes(_parallel_worker, args=(payload,), nprocs=len(weights), start_method="spawn")
-            state = load_file(os.path.join(result_dir, "state.safetensors"))
-            with torch.no_grad():
-                for name, tensor in self.module.state_dict().items():
-                    tensor.copy_(state[name])
-            saved = json.loads(Path(result_dir, "history.json").read_text())
-        history = History(saved["history"], saved["epochs"])
-        return history
+        out_dir = Path(tempfile.mkdtemp(prefix="alloy-fit-"))
+        failed = False
+        try:
+            job = {"out_dir": str(out_dir), "payload": str(out_dir / "payload.pt"), "run": run,
+                   "weights": list(weights), "profiles": [p.model_dump(mode="json") if p else None for p in profiles],
+                   "main": worker.main_module_data(), "timeout_s": COLLECTIVE_TIMEOUT_S,
+                   "metrics_path": str(out_dir / "progress.jsonl") if bar else None}
+            try:
+                torch.save(dict(model=self, inputs=inputs, targets=targets, val=val, callbacks=callbacks),
+                           job["payload"])
+            except (pickle.PicklingError, AttributeError, TypeError) as err:  # a lambda, a local class...
+                raise ConfigError(f"a multi-device fit pickles the module, its optimizer and the callbacks for "
+                                  f"each process, and this one cannot be: {err}") from None
+            launch(job, len(weights), timeout_s=math.inf, progress=bar, worker_module="alloy.framework.worker")
+            state = load_file(out_dir / worker.STATE)
+            saved = json.loads((out_dir / worker.HISTORY).read_text())
+        except LaunchError:
+            failed = True
+            raise
+        finally:  # a failed fit keeps the ranks' log, which its error names
+            for path in out_dir.iterdir():
+                if not (failed and path.name.startswith("torchrun-")):
+                    path.unlink()
+            if not failed:
+                out_dir.rmdir()
+        with torch.no_grad():
+            for name, tensor in self.module.state_dict().items():
+                tensor.copy_(state[name])
+        return History(saved["history"], saved["epochs"])
 
     def _check_labels(self, inputs, targets, loss) -> None:
         _, class_labels = make_loss(loss)
@@ -217,20 +235,43 @@ def _batches(count: int, batch_size: int, order: torch.Tensor):
         yield order[start : start + batch_size]
 
 
+def _shares(rows: int, weights: Sequence[float]) -> list[int]:
+    """The planner's batch shares (alloy.plan.search.largest_remainder: each rank at least one
+    row, the rest by speed); a batch with fewer rows than ranks gives one row to each of the
+    fastest ranks, none to the others."""
+    shares = largest_remainder(rows, list(weights))
+    if shares is None:
+        fastest = sorted(range(len(weights)), key=lambda k: (-weights[k], k))[:rows]
+        shares = [int(k in fastest) for k in range(len(weights))]
+    return shares
+
+
 def _my_rows(index: torch.Tensor, rank: _Rank) -> torch.Tensor:
-    shares = split_shares(len(index), rank.weights)
+    if rank.world == 1:
+        return index
+    shares = _shares(len(index), rank.weights)
     start = sum(shares[: rank.rank])
     return index[start : start + shares[rank.rank]]
 
 
 def _all_reduce(tensor: torch.Tensor, rank: _Rank) -> torch.Tensor:
+    """Sum a metric's or the loss's running totals over the ranks (gradients go by _sync_grads)."""
     if rank.world > 1:
         dist.all_reduce(tensor)
     return tensor
 
 
-def _fit_loop(model: Model, inputs, targets, val, callbacks, run, rank: _Rank) -> History:
-    """The training loop every rank runs (a single device is the one-rank case)."""
+def _sync_grads(module: nn.Module, rank: _Rank) -> None:
+    """Sum the ranks' gradients: the runtime's bucketed all-reduce, in backward order."""
+    if rank.world > 1:
+        from alloy.runtime.sync import allreduce_grads
+
+        allreduce_grads(reversed(list(module.parameters())))
+
+
+def _fit_loop(model: Model, inputs, targets, val, callbacks, run, rank: _Rank, report=None) -> History:
+    """The training loop every rank runs (a single device is the one-rank case). `report`, if
+    given, gets a progress record after every step and at every epoch's end (_ProgressBar)."""
     module, optimizer, compiled = model.module, model.optimizer, model.compiled
     loss_fn, _ = make_loss(compiled["loss"])
     history = History()
@@ -240,7 +281,6 @@ def _fit_loop(model: Model, inputs, targets, val, callbacks, run, rank: _Rank) -
     count = len(targets)
     steps_per_epoch = math.ceil(count / run["batch_size"])
     hooks.on_train_begin()
-    progress = _progress(run["verbose"] and chief)
     for epoch in range(run["epochs"]):
         hooks.on_epoch_begin(epoch)
         module.train()
@@ -248,7 +288,6 @@ def _fit_loop(model: Model, inputs, targets, val, callbacks, run, rank: _Rank) -
         order = torch.randperm(count, generator=generator) if run["shuffle"] else torch.arange(count)
         metrics = [make_metric(m) for m in compiled["metrics"]]
         totals = torch.zeros(2, dtype=torch.float64)  # loss sum, samples
-        task = progress.add_task(f"epoch {epoch + 1}/{run['epochs']}", total=steps_per_epoch, status="") if progress else None
         for step, index in enumerate(_batches(count, run["batch_size"], order)):
             mine = _my_rows(index, rank)
             optimizer.zero_grad(set_to_none=True)
@@ -259,26 +298,21 @@ def _fit_loop(model: Model, inputs, targets, val, callbacks, run, rank: _Rank) -
                 totals += torch.tensor([losses.sum().item(), len(mine)], dtype=torch.float64)
                 for metric in metrics:
                     metric.update(outputs.detach(), targets[mine], losses.detach())
-            if rank.world > 1:
-                for p in module.parameters():
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
+            _sync_grads(module, rank)
             optimizer.step()
             hooks.on_batch_end(step)
-            if progress:
-                progress.update(task, advance=1, status=f"loss {totals[0] / max(1, totals[1]):.4f}")
+            if report:
+                report({"epoch": epoch, "epochs": run["epochs"], "step": step + 1, "steps": steps_per_epoch,
+                        "loss": float(totals[0] / max(1, totals[1]))})
         logs = _logs(totals, metrics, rank)
         if val is not None:
             logs |= {f"val_{k}": v for k, v in _evaluate(module, *val, compiled, 256, rank).items()}
-        if progress:
-            progress.update(task, status="  ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+        if report:
+            report({"epoch": epoch, "epochs": run["epochs"], "steps": steps_per_epoch, "logs": logs})
         history.append(epoch, logs)
         hooks.on_epoch_end(epoch, logs)
         if model.stop_training:
             break
-    if progress:
-        progress.stop()
     hooks.on_train_end()
     return history
 
@@ -312,53 +346,30 @@ def _evaluate(module, inputs, targets, compiled, batch_size, rank: _Rank) -> dic
     return _logs(totals, metrics, rank)
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+class _ProgressBar:
+    """The fit's progress bar (rich), drawn from _fit_loop's records: in this process, or from
+    rank 0's metrics file, which alloy.runtime.launch follows while the ranks run."""
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[status]}"), TimeRemainingColumn())
-    progress.start()
-    return progress
+    def __init__(self):
+        self.progress, self.tasks = None, {}
 
+    def __call__(self, record: dict) -> None:
+        if self.progress is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-def _parallel_worker(rank: int, payload: dict) -> None:
-    """One data-parallel process: its slice of the machine, its rows of every batch."""
-    from contextlib import nullcontext
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[status]}"), TimeRemainingColumn())
+            self.progress.start()
+        epoch = record["epoch"]
+        if epoch not in self.tasks:
+            self.tasks[epoch] = self.progress.add_task(f"epoch {epoch + 1}/{record['epochs']}",
+                                                       total=record["steps"], status="")
+        if "logs" in record:
+            status = "  ".join(f"{k} {v:.4f}" for k, v in record["logs"].items())
+            self.progress.update(self.tasks[epoch], status=status)
+        else:
+            self.progress.update(self.tasks[epoch], completed=record["step"], status=f"loss {record['loss']:.4f}")
 
-    from alloy.devices import DeviceProfile
-
-    weights = payload["weights"]
-    profile = DeviceProfile.model_validate(payload["profiles"][rank]) if payload["profiles"][rank] else None
-    slice_context = nullcontext()
-    if profile is not None and profile.cpu_slice is not None:
-        from alloy.devices.emulate import cpu_slice, slice_threads
-
-        torch.set_num_threads(slice_threads(profile.cpu_slice))
-        slice_context = cpu_slice(profile.cpu_slice)
-    else:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // len(weights)))
-    with slice_context:
-        from alloy.runtime.launch import init_gloo
-
-        init_gloo(init_method=f"tcp://127.0.0.1:{payload['port']}", rank=rank, world_size=len(weights),
-                  timeout=timedelta(seconds=300))
-        try:
-            model: Model = payload["model"]
-            # Tensors arrive in shared memory: every rank would step the same storage. Own a copy.
-            with torch.no_grad():
-                for tensor in [*model.module.parameters(), *model.module.buffers()]:
-                    tensor.data = tensor.data.clone()
-            model.optimizer = make_optimizer(model.compiled["optimizer"], model.module.parameters(),
-                                             model.compiled["lr"])
-            history = _fit_loop(model, payload["inputs"], payload["targets"], payload["val"], payload["callbacks"],
-                                payload["run"], _Rank(rank, tuple(weights)))
-            if rank == 0:
-                state = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()}
-                save_file(state, os.path.join(payload["result_dir"], "state.safetensors"))
-                Path(payload["result_dir"], "history.json").write_text(
-                    json.dumps({"history": history.history, "epochs": history.epochs}))
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

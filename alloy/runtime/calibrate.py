@@ -359,13 +359,9 @@ def run_worker(job: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        run_worker(json.loads(Path(argv[0]).read_text()))
-    except AlloyError as err:
-        print(f"alloy worker rank {os.environ.get('RANK', '?')}: error: {err}", file=sys.stderr, flush=True)
-        return err.exit_code
-    return 0
+    from alloy.runtime.launch import worker_main
+
+    return worker_main(run_worker, argv)
 
 
 if __name__ == "__main__":

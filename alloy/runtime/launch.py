@@ -51,6 +51,19 @@ def init_gloo(**kwargs) -> None:
     dist.init_process_group("gloo", **kwargs)
 
 
+def worker_main(run: Callable[[dict], None], argv: list[str] | None = None) -> int:
+    """The `__main__` of a worker module that `launch` starts (`python -m MODULE JOB.json`): run
+    the job read from JOB.json; an AlloyError becomes the one line `alloy worker rank R: error: ...`
+    that `launch` reports, and the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        run(json.loads(Path(argv[0]).read_text()))
+    except AlloyError as err:
+        print(f"alloy worker rank {os.environ.get('RANK', '?')}: error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    return 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

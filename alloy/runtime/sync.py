@@ -85,7 +85,7 @@ class GradientSync:
 
     def _reset(self) -> None:
         self._waiting = [len(bucket) for _, bucket in self.buckets]  # gradients not yet final
-        self._launched: list[tuple[object, torch.Tensor, list, list]] = []
+        self._launched: list[tuple] = []  # start_bucket's (work, flat, bucket, shapes)
 
     def arm(self) -> None:
         """The next backward is the step's last: start buckets as their gradients become final."""
@@ -99,34 +99,63 @@ class GradientSync:
         while len(self._launched) < len(self.buckets) and self._waiting[len(self._launched)] == 0:
             self._launch()
 
-    @torch.no_grad()
     def _launch(self) -> None:
         ranks, bucket = self.buckets[len(self._launched)]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
-        # Reduced on the host: gloo carries CPU tensors, so a GPU stage next to CPU ones works.
-        flat = torch.cat([g.flatten() for g in grads]).cpu()
-        shapes = [(g.shape, g.device) for g in grads]
-        del grads
-        for p in bucket:  # the flat copy replaces them: a gradient is never held twice
-            p.grad = None
-        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.groups[ranks], async_op=True)
-        self._launched.append((work, flat, bucket, shapes))
+        self._launched.append(start_bucket(bucket, self.groups[ranks]))
 
-    @torch.no_grad()
     def finish(self) -> None:
         """Start the buckets not yet started (all of them without overlap), wait, and put the sums
         back as the gradients."""
         self._armed = False
         while len(self._launched) < len(self.buckets):
             self._launch()
-        for work, flat, bucket, shapes in self._launched:
-            work.wait()
-            offset = 0
-            for p, (shape, device) in zip(bucket, shapes):
-                n = shape.numel()
-                p.grad = flat[offset : offset + n].view(shape).to(device)
-                offset += n
+        for pending in self._launched:
+            finish_bucket(pending)
         self._reset()
+
+
+def allreduce_grads(params, group=None, bucket_bytes: float | None = None) -> None:
+    """Sum the gradients of `params` over `group` (the default group when None) in buckets — the
+    runtime's bucket rule after the backward unless `bucket_bytes` is given — every bucket started
+    before any is waited for. A parameter without a gradient takes part with zeros (every rank
+    must send the same buckets), so afterwards each has its summed gradient. Pass the parameters in
+    backward order (reversed), as GradientSync does; a bucket holds one dtype."""
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = defaultdict(list)
+    for p in params:
+        if p.requires_grad:
+            by_dtype[p.dtype].append(p)
+    if bucket_bytes is None:
+        total = sum(p.numel() * p.element_size() for same in by_dtype.values() for p in same)
+        bucket_bytes = gradient_bucket_bytes(total, overlap=False)
+    pending = [start_bucket(bucket, group) for same in by_dtype.values() for bucket in _buckets(same, bucket_bytes)]
+    for started in pending:
+        finish_bucket(started)
+
+
+@torch.no_grad()
+def start_bucket(bucket: list[torch.nn.Parameter], group=None) -> tuple:
+    """Flatten a bucket's gradients (zeros where a parameter has none) into one host tensor and
+    start its all-reduce (SUM); `finish_bucket` waits and puts the sums back."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
+    # Reduced on the host: gloo carries CPU tensors, so a GPU stage next to CPU ones works.
+    flat = torch.cat([g.flatten() for g in grads]).cpu()
+    shapes = [(g.shape, g.device) for g in grads]
+    del grads
+    for p in bucket:  # the flat copy replaces them: a gradient is never held twice
+        p.grad = None
+    work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return work, flat, bucket, shapes
+
+
+@torch.no_grad()
+def finish_bucket(pending: tuple) -> None:
+    work, flat, bucket, shapes = pending
+    work.wait()
+    offset = 0
+    for p, (shape, device) in zip(bucket, shapes):
+        n = shape.numel()
+        p.grad = flat[offset : offset + n].view(shape).to(device)
+        offset += n
 
 
 def _buckets(params: list[torch.nn.Parameter], size_bytes: float):

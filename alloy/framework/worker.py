@@ -1,0 +1,80 @@
+"""One rank of a multi-device `alloy.Model.fit`: `python -m alloy.framework.worker JOB.json`.
+
+`Model.fit` starts the ranks with the runtime's launcher (alloy.runtime.launch: torchrun, gloo).
+The job JSON holds what JSON can (the run settings, the device profiles and their weights, the
+parent's module search path); the module, its optimizer settings, the data and the callbacks are
+in a `torch.save` file beside it (`payload`). Each rank enters its emulated CPU slice, if it has
+one, joins the process group, runs the framework's training loop on its rows of every batch, and
+rank 0 writes the trained weights and the history into the job's directory; with `verbose`, it
+also writes one progress line per step to the job's metrics file, which the launcher follows.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing.spawn
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+STATE, HISTORY = "state.safetensors", "history.json"  # rank 0's results, in the job's out_dir
+
+
+def main_module_data() -> dict:
+    """What a rank needs to unpickle classes the parent's script defines (its `__main__` and
+    module search path), as multiprocessing's spawn start method passes them on."""
+    data = multiprocessing.spawn.get_preparation_data("alloy-fit")
+    return {k: data[k] for k in ("sys_path", "init_main_from_name", "init_main_from_path") if k in data}
+
+
+def run_rank(job: dict) -> None:
+    from alloy.devices import DeviceProfile
+    from alloy.devices.emulate import slice_context
+    from alloy.framework.model import _fit_loop, _Rank
+    from alloy.framework.registry import make_optimizer
+    from alloy.runtime.launch import die_with_parent, init_gloo
+
+    die_with_parent()  # torchrun gone (killed, or its launcher was): this rank goes too
+    multiprocessing.spawn.prepare(job["main"])
+    rank = int(os.environ["RANK"])
+    weights, profile = tuple(job["weights"]), job["profiles"][rank]
+    profile = DeviceProfile.model_validate(profile) if profile else None
+    # CPU ranks of one machine share its cores (a slice sets its own count when entered)
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // len(weights)))
+    with slice_context(profile.cpu_slice if profile else None):
+        init_gloo(timeout=timedelta(seconds=job["timeout_s"]))
+        try:
+            payload = torch.load(job["payload"], weights_only=False)  # our own file, written by fit
+            model = payload["model"]
+            model.optimizer = make_optimizer(model.compiled["optimizer"], model.module.parameters(),
+                                             model.compiled["lr"])
+            report = _metrics_writer(job["metrics_path"]) if rank == 0 and job.get("metrics_path") else None
+            history = _fit_loop(model, payload["inputs"], payload["targets"], payload["val"], payload["callbacks"],
+                                job["run"], _Rank(rank, weights), report)
+            if rank == 0:
+                state = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()}
+                save_file(state, os.path.join(job["out_dir"], STATE))
+                Path(job["out_dir"], HISTORY).write_text(
+                    json.dumps({"history": history.history, "epochs": history.epochs}))
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def _metrics_writer(path: str):
+    def write(record: dict) -> None:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record | {"time": time.time()}) + "\n")
+    return write
+
+
+if __name__ == "__main__":
+    from alloy.runtime.launch import worker_main
+
+    sys.exit(worker_main(run_rank))
