@@ -1,11 +1,19 @@
 """MoE decode on two emulated devices: the planner's expert placement vs. layer-only splits.
 
 Two CPU slices of this machine stand for what llama.cpp users have: a fast device with too little
-memory for the model ("fast": a whole core, declared to hold FAST_MEMORY_FRACTION of what the
-model needs) and a slow one with memory to spare ("roomy": a quarter core under a cgroup quota,
-or the other core where quotas are unavailable). A random-weight Mixtral-style model (its experts
-most of its bytes, 2 of 32 picked a token) generates greedily, one request, in real processes
-(alloy.infer.distributed, gloo):
+memory for the model ("fast", declared to hold FAST_MEMORY_FRACTION of what the model needs) and
+a slower one with memory to spare ("roomy"), in two scenarios:
+
+  cores    fast = one core, roomy = the other under a 40 % cgroup quota
+  quota    fast = a whole core, roomy = a quarter core (both by cgroup quota)
+
+(quotas need root; without them only `cores`, as two plain core sets). Messages between the ranks
+are priced with the link's idle latency (alloy.runtime.calibrate): in decoding the ranks take
+turns, so a throttled slice is rarely caught mid-period.
+
+A random-weight Mixtral-style model (h1024, 8 layers, 16 experts of width 256, 2 picked a token:
+experts are 3/4 of its bytes, attention about 3/4 of what a token reads) generates greedily, one
+request, in real processes (alloy.infer.distributed, gloo):
 
   experts  the best expert placement: every layer's attention on the fast slice, the experts of
            the layers that do not fit there on the roomy one (alloy.plan.experts)
@@ -15,7 +23,7 @@ most of its bytes, 2 of 32 picked a token) generates greedily, one request, in r
 Each reports measured decode tokens/s (the decode steps after the first token) beside the
 plan's predicted rate; the headline names the planner's choice among them (`alloy plan` picks
 the fastest predicted) and the measured-fastest. One measurement:
-python -m bench.moe --variant experts [--quick]
+python -m bench.moe --variant experts-cores [--quick]
 """
 
 from __future__ import annotations
@@ -30,12 +38,34 @@ from alloy.devices import CpuSlice
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {  # hidden, layers, heads, kv heads, experts, top-k, expert width, vocab, prompt, new tokens
-    "quick": (128, 4, 4, 2, 8, 2, 256, 2048, 16, 24),
-    "full": (512, 8, 8, 4, 32, 2, 512, 8192, 32, 64),
+    "quick": (128, 4, 4, 4, 16, 2, 64, 2048, 16, 24),
+    "full": (1024, 8, 16, 16, 16, 2, 256, 8192, 32, 64),
 }
 FAST_MEMORY_FRACTION = 0.5  # of what the whole model needs for this request, at the plan's dtype
-VARIANTS = ("experts", "layers", "roomy")
-PAIRS = [("experts", "layers", "decode_tokens_per_s"), ("experts", "roomy", "decode_tokens_per_s")]
+SCENARIOS = {
+    "cores": (CpuSlice(cores=[0]), CpuSlice(cores=[1], quota=0.4)),
+    "quota": (CpuSlice(quota=1.0), CpuSlice(quota=0.25)),
+}
+PLANS = ("experts", "layers", "roomy")
+
+
+def scenarios() -> list[str]:
+    """Both where cgroup quotas work here; `cores` as plain core sets otherwise."""
+    from alloy.devices.emulate import quota_unavailable_reason
+
+    return list(SCENARIOS) if quota_unavailable_reason() is None else ["cores"]
+
+
+def slices_for(scenario: str) -> tuple[CpuSlice, CpuSlice]:
+    from alloy.devices.emulate import quota_unavailable_reason
+
+    if quota_unavailable_reason() is not None:  # two plain core sets: heterogeneous in memory only
+        return CpuSlice(cores=[0]), CpuSlice(cores=[1])
+    return SCENARIOS[scenario]
+
+
+VARIANTS = tuple(f"{plan}-{scenario}" for scenario in SCENARIOS for plan in PLANS)
+PAIRS = [(f"experts-{s}", f"{other}-{s}", "decode_tokens_per_s") for s in SCENARIOS for other in ("layers", "roomy")]
 
 
 def hf_config(size: str) -> dict:
@@ -48,7 +78,10 @@ def hf_config(size: str) -> dict:
 
 def model_dir(size: str) -> Path:
     """The random-weight model, saved once (seeded) under $ALLOY_CACHE_DIR/bench."""
-    root = Path(os.environ.get("ALLOY_CACHE_DIR") or Path.home() / ".cache" / "alloy") / "bench" / f"moe-{size}"
+    import hashlib
+
+    key = hashlib.sha256(json.dumps(hf_config(size), sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(os.environ.get("ALLOY_CACHE_DIR") or Path.home() / ".cache" / "alloy") / "bench" / f"moe-{size}-{key}"
     if (root / "config.json").is_file():
         return root
     import torch
@@ -63,15 +96,7 @@ def model_dir(size: str) -> Path:
     return root
 
 
-def slices() -> tuple[CpuSlice, CpuSlice]:
-    from alloy.devices.emulate import quota_unavailable_reason
-
-    if quota_unavailable_reason() is None:
-        return CpuSlice(quota=1.0), CpuSlice(quota=0.25)
-    return CpuSlice(cores=[0]), CpuSlice(cores=[1])
-
-
-def inventory(size: str):
+def inventory(size: str, scenario: str):
     """The two slices, measured inside themselves (cached), the fast one's memory declared small,
     the link between them calibrated by the runtime's own probe."""
     from alloy.devices import DeviceProfile, Inventory, measure_slice
@@ -80,7 +105,7 @@ def inventory(size: str):
     from alloy.runtime.calibrate import calibrate
 
     devices = []
-    for role, piece in zip(("fast", "roomy"), slices()):
+    for role, piece in zip(("fast", "roomy"), slices_for(scenario)):
         cache = RESULTS / f"moe-slice-{slice_name(piece)}.json"
         if cache.is_file():
             device = DeviceProfile.model_validate_json(cache.read_text())
@@ -94,7 +119,7 @@ def inventory(size: str):
     need = float(stage_memory_bytes(whole, 0, spec.num_layers, 1, 1, 1))
     fast = int(FAST_MEMORY_FRACTION * need)
     devices[0] = devices[0].model_copy(update={"memory_bytes": fast, "free_memory_bytes": fast})
-    return calibrate(Inventory(name="moe-two-slices", devices=devices))
+    return calibrate(Inventory(name=f"moe-{scenario}", devices=devices))
 
 
 def model_spec(size: str):
@@ -111,24 +136,26 @@ def workload(size: str):
 
 
 def plan_for(variant: str, size: str):
+    """`variant` is PLAN-SCENARIO, e.g. experts-cores."""
     from alloy.plan import make_plan
     from alloy.plan.planner import expert_offload_plan
 
-    spec, inv, work = model_spec(size), inventory(size), workload(size)
-    if variant == "roomy":
+    plan, scenario = variant.split("-")
+    spec, inv, work = model_spec(size), inventory(size, scenario), workload(size)
+    if plan == "roomy":
         return make_plan(spec, inv, work, device_names=["roomy"])
-    if variant == "experts":
+    if plan == "experts":
         return expert_offload_plan(spec, inv, work)
     return make_plan(spec, inv, work, expert_offload=False)
 
 
-def planner_choice(size: str) -> str:
-    """Which variant `alloy plan` picks on these devices (the fastest it predicts)."""
+def planner_choice(size: str, scenario: str) -> str:
+    """Which plan `alloy plan` picks on these devices (the fastest it predicts)."""
     from alloy.plan import make_plan
     from alloy.plan.planner import layout_line
 
-    chosen = layout_line(make_plan(model_spec(size), inventory(size), workload(size)))
-    return next((v for v in VARIANTS if layout_line(plan_for(v, size)) == chosen), chosen)
+    chosen = layout_line(make_plan(model_spec(size), inventory(size, scenario), workload(size)))
+    return next((p for p in PLANS if layout_line(plan_for(f"{p}-{scenario}", size)) == chosen), chosen)
 
 
 def measure(variant: str, size: str) -> dict:
@@ -151,7 +178,8 @@ def measure(variant: str, size: str) -> dict:
 
 
 def variants(quick: bool) -> dict[str, list[str]]:
-    return {v: ["--variant", v] + (["--quick"] if quick else []) for v in VARIANTS}
+    return {f"{p}-{s}": ["--variant", f"{p}-{s}"] + (["--quick"] if quick else [])
+            for s in scenarios() for p in PLANS}
 
 
 def headline(summary: dict, machine_flops: dict) -> dict:
@@ -168,19 +196,23 @@ def headline(summary: dict, machine_flops: dict) -> dict:
 
 def report(samples: dict) -> str:
     """Each plan's layout, predicted and measured; the planner's pick against the measured-fastest."""
-    rows = ["| variant | layout | predicted decode tok/s | measured decode tok/s |", "| --- | --- | --- | --- |"]
-    measured, size = {}, "full"
-    for name in VARIANTS:
-        runs = [r for r in samples.get(name, []) if "decode_tokens_per_s" in r]
-        if not runs:
-            continue
-        size = runs[0]["size"]
-        measured[name] = sorted(r["decode_tokens_per_s"] for r in runs)[len(runs) // 2]
-        rows.append(f"| {name} | {runs[0]['layout']} | {runs[0]['predicted_decode_tokens_per_s']:.1f} | "
-                    f"{measured[name]:.1f} |")
-    fastest = max(measured, key=measured.get) if measured else "-"
-    rows.append(f"\nthe planner picks: {planner_choice(size)}; measured fastest: {fastest}")
-    return "\n".join(rows)
+    rows = ["| scenario | plan | layout | predicted decode tok/s | measured decode tok/s |",
+            "| --- | --- | --- | --- | --- |"]
+    picks = []
+    for scenario in SCENARIOS:
+        measured, size = {}, "full"
+        for plan in PLANS:
+            runs = [r for r in samples.get(f"{plan}-{scenario}", []) if "decode_tokens_per_s" in r]
+            if not runs:
+                continue
+            size = runs[0]["size"]
+            measured[plan] = sorted(r["decode_tokens_per_s"] for r in runs)[len(runs) // 2]
+            rows.append(f"| {scenario} | {plan} | {runs[0]['layout']} | "
+                        f"{runs[0]['predicted_decode_tokens_per_s']:.1f} | {measured[plan]:.1f} |")
+        if measured:
+            picks.append(f"{scenario}: the planner picks {planner_choice(size, scenario)}, "
+                         f"measured fastest {max(measured, key=measured.get)}")
+    return "\n".join(rows + [""] + picks)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -94,3 +94,13 @@ def test_the_plan_document_round_trips_with_experts(tmp_path):
     again = Plan.load(tmp_path / "plan.json")
     assert again == plan and again.stages[0].experts.layers == plan.stages[0].experts.layers
     assert again.expert_ranks == [plan.stages[0].experts]
+
+
+def test_inference_prices_messages_at_the_idle_latency_and_training_after_a_burst():
+    """Decoding ranks take turns (a message finds its receiver waiting), training ranks send right
+    after a backward: the link's two measured latencies, each where it applies."""
+    inventory = gpu_and_cpu(latency_s=5e-3)
+    inventory = inventory.model_copy(update={"links": [inventory.links[0].model_copy(update={"idle_latency_s": 1e-4})]})
+    assert build_problem(MIXTRAL, inventory, WORK).link_latency_s[0, 1] == 1e-4
+    assert build_problem(MIXTRAL, inventory, Workload("train", 1, 512)).link_latency_s[0, 1] == 5e-3
+    assert build_problem(MIXTRAL, gpu_and_cpu(latency_s=5e-3), WORK).link_latency_s[0, 1] == 5e-3  # none measured

@@ -36,7 +36,10 @@ class _Doc(BaseModel):
 
 class LinkSpec(_Doc):
     bandwidth_bytes_per_s: float = Field(gt=0)
-    latency_s: float = Field(default=0.0, ge=0)
+    latency_s: float = Field(default=0.0, ge=0)  # a message right after a burst of work (training)
+    # a message to a rank that was waiting, not working: inference's stages and expert ranks take
+    # turns (a CPU quota slice then answers at once, not a throttling period later); None: latency_s
+    idle_latency_s: float | None = Field(default=None, ge=0)
 
 
 class Link(LinkSpec):

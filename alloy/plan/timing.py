@@ -82,7 +82,8 @@ def build_problem(spec: ModelSpec, inventory: Inventory, work: Workload,
         for b in range(a + 1, n):
             link = inventory.link(devices[a].name, devices[b].name)
             bw[a, b] = bw[b, a] = link.bandwidth_bytes_per_s
-            lat[a, b] = lat[b, a] = link.latency_s
+            idle = work.task == "infer" and link.idle_latency_s is not None  # ranks take turns
+            lat[a, b] = lat[b, a] = link.idle_latency_s if idle else link.latency_s
 
     def prefix(values: np.ndarray) -> np.ndarray:
         return np.concatenate([[0.0], np.cumsum(values)])

@@ -45,7 +45,9 @@ SMALL_BYTES = 1024  # a message whose time is all latency
 LARGE_BYTES = 4 * 1024**2  # a message whose time is mostly bandwidth
 ALLREDUCE_BYTES = 8 * 1024**2
 OPTIMIZER_WHOLE_MAX_PARAMS = 50_000_000
-METHOD = 5  # bumped when what is measured changes: cached calibrations are then measured again
+# Inference's ranks take turns: a message finds its receiver waiting, not working (the idle probe)
+IDLE_PAUSE_S = 0.002
+METHOD = 6  # bumped when what is measured changes: cached calibrations are then measured again
 
 
 def runs_here(device: DeviceProfile) -> bool:
@@ -255,8 +257,10 @@ def _burst(seconds: float) -> None:
         a @ a
 
 
-def _ping_pong(rank: int, a: int, b: int, nbytes: int, rounds: int, burst_s: float) -> float:
-    """Mean one-way seconds of an `nbytes` message between ranks a and b, each round trip after a burst."""
+def _ping_pong(rank: int, a: int, b: int, nbytes: int, rounds: int, burst_s: float, pause_s: float = 0.0) -> float:
+    """Mean one-way seconds of an `nbytes` message between ranks a and b, each round trip after a
+    burst of work on both (training: a backward, then a send), or after rank a pauses while b waits
+    in its recv (`pause_s`: inference, where stages and expert ranks take turns)."""
     import torch
     import torch.distributed as dist
 
@@ -265,6 +269,8 @@ def _ping_pong(rank: int, a: int, b: int, nbytes: int, rounds: int, burst_s: flo
     total_s = 0.0
     for round_index in range(rounds + 1):
         _burst(burst_s)
+        if pause_s and rank == a:
+            time.sleep(pause_s)
         started = time.perf_counter()
         if rank == a:
             dist.send(buffer, peer)
@@ -285,12 +291,14 @@ def _links(rank: int, names: list[str], burst_s: float) -> list[dict]:
     for a, b in itertools.combinations(range(len(names)), 2):
         dist.barrier()
         if rank in (a, b):
+            time.sleep(2 * IDLE_PAUSE_S)  # a quota slice starts the idle probe with its quota refilled
+            idle_s = _ping_pong(rank, a, b, SMALL_BYTES, 20, 0.0, IDLE_PAUSE_S)
             latency_s = _ping_pong(rank, a, b, SMALL_BYTES, 20, burst_s)
             large_s = _ping_pong(rank, a, b, LARGE_BYTES, 4, burst_s)
             if rank == a:
                 # a throttled slice can time the small message slower than the large one: then the
                 # bandwidth is read from the large message alone (at most 2x off, never infinite)
-                links.append({"a": names[a], "b": names[b], "latency_s": latency_s,
+                links.append({"a": names[a], "b": names[b], "latency_s": latency_s, "idle_latency_s": idle_s,
                               "bandwidth_bytes_per_s": LARGE_BYTES / max(large_s - latency_s, large_s / 2)})
     gathered: list = [None] * len(names)
     dist.all_gather_object(gathered, links)
