@@ -4,6 +4,8 @@ and each side must hold only its own tensors."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -166,3 +168,28 @@ def test_stages_from_plan_carry_experts_and_cpu_slices(saved):
     assert StageSpec.from_dict(__import__("dataclasses").asdict(stage)) == stage
     with pytest.raises(ConfigError, match="has only dense layers there"):
         stages_from_plan(_plan(spec, (1, 2)))
+
+
+def test_cli_generate_runs_a_planned_expert_placement_over_processes(tmp_path, capsys):
+    """`alloy plan` output with experts apart from attention, fed to `alloy generate --plan`: it runs
+    over processes on its own (no --processes) and gives the single-process greedy tokens."""
+    from hf_cases import build_hf, char_tokenizer
+
+    from alloy.cli import main
+    from alloy.devices import DeviceProfile, Inventory
+    from alloy.plan import Workload
+    from alloy.plan.planner import expert_offload_plan
+
+    build_hf("mixtral").save_pretrained(tmp_path)
+    char_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    spec = alloy.load(tmp_path).spec
+    devices = [DeviceProfile(name=n, kind="cpu", memory_bytes=1 << 30, matmul_flops={"fp32": 1e11},
+                             memory_bandwidth_bytes_per_s=1e10) for n in ("fast", "roomy")]
+    plan = expert_offload_plan(spec, Inventory(devices=devices), Workload("infer", 1, 5, dtype="fp32", new_tokens=6))
+    assert plan.stages[0].experts is not None
+    plan.save(tmp_path / "plan.json")
+    args = ["generate", "--model", str(tmp_path), "--prompt", "Hello", "--max-new-tokens", "6", "--json"]
+    assert main(args) == 0
+    expected = json.loads(capsys.readouterr().out)["tokens"]
+    assert main(args + ["--plan", str(tmp_path / "plan.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == expected

@@ -31,7 +31,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--devices", default=None,
                         help="'auto' (this machine, measured) or an inventory JSON: plan a layer split over them")
     parser.add_argument("--plan", default=None, help="a plan JSON from `alloy plan --task infer`")
-    parser.add_argument("--processes", action="store_true", help="run each stage as a torch.distributed process")
+    parser.add_argument("--processes", action="store_true",
+                        help="run each stage as a torch.distributed process (always, for a plan that places a "
+                             "MoE model's experts apart from attention)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     parser.add_argument("--lora", default=None, help="a LoRA adapter directory (PEFT format) to apply to the model")
 
@@ -50,9 +52,8 @@ def plan_stages(args, spec, prompt_len: int, new_tokens: int):
     if args.devices:
         from alloy.cli.plan import load_devices
         from alloy.infer.optimize import decode_inventory
-        from alloy.plan import Workload, make_plan
-
         from alloy.infer.optimize import QUANT_FORMATS
+        from alloy.plan import Workload, make_plan
 
         # The planner knows byte widths, not block formats: plan a block format as int8 (1 byte a
         # weight, an upper bound on Q8_0's 1.06 and a safe overestimate for the 4-bit ones).
@@ -92,7 +93,8 @@ def run(args) -> int:
     stages, _ = plan_stages(args, spec, len(ids), args.max_new_tokens)
 
     started = time.perf_counter()
-    if args.processes:
+    # experts placed apart from attention run on ranks of their own: one process cannot hold them apart
+    if args.processes or any(stage.experts is not None for stage in stages):
         from alloy.infer.distributed import generate_distributed
 
         generating = time.perf_counter()  # the workers load and generate inside this call
