@@ -90,6 +90,7 @@ def workload(scenario: Scenario):
 def measured_slice(piece: CpuSlice, size: str, refresh: bool = False):
     """One slice's profile with this size's per-layer times, timed from inside it (cached)."""
     from alloy.devices import DeviceProfile, measure_slice
+    from alloy.runtime.layer_profile import layer_probe
 
     cache = RESULTS / f"hetero-slice-{slice_name(piece)}-{size}.json"
     if cache.is_file() and not refresh:
@@ -97,7 +98,7 @@ def measured_slice(piece: CpuSlice, size: str, refresh: bool = False):
     spec, (*_, batch, seq, _) = spec_for(size), SIZES[size]
     # the matmul rates matter little here (the layer times stand in for them): quick times them briefly
     device = measure_slice(piece, name=slice_name(piece), budget_s=0.5 if size == "quick" else 2.0,
-                           layers_of=(spec, seq, (1, 4, 8, batch)), timeout_s=900)
+                           probe=layer_probe(spec, seq, (1, 4, 8, batch)), timeout_s=900)
     RESULTS.mkdir(parents=True, exist_ok=True)
     cache.write_text(device.model_dump_json(exclude_none=True))
     return device

@@ -15,7 +15,7 @@ from pathlib import Path
 from alloy.devices import DeviceProfile, Inventory, LinkSpec
 from alloy.errors import PlanError
 from alloy.plan import Workload, fast_dtype, make_plan
-from alloy.spec import resolve_spec
+from alloy.checkpoint import resolve_spec
 
 # Datasheet-ish sustained rates (about 70% of peak): name -> (bf16 FLOP/s, memory bytes, bytes/s)
 KINDS = {

@@ -22,7 +22,8 @@ from alloy.errors import AlloyError, ConfigError
 from alloy.model import Transformer
 from alloy.plan import Workload, make_plan
 from alloy.plan.cost import model_costs
-from alloy.spec import PRESETS, ModelSpec, resolve_spec
+from alloy.checkpoint import resolve_spec
+from alloy.spec import PRESETS, ModelSpec
 from alloy.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

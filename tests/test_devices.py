@@ -248,7 +248,7 @@ def test_cuda_is_discovered_and_measured():
 def test_layer_probe_takes_batch_sizes_in_any_order():
     """`bench hetero --quick` once crashed: it asked for batches (1, 2, 4, 8, 7), and the profile
     refused them ("batch sizes must be strictly increasing"). The probe sorts and de-duplicates."""
-    from alloy.devices.layer_profile import measure_layer_times
+    from alloy.runtime.layer_profile import measure_layer_times
     from alloy.spec import ModelSpec
 
     spec = ModelSpec(family="llama", vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,

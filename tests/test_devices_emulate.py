@@ -6,14 +6,12 @@ gone afterwards, and two gloo ranks on 127.0.0.1 time the link between them.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -177,3 +175,16 @@ def test_two_gloo_ranks_gather_one_inventory_with_their_link(tmp_path):
     assert (link.a, link.b) == ("rank0/cpu", "rank1/cpu")
     assert 0 < link.latency_s < 0.05 and 1e6 < link.bandwidth_bytes_per_s < 1e12
     assert inventory.link("rank1/cpu", "rank0/cpu") == link
+
+
+def test_a_slice_runs_a_named_probe_inside_it():
+    """measure_slice(probe=...) runs a function it only names (here the runtime's layer timing):
+    the devices package never builds a model itself."""
+    from alloy.runtime.layer_profile import layer_probe
+    from alloy.spec import PRESETS, ModelSpec
+
+    spec = ModelSpec.from_hf_config(PRESETS["tiny-llama"])
+    device = measure_slice(CpuSlice(cores=[0]), budget_s=0.2, probe=layer_probe(spec, 16, (1, 2)), timeout_s=300)
+    (times,) = device.layer_times
+    assert times.hidden_size == spec.hidden_size and times.batch == [1.0, 2.0]
+    assert all(t > 0 for t in times.layer_s)

@@ -10,7 +10,8 @@ from alloy.plan import Plan, Workload, make_plan
 from alloy.plan.experts import best_offload, price
 from alloy.plan.planner import layout_line
 from alloy.plan.timing import build_problem, decode_token_s
-from alloy.spec import ModelSpec, resolve_spec
+from alloy.checkpoint import resolve_spec
+from alloy.spec import ModelSpec
 
 GIB = 2**30
 MIXTRAL = ModelSpec.from_hf_config(dict(

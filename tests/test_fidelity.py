@@ -64,7 +64,7 @@ def test_measured_profile_replaces_the_flop_estimate():
     from alloy.devices import DeviceProfile, Inventory
     from alloy.plan import Workload
     from alloy.plan.timing import build_problem, stage_compute_s
-    from alloy.spec import resolve_spec
+    from alloy.checkpoint import resolve_spec
 
     spec = resolve_spec("llama-3.2-1b")
     times = MeasuredLayerTimes(hidden_size=spec.hidden_size, num_layers=spec.num_layers, phase="train",
@@ -169,7 +169,7 @@ def test_fixed_count_hosts_match_littles_law():
 
 def test_fixed_count_host_is_capped_by_kv_room():
     from bench.fidelity.serving import DeviceLoad, Host, MAXFLOW, requests_in_flight
-    from alloy.spec import resolve_spec
+    from alloy.checkpoint import resolve_spec
     spec = resolve_spec("llama-3.2-1b")
     loads = [DeviceLoad("a", (0, spec.num_layers), kv_tokens=99_000, max_batch=100, tokens_per_s=1e3)]
     assert requests_in_flight(spec, loads, Host(30)) == (30.0, "launched")
@@ -306,7 +306,7 @@ def test_round_trip_adds_each_overhead_term():
     """R = profiled decode time + per-layer x layers + per-request x batch per stage + host x requests in flight."""
     from alloy.devices import DeviceProfile, Inventory
     from bench.fidelity.serving import DeviceLoad, HOP_S, Overhead, in_flight_bound
-    from alloy.spec import resolve_spec
+    from alloy.checkpoint import resolve_spec
     spec = resolve_spec("llama-3.2-1b")
     k = spec.num_layers
     profile = [MeasuredLayerTimes(hidden_size=spec.hidden_size, num_layers=k, phase=ph, batch=[1, 100],

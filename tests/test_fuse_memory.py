@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from alloy.model import Transformer

@@ -13,7 +13,7 @@ from alloy.model.lora import LoraConfig, apply_lora
 from alloy.plan import Workload, make_plan
 from alloy.plan.cost import ADAMW_STATE_BYTES, DTYPE_BYTES, LORA_HEAP_RETAINED, model_costs
 from alloy.plan.timing import build_problem, stage_memory_bytes, stage_params, sync_cost
-from alloy.spec import resolve_spec
+from alloy.checkpoint import resolve_spec
 
 WORKSTATION = "examples/clusters/workstation.json"
 

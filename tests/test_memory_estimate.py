@@ -16,7 +16,8 @@ from alloy.devices import DeviceProfile, Inventory
 from alloy.plan import Workload, make_plan
 from alloy.runtime import run
 from alloy.runtime.data import DataSource
-from alloy.spec import ModelSpec, resolve_spec
+from alloy.checkpoint import resolve_spec
+from alloy.spec import ModelSpec
 
 
 def spec(hidden: int, layers: int, vocab: int, seq: int) -> ModelSpec:

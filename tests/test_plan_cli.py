@@ -11,7 +11,7 @@ import pytest
 
 from alloy.devices import Inventory
 from alloy.plan import Plan, Workload, fast_dtype, make_plan
-from alloy.spec import resolve_spec
+from alloy.checkpoint import resolve_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 ALLOY = str(Path(sys.executable).with_name("alloy"))

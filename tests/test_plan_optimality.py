@@ -20,7 +20,7 @@ from alloy.devices import DeviceProfile, Inventory, Link
 from alloy.plan.cost import TRAIN_WORKER_OVERHEAD_BYTES, Workload
 from alloy.plan.search import Search
 from alloy.plan.timing import build_problem, replica_timing, stage_memory_bytes, step_timing, sync_cost
-from alloy.spec import resolve_spec
+from alloy.checkpoint import resolve_spec
 
 INSTANCES = 200
 MAX_LAYOUTS_PER_SHARE = 2500  # keeps the brute force to about a second on the slowest instance

@@ -10,7 +10,7 @@ from alloy.devices import DeviceProfile, Inventory
 from alloy.errors import PlanError
 from alloy.plan import Plan, Workload, make_plan
 from alloy.plan.plan import SCHEMA_PATH, plan_schema
-from alloy.spec import resolve_spec
+from alloy.checkpoint import resolve_spec
 
 GIB = 2**30
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

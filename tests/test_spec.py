@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from alloy import ConfigError, ModelSpec, UnsupportedModelError
-from alloy.spec import PRESETS, resolve_spec
+from alloy.checkpoint import resolve_spec
+from alloy.spec import PRESETS
 from hf_cases import CASES
 
 

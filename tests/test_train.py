@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alloy.errors import AlloyError, CheckpointError, ConfigError
+from alloy.errors import CheckpointError, ConfigError
 from alloy.train.config import load_config
 from alloy.train.run import train
 from train_cases import MODEL, make_workspace, write_config

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import importlib
 
-_LAZY = {"load": "alloy.checkpoint.io", "save": "alloy.checkpoint.io", "torch_dtype": "alloy.checkpoint.io"}
-__all__ = ["load", "save", "torch_dtype"]
+_LAZY = {"load": "alloy.checkpoint.io", "save": "alloy.checkpoint.io", "torch_dtype": "alloy.checkpoint.io",
+         "resolve_spec": "alloy.checkpoint.resolve"}
+__all__ = ["load", "save", "torch_dtype", "resolve_spec"]
 
 
 def __getattr__(name: str):

@@ -30,6 +30,7 @@ def emulated_devices(console: Console, spec, seq_len: int, batch_size: int):
     """Two workers of unequal speed carved out of this machine, each measured from inside —
     its matmul rate and what this model's layers really cost there."""
     from alloy.devices import CpuSlice, Inventory, measure_slice, quota_unavailable_reason
+    from alloy.runtime.layer_profile import layer_probe
 
     cores = sorted(os.sched_getaffinity(0))
     if quota_unavailable_reason() is None:
@@ -42,7 +43,8 @@ def emulated_devices(console: Console, spec, seq_len: int, batch_size: int):
         slices = [CpuSlice(cores=cores[:1]), CpuSlice(cores=cores[1:2] or cores[:1])]
         how = f"one core each ({quota_unavailable_reason()})"
     batches = tuple(sorted({1, 2, 4, batch_size}))
-    devices = [measure_slice(s, name=f"worker{i}", budget_s=1.0, layers_of=(spec, seq_len, batches), timeout_s=300)
+    probe = layer_probe(spec, seq_len, batches)
+    devices = [measure_slice(s, name=f"worker{i}", budget_s=1.0, probe=probe, timeout_s=300)
                for i, s in enumerate(slices)]
     console.print(f"emulated devices: {how}")
     return Inventory(name="demo", devices=devices)
@@ -65,7 +67,7 @@ def run(args) -> int:
     for d in local.devices:
         rates = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in d.matmul_flops.items())
         console.print(f"{d.name}: {d.model}, {rates}, memory bandwidth {d.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s")
-    from alloy.spec import resolve_spec
+    from alloy.checkpoint import resolve_spec
 
     inventory = emulated_devices(console, resolve_spec("tiny-llama"), seq_len=128, batch_size=8)
     for d in inventory.devices:

@@ -4,7 +4,6 @@ with --merge-lora, a LoRA run's adapters folded into its base model."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from alloy.fuse import fuse_run
 from alloy.fuse.fuse import FORMATS

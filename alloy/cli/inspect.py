@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 import alloy
-from alloy.spec import resolve_spec
+from alloy.checkpoint import resolve_spec
 
 
 def add_arguments(parser) -> None:

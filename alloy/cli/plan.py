@@ -10,7 +10,7 @@ from rich.console import Console
 from alloy.devices import Inventory
 from alloy.errors import ConfigError, PlanError
 from alloy.plan import Workload, fast_dtype, make_plan
-from alloy.spec import resolve_spec
+from alloy.checkpoint import resolve_spec
 
 
 def add_arguments(parser) -> None:

@@ -6,13 +6,14 @@ cgroup limits) because those, not the machine's nominal size, bound what a worke
 
 from __future__ import annotations
 
-import functools
 import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from alloy.kernels.cpuinfo import cpu_flags, cpuinfo  # kernels dispatch on the same flags
 
 # CPU features that change which dtypes have a fast matmul path (x86 and Arm names).
 MATMUL_ISA_FLAGS = (
@@ -69,7 +70,7 @@ def torch_device(name: str, kind: str | None = None) -> torch.device:
 
 def _cpu() -> FoundDevice:
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    info = _cpuinfo()
+    info = cpuinfo()
     total, available = _meminfo()
     limit = _cgroup_memory_limit_bytes()
     if limit is not None:
@@ -104,30 +105,6 @@ def _mps() -> FoundDevice:
 def _xpu(index: int) -> FoundDevice:
     props = torch.xpu.get_device_properties(index)
     return FoundDevice(name=f"xpu:{index}", kind="xpu", model=props.name, memory_bytes=props.total_memory)
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """Every ISA flag Linux reports for this CPU (x86 `flags`, ARM `Features`); the profile keeps
-    the matmul ones, the kernels dispatch on all of them."""
-    info = _cpuinfo()
-    return frozenset(info.get("flags", info.get("Features", "")).split())
-
-
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's block of /proc/cpuinfo (all cores of a VM or socket agree)."""
-    path = Path("/proc/cpuinfo")
-    if not path.is_file():
-        return {}
-    info: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            if info:
-                break
-            continue
-        info.setdefault(key.strip(), value.strip())
-    return info
 
 
 def _meminfo() -> tuple[int, int]:

@@ -19,11 +19,13 @@ from alloy.devices.schema import CpuSlice, DeviceProfile
 
 
 def measure_slice(spec: CpuSlice, *, name: str | None = None, budget_s: float = 2.0,
-                  timeout_s: float = 120.0, layers_of=None) -> DeviceProfile:
+                  timeout_s: float = 120.0, probe: tuple[str, dict] | None = None) -> DeviceProfile:
     """The measured profile of a CPU slice of this machine (its cgroup is removed afterwards).
 
-    `layers_of=(model_spec, seq_len, batches)` also times that model's layer, embedding and head
-    forward+backward inside the slice (profile.layer_times), for profile-guided planning.
+    `probe=("package.module:function", kwargs)` also runs that function inside the slice; it
+    returns DeviceProfile fields to add (e.g. alloy.runtime.layer_profile.layer_probe: a model's
+    layer times, for profile-guided planning). Named, not imported, so the devices package never
+    builds a model itself (DESIGN.md: devices sit below model and runtime).
     """
     name = name or slice_name(spec)
     deadline = time.monotonic() + timeout_s
@@ -32,8 +34,7 @@ def measure_slice(spec: CpuSlice, *, name: str | None = None, budget_s: float = 
         # (importing under a 25% quota alone takes ~15 s here).
         child = subprocess.Popen(
             [sys.executable, "-m", "alloy.devices.slice_worker", spec.model_dump_json(), str(budget_s),
-             json.dumps({"spec": layers_of[0].to_dict(), "seq_len": layers_of[1], "batches": list(layers_of[2])})
-             if layers_of else ""],
+             json.dumps({"function": probe[0], "kwargs": probe[1]}) if probe else ""],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             if _read_line(child, deadline) != "ready":
@@ -90,7 +91,7 @@ def slice_name(spec: CpuSlice) -> str:
     return "-".join(parts)
 
 
-def _main(slice_json: str, budget_s: str, layers_json: str = "") -> None:
+def _main(slice_json: str, budget_s: str, probe_json: str = "") -> None:
     import torch
 
     from alloy.devices.discovery import discover
@@ -108,13 +109,13 @@ def _main(slice_json: str, budget_s: str, layers_json: str = "") -> None:
         sys.exit("slice_worker: parent did not say go")
     cpu = next(d for d in discover() if d.kind == "cpu")
     profile = measure(cpu, float(budget_s)).model_copy(update={"cpu_slice": spec})
-    if layers_json:
-        from alloy.devices.layer_profile import measure_layer_times
-        from alloy.spec import ModelSpec
+    if probe_json:
+        import importlib
 
-        probe = json.loads(layers_json)
-        times = measure_layer_times(ModelSpec.from_dict(probe["spec"]), probe["seq_len"], tuple(probe["batches"]))
-        profile = profile.model_copy(update={"layer_times": [times]})
+        probe = json.loads(probe_json)
+        module, function = probe["function"].split(":")
+        fields = getattr(importlib.import_module(module), function)(**probe["kwargs"])
+        profile = DeviceProfile.model_validate(profile.model_dump() | fields)
     print(profile.model_dump_json(exclude_none=True))
 
 

@@ -100,7 +100,7 @@ def generate_distributed(model_dir, stages: list[StageSpec], prompts: list[list[
     saw them (wall time; decode_tokens counts every row of every step after the first)."""
     from alloy.infer.generate import validate
     from alloy.runtime.launch import launch
-    from alloy.spec import resolve_spec
+    from alloy.checkpoint import resolve_spec
 
     spec = resolve_spec(Path(model_dir) / "config.json")
     validate(spec, prompts, max_new_tokens)
@@ -121,7 +121,7 @@ def load_stage(model_dir, stages: list[StageSpec], rank: int, dtype: str = "fp32
     layers are RemoteMoEs talking to its expert rank, their tensors never read."""
     from alloy.infer.load import load_for_decoding
     from alloy.infer.optimize import DTYPES
-    from alloy.spec import resolve_spec
+    from alloy.checkpoint import resolve_spec
 
     stage, stand_ins = stages[rank], {}
     if stage.experts is not None:

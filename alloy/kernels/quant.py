@@ -1,7 +1,7 @@
 """ctypes bindings for quant.c: integer-dot GEMV and dequantization on GGUF block formats.
 
 quant.c is built once per instruction set, and the variant is chosen at run time from the CPU's
-flags as the devices profile reports them (alloy.devices.discovery reads /proc/cpuinfo):
+flags as the devices profile reports them (alloy.kernels.cpuinfo reads /proc/cpuinfo):
 "avx512_vnni" (vpdpbusd) where the CPU has AVX-512 VNNI, else "avx2" (vpmaddubsw + vpmaddwd)
 where it has AVX2 + FMA + F16C, else none (callers dequantize and use PyTorch's matmul).
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from alloy import kernels
-from alloy.devices.discovery import cpu_flags  # the one reader of /proc/cpuinfo
+from alloy.kernels.cpuinfo import cpu_flags  # the one reader of /proc/cpuinfo
 
 SOURCE = Path(__file__).with_name("quant.c")
 _BASE = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off")

@@ -1,6 +1,6 @@
 """The standard model interface's description half: ModelSpec, its HF adapters, presets."""
 
-from alloy.spec.presets import PRESETS, resolve_spec
+from alloy.spec.presets import PRESETS
 from alloy.spec.spec import ModelSpec, read_config
 
-__all__ = ["PRESETS", "ModelSpec", "read_config", "resolve_spec"]
+__all__ = ["PRESETS", "ModelSpec", "read_config"]

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from alloy.errors import ConfigError
-from alloy.spec.spec import ModelSpec, read_config
-
 _LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=8192)
 _LLAMA3 = dict(model_type="llama", vocab_size=128256, num_key_value_heads=8, head_dim=128,
@@ -31,24 +26,3 @@ PRESETS: dict[str, dict] = {
                        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
                        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645),
 }
-
-
-def resolve_spec(model: str | Path) -> ModelSpec:
-    """A ModelSpec from a preset name, an HF directory, a config.json path, a GGUF file, or a
-    hub id (org/name[@revision]) in the local Hugging Face cache."""
-    if str(model) in PRESETS:
-        return ModelSpec.from_hf_config(PRESETS[str(model)])
-    from alloy.checkpoint.hub import resolve_model
-
-    path = resolve_model(model)
-    if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists()):
-        from alloy.checkpoint.gguf_in import find_gguf, read_spec
-
-        gguf_file = find_gguf(path)
-        if gguf_file is not None:
-            return read_spec(gguf_file)
-    if path.exists():
-        return ModelSpec.from_hf_config(read_config(path))
-    raise ConfigError(
-        f"model {str(model)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path"
-    )

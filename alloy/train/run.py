@@ -49,7 +49,8 @@ def _is_hf_dir(path: Path) -> bool:
 
 def resolve_model(name: str):
     """(spec, init_dir): an HF directory with weights is fine-tuned from; anything else starts fresh."""
-    from alloy.spec import ModelSpec, read_config, resolve_spec
+    from alloy.checkpoint import resolve_spec
+    from alloy.spec import ModelSpec, read_config
 
     path = Path(name)
     if _is_hf_dir(path):
@@ -97,7 +98,7 @@ def _inventory(devices: str):
 
 
 def _plan(config: TrainConfig, spec, out_dir: Path, plan_path: str | None, resume: bool, log=print):
-    from alloy.plan import Plan, Workload, make_plan
+    from alloy.plan import Plan, Workload
     from alloy.plan.planner import check_fits
     from alloy.runtime.layout import PlanMismatchError
 

@@ -78,3 +78,13 @@ def measure_layer_times(spec: ModelSpec, seq_len: int, batches: tuple[int, ...] 
                               hidden_size=spec.hidden_size, num_layers=spec.num_layers, phase="train",
                               batch=[float(b) for b in batches], layer_s=layer_s, first_s=first_s, last_s=last_s,
                               source=source)
+
+
+def layer_probe(spec: ModelSpec, seq_len: int, batches: tuple[int, ...]) -> tuple[str, dict]:
+    """What `alloy.devices.measure_slice(probe=...)` runs inside a slice to time this model's layers."""
+    return f"{__name__}:_probe", {"spec": spec.to_dict(), "seq_len": seq_len, "batches": list(batches)}
+
+
+def _probe(spec: dict, seq_len: int, batches: list[int]) -> dict:
+    times = measure_layer_times(ModelSpec.from_dict(spec), seq_len, tuple(batches))
+    return {"layer_times": [times.model_dump()]}
