@@ -132,3 +132,31 @@ def test_the_plan_document_carries_the_terms_and_the_startup():
     p = plan.predicted
     assert p.startup_s == 4.0 and p.optimizer_s > 0
     assert p.step_s > p.allreduce_s + p.optimizer_s
+
+
+def test_an_accelerators_host_copies_move_each_hop_as_the_runtime_sends_it():
+    """gloo carries host tensors: a GPU stage's activations (fp32 in training, whatever the compute
+    dtype) copy to the host, cross the link, copy back; each copy at the GPU's host-link rate."""
+    gpu = dict(kind="cuda", host_link_bytes_per_s=2e9)
+    slower = dict(kind="cuda", host_link_bytes_per_s=1e9)
+    bf16 = dataclasses.replace(WORK, dtype="bf16")
+
+    def step(slow, fast):
+        inv = inventory(slow=slow, fast=fast)
+        inv = inv.model_copy(update={"devices": [d.model_copy(update={"matmul_flops": {"bf16": 1e10}})
+                                                 for d in inv.devices]})
+        return step_timing(build_problem(SPEC, inv, bf16), PIPELINE).step_s
+
+    m = train_micro_batches(8, 4, stages=2)
+    moved = step(slower, gpu) - step(gpu, gpu)
+    activation_bytes = (8 / m) * WORK.seq_len * SPEC.hidden_size * 4  # a micro-batch's hidden states, fp32
+    # the slow first stage's slot pays the send forward and the gradient back, m times
+    assert moved == pytest.approx(2 * m * activation_bytes * (1 / 1e9 - 1 / 2e9), rel=1e-6)
+    from alloy.plan.planner import describe
+
+    plan = describe(build_problem(SPEC, inventory(slow=gpu, fast=gpu), bf16), PIPELINE, "exact", 1, 0.0)
+    (link,) = plan.links  # the plan says how its one hop travels, at the rate it priced
+    assert (link.transport, link.through_host, link.message_bytes_per_element) == ("gloo", True, 4)
+    assert link.bytes_per_s == pytest.approx(1 / (1 / 1e9 + 2 / 2e9)) and plan.collective_transport == "gloo"
+    infer = make_plan(SPEC, inventory(slow=gpu, fast=gpu), Workload("infer", 1, 16, dtype="bf16", new_tokens=4))
+    assert all(link.message_bytes_per_element == 2 for link in infer.links)  # decoding sends its bf16

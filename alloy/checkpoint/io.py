@@ -247,6 +247,18 @@ def read_side_files(directory: str | Path) -> dict[str, bytes]:
     return {name: (directory / name).read_bytes() for name in SIDE_FILES if (directory / name).is_file()}
 
 
+def chat_template(model) -> str | None:
+    """The model's chat template: chat_template.jinja (newer transformers) or tokenizer_config.json's."""
+    files = getattr(model, "side_files", {})
+    if files.get("chat_template.jinja"):
+        return files["chat_template.jinja"].decode()
+    raw = files.get("tokenizer_config.json")
+    template = json.loads(raw).get("chat_template") if raw else None
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template or None
+
+
 def _read_tokenizer(directory: Path, side: dict[str, bytes]):
     if "tokenizer.json" not in side:
         return None

@@ -33,7 +33,8 @@ def run(args) -> int:
     import alloy
     from alloy.cli.serve import _stages
     from alloy.infer.sampling import Sampling
-    from alloy.infer.tokenize import apply_chat_template, chat_template, eos_ids, require_tokenizer
+    from alloy.checkpoint.io import chat_template
+    from alloy.infer.tokenize import apply_chat_template, eos_ids, require_tokenizer
     from alloy.serve.engine import Engine, Request
 
     from alloy.checkpoint.hub import display_name, existing_model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
+from alloy.checkpoint.io import chat_template
 from alloy.errors import ConfigError
 
 
@@ -23,18 +24,6 @@ def require_tokenizer(model):
     if tokenizer is None:
         raise ConfigError("the model directory has no tokenizer.json; pass token ids instead of text")
     return tokenizer
-
-
-def chat_template(model) -> str | None:
-    """The model's chat template: chat_template.jinja (newer transformers) or tokenizer_config.json's."""
-    files = getattr(model, "side_files", {})
-    if files.get("chat_template.jinja"):
-        return files["chat_template.jinja"].decode()
-    raw = files.get("tokenizer_config.json")
-    template = json.loads(raw).get("chat_template") if raw else None
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    return template or None
 
 
 def apply_chat_template(model, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:

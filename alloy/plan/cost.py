@@ -21,6 +21,7 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32 each
 MASTER_WEIGHT_BYTES = 4  # fp32 master copy kept when training in a 16/8-bit dtype
 LOGITS_BYTES = 4  # logits are upcast to fp32 for the loss / sampling
+MESSAGE_BYTES = 4  # fp32: a training step's activations and gradients on the wire
 # Far above any real step (BERT was trained at 65536 samples a step) yet bounded: the search
 # loops over micro-batch counts, so `--batch-size 10**18` must be refused, not iterated.
 MAX_BATCH = 1 << 20
@@ -116,6 +117,7 @@ class ModelCosts:
     num_experts: int = 0
     experts_per_token: int = 0
     layer_moe_flops_per_token: np.ndarray | None = None  # (L,) router + k experts, forward
+    message_bytes: int = MESSAGE_BYTES  # bytes an element of an activation or gradient takes on the wire
 
     def experts_read(self, samples) -> np.ndarray | float:
         """Experts one decode step reads in a MoE layer for `samples` tokens: each token picks k of
@@ -214,6 +216,11 @@ def model_costs(spec: ModelSpec, work: Workload) -> ModelCosts:
     quant_saving = ((layer_param_count - 4 * h) * (param_state_bytes - QUANT_BYTES[work.quantize_base])
                     if lora and work.quantize_base else 0.0)
     ones = np.ones(L)
+    # What the runtime sends, as it sends it: training keeps fp32 master weights and an fp32
+    # residual stream under autocast, so activations, their gradients and the weight gradients
+    # travel in fp32 (alloy.runtime.engine); decoding sends hidden states in its activation dtype
+    # (bf16 or fp16 as asked, else fp32: int8 and block formats are weights only).
+    message_bytes = MESSAGE_BYTES if train else (b if work.dtype in ("bf16", "fp16") else MESSAGE_BYTES)
     return ModelCosts(
         num_layers=L, hidden_size=h, vocab_size=spec.vocab_size, dtype_bytes=b,
         param_state_bytes=param_state_bytes,
@@ -235,9 +242,9 @@ def model_costs(spec: ModelSpec, work: Workload) -> ModelCosts:
         head_peak_bytes_per_sample=(TRAIN_LOGITS_COPIES * S if train else 1) * spec.vocab_size * LOGITS_BYTES
         * spec.causal,
         head_decode_flops_per_sample=head_flops_per_token * (not train),
-        boundary_bytes_per_sample=S * h * b,
-        boundary_decode_bytes_per_sample=h * b * (not train),
-        total_param_bytes=(L * adapter_params if lora else spec.num_params()) * b,
+        boundary_bytes_per_sample=S * h * message_bytes,
+        boundary_decode_bytes_per_sample=h * message_bytes * (not train),
+        total_param_bytes=(L * adapter_params if lora else spec.num_params()) * message_bytes,
         layer_adapter_params=float(adapter_params),
         adapter_state_bytes=adapter_state_bytes,
         layer_quant_saving_bytes=float(quant_saving),
@@ -245,4 +252,5 @@ def model_costs(spec: ModelSpec, work: Workload) -> ModelCosts:
         expert_params=float(expert_params), router_params=float(h * spec.num_experts),
         num_experts=spec.num_experts, experts_per_token=spec.experts_per_token,
         layer_moe_flops_per_token=moe * 2.0 * (h * spec.num_experts + spec.experts_per_token * expert_params),
+        message_bytes=message_bytes,
     )

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alloy.plan.timing import Problem, decode_read_and_flops, stage_memory_bytes
+from alloy.plan.timing import Problem, decode_read_and_flops, hop_bytes_per_s, stage_memory_bytes
 
 CANDIDATES = 4  # hosts among the fastest, expert devices among the roomiest (pairs: at most 16)
 
@@ -62,9 +62,10 @@ def price(p: Problem, host: int, experts: int, start: int) -> Offload:
     read, flops = decode_read_and_flops(p, 0, L, mb)
     moved_read = moe_layers * (c.router_params + c.experts_read(mb) * c.expert_params) * c.dtype_bytes
     moved_flops = mb * moe_layers * float(np.max(c.layer_moe_flops_per_token))
-    host_token_s = max((read - moved_read) / p.memory_bandwidth_bytes_per_s[host], (flops - moved_flops) / p.flops[host])
+    host_token_s = max((read - moved_read) / p.memory_bandwidth_bytes_per_s[host],
+                       (flops - moved_flops) / p.flops[host])
     expert_token_s = max(moved_read / p.memory_bandwidth_bytes_per_s[experts], moved_flops / p.flops[experts])
-    bw, lat = p.link_bytes_per_s[host, experts], p.link_latency_s[host, experts]
+    bw, lat = hop_bytes_per_s(p, host, experts), p.link_latency_s[host, experts]
     trip_token_s = 2 * moe_layers * (lat + mb * c.boundary_decode_bytes_per_sample / bw)
     decode_s = host_token_s + expert_token_s + trip_token_s
     # prefill: every prompt token, the head on the last position only

@@ -53,6 +53,11 @@ def plan_tables(plan: Plan) -> Group:
     if predicted.prefill_s is not None:
         summary += Text(f"; prefill {predicted.prefill_s:.3g} s, {predicted.decode_token_s * 1e3:.3g} ms per token")
     summary += Text(f"\nbottleneck: {plan.bottleneck}")
+    for link in plan.links:
+        route = "through the host" if link.through_host else "host to host"
+        summary += Text(f"\nlink {link.a} <-> {link.b}: {link.transport} {route}, "
+                        f"{link.message_bytes_per_element}-byte elements, {link.bytes_per_s / 1e9:.3g} GB/s, "
+                        f"{link.latency_s * 1e6:.3g} us")
     if plan.unused_devices:
         summary += Text(f"\nunused (they would slow the step): {', '.join(plan.unused_devices)}")
     summary += Text(f"\nsearch: {plan.search.mode}, {plan.search.layouts_scored:,} layouts scored in "

@@ -63,6 +63,18 @@ class Stage(_Doc):
     experts: ExpertPlacement | None = None  # infer only: these layers' experts run elsewhere
 
 
+class LinkUse(_Doc):
+    """How the runtime moves data between two of the plan's devices, and what the plan priced."""
+
+    a: str
+    b: str
+    transport: Literal["gloo", "nccl"]
+    through_host: bool  # an accelerator end copies to or from host memory first (gloo carries host tensors)
+    message_bytes_per_element: int  # 4: training's fp32 activations and gradients; decoding's activation dtype
+    bytes_per_s: float  # effective: the host copies and the link in series
+    latency_s: float
+
+
 class ReplicaPlan(_Doc):
     index: int
     batch_share: int  # samples (train) or requests (infer) of the global batch
@@ -136,6 +148,9 @@ class Plan(_Doc):
     baselines: list[BaselinePrediction]
     search: SearchInfo
     unused_devices: list[str] = Field(default_factory=list)
+    # the pipeline hops and expert round trips, as priced; empty for plans written before (and one device)
+    links: list[LinkUse] = Field(default_factory=list)
+    collective_transport: Literal["gloo", "nccl"] | None = None  # training with several workers: gradients, scalars
     verification: Verification | None = None  # measured candidates (alloy plan --verify, alloy train)
 
     @property

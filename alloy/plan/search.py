@@ -193,7 +193,7 @@ class Search:
     def _signature(self, order):
         """Orders on identical hardware get identical answers: key the cache by what the DP reads."""
         p = self.p
-        sig = [(p.flops[d], p.memory_bytes[d], p.memory_bandwidth_bytes_per_s[d],
+        sig = [(p.flops[d], p.memory_bytes[d], p.memory_bandwidth_bytes_per_s[d], p.host_link_bytes_per_s[d],
                 id(p.measured[d]) if p.measured and p.measured[d] else None) for d in order]
         links = [(p.link_bytes_per_s[a, b], p.link_latency_s[a, b]) for a, b in zip(order, order[1:])]
         return tuple(sig), tuple(links)

@@ -35,6 +35,7 @@ class Problem:
     memory_bandwidth_bytes_per_s: np.ndarray  # (D,)
     link_bytes_per_s: np.ndarray  # (D, D)
     link_latency_s: np.ndarray  # (D, D)
+    host_link_bytes_per_s: np.ndarray  # (D,) an accelerator's host copies (inf: a CPU, or not measured)
     # prefix sums over layers, (L+1,)
     prefix_params: np.ndarray
     prefix_step_flops: np.ndarray
@@ -104,6 +105,8 @@ def build_problem(spec: ModelSpec, inventory: Inventory, work: Workload,
         memory_bytes=np.array([usable_memory_bytes(d) for d in devices], dtype=float),
         memory_bandwidth_bytes_per_s=np.array([d.memory_bandwidth_bytes_per_s for d in devices]),
         link_bytes_per_s=bw, link_latency_s=lat,
+        host_link_bytes_per_s=np.array([d.host_link_bytes_per_s if d.kind != "cpu" and d.host_link_bytes_per_s
+                                        else np.inf for d in devices]),
         prefix_params=prefix(costs.layer_params),
         prefix_step_flops=prefix(costs.layer_step_flops_per_sample),
         prefix_act_bytes=prefix(costs.layer_act_bytes_per_sample),
@@ -113,6 +116,17 @@ def build_problem(spec: ModelSpec, inventory: Inventory, work: Workload,
         max_layer_peak_bytes_per_sample=float(costs.layer_peak_bytes_per_sample.max()),
         prefix_moe_layers=prefix((costs.layer_moe_params > 0).astype(float)),
     )
+
+
+# Every message and collective the runtime sends today goes over gloo, on host tensors: an
+# accelerator's end copies to or from the host first (NCCL among GPUs is not in the runtime yet).
+TRANSPORT = "gloo"
+
+
+def hop_bytes_per_s(p: "Problem", a: int, b: int) -> float:
+    """A message's rate from device a to device b as the runtime moves it: a's host copy, the
+    link, b's host copy, in series (a CPU end has no copy)."""
+    return 1.0 / (1.0 / p.link_bytes_per_s[a, b] + 1.0 / p.host_link_bytes_per_s[a] + 1.0 / p.host_link_bytes_per_s[b])
 
 
 # AdamW in fp32 reads weight, gradient and both moments and writes weight and moments: 28 bytes
@@ -246,7 +260,7 @@ def send_s(p: Problem, src: int, dst: int | None, mb_samples: float) -> float:
     """Hidden states of one micro-batch to the next stage (and their gradient back, when training)."""
     if dst is None:
         return 0.0
-    bw, lat = p.link_bytes_per_s[src, dst], p.link_latency_s[src, dst]
+    bw, lat = hop_bytes_per_s(p, src, dst), p.link_latency_s[src, dst]
     one_way_s = mb_samples * p.costs.boundary_bytes_per_sample / bw + lat
     if p.work.task == "train":
         return 2 * one_way_s
@@ -419,7 +433,9 @@ def sync_cost(p: Problem, groups: list[tuple[int, ...]]) -> SyncCost:
         total_bytes = c.total_param_bytes
         bucket = gradient_bucket_bytes(total_bytes, overlaps_backward(groups))
         calls = math.ceil(total_bytes / bucket)
-        bucket_s = lambda n: call_s(r) + 2 * (r - 1) / r * n / bw  # noqa: E731
+        # gloo reduces host tensors: an accelerator copies each bucket out and the sum back in
+        host_s_per_byte = 2.0 / p.host_link_bytes_per_s[[d for g in groups for d in g]].min()
+        bucket_s = lambda n: call_s(r) + 2 * (r - 1) / r * n / bw + n * host_s_per_byte  # noqa: E731
         last = total_bytes - (calls - 1) * bucket
         if overlaps_backward(groups):
             return SyncCost(hidden_s=(calls - 1) * bucket_s(bucket), exposed_s=exposed_s + bucket_s(last),

@@ -44,7 +44,7 @@ class ChatFormat:
 
     @classmethod
     def for_model(cls, side_files: dict | None) -> "ChatFormat":
-        from alloy.infer.tokenize import chat_template
+        from alloy.checkpoint.io import chat_template
 
         files = dict(side_files or {})
         if chat_template(cls(files)):
@@ -61,7 +61,7 @@ class ChatFormat:
     def tokenizer_config(self) -> bytes:
         """tokenizer_config.json with the template the run trained on inlined (a chat_template.jinja,
         or ChatML), so the fused model renders prompts as its training data was rendered."""
-        from alloy.infer.tokenize import chat_template
+        from alloy.checkpoint.io import chat_template
 
         raw = self.side_files.get("tokenizer_config.json")
         config = json.loads(raw) if raw else {}
