@@ -186,7 +186,7 @@ def model_from_gguf(model, tensors: dict[str, tuple[np.ndarray, object]]):
     """A copy of the fp32 `model` with every parameter replaced by the GGUF tensor's gguf.quants decode."""
     import gguf
 
-    from alloy.fuse.gguf import tensor_names, unpermute
+    from alloy.checkpoint.gguf_names import tensor_names, unpermute
 
     spec, names = model.spec, tensor_names(model.spec)
     model = copy.deepcopy(model)

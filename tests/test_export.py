@@ -11,7 +11,7 @@ import torch
 import alloy
 from alloy.cli import main
 from alloy.errors import UnsupportedModelError
-from alloy.fuse.gguf import permute, unpermute
+from alloy.checkpoint.gguf_names import permute, unpermute
 from hf_cases import build_hf
 
 

@@ -4,9 +4,11 @@ itself reads every file to the same logits and ids (the reference for the layout
 wrongly cannot pass by being read back the same wrong way).
 
 Each family gets the kind of tokenizer it ships: Llama 3's byte-level BPE (llama-bpe), Qwen's
-(qwen2, NFC), GPT-2's, and SentencePiece-style BPE with byte fallback (Gemma without a prefix
-space, Phi-3 with one). Families whose file Alloy's reader cannot read yet are strict xfails that
-name what the reader lacks; llama.cpp still checks their files.
+(qwen2, NFC; Qwen3-MoE too), GPT-2's (OLMoE's and GPT-NeoX's are GPT-2-style), and
+SentencePiece-style BPE with byte fallback (Gemma without a prefix space, Phi-3 and Mixtral with
+one). The mixtures of experts (Mixtral as llama.cpp's "llama", Qwen3-MoE, OLMoE) and GPT-NeoX have
+more checks of their own in tests/test_gguf_moe.py. Families whose file Alloy's reader cannot read
+yet are strict xfails that name what the reader lacks; llama.cpp still checks their files.
 """
 
 from __future__ import annotations
@@ -80,6 +82,22 @@ FAMILIES = {
                                           original_max_position_embeddings=256, rope_parameters=dict(
         rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.3, 1.6, 1.9], long_factor=[2.0, 3.5, 5.0, 6.5]),
         **LLAMA2_IDS), "spm-llama", None),
+    # Mixtral: llama.cpp's "llama" with experts (the top 2 of 4, renormalised), Llama 2's vocabulary
+    "mixtral": ("mixtral", BASE | dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **LLAMA2_IDS),
+                "spm-llama", "tokenizer_config.json"),
+    # experts narrower than the dense width (expert_feed_forward_length), top 2 of 4 renormalised
+    "qwen3-moe": ("qwen3_moe", BASE | dict(num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                           norm_topk_prob=True, moe_intermediate_size=24, bos_token_id=0,
+                                           eos_token_id=2), "qwen2", "chat_template.jinja"),
+    # top 2 of 4 not renormalised, q and k normed over all heads at once
+    "olmoe": ("olmoe", BASE | dict(num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+                                   rope_theta=5000.0, bos_token_id=0, eos_token_id=0, pad_token_id=0), "gpt-2", None),
+    # Pythia's shape: parallel residual, a quarter of each head rotated; and the sequential form
+    "gpt-neox": ("gpt_neox", BASE | dict(rotary_pct=0.25, use_parallel_residual=True, bos_token_id=0, eos_token_id=0),
+                 "gpt-2", None),
+    "gpt-neox-sequential": ("gpt_neox", BASE | dict(rotary_pct=0.5, rotary_emb_base=5000.0, use_parallel_residual=False,
+                                                    layer_norm_eps=1e-6, bos_token_id=0, eos_token_id=0),
+                            "gpt-2", None),
 }
 SOFTCAPPED = {"gemma2"}
 # What alloy/checkpoint/gguf_in.py does not read yet; each xfail is strict, so it fails once the
@@ -321,8 +339,11 @@ def test_a_pre_tokenizer_llama_cpp_does_not_know_is_written_as_default_with_a_wa
 
 @pytest.mark.parametrize("case, message", [
     ("olmo2", "does not support model family 'olmo2'"),
-    ("neox-sequential-tied", "does not support model family 'gpt_neox'"),
-    ("mixtral", "does not support model family 'mixtral'"),
+    ("neox-sequential-tied", "'gptneox' architecture, which cannot express tie_embeddings=True"),
+    # llama.cpp's qwen3moe has experts on every layer; hf_cases' has a dense one (mlp_only_layers)
+    ("qwen3-moe", r"'qwen3moe' architecture, which cannot express dense_layers=\(1,\), mlp_only_layers"),
+    # llama.cpp's olmoe sizes k_norm as n_embd: no fewer key/value heads than query heads
+    ("olmoe", "'olmoe' architecture cannot express num_key_value_heads=2 with 4 query heads"),
     ("qwen2-bias-sliding", "'qwen2' architecture, which cannot express layer_types="),
     ("gemma2-softcap-sliding", r"cannot express attn_scale=0.204124 \(query_pre_attn_scalar=24\)"),
     ("llama-yarn", "cannot express rope_scaling='yarn'"),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from alloy.devices import Inventory
 from alloy.plan import Plan, Workload, make_plan
-from alloy.spec import resolve_spec
+from alloy.checkpoint import resolve_spec
 
 PACKAGE = Path(__file__).resolve().parents[1] / "alloy"
 WORKSTATION = PACKAGE.parent / "examples/clusters/workstation.json"
@@ -62,3 +62,72 @@ def test_documents_with_the_retired_tensor_parallel_field_still_load(tmp_path):
         device["tensor_parallel"] = 1
     assert Inventory.parse(doc) == inventory
     assert Inventory.parse(json.dumps(doc)) == inventory
+
+
+# ---- the README's "Where things live" table is the import rule ----------------------------------
+
+README = PACKAGE.parent / "README.md"
+SHARED = {"errors", "jsonio"}  # every package may use these
+
+
+def _rule() -> dict[str, set[str] | None]:
+    """package -> the alloy packages it may import (None: anything), from the README's table."""
+    text = README.read_text()
+    table = text[text.index("## Where things live"):].split("\n\n")[1]
+    rule = {}
+    for row in table.splitlines()[2:]:
+        folder, *_, imports = [cell.strip() for cell in row.strip("|").split("|")]
+        folder = folder.strip("`")
+        if not folder.startswith("alloy/"):
+            continue
+        allowed = None if imports == "anything" else {
+            word.split("(")[0].strip() for word in imports.split(",") if word.strip() not in ("—", "")}
+        if folder == "alloy/*.py":
+            for module in PACKAGE.glob("*.py"):
+                if module.stem not in {"__init__", "__main__"} | SHARED:
+                    rule[module.stem] = allowed
+        else:
+            rule[folder.removeprefix("alloy/").strip("/")] = allowed
+    return rule
+
+
+def _imports_of(piece: str) -> set[str]:
+    """The alloy packages a package (or top-level module) imports anywhere in its code, lazy
+    imports inside functions included."""
+    import ast
+
+    files = [PACKAGE / f"{piece}.py"] if (PACKAGE / f"{piece}.py").is_file() else (PACKAGE / piece).rglob("*.py")
+    found = set()
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module == "alloy":
+                    found |= {alias.name for alias in node.names}
+                elif node.module.startswith("alloy."):
+                    found.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("alloy.")}
+    return found - {piece}
+
+
+def test_every_package_imports_only_what_the_readme_table_allows():
+    rule = _rule()
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"} - SHARED
+    assert packages | modules == set(rule), "every package has a row in the README's table, and only those"
+    broken = {}
+    for piece, allowed in rule.items():
+        if allowed is None:
+            continue
+        extra = _imports_of(piece) - allowed - SHARED
+        if extra:
+            broken[piece] = sorted(extra)
+    assert not broken, f"imports against the README's table (alloy/<package> -> packages): {broken}"
+    assert _imports_of("errors") == set() and _imports_of("jsonio") <= {"errors"}
+
+
+def test_the_import_check_sees_lazy_imports_and_the_rule_forbids_upward_ones():
+    # infer imports the runtime's launcher only inside functions: the scan must still see it
+    assert "runtime" in _imports_of("infer")
+    rule = _rule()
+    assert "plan" not in rule["model"] and "model" not in rule["devices"] and rule["spec"] == set()

@@ -34,15 +34,15 @@ def _row(gguf: str = YES, causal: bool = True) -> dict[str, str]:
 
 MATRIX: dict[str, dict[str, str]] = {
     "llama": _row(), "mistral": _row(REFUSED), "qwen2": _row(), "qwen3": _row(), "phi3": _row(), "gemma": _row(),
-    "gemma2": _row(), "gemma3_text": _row(), "mixtral": _row(REFUSED), "qwen3_moe": _row(REFUSED),
-    "olmo2": _row(REFUSED), "olmoe": _row(REFUSED), "gpt2": _row(REFUSED), "gpt_neox": _row(REFUSED),
+    "gemma2": _row(), "gemma3_text": _row(), "mixtral": _row(), "qwen3_moe": _row(),
+    "olmo2": _row(REFUSED), "olmoe": _row(), "gpt2": _row(REFUSED), "gpt_neox": _row(),
     "bert": _row(REFUSED, causal=False),
 }
 # Why GGUF export refuses: the error must say so, or a refusal for another reason would pass.
 GGUF_REFUSALS = {
     "mistral": "cannot express layer_types=",  # llama.cpp's "llama" has no sliding window
     **{f: f"does not support model family '{f}'" for f in
-       ("mixtral", "qwen3_moe", "olmo2", "olmoe", "gpt2", "gpt_neox", "bert")},
+       ("olmo2", "gpt2", "bert")},
 }
 # family -> (hf_cases case, config changes to the form the family's published checkpoints take)
 FAMILIES: dict[str, tuple[str, dict]] = {
@@ -55,9 +55,9 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "gemma2": ("gemma2-softcap-sliding", dict(query_pre_attn_scalar=16)),  # = head_dim, as 2B and 9B
     "gemma3_text": ("gemma3", dict(query_pre_attn_scalar=16)),  # = head_dim, as 1B, 4B, 12B
     "mixtral": ("mixtral", {}),
-    "qwen3_moe": ("qwen3-moe", {}),
+    "qwen3_moe": ("qwen3-moe", dict(mlp_only_layers=[])),  # experts on every layer, as every Qwen3-MoE config
     "olmo2": ("olmo2", {}),
-    "olmoe": ("olmoe", {}),
+    "olmoe": ("olmoe", dict(num_key_value_heads=4)),  # as many key/value heads as query heads, as OLMoE-1B-7B
     "gpt2": ("gpt2", {}),
     "gpt_neox": ("neox-parallel-partial", {}),
     "bert": ("bert", {}),

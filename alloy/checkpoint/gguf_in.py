@@ -6,17 +6,18 @@ cast to the requested dtype: never the whole file in fp32 at once. The architect
 becomes a ModelSpec, knob by knob; an architecture or tensor type Alloy cannot express is
 refused by name.
 
-Layout facts, from llama.cpp's convert_hf_to_gguf.py (and transformers' GGUF loader, which
-undoes them the same way):
-- "llama" permutes the rows of q and k (weights and biases) for interleaved RoPE; undone with
-  alloy.fuse.gguf.unpermute. Every other architecture here keeps HF's rotate-half rows.
-- Gemma, Gemma 2 and Gemma 3 store norm scales as 1 + w; Alloy keeps w (norm_offset=1). Gemma 3's
-  QK-norm scales too: its converter adds 1 to every tensor named "*norm.weight".
-- GPT-2's Conv1D weights are stored transposed, as [out, in], with q|k|v fused.
-- Phi-3 keeps its fused qkv and gate|up tensors as they are.
-- A model whose head is tied to the embeddings has no `output` tensor.
-- RoPE scaling as tensors: "llama"'s rope_freqs (Llama 3.1's, as divisors) and "phi3"'s
-  rope_factors_short/long (LongRoPE) become the spec's LongRoPE knobs (_rope_factors).
+The tensors map to Alloy's parameters through alloy.checkpoint.gguf_names.gguf_rules, the
+table the exporter writes with, in llama.cpp's layout (convert_hf_to_gguf.py; transformers' GGUF
+loader undoes it the same way): "llama"'s permuted q/k rows, Gemma's 1 + w norm scales, Phi-3's,
+GPT-NeoX's and GPT-2's fused q|k|v (and Phi-3's gate|up), a tied head as no `output` tensor, and
+the experts of a mixture-of-experts layer stacked in one tensor per projection -- un-stacked here
+into Alloy's per-expert MLPs, one layer at a time, so a layer range reads only its own experts.
+RoPE scaling as tensors: "llama"'s rope_freqs (Llama 3.1's, as divisors) and "phi3"'s
+rope_factors_short/long (LongRoPE) become the spec's LongRoPE knobs (_rope_factors).
+
+Routing, as llama.cpp's graphs hard-code it (models/llama.cpp, qwen3moe.cpp, olmoe.cpp): softmax
+over all experts, top `expert_used_count`, renormalised for "llama" with experts (Mixtral) and
+"qwen3moe", not for "olmoe". Every layer of these is a mixture-of-experts layer.
 """
 
 from __future__ import annotations
@@ -30,14 +31,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from alloy.checkpoint.gguf_names import ROPE_FACTOR_TENSORS, gguf_rules
 from alloy.checkpoint.gguf_vocab import end_of_generation
-from alloy.checkpoint.keymap import IDENTITY, SPLIT_GATE_UP, SPLIT_QKV, Rule, Transform
 from alloy.errors import CheckpointError, ConfigError, UnsupportedModelError
 from alloy.spec import ModelSpec
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2")
-# GGUF architecture -> ModelSpec.family (the HF model_type) where the two names differ
-FAMILY_OF_ARCH = {"gemma3": "gemma3_text"}
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "olmoe", "gemma", "gemma2", "gemma3", "phi3", "gpt2",
+                 "gptneox")
+# GGUF architecture -> ModelSpec.family (the HF model_type) where the two names differ ("llama"
+# with experts is Mixtral's)
+FAMILY_OF_ARCH = {"gemma3": "gemma3_text", "qwen3moe": "qwen3_moe", "gptneox": "gpt_neox"}
+# Architectures whose every layer is a mixture of experts (llama.cpp refuses them without)
+MOE_ARCHITECTURES = ("qwen3moe", "olmoe")
 # Block types decoded by alloy.quant in torch: the floats ggml decodes (tests/test_quant_formats.py),
 # and for a large tensor several times as fast as gguf.quants (a Q8_0 262k-row embedding: 0.4 s,
 # not 2.6 s). Every other type goes through gguf.quants, Q4_K included (its numpy is the faster).
@@ -68,7 +73,7 @@ def _one_line(err: Exception) -> str:
 def open_gguf(path: str | Path):
     """A gguf.GGUFReader over `path` (memory-mapped), or one CheckpointError."""
     try:
-        import gguf
+        import gguf  # noqa: F401  (only to say clearly when it is missing)
     except ImportError:
         raise UnsupportedModelError("reading GGUF needs the gguf package: pip install 'alloy-lm[gguf]'") from None
     try:
@@ -177,12 +182,24 @@ def spec_from_gguf(reader, path: Path) -> ModelSpec:
                        qkv_bias=True, o_bias=True, mlp="plain", activation="gelu_tanh", mlp_bias=True)
         return ModelSpec(**fields)
 
-    fields |= dict(norm_eps=a("attention.layer_norm_rms_epsilon"), **_rope(a, head_dim, path))
+    if arch == "gptneox":  # llama.cpp's GELU is the tanh form; HF GPT-NeoX's the exact one, as here
+        import gguf
+
+        key = lambda template: meta.get(template.format(arch=arch))  # noqa: E731
+        fields |= dict(norm="layernorm", norm_eps=key(gguf.Keys.Attention.LAYERNORM_EPS), mlp="plain",
+                       activation="gelu", parallel_residual=bool(key(gguf.Keys.LLM.USE_PARALLEL_RESIDUAL)))
+    else:
+        fields["norm_eps"] = a("attention.layer_norm_rms_epsilon")
+    fields |= _rope(a, head_dim, path)
     fields |= _rope_factors(reader, a, names, fields, path)
     # Optional biases and QK-norm are told by the tensors the file holds (llama.cpp does the same).
     fields |= dict(qkv_bias="blk.0.attn_q.bias" in names or "blk.0.attn_qkv.bias" in names,
-                   o_bias="blk.0.attn_output.bias" in names, mlp_bias="blk.0.ffn_up.bias" in names,
+                   o_bias="blk.0.attn_output.bias" in names,
+                   mlp_bias="blk.0.ffn_up.bias" in names or "blk.0.ffn_up_exps.bias" in names,
                    qk_norm="blk.0.attn_q_norm.weight" in names)
+    fields |= _experts(meta, arch, fields, path)
+    if arch == "olmoe":  # its q and k norms span all heads at once (llama.cpp: [n_embd])
+        fields["qk_norm_per_head"] = False
     if arch in ("gemma", "gemma2", "gemma3"):
         fields |= dict(norm_offset=1.0, embedding_scaled=True, activation="gelu_tanh")
     if arch == "gemma2":
@@ -202,6 +219,40 @@ def spec_from_gguf(reader, path: Path) -> ModelSpec:
         window = a("attention.sliding_window", 0)
         fields |= dict(sliding_window=window, layer_types=("sliding",) * fields["num_layers"] if window else ())
     return ModelSpec(**fields)
+
+
+def _experts(meta: Metadata, arch: str, fields: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The mixture-of-experts knobs: `expert_count` experts per layer, `expert_used_count` of them
+    per token, each as wide as `expert_feed_forward_length` (qwen3moe; llama.cpp's default
+    feed_forward_length / expert_used_count) or feed_forward_length (llama, olmoe). Routing is
+    what llama.cpp's graph for the architecture hard-codes: softmax, renormalised top-k except
+    OLMoE's. A gating function or weight scale in the file that llama.cpp would apply differently
+    is refused by name."""
+    import gguf
+
+    key = lambda template, default=_MISSING: meta.get(template.format(arch=arch), default)  # noqa: E731
+    count = key(gguf.Keys.LLM.EXPERT_COUNT, _MISSING if arch in MOE_ARCHITECTURES else 0)
+    if not count:
+        return {}
+    if arch not in (*MOE_ARCHITECTURES, "llama"):
+        raise UnsupportedModelError(f"{path}: experts in GGUF architecture {arch!r} are not supported; "
+                                    f"supported: llama (Mixtral), {', '.join(MOE_ARCHITECTURES)}")
+    used = key(gguf.Keys.LLM.EXPERT_USED_COUNT)
+    gating = key(gguf.Keys.LLM.EXPERT_GATING_FUNC, int(gguf.ExpertGatingFuncType.SOFTMAX))
+    if gating != gguf.ExpertGatingFuncType.SOFTMAX:
+        raise UnsupportedModelError(f"{path}: GGUF metadata {gguf.Keys.LLM.EXPERT_GATING_FUNC.format(arch=arch)!r} "
+                                    f"is {gating}; supported: {int(gguf.ExpertGatingFuncType.SOFTMAX)} (softmax)")
+    scale = key(gguf.Keys.LLM.EXPERT_WEIGHTS_SCALE, 0.0)
+    if scale not in (0.0, 1.0):
+        raise UnsupportedModelError(f"{path}: GGUF metadata {gguf.Keys.LLM.EXPERT_WEIGHTS_SCALE.format(arch=arch)!r} "
+                                    f"is {scale}; supported: none or 1")
+    out: dict[str, Any] = dict(num_experts=count, experts_per_token=used, router_renormalize=arch != "olmoe")
+    if arch == "qwen3moe":
+        width = key(gguf.Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, 0) or fields["intermediate_size"] // max(used, 1)
+        out["expert_intermediate_size"] = width
+    if arch == "llama":
+        out["family"] = "mixtral"
+    return out
 
 
 def _gemma3(a, fields: dict[str, Any], hidden: int, heads: int, path: Path) -> dict[str, Any]:
@@ -245,14 +296,9 @@ def _rope(a, head_dim: int, path: Path) -> dict[str, Any]:
     return out
 
 
-# GGUF tensors that are RoPE scaling, not parameters -> the architecture that reads them
-ROPE_FACTOR_TENSORS = {"rope_freqs.weight": "llama", "rope_factors_long.weight": "phi3",
-                       "rope_factors_short.weight": "phi3"}
-
-
 def _rope_factors(reader, a, names: set[str], fields: dict[str, Any], path: Path) -> dict[str, Any]:
     """The RoPE factor tensors as the spec's LongRoPE knobs (the llama.cpp converter's encodings,
-    alloy.fuse.gguf.rope_factor_tensors). Each is a divisor of its inverse frequency; a linear
+    the exporter's rope_factor_tensors). Each is a divisor of its inverse frequency; a linear
     scaling type in the same file divides them all again (llama.cpp applies both), so it is
     folded into the factors.
 
@@ -315,85 +361,6 @@ def _factor_tensor(reader, name: str, fields: dict[str, Any], path: Path) -> np.
 
 
 # ---- tensors ---------------------------------------------------------------------------------
-
-def _unpermute(heads_of) -> Transform:
-    from alloy.fuse.gguf import permute, unpermute
-
-    return Transform("unpermute_rope_rows", lambda t, s: [unpermute(t[0], heads_of(s))],
-                     lambda t, s: [permute(t[0], heads_of(s))])
-
-
-UNPERMUTE_Q = _unpermute(lambda s: s.num_heads)
-UNPERMUTE_K = _unpermute(lambda s: s.num_kv_heads)
-NORM_PLUS_ONE = Transform("gemma_norm_plus_one", lambda t, s: [t[0] - 1], lambda t, s: [t[0] + 1])
-
-
-def gguf_rules(spec: ModelSpec, arch: str) -> list[Rule]:
-    """Alloy parameters <- GGUF tensors for the whole model (every layer). The llama-layout
-    names come from the exporter's table (alloy.fuse.gguf.tensor_names); the knobs it does not
-    write (biases, QK-norm, sandwich norms, Phi-3's fused tensors) are added from gguf's names."""
-    import gguf
-
-    from alloy.fuse.gguf import tensor_names
-
-    T, N = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
-    name = lambda t, i=None, part="weight": N[t].format(bid=i) + "." + part  # noqa: E731
-    if arch == "gpt2":
-        return _gpt2_rules(spec, name)
-    table = dict(tensor_names(spec))  # Alloy name -> GGUF name
-    for i in range(spec.num_layers):
-        extras = []
-        if spec.qkv_bias:
-            extras += [(T.ATTN_Q, "attn.wq", "bias"), (T.ATTN_K, "attn.wk", "bias"), (T.ATTN_V, "attn.wv", "bias")]
-        if spec.o_bias:
-            extras.append((T.ATTN_OUT, "attn.wo", "bias"))
-        if spec.mlp_bias:
-            extras += [(T.FFN_GATE, "mlp.gate", "bias"), (T.FFN_UP, "mlp.up", "bias"), (T.FFN_DOWN, "mlp.down", "bias")]
-        if spec.qk_norm:
-            extras += [(T.ATTN_Q_NORM, "attn.q_norm", "weight"), (T.ATTN_K_NORM, "attn.k_norm", "weight")]
-        if spec.norm_placement == "sandwich":
-            extras += [(T.ATTN_POST_NORM, "attn_post_norm", "weight"), (T.FFN_POST_NORM, "mlp_post_norm", "weight")]
-        for t, ours, part in extras:
-            table.setdefault(f"layers.{i}.{ours}.{part}", name(t, i, part))
-    fused = {"attn.wq", "attn.wk", "attn.wv", "mlp.gate", "mlp.up"} if arch == "phi3" else set()
-    rules = []
-    for ours, theirs in table.items():
-        module = ours.split(".", 2)[2].rsplit(".", 1)[0] if ours.startswith("layers.") else ""  # "attn.wq"
-        if module in fused:
-            continue
-        transform = IDENTITY
-        if arch == "llama" and module in ("attn.wq", "attn.wk"):  # weights and biases alike
-            transform = UNPERMUTE_Q if module == "attn.wq" else UNPERMUTE_K
-        elif spec.norm_offset and ours.endswith("norm.weight"):
-            transform = NORM_PLUS_ONE  # every Gemma norm scale, Gemma 3's QK-norm included
-        rules.append(Rule((theirs,), (ours,), transform))
-    if arch == "phi3":
-        for i in range(spec.num_layers):
-            L = f"layers.{i}."
-            rules += [Rule((name(T.ATTN_QKV, i),), tuple(f"{L}attn.w{x}.weight" for x in "qkv"), SPLIT_QKV),
-                      Rule((name(T.FFN_UP, i),), (L + "mlp.gate.weight", L + "mlp.up.weight"), SPLIT_GATE_UP)]
-    return rules
-
-
-def _gpt2_rules(spec: ModelSpec, name) -> list[Rule]:
-    import gguf
-
-    T = gguf.MODEL_TENSOR
-    rules = [Rule((name(T.TOKEN_EMBD),), ("embed.tok.weight",)), Rule((name(T.POS_EMBD),), ("embed.pos.weight",))]
-    rules += [Rule((name(T.OUTPUT_NORM, part=p),), (f"norm.{p}",)) for p in ("weight", "bias")]
-    if not spec.tie_embeddings:
-        rules.append(Rule((name(T.OUTPUT),), ("head.weight",)))
-    for i in range(spec.num_layers):
-        L = f"layers.{i}."
-        for p in ("weight", "bias"):
-            rules += [Rule((name(T.ATTN_NORM, i, p),), (f"{L}attn_norm.{p}",)),
-                      Rule((name(T.ATTN_QKV, i, p),), tuple(f"{L}attn.w{x}.{p}" for x in "qkv"), SPLIT_QKV),
-                      Rule((name(T.ATTN_OUT, i, p),), (f"{L}attn.wo.{p}",)),
-                      Rule((name(T.FFN_NORM, i, p),), (f"{L}mlp_norm.{p}",)),
-                      Rule((name(T.FFN_UP, i, p),), (f"{L}mlp.up.{p}",)),
-                      Rule((name(T.FFN_DOWN, i, p),), (f"{L}mlp.down.{p}",))]
-    return rules
-
 
 class GGUFSource:
     """The file's tensors by GGUF name, each dequantized to a torch tensor when read."""

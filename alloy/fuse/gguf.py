@@ -1,23 +1,28 @@
 """An HF directory -> one GGUF file (llama.cpp's format), via the `gguf` package's writer.
 
 Each family is written as the llama.cpp architecture its converter (convert_hf_to_gguf.py) writes
-it as -- llama (and Mistral without a window), qwen2, qwen3, gemma, gemma2, gemma3, phi3 -- and
-only where that architecture expresses every knob of the spec; any other knob value is refused by
-name, as is any other family. Streaming: the header and tensor table are written from the shapes
-alone, then the tensors one layer at a time (each read with `alloy.load(..., layers=(i, i + 1))`).
+it as -- llama (and Mistral without a window, and Mixtral), qwen2, qwen3, qwen3moe, olmoe, gemma,
+gemma2, gemma3, phi3, gptneox -- and only where that architecture expresses every knob of the
+spec; any other knob value is refused by name, as is any other family. Streaming: the header and
+tensor table are written from the shapes alone, then the tensors one layer at a time (each read
+with `alloy.load(..., layers=(i, i + 1))`).
 
-Layout facts, from llama.cpp's converter and its model code (llama-model.cpp, models/*.cpp):
-- "llama" rotates adjacent pairs (GPT-J style) while HF rotates the two halves of each head, so
-  the rows of q (per query head) and k (per key/value head), weights and biases, are permuted:
-      w.reshape(heads, 2, head_dim // 2, in).swapaxes(1, 2).reshape(w.shape)
-  and `unpermute` undoes it. The other architectures rotate halves, as HF does (NEOX).
-- Gemma architectures store every norm scale as 1 + w (Gemma 3's QK-norm too); the embedding
-  scale sqrt(hidden), GELU-tanh and the tied head are implied.
-- Phi-3 keeps q|k|v fused as attn_qkv and gate|up as ffn_up.
+The tensors are alloy.checkpoint.gguf_names.gguf_rules run backwards (each rule's `save`): the
+table the reader (alloy.checkpoint.gguf_in) reads with, so the two cannot disagree. Its docstring
+has the layouts (q/k row permutation for "llama", fused q|k|v for Phi-3 and GPT-NeoX, experts
+stacked per layer, Gemma's 1 + w norms). What the exporter adds, from llama.cpp's converter and
+model code (llama-model.cpp, models/*.cpp):
+- Gemma architectures imply the embedding scale sqrt(hidden), GELU-tanh and the tied head.
 - Llama 3.1's RoPE scaling is a tensor, rope_freqs [rope_dim / 2]: the divisor of each inverse
   frequency (LlamaModel.generate_extra_tensors). LongRoPE (Phi-3) is two, rope_factors_short and
   rope_factors_long, with `rope.scaling.attn_factor` and the original length.
-- A tied head is no `output` tensor: llama.cpp reuses `token_embd`.
+- Mixtures of experts: `expert_count` and `expert_used_count` (and for qwen3moe the experts' width,
+  `expert_feed_forward_length`). llama.cpp's graphs hard-code the routing: softmax, top-k, then
+  renormalised for "llama" (Mixtral) and "qwen3moe", not for "olmoe"; every layer has experts, as
+  wide as feed_forward_length except in qwen3moe. So Qwen3-MoE's norm_topk_prob=False or dense
+  layers (mlp_only_layers), OLMoE's norm_topk_prob=True, are refused by name.
+- GPT-NeoX: LayerNorm (`attention.layer_norm_epsilon`), `use_parallel_residual`, partial rotary as
+  `rope.dimension_count`, biases everywhere and an untied head, all of which llama.cpp requires.
 """
 
 from __future__ import annotations
@@ -35,15 +40,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from alloy.checkpoint.gguf_names import gguf_rules
 from alloy.errors import UnsupportedModelError
 from alloy.fuse.export import publish, temp_beside
 from alloy.model import Transformer
 from alloy.spec import ModelSpec, read_config
 
 # HF model_type -> the llama.cpp architecture its converter writes.
-ARCH_OF_FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
-                  "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
-# knob -> the values each architecture can hold (None: any). Anything else is refused by name.
+ARCH_OF_FAMILY = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                  "qwen3_moe": "qwen3moe", "olmoe": "olmoe", "gemma": "gemma", "gemma2": "gemma2",
+                  "gemma3_text": "gemma3", "phi3": "phi3", "gpt_neox": "gptneox"}
+# family -> knob -> the values its architecture can hold (None: any). Anything else is refused by name.
 _COMMON: dict[str, Any] = dict(
     causal=(True,), norm=("rmsnorm",), parallel_residual=(False,), final_norm=(True,), embedding_norm=(False,),
     positions=("rope",), type_vocab_size=(0,), mlp=("gated",), num_experts=(0,), qk_norm_per_head=(True,),
@@ -53,28 +60,39 @@ _PLAIN = _COMMON | dict(norm_offset=(0.0,), norm_placement=("pre",), embedding_s
                         activation=("silu",), qk_norm=(False,))
 _GEMMA = _COMMON | dict(norm_offset=(1.0,), embedding_scaled=(True,), activation=("gelu_tanh",),
                         qkv_bias=(False,), o_bias=(False,), mlp_bias=(False,))
+# every layer a mixture of experts (llama.cpp's graphs have no dense layer among them), no expert biases
+_MOE = dict(num_experts=None, dense_layers=((),), mlp_bias=(False,))
+_LLAMA = _PLAIN | dict(rope_scaling=("none", "linear", "llama3"))
+_QWEN3 = _PLAIN | dict(qk_norm=(True,), o_bias=(False,), mlp_bias=(False,))
 KNOBS: dict[str, dict[str, Any]] = {
-    "llama": _PLAIN | dict(rope_scaling=("none", "linear", "llama3")),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    # experts as wide as feed_forward_length; models/llama.cpp renormalises the top-k weights
+    "mixtral": _LLAMA | _MOE | dict(expert_intermediate_size=(0,), router_renormalize=(True,)),
     "qwen2": _PLAIN | dict(o_bias=(False,), mlp_bias=(False,)),
-    "qwen3": _PLAIN | dict(qk_norm=(True,), o_bias=(False,), mlp_bias=(False,)),
+    "qwen3": _QWEN3,
+    "qwen3_moe": _QWEN3 | _MOE | dict(router_renormalize=(True,)),  # models/qwen3moe.cpp renormalises
+    # q/k norms over all heads, [n_embd]; models/olmoe.cpp does not renormalise, adds no bias, needs `output`
+    "olmoe": _PLAIN | _MOE | dict(qk_norm=(True,), qk_norm_per_head=(False,), expert_intermediate_size=(0,),
+                                  router_renormalize=(False,), qkv_bias=(False,), o_bias=(False,),
+                                  tie_embeddings=(False,)),
     "gemma": _GEMMA | dict(norm_placement=("pre",), qk_norm=(False,), tie_embeddings=(True,)),
     # sliding layers, softcaps and the query scale: checked in _check_layout
     "gemma2": _GEMMA | dict(norm_placement=("sandwich",), qk_norm=(False,), tie_embeddings=(True,),
                             attn_softcap=None, final_softcap=None, layer_types=None),
-    "gemma3": _GEMMA | dict(norm_placement=("sandwich",), qk_norm=(True,), final_softcap=None, layer_types=None),
+    "gemma3_text": _GEMMA | dict(norm_placement=("sandwich",), qk_norm=(True,), final_softcap=None, layer_types=None),
     "phi3": _PLAIN | dict(qkv_bias=(False,), o_bias=(False,), mlp_bias=(False,), rotary_dim=None, layer_types=None,
                           rope_scaling=("none", "linear", "longrope"), rope_attention_factor=None),
+    # models/gptneox.cpp: LayerNorm, GELU, every bias and the `output` tensor required
+    "gpt_neox": _COMMON | dict(norm=("layernorm",), parallel_residual=(False, True), mlp=("plain",),
+                               activation=("gelu",), qkv_bias=(True,), o_bias=(True,), mlp_bias=(True,),
+                               tie_embeddings=(False,), rotary_dim=None, norm_offset=(0.0,), norm_placement=("pre",),
+                               embedding_scaled=(False,), qk_norm=(False,)),
 }
+# What a refused knob is called in the HF config, where that says more than the knob's name
+HF_NAMES = {"router_renormalize": "norm_topk_prob", "dense_layers": "mlp_only_layers / decoder_sparse_step",
+            "tie_embeddings": "tie_word_embeddings", "qkv_bias": "attention_bias", "o_bias": "attention_bias"}
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint8}
-
-
-def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """HF (rotate-half) rows -> llama.cpp (interleaved pairs) rows, per head."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 # ---- which architecture, and can it say this spec ------------------------------------------
@@ -86,11 +104,12 @@ def gguf_architecture(spec: ModelSpec) -> str:
     if arch is None:
         raise UnsupportedModelError(f"GGUF export does not support model family {spec.family!r}; "
                                     f"supported: {', '.join(sorted(ARCH_OF_FAMILY))}")
-    for knob, allowed in KNOBS[arch].items():
+    for knob, allowed in KNOBS[spec.family].items():
         if allowed is not None and getattr(spec, knob) not in allowed:
+            hf = f", {HF_NAMES[knob]} in config.json" if knob in HF_NAMES else ""
             raise UnsupportedModelError(
                 f"GGUF export writes {spec.family!r} as llama.cpp's '{arch}' architecture, which cannot express "
-                f"{knob}={getattr(spec, knob)!r} (it needs {' or '.join(map(repr, allowed))})")
+                f"{knob}={getattr(spec, knob)!r}{hf} (it needs {' or '.join(map(repr, allowed))})")
     _check_layout(spec, arch)
     return arch
 
@@ -99,9 +118,13 @@ def _check_layout(spec: ModelSpec, arch: str) -> None:
     def refuse(what: str):
         raise UnsupportedModelError(f"GGUF export: llama.cpp's '{arch}' architecture cannot express {what}")
 
-    if arch in ("qwen2", "phi3") and spec.head_dim * spec.num_heads != spec.hidden_size:
+    if arch in ("qwen2", "phi3", "olmoe", "gptneox") and spec.head_dim * spec.num_heads != spec.hidden_size:
         refuse(f"head_dim={spec.head_dim} with {spec.num_heads} heads in hidden_size={spec.hidden_size} "
                "(it sizes queries by hidden_size)")
+    if arch in ("olmoe", "gptneox") and spec.num_kv_heads != spec.num_heads:
+        why = "its k_norm spans n_embd" if arch == "olmoe" else "it fuses q|k|v of n_embd each"
+        refuse(f"num_key_value_heads={spec.num_kv_heads} with {spec.num_heads} query heads ({why}: as many "
+               "key/value heads as query heads)")
     implied = llama_cpp_softmax_scale(spec, arch)
     if not math.isclose(spec.softmax_scale, implied, rel_tol=1e-6):
         refuse(f"attn_scale={spec.softmax_scale:.6g} (query_pre_attn_scalar={spec.softmax_scale ** -2:.6g}); "
@@ -137,74 +160,25 @@ class Planned:
     make: Callable[[list[torch.Tensor]], torch.Tensor]
 
 
-def tensor_names(spec: ModelSpec) -> dict[str, str]:
-    """Alloy parameter name -> GGUF tensor name for the llama layout (no biases, no QK-norm):
-    the base table alloy.checkpoint.gguf_in extends for the other architectures."""
-    import gguf
-
-    T, names = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
-    out = {"embed.tok.weight": names[T.TOKEN_EMBD] + ".weight"}
-    per_layer = [("attn_norm", T.ATTN_NORM), ("attn.wq", T.ATTN_Q), ("attn.wk", T.ATTN_K), ("attn.wv", T.ATTN_V),
-                 ("attn.wo", T.ATTN_OUT), ("mlp_norm", T.FFN_NORM), ("mlp.gate", T.FFN_GATE),
-                 ("mlp.up", T.FFN_UP), ("mlp.down", T.FFN_DOWN)]
-    for i in range(spec.num_layers):
-        for ours, theirs in per_layer:
-            out[f"layers.{i}.{ours}.weight"] = names[theirs].format(bid=i) + ".weight"
-    out["norm.weight"] = names[T.OUTPUT_NORM] + ".weight"
-    if not spec.tie_embeddings:
-        out["head.weight"] = names[T.OUTPUT] + ".weight"
-    return out
-
-
 def tensor_plan(spec: ModelSpec, arch: str, params: list[str]) -> list[Planned]:
     """Every GGUF tensor of the file, in the order written: computed RoPE factors, then those made
-    from `params` (the model's parameter names, in its order). Each parameter is used exactly once."""
-    import gguf
-
-    T, N = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
-    module_tensor = {"attn_norm": T.ATTN_NORM, "attn.wq": T.ATTN_Q, "attn.wk": T.ATTN_K, "attn.wv": T.ATTN_V,
-                     "attn.wo": T.ATTN_OUT, "attn.q_norm": T.ATTN_Q_NORM, "attn.k_norm": T.ATTN_K_NORM,
-                     "attn_post_norm": T.ATTN_POST_NORM, "mlp_norm": T.FFN_NORM, "mlp.gate": T.FFN_GATE,
-                     "mlp.up": T.FFN_UP, "mlp.down": T.FFN_DOWN, "mlp_post_norm": T.FFN_POST_NORM}
-    top_tensor = {"embed.tok.weight": T.TOKEN_EMBD, "norm.weight": T.OUTPUT_NORM, "head.weight": T.OUTPUT}
-    # Phi-3: (first module of a fused tensor) -> (its GGUF tensor, the modules joined, in row order)
-    fused = {"attn.wq": (T.ATTN_QKV, ("attn.wq", "attn.wk", "attn.wv")),
-             "mlp.gate": (T.FFN_UP, ("mlp.gate", "mlp.up"))} if arch == "phi3" else {}
-    joined = {m for _, modules in fused.values() for m in modules[1:]}
-
+    from `params` (the model's parameter names, in its order), each at the place of its first
+    parameter. They are gguf_rules' tensors, made by each rule's `save` (llama's permuted q/k,
+    Gemma's 1 + w, fused q|k|v, stacked experts). Each parameter is used exactly once."""
     plan = [Planned(name, (), lambda _, t=t: t) for name, t in rope_factor_tensors(spec).items()]
+    order = {p: n for n, p in enumerate(params)}
+    rules = gguf_rules(spec, arch)
+    held = {o for rule in rules for o in rule.ours}
     for param in params:
-        if not param.startswith("layers."):
-            plan.append(Planned(N[top_tensor[param]] + "." + param.rsplit(".", 1)[1], (param,),
-                                lambda ts, p=param: _convert(p, ts[0], spec, arch)))
-            continue
-        _, layer, rest = param.split(".", 2)
-        module, part = rest.rsplit(".", 1)
-        if module in joined:
-            continue
-        if module in fused:
-            tensor, modules = fused[module]
-            ours = tuple(f"layers.{layer}.{m}.{part}" for m in modules)
-            plan.append(Planned(f"{N[tensor].format(bid=layer)}.{part}", ours, lambda ts: torch.cat(ts, dim=0)))
-        elif module in module_tensor:
-            plan.append(Planned(f"{N[module_tensor[module]].format(bid=layer)}.{part}", (param,),
-                                lambda ts, p=param: _convert(p, ts[0], spec, arch)))
-        else:
+        if param not in held:
             raise UnsupportedModelError(f"GGUF export: no '{arch}' tensor holds parameter {param!r}")
+    assert held <= order.keys(), f"GGUF rules for {arch} name parameters the model lacks: {sorted(held - order.keys())}"
+    for rule in sorted(rules, key=lambda r: min(order[o] for o in r.ours)):
+        (name,) = rule.hf
+        plan.append(Planned(name, rule.ours, lambda ts, r=rule: r.transform.save(ts, spec)[0]))
     used = [p for entry in plan for p in entry.ours]
     assert sorted(used) == sorted(params), "every parameter in exactly one GGUF tensor"
     return plan
-
-
-def _convert(name: str, tensor: torch.Tensor, spec: ModelSpec, arch: str) -> torch.Tensor:
-    """One Alloy parameter as llama.cpp stores it."""
-    if arch == "llama" and ".attn.wq." in name:
-        return permute(tensor, spec.num_heads)
-    if arch == "llama" and ".attn.wk." in name:
-        return permute(tensor, spec.num_kv_heads)
-    if spec.norm_offset and name.endswith("norm.weight"):  # Gemma: the scale itself, 1 + w
-        return tensor.float() + spec.norm_offset
-    return tensor
 
 
 def rope_factor_tensors(spec: ModelSpec) -> dict[str, torch.Tensor]:
@@ -308,7 +282,16 @@ def _write_metadata(writer, spec: ModelSpec, arch: str, directory: Path, dtype: 
     writer.add_head_count_kv(spec.num_kv_heads)
     writer.add_key_length(spec.head_dim)
     writer.add_value_length(spec.head_dim)
-    writer.add_layer_norm_rms_eps(spec.norm_eps)
+    if arch == "gptneox":  # LayerNorm, and the residual form (GPTNeoXModel.set_gguf_parameters)
+        writer.add_layer_norm_eps(spec.norm_eps)
+        writer.add_parallel_residual(spec.parallel_residual)
+    else:
+        writer.add_layer_norm_rms_eps(spec.norm_eps)
+    if spec.num_experts:  # TextModel.set_gguf_parameters; qwen3moe's experts have their own width
+        writer.add_expert_count(spec.num_experts)
+        writer.add_expert_used_count(spec.experts_per_token)
+        if arch == "qwen3moe":
+            writer.add_expert_feed_forward_length(spec.expert_intermediate_size or spec.intermediate_size)
     writer.add_rope_freq_base(spec.rope_theta)
     writer.add_rope_dimension_count(spec.rope_dim)
     if spec.rope_scaling == "linear":
@@ -434,8 +417,7 @@ def write_tokenizer(writer, spec: ModelSpec, directory: Path) -> None:
         writer.add_tokenizer_pre(pre_tokenizer_name(data, path))
         writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
     _write_special_tokens(writer, spec, data, table, path)
-    from alloy.checkpoint.io import read_side_files
-    from alloy.infer.tokenize import chat_template
+    from alloy.checkpoint.io import chat_template, read_side_files
 
     template = chat_template(SimpleNamespace(side_files=read_side_files(directory)))
     if template:
