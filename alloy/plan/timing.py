@@ -437,10 +437,11 @@ def sync_cost(p: Problem, groups: list[tuple[int, ...]]) -> SyncCost:
         host_s_per_byte = 2.0 / p.host_link_bytes_per_s[[d for g in groups for d in g]].min()
         bucket_s = lambda n: call_s(r) + 2 * (r - 1) / r * n / bw + n * host_s_per_byte  # noqa: E731
         last = total_bytes - (calls - 1) * bucket
+        full_s = (calls - 1) * bucket_s(bucket) if calls > 1 else 0.0  # never 0 x inf on an unusable link
         if overlaps_backward(groups):
-            return SyncCost(hidden_s=(calls - 1) * bucket_s(bucket), exposed_s=exposed_s + bucket_s(last),
+            return SyncCost(hidden_s=full_s, exposed_s=exposed_s + bucket_s(last),
                             first_bucket_fraction=min(1.0, bucket / total_bytes))
-        exposed_s += (calls - 1) * bucket_s(bucket) + bucket_s(last)
+        exposed_s += full_s + bucket_s(last)
     elif c.tied and len(groups[0]) > 1 and not c.lora:  # LoRA: the embeddings are frozen
         embed_bytes = c.embed_params * c.dtype_bytes
         calls = math.ceil(embed_bytes / gradient_bucket_bytes(embed_bytes, False))
