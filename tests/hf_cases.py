@@ -65,22 +65,26 @@ DECODERS = [name for name, (kind, _) in CASES.items() if kind != "bert"]
 SOFTCAPPED = {"gemma2-softcap-sliding"}
 
 
-def build_hf(name: str, seed: int = 0):
-    """A random transformers model for case `name`, in fp32 eval mode, weights perturbed so
-    every norm scale, bias and projection is non-trivial."""
+def build_hf(name: str, seed: int = 0, **changes):
+    """A random transformers model for case `name` (its config with `changes`), in fp32 eval mode,
+    weights perturbed so every norm scale, bias and projection is non-trivial."""
+    kind, kwargs = CASES[name]
+    return hf_model(kind, kwargs | changes, seed=seed, sharp_attention=name in SOFTCAPPED)
+
+
+def hf_model(kind: str, config: dict, *, seed: int = 0, sharp_attention: bool = False):
+    """A random transformers model of `kind` from `config`, weights perturbed; with
+    `sharp_attention`, q and k scaled up so the attention logits pass a softcap."""
     import transformers
 
-    kind, kwargs = CASES[name]
-    config = transformers.AutoConfig.for_model(kind, **kwargs)
+    config = transformers.AutoConfig.for_model(kind, **config)
     torch.manual_seed(seed)
-    if kind == "bert":
-        model = transformers.AutoModel.from_config(config, attn_implementation="eager")
-    else:
-        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    auto = transformers.AutoModel if kind == "bert" else transformers.AutoModelForCausalLM
+    model = auto.from_config(config, attn_implementation="eager")
     with torch.no_grad():
         for pname, p in model.named_parameters():
             p.add_(0.1 * torch.randn_like(p))
-            if name in SOFTCAPPED and any(k in pname for k in ("q_proj", "k_proj")):
+            if sharp_attention and any(k in pname for k in ("q_proj", "k_proj")):
                 p.mul_(6.0)  # large attention logits, so the softcap is active, not decorative
     return model.eval()
 

@@ -22,7 +22,7 @@ import alloy
 from alloy.cli import main
 from alloy.errors import CheckpointError, UnsupportedModelError
 from alloy.fuse.gguf import export_gguf
-from hf_cases import SMALL
+from hf_cases import SMALL, hf_model
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -42,13 +42,7 @@ TEXT = "the quick brown fox jumps over the lazy dog 1234, café"
 
 
 def build(family: str, **changes):
-    config = transformers.AutoConfig.for_model(family, **(CASES[family][0] | changes))
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return hf_model(family, CASES[family][0] | changes)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import alloy
 from alloy.cli import main
 from alloy.errors import UnsupportedModelError
 from alloy.fuse.gguf import CHKTXT, chkhsh, pre_tokenizer_name
-from hf_cases import build_hf
+from hf_cases import build_hf, hf_model
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -199,15 +199,7 @@ def save_tokenizer(directory, kind: str, template_file: str | None) -> None:
 
 def build(name: str):
     kind, kwargs, _, _ = FAMILIES[name]
-    config = transformers.AutoConfig.for_model(kind, **kwargs)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            p.add_(0.1 * torch.randn_like(p))
-            if name in SOFTCAPPED and any(k in pname for k in ("q_proj", "k_proj")):
-                p.mul_(6.0)  # attention logits past the softcap
-    return model.eval()
+    return hf_model(kind, kwargs, sharp_attention=name in SOFTCAPPED)
 
 
 @pytest.fixture(scope="module")

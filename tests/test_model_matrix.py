@@ -21,7 +21,7 @@ from alloy.errors import ConfigError, UnsupportedModelError
 from alloy.fuse.gguf import export_gguf
 from alloy.infer import generate
 from alloy.runtime.reference import reference_run
-from hf_cases import CASES, hf_output
+from hf_cases import CASES, hf_model, hf_output
 
 CAPABILITIES = ("load HF", "load GGUF", "export HF", "export GGUF", "train", "generate")
 YES, REFUSED, NA = "yes", "refused", "n/a"
@@ -82,18 +82,9 @@ def _out(model, ids):
 
 def _build(family: str):
     """hf_cases.build_hf, on the family's published form of its case."""
-    import transformers
-
     name, changes = FAMILIES[family]
     kind, kwargs = CASES[name]
-    config = transformers.AutoConfig.for_model(kind, **(kwargs | changes))
-    torch.manual_seed(0)
-    auto = transformers.AutoModel if kind == "bert" else transformers.AutoModelForCausalLM
-    model = auto.from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return hf_model(kind, kwargs | changes)
 
 
 @pytest.fixture(scope="module")
