@@ -50,7 +50,10 @@ def run_rank(job: dict) -> None:
     with slice_context(profile.cpu_slice if profile else None):
         init_gloo(timeout=timedelta(seconds=job["timeout_s"]))
         try:
-            payload = torch.load(job["payload"], weights_only=False)  # our own file, written by fit
+            # Unpickled on purpose: fit's own payload (a user's nn.Module class and callbacks, as
+            # multiprocessing's spawn pickled them before), written by this job's parent into its
+            # private mkdtemp (mode 0700) moments ago; never a file a user hands in.
+            payload = torch.load(job["payload"], weights_only=False)
             model = payload["model"]
             model.optimizer = make_optimizer(model.compiled["optimizer"], model.module.parameters(),
                                              model.compiled["lr"])

@@ -150,8 +150,9 @@ def run_rank(job: dict) -> None:
     """One rank of `generate_distributed`: a stage, or the expert rank of one; each in its device's
     CPU slice, if it is an emulated one."""
     from alloy.devices.emulate import slice_context
-    from alloy.runtime.launch import init_gloo
+    from alloy.runtime.launch import die_with_parent, init_gloo
 
+    die_with_parent()  # torchrun gone: this rank goes too (an expert rank would wait in recv for ever)
     stages = [StageSpec.from_dict(s) for s in job["stages"]]
     owners = expert_ranks(stages)
     rank = int(os.environ["RANK"])
