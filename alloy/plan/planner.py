@@ -130,7 +130,7 @@ def plan_candidates(spec: ModelSpec, inventory: Inventory, work: Workload, devic
     out, seen = [], {}
     for name, layout in named:
         plan = describe(problem, layout, result.mode, search.layouts_scored, seconds)
-        key = _layout_key(plan)
+        key = layout_key(plan)
         if plan.predicted.step_s == float("inf"):
             continue
         if dedupe and key in seen:  # one run, both names: "alloy #1 = equal shares"
@@ -171,7 +171,7 @@ def check_fits(plan: Plan, spec: ModelSpec, source: str = "plan") -> None:
                                 f"{have / 2**20:,.0f} MiB; make a new plan (alloy plan) or leave out --plan")
 
 
-def _layout_key(plan: Plan) -> tuple:
+def layout_key(plan: Plan) -> tuple:
     """What the runtime runs: each replica's devices and layers, its share and micro-batches."""
     return tuple((tuple((s.device, s.layers) for s in r.stages), r.batch_share, r.micro_batches)
                  for r in plan.replicas)
