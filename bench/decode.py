@@ -33,6 +33,7 @@ SIZES = {  # (hidden, layers, heads, ffn, vocab, new_tokens)
     "full": (768, 12, 12, 2048, 8192, 128),
 }
 PROMPT_TOKENS = 16
+PREFILL_TOKENS = 512  # the prompt of the prefill rows (llama-bench's pp512)
 QUANT_ROWS = ("q8_0", "q4_0", "q4_k")  # GGUF block formats measured (q4_1 runs too: --dtype q4_1)
 
 
@@ -105,10 +106,17 @@ def llama_gguf(size: str, dtype_name: str) -> Path:
     return out
 
 
-def measure_llama_cpp(size: str, dtype_name: str, new: int) -> dict:
+def measure_llama_cpp(size: str, dtype_name: str, new: int, prompt: int = PROMPT_TOKENS) -> dict:
     """llama-bench on the same weights, 2 threads: the prompt (16 tokens) then `new` tokens, its
-    time the sum of both, as Alloy's figure includes its prefill."""
+    time the sum of both, as Alloy's figure includes its prefill. `new` 0: the prompt alone
+    (prefill tokens/s)."""
     model = llama_gguf(size, dtype_name)
+    if new == 0:
+        proc = subprocess.run([llama_binary("llama-bench"), "-m", str(model), "-p", str(prompt), "-n", "0",
+                               "-t", "2", "-r", "1", "-o", "json"], capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"llama-bench exited with {proc.returncode}: {proc.stderr.strip()[-300:]}")
+        return {"tokens_per_s": json.loads(proc.stdout)[0]["avg_ts"]}
     proc = subprocess.run([llama_binary("llama-bench"), "-m", str(model), "-p", str(PROMPT_TOKENS), "-n", str(new),
                            "-t", "2", "-r", "1", "-o", "json"], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
@@ -142,8 +150,12 @@ def build(impl: str, size: str, dtype_name: str):
     return model, run
 
 
-def measure(impl: str, size: str, dtype_name: str, batch: int, bandwidth: float | None) -> dict:
+def measure(impl: str, size: str, dtype_name: str, batch: int, bandwidth: float | None, prefill: int = 0) -> dict:
+    """Decode tokens/s (16-token prompt + the size's new tokens), or with `prefill`, the prompt's
+    tokens/s: that many tokens in, one out."""
     if impl == "llamacpp":
+        if prefill:
+            return measure_llama_cpp(size, dtype_name, 0, prefill)
         out = measure_llama_cpp(size, dtype_name, SIZES[size][-1])
         if bandwidth:  # the file's bytes: every weight once per token, the embedding table too (an overestimate)
             out["roofline_fraction"] = out["weight_bytes"] / bandwidth / out["step_s"]
@@ -151,7 +163,13 @@ def measure(impl: str, size: str, dtype_name: str, batch: int, bandwidth: float 
     torch.set_num_threads(2)
     model, run = build(impl, size, dtype_name)
     new = SIZES[size][-1]
-    ids = torch.randint(1, SIZES[size][4], (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(1, SIZES[size][4], (batch, prefill or PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
+    if prefill:
+        with torch.inference_mode():
+            run(ids, 1)  # warm-up
+            started = time.perf_counter()
+            run(ids, 1)
+            return {"tokens_per_s": batch * prefill / (time.perf_counter() - started)}
     with torch.inference_mode():
         run(ids, 4)  # warm-up: allocator, kernels
         started = time.perf_counter()
@@ -191,6 +209,11 @@ def variants(quick: bool) -> dict[str, list[str]]:
     else:
         for dtype in LLAMA_FTYPES:
             runs[f"llamacpp-{dtype}"] = ["--impl", "llamacpp", "--dtype", dtype, *size]
+    for dtype in LLAMA_FTYPES:  # prefill: 512 tokens in (llama.cpp's pp512), against llama.cpp where it is here
+        impls = ("alloy", "llamacpp") if "llamacpp-fp32" in runs else ("alloy",)
+        for impl in impls:
+            runs[f"{impl}-{dtype}-pp{PREFILL_TOKENS}"] = ["--impl", impl, "--dtype", dtype, "--prefill",
+                                                          str(PREFILL_TOKENS), *size]
     return runs
 
 
@@ -201,7 +224,8 @@ PAIRS = [("alloy-fp32", "transformers-fp32", "tokens_per_s"), ("alloy-bf16", "tr
          ("alloy-q8_0", "alloy-fp32", "tokens_per_s"), ("alloy-q8_0", "alloy-int8", "tokens_per_s"),
          ("alloy-q4_0", "alloy-fp32", "tokens_per_s"), ("alloy-q4_k", "alloy-fp32", "tokens_per_s"),
          ("alloy-q8_0-b8", "alloy-fp32-b8", "tokens_per_s")] + [
-         (f"alloy-{d}", f"llamacpp-{d}", "tokens_per_s") for d in LLAMA_FTYPES]
+         (f"alloy-{d}", f"llamacpp-{d}", "tokens_per_s") for d in LLAMA_FTYPES] + [
+         (f"alloy-{d}-pp{PREFILL_TOKENS}", f"llamacpp-{d}-pp{PREFILL_TOKENS}", "tokens_per_s") for d in LLAMA_FTYPES]
 
 
 def headline(summary: dict, machine_flops: dict[str, float]) -> dict:
@@ -222,12 +246,15 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "int8", "q8_0", "q4_0", "q4_1", "q4_k"], default="fp32")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--prefill", type=int, default=0, metavar="TOKENS",
+                        help="measure the prompt instead: TOKENS in, one out (prefill tokens/s)")
     args = parser.parse_args()
     if args.impl == "llamacpp" and (args.dtype not in LLAMA_FTYPES or args.batch != 1):
         parser.error(f"the llama.cpp baseline runs {', '.join(LLAMA_FTYPES)} at batch 1")
     if args.impl == "transformers" and args.dtype not in ("fp32", "bf16"):
         parser.error(f"transformers has no CPU {args.dtype} path here; compare alloy-{args.dtype} with transformers-bf16")
-    result = measure(args.impl, "quick" if args.quick else "full", args.dtype, args.batch, memory_bandwidth())
+    result = measure(args.impl, "quick" if args.quick else "full", args.dtype, args.batch, memory_bandwidth(),
+                     args.prefill)
     print(json.dumps(result))
 
 

@@ -66,7 +66,7 @@ def test_quant_linear_equals_float64_on_dequantized_weights(fmt, path, rows, out
     x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 4
     bias = torch.randn(out, generator=g) if with_bias else None
     layer = QuantLinear.from_weight(w, bias, fmt, isa=path)
-    w_exact = quant.dequantize(layer.blocks, fmt)
+    w_exact = quant.dequantize(layer.gguf_blocks(), fmt)  # GGUF order, whatever layout the kernel reads
     # the C dequantizer gives ggml's floats too, bit for bit (signed zeros included)
     assert torch.equal(layer.dequantized().view(torch.int32), w_exact.view(torch.int32))
     want = x.double() @ w_exact.double().t() + (0 if bias is None else bias.double())
@@ -80,18 +80,37 @@ def test_quant_linear_equals_float64_on_dequantized_weights(fmt, path, rows, out
         assert ((got.double() - want).abs() <= _tolerance(x, w_exact, integer_dots=False)).all()
 
 
+@pytest.mark.parametrize("out", [517, 512])  # 512: the interleaved layouts where the ISA has them
 @pytest.mark.parametrize("path", PATHS)
-def test_large_layer_every_path(path):
-    # 2 threads over 517 output rows, k = 1024: the block loops at a real size, GEMV and GEMM tiles
+def test_large_layer_every_path(path, out):
+    # 2 threads over the output rows, k = 1024: the block loops at a real size, GEMV and GEMM tiles
     g = torch.Generator().manual_seed(1)
-    w, x = torch.randn(517, 1024, generator=g), torch.randn(40, 1024, generator=g)
+    w, x = torch.randn(out, 1024, generator=g), torch.randn(40, 1024, generator=g)
     for fmt in quant.FORMATS:
         layer = QuantLinear.from_weight(w, None, fmt, isa=path)
+        interleaved = kernel_quant.INTERLEAVED.get(fmt)
+        assert layer.kernel_fmt == (interleaved[0] if interleaved and path == interleaved[1] and out % 8 == 0 else fmt)
         w_exact = layer.dequantized()
         for rows in (1, 5, 40):
             want = x[:rows].double() @ w_exact.double().t()
             err = (layer(x[:rows]).double() - want).abs()
             assert (err <= _tolerance(x[:rows], w_exact, path is not None and rows <= GEMV_MAX_ROWS)).all(), fmt
+
+
+@settings(max_examples=40, deadline=None)
+@given(fmt=st.sampled_from(sorted(kernel_quant.INTERLEAVED)), groups=st.integers(1, 5), blocks=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_interleaved_layouts_hold_the_gguf_bytes(fmt, groups, blocks, seed):
+    # the kernels' interleaved copy of a weight is the same size and gives back GGUF's bytes exactly
+    name, _, rows = kernel_quant.INTERLEAVED[fmt]
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(groups * rows, quant.FORMATS[fmt].block_size * blocks, generator=g) * 3
+    raw = quant.quantize(w, fmt)
+    repack, unpack = kernel_quant.REPACK[name]
+    packed = repack(raw)
+    assert packed.shape == raw.shape and packed.dtype == torch.uint8
+    assert torch.equal(unpack(packed), raw)
+    assert torch.equal(unpack(packed[rows:]), raw[rows:])  # whole groups unpack on their own (prefill tiles)
 
 
 def _tiny_llama(hidden: int, ffn: int, heads: int, tied: bool = False) -> alloy.Transformer:

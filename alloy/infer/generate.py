@@ -15,6 +15,7 @@ from typing import Iterator, Protocol, Sequence
 import torch
 
 from alloy.errors import ConfigError
+from alloy.infer.fused import fused_decoder
 from alloy.infer.sampling import Sampler, Sampling
 from alloy.model import Transformer
 
@@ -37,11 +38,14 @@ class ModelRunner:
             raise ConfigError("generation needs a model with its embeddings and head; use a Pipeline for slices")
         self.model, self.spec = model, model.spec
         self.device = next(model.parameters()).device
+        self.fused = fused_decoder(model) if self.device.type == "cpu" else None  # decode steps in one C call
 
     def new_state(self, batch_size: int, max_len: int):
         return self.model.new_cache(batch_size, max_len)
 
     def __call__(self, ids, positions, attention_mask, state):
+        if self.fused is not None and self.fused.accepts(ids, positions, attention_mask, state):
+            return self.fused(ids, state)
         return self.model(ids, positions=positions, attention_mask=attention_mask, cache=state)
 
 

@@ -18,6 +18,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -35,10 +36,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ALLOY_CACHE_DIR") or Path.home() / ".cache" / "alloy") / "kernels"
 
 
+def _source_bytes(path: Path, seen: frozenset = frozenset()) -> bytes:
+    """The source and, in order, every local file it #includes: a change to any rebuilds."""
+    text = path.read_bytes()
+    out = [text]
+    for name in re.findall(rb'^#include "([^"]+)"', text, flags=re.M):
+        dep = path.with_name(name.decode())
+        if dep not in seen:
+            out.append(_source_bytes(dep, seen | {path}))
+    return b"".join(out)
+
+
 def _build(compiler: str, source_path: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
     """Compile `source_path` with `flags` into the cache (once per source, compiler and flags)."""
-    source = source_path.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(_source_bytes(source_path) + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source_path.stem}-{key}.so"
     if target.exists():
         return target

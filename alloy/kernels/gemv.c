@@ -10,6 +10,8 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "simd.h"
+
 static inline __m256 load_f32(const float *p) { return _mm256_loadu_ps(p); }
 static inline __m256 load_bf16(const uint16_t *p) {
     __m128i v = _mm_loadu_si128((const __m128i *)p);
@@ -25,13 +27,6 @@ static inline float scalar_bf16(const uint16_t *p) {
     return v.f;
 }
 static inline float scalar_i8(const int8_t *p) { return (float)(*p); }
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* One kernel body per weight type. Each thread streams whole weight rows, one after another:
  * measured here, that reads 1.1x (fp32) to 2x (int8) faster than interleaving 4-8 rows, which

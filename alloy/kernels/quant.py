@@ -24,7 +24,10 @@ ISA_FLAGS = {  # variant -> (compiler flags, CPU flags it needs)
                     ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")),
     "avx2": (_BASE, ("avx2", "fma", "f16c")),
 }
-FORMAT_IDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q4_k": 3}
+FORMAT_IDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q4_k": 3, "q4_0x8": 4, "q4_kx8": 5}
+# Layouts the kernels may hold instead of GGUF's (same bytes, rows interleaved): format -> (its
+# interleaved name, the ISA whose kernel reads it, rows per group).
+INTERLEAVED = {"q4_0": ("q4_0x8", "avx512_vnni", 8), "q4_k": ("q4_kx8", "avx512_vnni", 8)}
 
 
 def runnable_isas() -> list[str]:
@@ -99,3 +102,95 @@ def quantize_q4_k(rows: torch.Tensor, isa: str | None) -> torch.Tensor:
     out = torch.empty(superblocks, 144, dtype=torch.uint8)
     _lib(isa).alloy_quantize_q4_k(rows.data_ptr(), out.data_ptr(), superblocks, torch.get_num_threads())
     return out
+
+
+def repack_q4_0x8(blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF Q4_0 rows uint8 [n, k / 32 * 18] (n a multiple of 8) -> the same bytes with 8 rows
+    interleaved per block column, as quant.c's dots_q4_0x8 reads them: the 8 fp16 scales, then
+    row r's weights 0-7 | 8-15 << 4 at bytes 8r.. of a 64-byte chunk, then 16-23 | 24-31 << 4."""
+    n, row_bytes = blocks.shape
+    nb = row_bytes // 18
+    b = blocks.view(n // 8, 8, nb, 18)
+    qs = b[..., 2:]
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).view(n // 8, 8, nb, 4, 8)  # weights 0-31 in groups of 8
+    chunks = [q[..., 0, :] | (q[..., 1, :] << 4), q[..., 2, :] | (q[..., 3, :] << 4)]
+    parts = [b[..., :2], *chunks]  # [groups, 8 rows, nb, bytes] each
+    out = torch.cat([t.permute(0, 2, 1, 3).reshape(n // 8, nb, -1) for t in parts], dim=-1)
+    return out.reshape(n, row_bytes).contiguous()
+
+
+def unpack_q4_0x8(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of repack_q4_0x8: GGUF Q4_0 rows again (rows [8i, 8j) of a packed matrix)."""
+    n, row_bytes = packed.shape
+    nb = row_bytes // 18
+    p = packed.reshape(n // 8, nb, 144)
+    scales = p[..., :16].reshape(n // 8, nb, 8, 2)
+    c0, c1 = p[..., 16:80].reshape(n // 8, nb, 8, 8), p[..., 80:].reshape(n // 8, nb, 8, 8)
+    q = torch.stack([c0 & 0x0F, c0 >> 4, c1 & 0x0F, c1 >> 4], dim=-2).reshape(n // 8, nb, 8, 32)
+    qs = q[..., :16] | (q[..., 16:] << 4)
+    out = torch.cat([scales, qs], dim=-1).permute(0, 2, 1, 3)  # [groups, 8 rows, nb, 18]
+    return out.reshape(n, row_bytes).contiguous()
+
+
+def _x8_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Weights [groups, 8 rows, columns, 32] (0-15) -> [groups, columns, 128] in the x8 kernels' order."""
+    q = q.reshape(*q.shape[:3], 4, 8)
+    chunks = [q[..., 0, :] | (q[..., 1, :] << 4), q[..., 2, :] | (q[..., 3, :] << 4)]
+    return torch.cat([c.permute(0, 2, 1, 3).reshape(c.shape[0], c.shape[2], 64) for c in chunks], dim=-1)
+
+
+def _x8_weights(chunks: torch.Tensor) -> torch.Tensor:
+    """The inverse: [groups, columns, 128] -> weights [groups, 8 rows, columns, 32]."""
+    g, cols = chunks.shape[:2]
+    c0, c1 = chunks[..., :64].reshape(g, cols, 8, 8), chunks[..., 64:].reshape(g, cols, 8, 8)
+    q = torch.stack([c0 & 0x0F, c0 >> 4, c1 & 0x0F, c1 >> 4], dim=-2).reshape(g, cols, 8, 32)
+    return q.permute(0, 2, 1, 3)
+
+
+def repack_q4_kx8(blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF Q4_K rows uint8 [n, k / 256 * 144] (n a multiple of 8) -> the same bytes with 8 rows
+    interleaved per super-block column, as quant.c's dots_q4_kx8 reads them."""
+    from alloy.quant.q4_k import unpack_scales
+
+    n, row_bytes = blocks.shape
+    ns = row_bytes // 144
+    b = blocks.view(n // 8, 8, ns, 144)
+    heads = [b[..., 0:2].permute(0, 2, 1, 3).reshape(n // 8, ns, 16), b[..., 2:4].permute(0, 2, 1, 3).reshape(n // 8, ns, 16)]
+    sc, m = (t.view(n // 8, 8, ns, 8).permute(0, 2, 3, 1) for t in unpack_scales(b[..., 4:16].reshape(-1, 12)))
+    # sc, m: [groups, columns, sub-block, 8 rows] in 0-63
+    low = [(t[..., :4] & 15) | ((t[..., 4:] & 15) << 4) for t in (sc, m)]  # 4 bytes each
+    shifts = torch.arange(8, dtype=torch.int64) * 2
+    high = (((sc.long() >> 4) & 3) << shifts).sum(-1) | ((((m.long() >> 4) & 3) << (shifts + 16)).sum(-1))
+    high = high.to(torch.int32).unsqueeze(-1).contiguous().view(torch.uint8)  # little-endian, 4 bytes
+    scales = torch.cat([low[0].to(torch.uint8), low[1].to(torch.uint8), high], dim=-1).reshape(n // 8, ns, 96)
+    qs = b[..., 16:].reshape(n // 8, 8, ns, 4, 1, 32)
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=4).reshape(n // 8, 8, ns * 8, 32)  # sub-blocks in order
+    nibbles = _x8_nibbles(q).reshape(n // 8, ns, 8 * 128)
+    return torch.cat([*heads, scales, nibbles], dim=-1).reshape(n, row_bytes).contiguous()
+
+
+def unpack_q4_kx8(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of repack_q4_kx8: GGUF Q4_K rows again."""
+    from alloy.quant.q4_k import _pack_scales
+
+    n, row_bytes = packed.shape
+    ns = row_bytes // 144
+    p = packed.reshape(n // 8, ns, 1152)
+    d, dmin = (p[..., a:a + 16].reshape(n // 8, ns, 8, 2).permute(0, 2, 1, 3) for a in (0, 16))
+    scales = p[..., 32:128].reshape(n // 8, ns, 8, 12).long()  # per sub-block: sc low, m low, high
+    high = scales[..., 8:12].to(torch.uint8).contiguous().view(torch.int32).long()  # [g, ns, 8 sub, 1]
+    shifts = torch.arange(8, dtype=torch.int64) * 2
+
+    def six_bit(low_bytes, offset):
+        low = torch.cat([low_bytes & 15, low_bytes >> 4], dim=-1)  # rows 0-3, 4-7
+        return low | (((high >> (shifts + offset)) & 3) << 4)
+
+    sc, m = six_bit(scales[..., 0:4], 0), six_bit(scales[..., 4:8], 16)  # [g, ns, 8 sub, 8 rows]
+    sc, m = (t.permute(0, 3, 1, 2).reshape(-1, 8) for t in (sc, m))  # [(g, rows, ns), 8 sub]
+    packed12 = _pack_scales(sc.int(), m.int()).view(n // 8, 8, ns, 12)
+    q = _x8_weights(p[..., 128:].reshape(n // 8, ns * 8, 128)).reshape(n // 8, 8, ns, 4, 2, 32)
+    qs = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(n // 8, 8, ns, 128)
+    return torch.cat([d, dmin, packed12, qs.to(torch.uint8)], dim=-1).reshape(n, row_bytes).contiguous()
+
+
+REPACK = {"q4_0x8": (repack_q4_0x8, unpack_q4_0x8), "q4_kx8": (repack_q4_kx8, unpack_q4_kx8)}

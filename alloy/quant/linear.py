@@ -49,7 +49,6 @@ class QuantLinear(nn.Module):
         if blocks.dtype != torch.uint8 or blocks.shape[1] != in_features // spec.block_size * spec.type_size:
             raise ConfigError(f"{fmt} blocks for {in_features} inputs must be uint8 [out, "
                               f"{in_features // spec.block_size * spec.type_size}], got {blocks.dtype} {tuple(blocks.shape)}")
-        self.register_buffer("blocks", blocks.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
         self.fmt, self.in_features, self.out_features = fmt, in_features, blocks.shape[0]
         # None: the PyTorch fallback. Fixed at construction, so a test can pin every variant.
@@ -57,6 +56,14 @@ class QuantLinear(nn.Module):
         # exact: every row through the dequantized tiles in x's precision (at least fp32), never the
         # int8-activation GEMV, and differentiable in x: a frozen base that a backward passes through
         self.exact = exact
+        # The layout the GEMV reads: GGUF's, or (where this ISA has a kernel for it) the same bytes
+        # with rows interleaved — `blocks` then holds that, and tiles are unpacked before decoding.
+        self.kernel_fmt, self.group_rows = fmt, 1
+        interleaved = kernel_quant.INTERLEAVED.get(fmt)
+        if interleaved and self.isa == interleaved[1] and not exact and self.out_features % interleaved[2] == 0:
+            self.kernel_fmt, self.group_rows = interleaved[0], interleaved[2]
+            blocks = kernel_quant.REPACK[self.kernel_fmt][0](blocks.contiguous())
+        self.register_buffer("blocks", blocks.contiguous())
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, *, isa: str | None = "auto",
@@ -68,14 +75,20 @@ class QuantLinear(nn.Module):
         """The weight as fp32 [out, in]: the exact values the blocks encode."""
         return self._tile(0, self.out_features)
 
-    def _tile(self, start: int, stop: int) -> torch.Tensor:
+    def gguf_blocks(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of the weight in GGUF's layout (multiples of group_rows)."""
         rows = self.blocks[start:stop]
+        return rows if self.kernel_fmt == self.fmt else kernel_quant.REPACK[self.kernel_fmt][1](rows)
+
+    def _tile(self, start: int, stop: int) -> torch.Tensor:
+        rows = self.gguf_blocks(start, stop)
         if self.isa is None:
             return quant.dequantize(rows, self.fmt)
         return kernel_quant.dequantize(rows, self.fmt, self.in_features, self.isa)
 
     def _tile_rows(self) -> int:
-        return max(1, (EXACT_TILE_BYTES if self.exact else TILE_BYTES) // (4 * self.in_features))
+        rows = max(1, (EXACT_TILE_BYTES if self.exact else TILE_BYTES) // (4 * self.in_features))
+        return max(self.group_rows, rows // self.group_rows * self.group_rows)
 
     def _exact_tile(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of W in fp32, in the shared scratch buffer when the kernels are here."""
@@ -124,7 +137,7 @@ class QuantLinear(nn.Module):
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         x2 = x.reshape(rows, self.in_features).to(torch.float32).contiguous()
         if self.isa is not None and rows <= GEMV_MAX_ROWS:
-            y = kernel_quant.gemv(x2, self.blocks, self.fmt, self.out_features, self.bias, self.isa)
+            y = kernel_quant.gemv(x2, self.blocks, self.kernel_fmt, self.out_features, self.bias, self.isa)
         else:
             y = self.matmul(x2)
             if self.bias is not None:

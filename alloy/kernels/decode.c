@@ -1,0 +1,189 @@
+/* One decode step of a whole pre-norm transformer in one call: every layer's norms, projections,
+ * RoPE, KV-cache write, attention, MLP and residuals, then the final norm and the head.
+ *
+ * Why: once the GEMVs stream at memory speed (gemv.c, quant.c), what is left of a decode step is
+ * ~30 small PyTorch ops per layer, each a few microseconds of dispatch for a microsecond of
+ * arithmetic: measured on the 98M Llama in Q4_0 (12 layers), half the step. Here they are loops
+ * over a few thousand floats between the GEMVs. The weights stay where alloy.infer.optimize put
+ * them (DecodeLinear: fp32 / bf16 / int8 rows; QuantLinear: GGUF blocks), the KV cache is the
+ * model's own (prefill writes it with PyTorch, decode here), so the two paths interleave freely.
+ *
+ * Rows: `rows` sequences that all sit at the same position (no padding); each has its own cache
+ * row. Built per instruction set with quant.c's flags (alloy.kernels.quant).
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "gemv.c"
+#include "quant.c"
+
+enum { LIN_F32 = 100, LIN_BF16 = 101, LIN_I8 = 102 };  /* below 100: a GGUF format id (quant.c) */
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2, ACT_RELU = 3 };
+
+typedef struct {
+    const void *w;        /* [n, k]: fp32, bf16, int8 or GGUF blocks */
+    const float *scale;   /* int8: one per output row */
+    const float *bias;    /* [n] or NULL */
+    long k, n;
+    int kind;
+} Lin;
+
+typedef struct {
+    Lin qkv, o, up, down;  /* up: [gate; up] when gated */
+    /* input norms (NULL: none, OLMo 2), output norms (Gemma's sandwich, OLMo 2), q/k norms; NULL: none */
+    const float *attn_norm, *mlp_norm, *attn_post_norm, *mlp_post_norm, *q_norm, *k_norm;
+    float *k_cache, *v_cache;  /* [rows, kv_heads, max_len, head_dim] */
+    long window;               /* 0: every earlier slot */
+    int rope_row;              /* which of the step's cos/sin tables */
+} Layer;
+
+typedef struct {
+    long rows, hidden, heads, kv_heads, head_dim, rope_dim, ffn, max_len;
+    float eps, softmax_scale;
+    int gated, act, qk_norm_per_head, n_layers;
+    const Layer *layers;
+    const float *final_norm;  /* NULL: none */
+    Lin head;                 /* head.w NULL: no head (x is left normed in `out`) */
+} Model;
+
+static void linear(const Lin *l, const float *x, float *y, long rows, int threads) {
+    switch (l->kind) {
+    case LIN_F32: alloy_gemv_f32(x, l->w, l->scale, l->bias, y, rows, l->k, l->n, threads); break;
+    case LIN_BF16: alloy_gemv_bf16(x, l->w, l->scale, l->bias, y, rows, l->k, l->n, threads); break;
+    case LIN_I8: alloy_gemv_i8(x, l->w, l->scale, l->bias, y, rows, l->k, l->n, threads); break;
+    default: alloy_qgemv(l->kind, x, l->w, l->bias, y, rows, l->k, l->n, threads); break;
+    }
+}
+
+/* The leading rope_dim features of each of `heads` heads, rotated in place (half-split layout):
+ * the products then the sum, as PyTorch's x * cos + rotate_half(x) * sin rounds them. */
+static void rope(float *x, long heads, long head_dim, long rope_dim, const float *cos, const float *sin) {
+    const long half = rope_dim / 2;
+    for (long h = 0; h < heads; h++) {
+        float *v = x + h * head_dim;
+        for (long i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cos[i] + (-b) * sin[i];
+            v[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+    }
+}
+
+static inline float dot(const float *a, const float *b, long n) {
+    __m256 acc = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* Single-query attention of every (row, head) over cache slots [lo, pos]; out [rows, heads * hd]. */
+static void attention(const Model *m, const Layer *l, const float *qkv, long qkv_n, float *out, long pos,
+                      float *scores, int threads) {
+    const long hd = m->head_dim, group = m->heads / m->kv_heads, lo = l->window ? (pos - l->window + 1 > 0 ? pos - l->window + 1 : 0) : 0;
+    const long span = pos + 1 - lo;
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")
+    for (long rh = 0; rh < m->rows * m->heads; rh++) {
+        const long r = rh / m->heads, h = rh % m->heads, g = h / group;
+        const float *q = qkv + r * qkv_n + h * hd;
+        const float *kc = l->k_cache + ((r * m->kv_heads + g) * m->max_len) * hd;
+        const float *vc = l->v_cache + ((r * m->kv_heads + g) * m->max_len) * hd;
+        float *s = scores + rh * span, *o = out + r * m->heads * hd + h * hd;
+        float top = -INFINITY;
+        for (long t = 0; t < span; t++) {
+            s[t] = dot(q, kc + (lo + t) * hd, hd) * m->softmax_scale;
+            top = s[t] > top ? s[t] : top;
+        }
+        float total = 0.0f;
+        for (long t = 0; t < span; t++) {
+            s[t] = expf(s[t] - top);
+            total += s[t];
+        }
+        for (long i = 0; i < hd; i++) o[i] = 0.0f;
+        for (long t = 0; t < span; t++) {
+            const float p = s[t] / total;
+            const float *v = vc + (lo + t) * hd;
+            long i = 0;
+            const __m256 pv = _mm256_set1_ps(p);
+            for (; i + 8 <= hd; i += 8)
+                _mm256_storeu_ps(o + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(o + i)));
+            for (; i < hd; i++) o[i] += p * v[i];
+        }
+    }
+}
+
+static inline float activate(float x, int act) {
+    switch (act) {
+    case ACT_SILU: return x / (1.0f + expf(-x));
+    case ACT_GELU_TANH: return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    case ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+    default: return x > 0.0f ? x : 0.0f;
+    }
+}
+
+static void norm_or_copy(const float *x, const float *w, float *y, long rows, long n, float eps) {
+    if (w)
+        alloy_rms_norm(x, w, y, rows, n, eps);
+    else
+        memcpy(y, x, sizeof(float) * rows * n);
+}
+
+static void add_into(float *x, const float *y, long n) {
+    for (long i = 0; i < n; i++) x[i] += y[i];
+}
+
+/* x [rows, hidden]: the embedded tokens at slot `pos` in, the last hidden state out (normed when
+ * the model has a final norm); logits [rows, vocab] when the model has a head. rope: per table
+ * row, cos then sin, each [rope_dim] (the same floats PyTorch's tables hold for this position). */
+void alloy_decode_step(const Model *m, float *x, float *logits, long pos, const float *rope_tables, int threads) {
+    const long R = m->rows, H = m->hidden, hd = m->head_dim, nq = m->heads * hd, nkv = m->kv_heads * hd;
+    const long qkv_n = nq + 2 * nkv, ffn = m->ffn, up_n = m->gated ? 2 * ffn : ffn;
+    float *xn = malloc(sizeof(float) * R * H), *qkv = malloc(sizeof(float) * R * qkv_n);
+    float *att = malloc(sizeof(float) * R * nq), *out = malloc(sizeof(float) * R * H);
+    float *up = malloc(sizeof(float) * R * up_n), *hid = malloc(sizeof(float) * R * ffn);
+    float *scores = malloc(sizeof(float) * R * m->heads * (pos + 1));
+    for (int li = 0; li < m->n_layers; li++) {
+        const Layer *l = m->layers + li;
+        const float *cos = rope_tables + 2 * l->rope_row * m->rope_dim, *sin = cos + m->rope_dim;
+        norm_or_copy(x, l->attn_norm, xn, R, H, m->eps);
+        linear(&l->qkv, xn, qkv, R, threads);
+        for (long r = 0; r < R; r++) {
+            float *q = qkv + r * qkv_n, *k = q + nq, *v = k + nkv;
+            if (l->q_norm) {
+                const int per_head = m->qk_norm_per_head;
+                alloy_rms_norm(q, l->q_norm, q, per_head ? m->heads : 1, per_head ? hd : nq, m->eps);
+                alloy_rms_norm(k, l->k_norm, k, per_head ? m->kv_heads : 1, per_head ? hd : nkv, m->eps);
+            }
+            if (m->rope_dim) {
+                rope(q, m->heads, hd, m->rope_dim, cos, sin);
+                rope(k, m->kv_heads, hd, m->rope_dim, cos, sin);
+            }
+            for (long g = 0; g < m->kv_heads; g++) {
+                const long slot = ((r * m->kv_heads + g) * m->max_len + pos) * hd;
+                memcpy(l->k_cache + slot, k + g * hd, sizeof(float) * hd);
+                memcpy(l->v_cache + slot, v + g * hd, sizeof(float) * hd);
+            }
+        }
+        attention(m, l, qkv, qkv_n, att, pos, scores, threads);
+        linear(&l->o, att, out, R, threads);
+        if (l->attn_post_norm) alloy_rms_norm(out, l->attn_post_norm, out, R, H, m->eps);
+        add_into(x, out, R * H);
+        norm_or_copy(x, l->mlp_norm, xn, R, H, m->eps);
+        linear(&l->up, xn, up, R, threads);
+        for (long r = 0; r < R; r++) {
+            const float *a = up + r * up_n, *b = a + ffn;
+            float *h = hid + r * ffn;
+            if (m->gated)
+                for (long i = 0; i < ffn; i++) h[i] = activate(a[i], m->act) * b[i];
+            else
+                for (long i = 0; i < ffn; i++) h[i] = activate(a[i], m->act);
+        }
+        linear(&l->down, hid, out, R, threads);
+        if (l->mlp_post_norm) alloy_rms_norm(out, l->mlp_post_norm, out, R, H, m->eps);
+        add_into(x, out, R * H);
+    }
+    if (m->final_norm) alloy_rms_norm(x, m->final_norm, x, R, H, m->eps);
+    if (m->head.w) linear(&m->head, x, logits, R, threads);
+    free(xn), free(qkv), free(att), free(out), free(up), free(hid), free(scores);
+}

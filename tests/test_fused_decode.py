@@ -1,0 +1,139 @@
+"""The fused decode step (alloy/kernels/decode.c via alloy.infer.fused) against the model's own forward.
+
+Same prepared model, same KV cache contents, same token: the one-call step must give the logits
+PyTorch's ops give, for every weight storage and every block format, across the architectures it
+takes (GQA, biases, sliding windows, per-head and whole q/k norms, partial rotary, Gemma's sandwich
+norms, local RoPE tables and soft-capped logits), for one row and several; and it must decline what
+it does not take, leaving the forward to run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_cases import build_hf
+
+import alloy
+from alloy.infer import generate
+from alloy.infer.fused import FusedDecoder, NotFusable, fused_decoder
+from alloy.infer.generate import ModelRunner
+from alloy.infer.optimize import prepare
+from alloy.kernels import quant as kernel_quant
+from alloy.model import Transformer
+from alloy.spec import ModelSpec
+
+pytestmark = pytest.mark.skipif(kernel_quant.best_isa() is None, reason="no compiled kernels on this CPU")
+
+# Widths that every block format takes (64 = 2 Q8_0/Q4 blocks); Q4_K's 256 needs its own size.
+WIDE = dict(hidden_size=64, intermediate_size=128)
+ARCHITECTURES = ["llama-gqa", "llama-tied-bias", "qwen2-bias-sliding", "qwen3-qknorm", "phi3-fused-partial",
+                 "gemma3", "olmo2", "mistral-sliding"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache = {}
+
+    def get(name, **changes):
+        key = (name, tuple(sorted(changes.items())))
+        if key not in cache:
+            directory = tmp_path_factory.mktemp(name)
+            build_hf(name, **changes).save_pretrained(directory)
+            cache[key] = directory
+        return cache[key]
+
+    return get
+
+
+def _steps_agree(model, rows: int, steps: int = 6, prompt: int = 7, rtol: float = 1e-4):
+    """Prefill `rows` prompts with the forward into two caches, then decode `steps` tokens with the
+    forward on one and the fused step on the other; the largest relative logit difference (the
+    caches' keys and values must agree to `rtol` of their largest)."""
+    fused = FusedDecoder.build(model)
+    g = torch.Generator().manual_seed(rows)
+    ids = torch.randint(1, model.spec.vocab_size, (rows, prompt), generator=g)
+    own, mine = model.new_cache(rows, prompt + steps), model.new_cache(rows, prompt + steps)
+    worst = 0.0
+    with torch.inference_mode():
+        model(ids, cache=own)
+        model(ids, cache=mine)
+        token = torch.randint(1, model.spec.vocab_size, (rows, 1), generator=g)
+        for _ in range(steps):
+            assert fused.accepts(token, None, None, mine)
+            want, got = model(token, cache=own), fused(token, mine)
+            assert got.shape == want.shape and mine.length == own.length
+            worst = max(worst, float((want - got).abs().max() / want.abs().max()))
+            token = want[:, -1].argmax(-1, keepdim=True)
+        for i in own.k:  # the caches hold the same keys and values, written by different code
+            for a, b in ((own.k[i], mine.k[i]), (own.v[i], mine.v[i])):
+                assert float((a - b).abs().max()) <= rtol * float(a.abs().max())
+    return worst
+
+
+# fp32 arithmetic on the same weights in both paths; they differ in summation order (attention, the
+# norms) and in exp/tanh's last bits: 1e-7 relative seen, 1e-4 allowed (depth, cancellation).
+# The block formats round each activation to 8 bits per 32 before their integer dots (both paths
+# do), so a few-ulp difference upstream can flip one rounding: that product moves by up to
+# max|x| / 254 |w|, ~1 % of an output (seen here on Phi-3 in Q8_0) — 2e-2 relative there. What the fused
+# step adds is the same for every weight kind (the C between the GEMVs), and the fp32 kinds check
+# it tightly; the block formats' own GEMVs are checked against float64 in test_quant_kernels.
+TOLERANCE = {"fp32": 1e-4, "bf16": 1e-4, "int8": 1e-4, "q8_0": 2e-2, "q4_0": 2e-2, "q4_1": 2e-2, "q4_k": 2e-2}
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("storage", ["fp32", "bf16", "int8", "q8_0", "q4_0", "q4_1"])
+def test_fused_step_equals_the_forward(name, storage, built):
+    model = prepare(alloy.load(built(name, **WIDE)), storage)
+    for rows in (1, 3):
+        assert _steps_agree(model, rows, rtol=TOLERANCE[storage]) < TOLERANCE[storage]
+
+
+def test_fused_step_on_q4_k():
+    spec = ModelSpec(family="llama", vocab_size=300, hidden_size=256, num_layers=2, num_heads=4,
+                           num_kv_heads=2, head_dim=64, intermediate_size=512, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Transformer(spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model = prepare(model, "q4_k")
+    assert _steps_agree(model, rows=1, rtol=TOLERANCE["q4_k"]) < TOLERANCE["q4_k"]
+
+
+def test_generation_takes_the_fused_step_and_gives_the_forwards_tokens(built, monkeypatch):
+    # fp32 weights: the two paths' logits agree to ~1e-7, far inside this model's top-2 margins
+    model = prepare(alloy.load(built("llama-gqa", **WIDE)), "fp32")
+    calls = []
+    original = FusedDecoder.__call__
+
+    def counting(self, ids, cache):
+        calls.append(tuple(ids.shape))
+        return original(self, ids, cache)
+
+    monkeypatch.setattr(FusedDecoder, "__call__", counting)
+    prompts = [[5, 9, 2, 7], [1, 3, 3, 8]]
+    got = [g.tokens for g in generate(model, prompts, max_new_tokens=12, eos_ids=())]
+    assert calls == [(2, 1)] * 11  # every decode step after the prefill
+    plain = ModelRunner(model)
+    plain.fused = None
+    assert [g.tokens for g in generate(plain, prompts, max_new_tokens=12, eos_ids=())] == got
+
+
+def test_what_the_fused_step_declines(built):
+    model = prepare(alloy.load(built("llama-gqa", **WIDE)), "q8_0")
+    fused = FusedDecoder.build(model)
+    cache = model.new_cache(2, 16)
+    token = torch.ones(2, 1, dtype=torch.long)
+    assert fused.accepts(token, None, None, cache)
+    assert not fused.accepts(torch.ones(2, 3, dtype=torch.long), None, None, cache)  # a prefill
+    assert not fused.accepts(token, None, torch.ones(2, 1), cache)  # padded rows
+    assert not fused.accepts(token, torch.zeros(2, 1, dtype=torch.long), None, cache)  # own positions
+    assert not fused.accepts(token, None, None, model.new_cache(2, 16, slots=True))  # a serving slot cache
+    assert not fused.accepts(torch.ones(3, 1, dtype=torch.long), None, None, cache)  # rows the cache lacks
+    cache.length = 16
+    assert not fused.accepts(token, None, None, cache)  # a full cache: the forward says so
+    # whole models it does not take: their own forward decodes
+    assert fused_decoder(alloy.load(built("llama-gqa", **WIDE))) is None  # not prepared
+    for name in ("mixtral", "gpt2", "gemma2-softcap-sliding", "neox-parallel-partial"):
+        with pytest.raises(NotFusable):
+            FusedDecoder.build(prepare(alloy.load(built(name)), "fp32"))
