@@ -9,8 +9,10 @@ Alloy's bf16 and int8 are weight-only (fp32 arithmetic on CPU); transformers' bf
 model in bf16. Alloy's q8_0 / q4_0 / q4_k keep the weights as GGUF blocks (head in q8_0) and
 run int8-activation dot products on them (alloy.quant). llama.cpp's own tools, llama-bench and
 llama-quantize (found beside $LLAMA_BENCH or on PATH; left out where absent), run the same spec and weights from Alloy's own GGUF export,
-quantized by llama.cpp's own quantizer (Q8_0, Q4_0, Q4_K_M), at batch 1 with 2 threads: each dtype
-against its llama.cpp counterpart. Every variant is its own process (a crash is a crash).
+quantized by llama.cpp's own quantizer (Q8_0, Q4_0, Q4_K_M), with 2 threads: each dtype against its
+llama.cpp counterpart at batch 1, at batch 8 (llama-batched-bench, where built) and for a 512-token
+prompt (`-pp512` rows: prefill tokens/s, llama-bench's pp512). Every variant is its own process (a
+crash is a crash).
 Run one measurement: python -m bench.decode --impl alloy --dtype int8 [--batch 8] [--quick]
 """
 
@@ -106,11 +108,19 @@ def llama_gguf(size: str, dtype_name: str) -> Path:
     return out
 
 
-def measure_llama_cpp(size: str, dtype_name: str, new: int, prompt: int = PROMPT_TOKENS) -> dict:
+def measure_llama_cpp(size: str, dtype_name: str, new: int, prompt: int = PROMPT_TOKENS, batch: int = 1) -> dict:
     """llama-bench on the same weights, 2 threads: the prompt (16 tokens) then `new` tokens, its
     time the sum of both, as Alloy's figure includes its prefill. `new` 0: the prompt alone
-    (prefill tokens/s)."""
+    (prefill tokens/s). `batch` > 1: that many sequences at once (llama-batched-bench)."""
     model = llama_gguf(size, dtype_name)
+    if batch > 1:  # llama-batched-bench: `batch` sequences decoding together, the time of prompt + tokens
+        proc = subprocess.run([llama_binary("llama-batched-bench"), "-m", str(model), "-c", "2048", "-b", "2048",
+                               "-ub", "512", "-npp", str(prompt), "-ntg", str(new), "-npl", str(batch), "-t", "2",
+                               "--output-format", "jsonl"], capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"llama-batched-bench exited with {proc.returncode}: {proc.stderr.strip()[-300:]}")
+        row = next(json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
+        return {"tokens_per_s": batch * new / row["t"], "decode_only_tokens_per_s": row["speed_tg"]}
     if new == 0:
         proc = subprocess.run([llama_binary("llama-bench"), "-m", str(model), "-p", str(prompt), "-n", "0",
                                "-t", "2", "-r", "1", "-o", "json"], capture_output=True, text=True, timeout=600)
@@ -156,6 +166,8 @@ def measure(impl: str, size: str, dtype_name: str, batch: int, bandwidth: float 
     if impl == "llamacpp":
         if prefill:
             return measure_llama_cpp(size, dtype_name, 0, prefill)
+        if batch > 1:
+            return measure_llama_cpp(size, dtype_name, SIZES[size][-1], batch=batch)
         out = measure_llama_cpp(size, dtype_name, SIZES[size][-1])
         if bandwidth:  # the file's bytes: every weight once per token, the embedding table too (an overestimate)
             out["roofline_fraction"] = out["weight_bytes"] / bandwidth / out["step_s"]
@@ -202,13 +214,17 @@ def variants(quick: bool) -> dict[str, list[str]]:
     for dtype in ("fp32", "bf16"):
         for impl in ("alloy", "transformers"):
             runs[f"{impl}-{dtype}-b8"] = ["--impl", impl, "--dtype", dtype, "--batch", "8", *size]
-    runs["alloy-q8_0-b8"] = ["--impl", "alloy", "--dtype", "q8_0", "--batch", "8", *size]
+    for dtype in QUANT_ROWS:
+        runs[f"alloy-{dtype}-b8"] = ["--impl", "alloy", "--dtype", dtype, "--batch", "8", *size]
     if not (llama_binary("llama-bench") and llama_binary("llama-quantize")):
         print("  (decode: llama.cpp baseline left out: no llama-bench / llama-quantize on PATH or beside "
               "$LLAMA_BENCH; build llama.cpp, GGML_NATIVE=OFF on a VM)", file=sys.stderr)
     else:
         for dtype in LLAMA_FTYPES:
             runs[f"llamacpp-{dtype}"] = ["--impl", "llamacpp", "--dtype", dtype, *size]
+    if "llamacpp-fp32" in runs and llama_binary("llama-batched-bench"):  # 8 sequences at once
+        for dtype in LLAMA_FTYPES:
+            runs[f"llamacpp-{dtype}-b8"] = ["--impl", "llamacpp", "--dtype", dtype, "--batch", "8", *size]
     for dtype in LLAMA_FTYPES:  # prefill: 512 tokens in (llama.cpp's pp512), against llama.cpp where it is here
         impls = ("alloy", "llamacpp") if "llamacpp-fp32" in runs else ("alloy",)
         for impl in impls:
@@ -225,7 +241,8 @@ PAIRS = [("alloy-fp32", "transformers-fp32", "tokens_per_s"), ("alloy-bf16", "tr
          ("alloy-q4_0", "alloy-fp32", "tokens_per_s"), ("alloy-q4_k", "alloy-fp32", "tokens_per_s"),
          ("alloy-q8_0-b8", "alloy-fp32-b8", "tokens_per_s")] + [
          (f"alloy-{d}", f"llamacpp-{d}", "tokens_per_s") for d in LLAMA_FTYPES] + [
-         (f"alloy-{d}-pp{PREFILL_TOKENS}", f"llamacpp-{d}-pp{PREFILL_TOKENS}", "tokens_per_s") for d in LLAMA_FTYPES]
+         (f"alloy-{d}-pp{PREFILL_TOKENS}", f"llamacpp-{d}-pp{PREFILL_TOKENS}", "tokens_per_s") for d in LLAMA_FTYPES] + [
+         (f"alloy-{d}-b8", f"llamacpp-{d}-b8", "tokens_per_s") for d in LLAMA_FTYPES]
 
 
 def headline(summary: dict, machine_flops: dict[str, float]) -> dict:
@@ -249,8 +266,8 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=0, metavar="TOKENS",
                         help="measure the prompt instead: TOKENS in, one out (prefill tokens/s)")
     args = parser.parse_args()
-    if args.impl == "llamacpp" and (args.dtype not in LLAMA_FTYPES or args.batch != 1):
-        parser.error(f"the llama.cpp baseline runs {', '.join(LLAMA_FTYPES)} at batch 1")
+    if args.impl == "llamacpp" and args.dtype not in LLAMA_FTYPES:
+        parser.error(f"the llama.cpp baseline runs {', '.join(LLAMA_FTYPES)}")
     if args.impl == "transformers" and args.dtype not in ("fp32", "bf16"):
         parser.error(f"transformers has no CPU {args.dtype} path here; compare alloy-{args.dtype} with transformers-bf16")
     result = measure(args.impl, "quick" if args.quick else "full", args.dtype, args.batch, memory_bandwidth(),

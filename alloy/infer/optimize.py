@@ -180,9 +180,11 @@ def _prepare_quantized(model: nn.Module, fmt: str) -> nn.Module:
         # The token table in the head's format; a tied head reads the same blocks (one copy).
         dim = embed.tok.weight.shape[1]
         blocks = quantize(embed.tok.weight, HEAD_FORMAT)
-        embed.tok = QuantEmbedding(blocks, HEAD_FORMAT, dim)
         if getattr(model, "has_head", False) and not hasattr(model, "head"):
-            model.head = QuantLinear(blocks, HEAD_FORMAT, dim)
+            model.head = QuantLinear(blocks, HEAD_FORMAT, dim)  # (its kernel's layout: the lookup reads that)
+            embed.tok = QuantEmbedding(model.head.blocks, HEAD_FORMAT, dim, layout=model.head.kernel_fmt)
+        else:
+            embed.tok = QuantEmbedding(blocks, HEAD_FORMAT, dim)
     model.to(torch.float32)  # what is left: norms, position embeddings, biases (the blocks are uint8)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

@@ -19,9 +19,9 @@
 
 #include "simd.h"
 
-enum { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q4_K = 3, Q4_0X8 = 4, Q4_KX8 = 5 };
-static const long BLOCK_WEIGHTS[] = {32, 32, 32, 256, 32, 256};
-static const long BLOCK_BYTES[] = {34, 18, 20, 144, 18, 144};
+enum { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q4_K = 3, Q4_0X8 = 4, Q4_KX8 = 5, Q8_0X8 = 6 };
+static const long BLOCK_WEIGHTS[] = {32, 32, 32, 256, 32, 256, 32};
+static const long BLOCK_BYTES[] = {34, 18, 20, 144, 18, 144, 34};
 
 static inline float fp16(const uint8_t *p) {
     uint16_t h;
@@ -91,6 +91,7 @@ static inline __m256i load_act(const Act a, long b) { return _mm256_loadu_si256(
  * a block's weights are loaded and unpacked once for all R rows. Q4_1 and Q4_K mins, which do
  * not depend on the nibbles, are summed apart in fp32 through the activation's block sums. */
 #define MAX_R 4
+#define X8_MAX_R 8  /* the interleaved kernels take up to 8 activation rows per pass */
 #define KERNEL static inline __attribute__((always_inline)) void
 
 /* One row (R = 1) is one chain of dependent FMAs: taking blocks in pairs overlaps two chains
@@ -271,6 +272,24 @@ KERNEL dots_q4_0x8(const uint8_t *w, const Act *a, long blocks, const int R, __m
     }
 }
 
+/* Q8_0 with 8 rows interleaved (repack_q8_0x8; same bytes): per block column the 8 scales, then
+ * four 64-byte chunks, chunk j holding row r's weights 8j..8j+7 at bytes [8r, 8r + 8), each stored
+ * as w + 128 (unsigned, for vpdpbusd; AVX-512 has no vpsignb for the AVX2 kernel's sign trick):
+ * the dot is then sum (w + 128) x - 128 sum x, the activation's block sum known. */
+KERNEL dots_q8_0x8(const uint8_t *w, const Act *a, long blocks, const int R, __m256 *acc) {
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (long b = 0; b < blocks; b++, w += 272) {
+        for (int line = 0; line < 272; line += 64) prefetch_ahead(w + line);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w));
+        const __m512i q[4] = {_mm512_loadu_si512((const void *)(w + 16)), _mm512_loadu_si512((const void *)(w + 80)),
+                              _mm512_loadu_si512((const void *)(w + 144)), _mm512_loadu_si512((const void *)(w + 208))};
+        for (int r = 0; r < R; r++) {
+            const __m256i exact = _mm256_sub_epi32(rows_dot_x8(q, a[r].q + 32 * b), _mm256_set1_epi32(128 * a[r].sum[b]));
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(a[r].d[b])), _mm256_cvtepi32_ps(exact), acc[r]);
+        }
+    }
+}
+
 /* Q4_K with 8 rows interleaved (alloy.kernels.quant.repack_q4_kx8; same bytes): per super-block
  * column the 8 rows' d, then dmin (fp16), then per sub-block 12 bytes of the 8 rows' 6-bit scales
  * and mins (low nibbles of scales, of mins: byte i = row i | row i + 4 << 4; then the high 2 bits,
@@ -279,7 +298,7 @@ KERNEL dots_q4_kx8(const uint8_t *w, const Act *a, long blocks, const int R, __m
     const __m256i nibble_shift = _mm256_setr_epi32(0, 8, 16, 24, 4, 12, 20, 28);
     const __m256i high_shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), fifteen = _mm256_set1_epi32(15);
     const __m256i three = _mm256_set1_epi32(3), sixteen = _mm256_set1_epi32(16);
-    __m256 mins[MAX_R];
+    __m256 mins[X8_MAX_R];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), mins[r] = _mm256_setzero_ps();
     for (long s = 0; s < blocks / 8; s++, w += 1152) {
         prefetch_ahead(w);
@@ -317,6 +336,8 @@ KERNEL dots_q4_kx8(const uint8_t *w, const Act *a, long blocks, const int R, __m
 KERNEL dots_x8(int fmt, const uint8_t *w, const Act *a, long blocks, const int R, __m256 *acc) {
     if (fmt == Q4_0X8)
         dots_q4_0x8(w, a, blocks, R, acc);
+    else if (fmt == Q8_0X8)
+        dots_q8_0x8(w, a, blocks, R, acc);
     else
         dots_q4_kx8(w, a, blocks, R, acc);
 }
@@ -324,17 +345,20 @@ KERNEL dots_x8(int fmt, const uint8_t *w, const Act *a, long blocks, const int R
 /* The interleaved formats: output rows in groups of 8, each group one stream of blocks. */
 static void qgemv_x8(int fmt, const Act act, const uint8_t *w, const float *bias, float *y, long rows, long k,
                      long n, int threads) {
-    const long blocks32 = k / 32, group_bytes = 8 * (k / BLOCK_WEIGHTS[fmt]) * BLOCK_BYTES[fmt], rows4 = rows & ~3L;
+    const long blocks32 = k / 32, group_bytes = 8 * (k / BLOCK_WEIGHTS[fmt]) * BLOCK_BYTES[fmt];
     _Pragma("omp parallel for schedule(static) num_threads(threads)")
     for (long g = 0; g < n / 8; g++) {
         const uint8_t *wg = w + g * group_bytes;
-        __m256 acc[MAX_R];
-        for (long r0 = 0; r0 < rows; r0 += (r0 < rows4 ? 4 : 1)) {
-            Act ar[MAX_R];
-            const int R = r0 < rows4 ? 4 : 1;
+        __m256 acc[X8_MAX_R];
+        for (long r0 = 0; r0 < rows;) {
+            /* up to 8 activation rows per pass: a group's blocks are unpacked once for all of them */
+            const int R = rows - r0 >= 8 ? 8 : rows - r0 >= 4 ? 4 : 1;
+            Act ar[X8_MAX_R];
             for (int r = 0; r < R; r++)
                 ar[r] = (Act){act.d + (r0 + r) * blocks32, act.sum + (r0 + r) * blocks32, act.q + (r0 + r) * k};
-            if (R == 4)
+            if (R == 8)
+                dots_x8(fmt, wg, ar, blocks32, 8, acc);
+            else if (R == 4)
                 dots_x8(fmt, wg, ar, blocks32, 4, acc);
             else
                 dots_x8(fmt, wg, ar, blocks32, 1, acc);
@@ -342,6 +366,48 @@ static void qgemv_x8(int fmt, const Act act, const uint8_t *w, const float *bias
                 __m256 out = acc[r];
                 if (bias) out = _mm256_add_ps(out, _mm256_loadu_ps(bias + 8 * g));
                 _mm256_storeu_ps(y + (r0 + r) * n + 8 * g, out);
+            }
+            r0 += R;
+        }
+    }
+}
+
+/* The interleaved layouts back to fp32 rows [n, k], the same floats as GGUF's dequantizers (a
+ * multiply, then Q4_K's subtraction: ggml's roundings), for the prefill's GEMM tiles. */
+static void dequant_x8(int fmt, const uint8_t *w, float *out, long n, long k, int threads) {
+    const long columns = k / BLOCK_WEIGHTS[fmt], column_bytes = 8 * BLOCK_BYTES[fmt];
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")
+    for (long g = 0; g < n / 8; g++) {
+        for (long c = 0; c < columns; c++) {
+            const uint8_t *p = w + (g * columns + c) * column_bytes;
+            for (int r = 0; r < 8; r++) {
+                float *o = out + (8 * g + r) * k + c * BLOCK_WEIGHTS[fmt];
+                const float d = fp16(p + 2 * r);
+                if (fmt == Q8_0X8) {
+                    for (int j = 0; j < 4; j++)
+                        for (int t = 0; t < 8; t++) o[8 * j + t] = (float)(int8_t)(p[16 + 64 * j + 8 * r + t] ^ 0x80) * d;
+                } else if (fmt == Q4_0X8) {
+                    for (int t = 0; t < 8; t++) {
+                        const uint8_t b0 = p[16 + 8 * r + t], b1 = p[80 + 8 * r + t];
+                        o[t] = (float)((b0 & 0x0F) - 8) * d, o[8 + t] = (float)((b0 >> 4) - 8) * d;
+                        o[16 + t] = (float)((b1 & 0x0F) - 8) * d, o[24 + t] = (float)((b1 >> 4) - 8) * d;
+                    }
+                } else {  /* Q4_KX8 */
+                    const float dmin = fp16(p + 16 + 2 * r);
+                    for (int j = 0; j < 8; j++) {
+                        const uint8_t *sj = p + 32 + 12 * j, *q = p + 128 + 128 * j;
+                        uint32_t high;
+                        memcpy(&high, sj + 8, 4);
+                        const int sc = ((sj[r % 4] >> (4 * (r / 4))) & 15) | (((high >> (2 * r)) & 3) << 4);
+                        const int m = ((sj[4 + r % 4] >> (4 * (r / 4))) & 15) | (((high >> (16 + 2 * r)) & 3) << 4);
+                        const float d1 = d * (float)sc, m1 = dmin * (float)m;
+                        for (int t = 0; t < 8; t++) {
+                            const uint8_t b0 = q[8 * r + t], b1 = q[64 + 8 * r + t];
+                            o[32 * j + t] = d1 * (float)(b0 & 0x0F) - m1, o[32 * j + 8 + t] = d1 * (float)(b0 >> 4) - m1;
+                            o[32 * j + 16 + t] = d1 * (float)(b1 & 0x0F) - m1, o[32 * j + 24 + t] = d1 * (float)(b1 >> 4) - m1;
+                        }
+                    }
+                }
             }
         }
     }
@@ -356,7 +422,7 @@ void alloy_qgemv(int fmt, const float *x, const uint8_t *w, const float *bias, f
                malloc((size_t)rows * k)};
     quantize_act(x, rows * k, act);
 #ifdef ALLOY_VNNI
-    if (fmt == Q4_0X8 || fmt == Q4_KX8) {
+    if (fmt == Q4_0X8 || fmt == Q4_KX8 || fmt == Q8_0X8) {
         qgemv_x8(fmt, act, w, bias, y, rows, k, n, threads);
         free(act.d), free(act.sum), free(act.q);
         return;
@@ -400,6 +466,12 @@ static inline void store_block(float *o, __m256i q, float d, int with_min, float
 
 /* W [n, k] back to fp32, the same floats as ggml's dequantize_row_* (prefill: then a GEMM). */
 void alloy_qdequant(int fmt, const uint8_t *w, float *out, long n, long k, int threads) {
+#ifdef ALLOY_VNNI
+    if (fmt == Q4_0X8 || fmt == Q4_KX8 || fmt == Q8_0X8) {
+        dequant_x8(fmt, w, out, n, k, threads);
+        return;
+    }
+#endif
     const long per = BLOCK_WEIGHTS[fmt], bytes = BLOCK_BYTES[fmt], blocks = n * (k / per);
     const __m256i low = _mm256_set1_epi8(0x0F);
     _Pragma("omp parallel for schedule(static) num_threads(threads)")

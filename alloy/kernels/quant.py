@@ -24,10 +24,11 @@ ISA_FLAGS = {  # variant -> (compiler flags, CPU flags it needs)
                     ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")),
     "avx2": (_BASE, ("avx2", "fma", "f16c")),
 }
-FORMAT_IDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q4_k": 3, "q4_0x8": 4, "q4_kx8": 5}
+FORMAT_IDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q4_k": 3, "q4_0x8": 4, "q4_kx8": 5, "q8_0x8": 6}
 # Layouts the kernels may hold instead of GGUF's (same bytes, rows interleaved): format -> (its
 # interleaved name, the ISA whose kernel reads it, rows per group).
-INTERLEAVED = {"q4_0": ("q4_0x8", "avx512_vnni", 8), "q4_k": ("q4_kx8", "avx512_vnni", 8)}
+INTERLEAVED = {"q8_0": ("q8_0x8", "avx512_vnni", 8), "q4_0": ("q4_0x8", "avx512_vnni", 8),
+               "q4_k": ("q4_kx8", "avx512_vnni", 8)}
 
 
 def runnable_isas() -> list[str]:
@@ -193,4 +194,27 @@ def unpack_q4_kx8(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([d, dmin, packed12, qs.to(torch.uint8)], dim=-1).reshape(n, row_bytes).contiguous()
 
 
-REPACK = {"q4_0x8": (repack_q4_0x8, unpack_q4_0x8), "q4_kx8": (repack_q4_kx8, unpack_q4_kx8)}
+def repack_q8_0x8(blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF Q8_0 rows uint8 [n, k / 32 * 34] (n a multiple of 8) -> 8 rows interleaved per block
+    column: the 8 fp16 scales, then four 64-byte chunks, chunk j row r's weights 8j.. at bytes 8r..,
+    each stored as w + 128 (as quant.c's dots_q8_0x8 reads them)."""
+    n, row_bytes = blocks.shape
+    nb = row_bytes // 34
+    b = blocks.view(n // 8, 8, nb, 34)
+    scales = b[..., :2].permute(0, 2, 1, 3).reshape(n // 8, nb, 16)
+    q = (b[..., 2:] ^ 0x80).view(n // 8, 8, nb, 4, 8).permute(0, 2, 3, 1, 4).reshape(n // 8, nb, 256)
+    return torch.cat([scales, q], dim=-1).reshape(n, row_bytes).contiguous()
+
+
+def unpack_q8_0x8(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of repack_q8_0x8."""
+    n, row_bytes = packed.shape
+    nb = row_bytes // 34
+    p = packed.reshape(n // 8, nb, 272)
+    scales = p[..., :16].reshape(n // 8, nb, 8, 2).permute(0, 2, 1, 3)
+    q = (p[..., 16:] ^ 0x80).reshape(n // 8, nb, 4, 8, 8).permute(0, 3, 1, 2, 4).reshape(n // 8, 8, nb, 32)
+    return torch.cat([scales, q], dim=-1).reshape(n, row_bytes).contiguous()
+
+
+REPACK = {"q4_0x8": (repack_q4_0x8, unpack_q4_0x8), "q4_kx8": (repack_q4_kx8, unpack_q4_kx8),
+          "q8_0x8": (repack_q8_0x8, unpack_q8_0x8)}

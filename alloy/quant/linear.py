@@ -81,10 +81,10 @@ class QuantLinear(nn.Module):
         return rows if self.kernel_fmt == self.fmt else kernel_quant.REPACK[self.kernel_fmt][1](rows)
 
     def _tile(self, start: int, stop: int) -> torch.Tensor:
-        rows = self.gguf_blocks(start, stop)
         if self.isa is None:
-            return quant.dequantize(rows, self.fmt)
-        return kernel_quant.dequantize(rows, self.fmt, self.in_features, self.isa)
+            return quant.dequantize(self.gguf_blocks(start, stop), self.fmt)
+        # the C dequantizer reads the kernel's own layout (whole groups of rows)
+        return kernel_quant.dequantize(self.blocks[start:stop], self.kernel_fmt, self.in_features, self.isa)
 
     def _tile_rows(self) -> int:
         rows = max(1, (EXACT_TILE_BYTES if self.exact else TILE_BYTES) // (4 * self.in_features))
@@ -170,14 +170,24 @@ class QuantEmbedding(nn.Module):
     """Token embedding rows kept as GGUF blocks [vocab, row_bytes]; a lookup decodes only the rows
     asked for. Can share its blocks with a tied head's QuantLinear (one copy of the table)."""
 
-    def __init__(self, blocks: torch.Tensor, fmt: str, dim: int, *, isa: str | None = "auto"):
+    def __init__(self, blocks: torch.Tensor, fmt: str, dim: int, *, isa: str | None = "auto",
+                 layout: str | None = None):
         super().__init__()
         self.register_buffer("blocks", blocks)
         self.fmt, self.dim = fmt, dim
         self.isa = kernel_quant.best_isa() if isa == "auto" else isa
+        # a tied head's interleaved layout (QuantLinear.kernel_fmt), shared: rows are found in their group
+        self.layout = layout or fmt
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.blocks[ids.reshape(-1)]
+        flat = ids.reshape(-1)
+        if self.layout == self.fmt:
+            rows = self.blocks[flat]
+        else:
+            group = kernel_quant.INTERLEAVED[self.fmt][2]
+            groups = self.blocks.view(self.blocks.shape[0] // group, -1)[flat // group]
+            unpacked = kernel_quant.REPACK[self.layout][1](groups.view(-1, self.blocks.shape[1]))
+            rows = unpacked.view(len(flat), group, -1)[torch.arange(len(flat)), flat % group]
         if self.isa is None:
             values = quant.dequantize(rows, self.fmt)
         else:
