@@ -45,11 +45,11 @@ def built(tmp_path_factory):
     return get
 
 
-def _steps_agree(model, rows: int, steps: int = 6, prompt: int = 7, rtol: float = 1e-4):
+def _steps_agree(model, rows: int, steps: int = 6, prompt: int = 7, rtol: float = 1e-4, fused=None):
     """Prefill `rows` prompts with the forward into two caches, then decode `steps` tokens with the
     forward on one and the fused step on the other; the largest relative logit difference (the
     caches' keys and values must agree to `rtol` of their largest)."""
-    fused = FusedDecoder.build(model)
+    fused = fused or FusedDecoder.build(model)
     g = torch.Generator().manual_seed(rows)
     ids = torch.randint(1, model.spec.vocab_size, (rows, prompt), generator=g)
     own, mine = model.new_cache(rows, prompt + steps), model.new_cache(rows, prompt + steps)
@@ -98,6 +98,14 @@ def test_fused_step_on_q4_k():
             p.add_(0.05 * torch.randn_like(p))
     model = prepare(model, "q4_k")
     assert _steps_agree(model, rows=1, rtol=TOLERANCE["q4_k"]) < TOLERANCE["q4_k"]
+
+
+def test_each_new_cache_is_bound_afresh(built):
+    # one decoder, many generations: each makes a cache (a freed one's id may come back for the next)
+    model = prepare(alloy.load(built("llama-gqa", **WIDE)), "fp32")
+    fused = FusedDecoder.build(model)
+    for rows in (1, 2, 2, 1, 3):
+        assert _steps_agree(model, rows, fused=fused) < 1e-4
 
 
 def test_generation_takes_the_fused_step_and_gives_the_forwards_tokens(built, monkeypatch):

@@ -12,8 +12,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS,
                         help="onnx (forward pass, dynamic batch and sequence) or gguf (llama.cpp)")
     parser.add_argument("--out", required=True, help="the file to write")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="weights dtype (default: fp32 for "
-                        "gguf, as stored for onnx)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "q8_0", "q4_0", "q4_1", "q4_k"),
+                        help="weights dtype (default: fp32 for gguf, as stored for onnx); gguf also takes the block "
+                        "formats q8_0, q4_0, q4_1, q4_k (token table and output matrix in q8_0, norms fp32)")
     parser.add_argument("--force", action="store_true", help="replace a previous export of the same format at --out")
 
 

@@ -21,6 +21,8 @@ def export_model(model_dir: str | Path, out: str | Path, *, format: str, dtype: 
                  overwrite: bool = False) -> Path:
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    if format != "gguf" and dtype in ("q8_0", "q4_0", "q4_1", "q4_k"):
+        raise ConfigError(f"--dtype {dtype} is a GGUF block format; export it with --format gguf")
     target = check_output_file(out, format, overwrite=overwrite)
     if format == "gguf":
         from alloy.fuse.gguf import export_gguf

@@ -216,31 +216,71 @@ def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+# Block formats a GGUF export writes (alloy.quant): every 2-d weight in the format, except the token
+# table and the output matrix, which are Q8_0 (alloy.infer.optimize.HEAD_FORMAT: llama.cpp keeps
+# its output matrix at 6-8 bits too), and 1-d tensors, which stay fp32 (as llama-quantize leaves them).
+BLOCK_FILE_TYPES = {"q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q4_k": "MOSTLY_Q4_K_S"}
+HEAD_TENSORS = ("token_embd.weight", "output.weight")
+
+
+def _block_format(entry_name: str, ndim: int, fmt: str | None) -> str | None:
+    """The block format tensor `entry_name` is written in, None for floats."""
+    if fmt is None or ndim < 2:
+        return None
+    from alloy.infer.optimize import HEAD_FORMAT
+
+    return HEAD_FORMAT if entry_name in HEAD_TENSORS else fmt
+
+
+def _quantized(tensor: torch.Tensor, fmt: str) -> torch.Tensor:
+    """A weight [..., k] as GGUF blocks uint8 [..., k / block * bytes] (alloy.quant's bytes)."""
+    from alloy.quant import quantize
+
+    rows = quantize(tensor.reshape(-1, tensor.shape[-1]), fmt)
+    return rows.view(*tensor.shape[:-1], rows.shape[-1])
+
+
 def export_gguf(model_dir: str | Path, out: str | Path, *, dtype: str | None = None) -> Path:
-    """Write the HF directory `model_dir` as one GGUF file at `out` (fp32, fp16 or bf16)."""
+    """Write the HF directory `model_dir` as one GGUF file at `out`: fp32, fp16 or bf16, or a block
+    format (q8_0, q4_0, q4_1, q4_k: the bytes Alloy decodes with, quantized one layer at a time)."""
     try:
         import gguf
     except ImportError:
         raise UnsupportedModelError("GGUF export needs the gguf package: pip install 'alloy-lm[export]'") from None
     from alloy.checkpoint.io import load, torch_dtype
+    from alloy.quant import check_width, get_format
 
     directory = Path(model_dir)
     spec = ModelSpec.from_hf_config(read_config(directory / "config.json"))
     arch = gguf_architecture(spec)
     target = Path(out)
-    out_dtype = torch_dtype(dtype) or torch.float32
+    block_fmt = dtype if dtype in BLOCK_FILE_TYPES else None
+    out_dtype = torch.float32 if block_fmt else torch_dtype(dtype) or torch.float32
     with torch.device("meta"):
         shapes = {k: tuple(p.shape) for k, p in Transformer(spec).named_parameters()}  # a tied head once
     plan = tensor_plan(spec, arch, list(shapes))
+    metas = {entry.name: _stored(entry.make([torch.empty(shapes[o], device="meta") for o in entry.ours]), out_dtype)
+             for entry in plan}
+    formats = {name: _block_format(name, meta.dim(), block_fmt) for name, meta in metas.items()}
+    for name, fmt in formats.items():  # every width checked before a byte is written
+        if fmt is not None:
+            check_width(get_format(fmt), metas[name].shape[-1], name)
 
     tmp = temp_beside(target)
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
-        _write_metadata(writer, spec, arch, directory, out_dtype)
+        file_type = getattr(gguf.LlamaFileType, BLOCK_FILE_TYPES[block_fmt]) if block_fmt else None
+        _write_metadata(writer, spec, arch, directory, out_dtype, file_type)
         if (directory / "tokenizer.json").is_file():
             write_tokenizer(writer, spec, directory)
         for entry in plan:  # the tensor table, from shapes alone
-            meta = _stored(entry.make([torch.empty(shapes[o], device="meta") for o in entry.ours]), out_dtype)
+            meta, fmt = metas[entry.name], formats[entry.name]
+            if fmt is not None:
+                spec_q = get_format(fmt)
+                shape = (*meta.shape[:-1], meta.shape[-1] // spec_q.block_size * spec_q.type_size)  # in bytes
+                writer.add_tensor_info(entry.name, shape, np.dtype(np.uint8), math.prod(shape),
+                                       getattr(gguf.GGMLQuantizationType, fmt.upper()))
+                continue
             raw = gguf.GGMLQuantizationType.BF16 if meta.dtype == torch.bfloat16 else None
             shape = tuple(meta.shape) if raw is None else (*meta.shape[:-1], meta.shape[-1] * 2)  # in bytes
             writer.add_tensor_info(entry.name, shape, np.dtype(NUMPY_DTYPES[meta.dtype]),
@@ -256,7 +296,10 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, dtype: str | None = N
             state = {} if piece is None else load(directory, **piece).state_dict()  # dtype as stored
             while written < len(plan) and all(o in state for o in plan[written].ours):
                 entry = plan[written]
-                writer.write_tensor_data(_as_numpy(_stored(entry.make([state[o] for o in entry.ours]), out_dtype)))
+                tensor = _stored(entry.make([state[o] for o in entry.ours]), out_dtype)
+                if formats[entry.name] is not None:
+                    tensor = _quantized(tensor, formats[entry.name])
+                writer.write_tensor_data(_as_numpy(tensor))
                 written += 1
         assert written == len(plan), f"GGUF tensor {plan[written].name} was not written"
         writer.close()
@@ -267,11 +310,13 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, dtype: str | None = N
         raise
 
 
-def _write_metadata(writer, spec: ModelSpec, arch: str, directory: Path, dtype: torch.dtype) -> None:
+def _write_metadata(writer, spec: ModelSpec, arch: str, directory: Path, dtype: torch.dtype,
+                    file_type=None) -> None:
     import gguf
 
     writer.add_name(directory.name)
-    writer.add_file_type({torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gguf.LlamaFileType.MOSTLY_F16,
+    writer.add_file_type(file_type if file_type is not None else
+                         {torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gguf.LlamaFileType.MOSTLY_F16,
                           torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16}[dtype])
     writer.add_vocab_size(spec.vocab_size)
     writer.add_context_length(spec.max_seq_len)

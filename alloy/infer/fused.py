@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import weakref
 from pathlib import Path
 
 import torch
@@ -106,7 +107,9 @@ class FusedDecoder:
 
     def __init__(self, model: nn.Module, lib: ctypes.CDLL, layers: list[_Layer], head: _Lin, final_norm: int | None):
         self.model, self.lib, self.layers, self.head, self.final_norm = model, lib, layers, head, final_norm
-        self._bound: tuple[int, int, _Model, object] | None = None  # (id(cache), rows, struct, layer array)
+        # (weakref to the cache, rows, struct, layer array): a freed cache's id can be reused by the
+        # next one, whose buffers are elsewhere, so the binding is checked by identity, not id
+        self._bound: tuple[weakref.ref, int, _Model, object] | None = None
 
     @classmethod
     def build(cls, model: nn.Module) -> "FusedDecoder":
@@ -165,7 +168,7 @@ class FusedDecoder:
                 and next(iter(cache.k.values())).dtype == torch.float32)
 
     def _bind(self, cache: KVCache, rows: int) -> _Model:
-        if self._bound is not None and self._bound[0] == id(cache) and self._bound[1] == rows:
+        if self._bound is not None and self._bound[0]() is cache and self._bound[1] == rows:
             return self._bound[2]
         spec = self.model.spec
         layers = (_Layer * len(self.layers))()
@@ -182,7 +185,7 @@ class FusedDecoder:
                         softmax_scale=spec.softmax_scale, gated=int(mlp.gated), act=ACTIVATIONS[spec.activation],
                         qk_norm_per_head=int(spec.qk_norm_per_head), n_layers=len(self.layers), layers=layers,
                         final_norm=self.final_norm, head=self.head)
-        self._bound = (id(cache), rows, struct, layers)  # the array lives as long as the struct points at it
+        self._bound = (weakref.ref(cache), rows, struct, layers)  # the array lives as long as the struct points at it
         return struct
 
     @torch.inference_mode()
