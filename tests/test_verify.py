@@ -112,6 +112,49 @@ def test_a_run_feeds_back_so_the_next_plan_predicts_what_was_measured(tmp_path, 
     assert "rescaled by runs: q1 x2.00" in after.calibrated
 
 
+def test_each_device_set_is_priced_with_what_it_showed_when_it_ran_together(tmp_path, monkeypatch):
+    """A slice alone ran faster than predicted, the same slice beside another slower (they share a
+    machine): learn() keeps a scale per set of devices that ran together, and verify prices a layout
+    on a set that has run with that set's scale — each within what was measured — where one scale
+    per device would be off for both."""
+    import json
+
+    from alloy.plan import make_plan
+    from alloy.runtime import calibrate
+    from alloy.runtime.verify import _priced_on_its_set
+
+    monkeypatch.setenv("ALLOY_CACHE_DIR", str(tmp_path))
+    inventory = Inventory(name="two", devices=[claimed_fast("q1", 1.0), claimed_fast("q2", 1.0)])
+    names = ["q1", "q2"]
+    measured = {"names": names, "startup_s": 3.0, "when": "now", "links": [],
+                "allreduce": {"latency_s": 1e-4, "bandwidth_bytes_per_s": 1e9},
+                "devices": {n: {"optimizer_s_per_param": 1e-9, "micro_batch_overhead_s": 1e-4} for n in names}}
+    path = calibrate.cache_path(inventory, names, SPEC)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(measured))
+    before = calibrate.calibrate(inventory, spec=SPEC)
+    alone = make_plan(SPEC, before, WORK, device_names=["q1"], replicas=1)
+    both = make_plan(SPEC, before, WORK, replicas=2)
+    assert {s.device for r in both.replicas for s in r.stages} == {"q1", "q2"}
+
+    def report(plan, ratio):
+        ranks = [{"rank": s.rank, "records": [{"step_s": ratio * s.predicted_busy_s + 0.01, "sync_s": 0.01,
+                                               "optimizer_s": 0.0}] * 4} for r in plan.replicas for s in r.stages]
+        return RunReport(out_dir=None, losses=[], ranks=ranks, predicted_step_s=None, measured_step_s=1.0,
+                         tokens_per_s=1.0)
+
+    general = calibrate.learn(before, [(alone, report(alone, 0.6)), (both, report(both, 1.5))])
+    assert general["q1"] == pytest.approx((0.6 + 1.5) / 2)  # the median of the two runs' q1 scales
+    after = calibrate.calibrate(inventory, spec=SPEC)
+    for plan, ratio in ((alone, 0.6), (both, 1.5)):
+        again = _priced_on_its_set(plan, SPEC, after, WORK, None)  # the same layout, priced after the runs
+        for r_old, r_new in zip(plan.replicas, again.replicas):
+            assert r_new.stages[0].predicted_busy_s == pytest.approx(ratio * r_old.stages[0].predicted_busy_s,
+                                                                     rel=1e-9)
+    assert calibrate.set_factors(after, ["q2", "q1"]) == pytest.approx({"q1": 1.5 / 1.05, "q2": 1.0})
+    assert calibrate.set_factors(after, ["q2"]) == {}  # a set that has not run: the general scale alone
+
+
 def test_a_close_call_is_run_again_and_decided_on_the_mean(monkeypatch):
     """The two fastest trials within RUNOFF of each other run once more; each keeps its mean, so a
     layout that was lucky in one short run does not win on that luck alone."""

@@ -171,6 +171,20 @@ def check_fits(plan: Plan, spec: ModelSpec, source: str = "plan") -> None:
                                 f"{have / 2**20:,.0f} MiB; make a new plan (alloy plan) or leave out --plan")
 
 
+def reprice(plan: Plan, spec: ModelSpec, inventory: Inventory, work: Workload,
+            device_names: list[str] | None = None) -> Plan:
+    """The plan's layout priced again on `inventory` (the same devices, other profiles): a new Plan
+    with the same stages and shares and that inventory's prediction."""
+    p = build_problem(spec, inventory, work, device_names)
+    index = {d.name: i for i, d in enumerate(p.devices)}
+    replicas = tuple(Replica(tuple(index[s.device] for s in r.stages),
+                             (r.stages[0].layers[0], *(s.layers[1] for s in r.stages)), r.batch_share)
+                     for r in plan.replicas)
+    priced = describe(p, Layout(replicas, plan.micro_batches), plan.search.mode, plan.search.layouts_scored,
+                      plan.search.seconds)
+    return priced.model_copy(update={"verification": plan.verification})
+
+
 def layout_key(plan: Plan) -> tuple:
     """What the runtime runs: each replica's devices and layers, its share and micro-batches."""
     return tuple((tuple((s.device, s.layers) for s in r.stages), r.batch_share, r.micro_batches)

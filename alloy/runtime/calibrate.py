@@ -101,8 +101,13 @@ def learn(inventory: Inventory, runs: list) -> dict[str, float]:
     """Feed a run back: each one-stage replica's measured forward+backward time (its step less its
     collectives and update; such a rank waits for nobody while it computes) against the plan's
     prediction for it rescales that device's layer times in the calibration, so the next plan on
-    these devices predicts better. `runs` are (plan, report) pairs planned from `inventory`; each
-    device's ratios over them are combined by their median. Returns the scale per device."""
+    these devices predicts better. `runs` are (plan, report) pairs planned from `inventory`.
+
+    Two scales per device: one for the set of devices that ran together (`compute_scale_by_set`:
+    workers sharing a machine slow each other down — on two cores a slice alone ran a small
+    model's step 1.7x faster than beside two others), used when a layout on exactly that set is
+    priced again (`set_factors`); and the device's general scale (`compute_scale`), the median over
+    this batch of runs, for sets not seen yet. Returns the general scale per device."""
     if inventory.calibration_key is None:
         return {}
     path = cache_path_for_key(inventory.calibration_key)
@@ -110,22 +115,53 @@ def learn(inventory: Inventory, runs: list) -> dict[str, float]:
         measured = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    ratios: dict[str, list[float]] = {}
+    general = measured.setdefault("compute_scale", {})
+    by_set = measured.setdefault("compute_scale_by_set", {})
+    implied: dict[str, list[float]] = {}  # device -> the absolute scales the runs imply
+    learned: dict[str, dict[str, list[float]]] = {}
     for plan, report in runs:
         by_rank = {info["rank"]: info for info in report.ranks}
+        key = set_key(s.device for r in plan.replicas for s in r.stages)
         for replica in plan.replicas:
             if len(replica.stages) != 1 or replica.stages[0].predicted_busy_s <= 0:
                 continue
             stage = replica.stages[0]
             ratio = report.rank_times(by_rank[stage.rank])["compute_s"] / stage.predicted_busy_s
             if SCALE_LIMITS[0] <= ratio <= SCALE_LIMITS[1]:
-                ratios.setdefault(stage.device, []).append(ratio)
-    scales = measured.setdefault("compute_scale", {})
-    for device, seen in ratios.items():
-        scales[device] = scales.get(device, 1.0) * statistics.median(seen)
-    if ratios:
+                # the scale its prediction was made with: the set's where it had one (verify prices so)
+                used = by_set.get(key, {}).get(stage.device, general.get(stage.device, 1.0))
+                implied.setdefault(stage.device, []).append(used * ratio)
+                learned.setdefault(key, {}).setdefault(stage.device, []).append(used * ratio)
+    for key, devices in learned.items():
+        by_set.setdefault(key, {}).update({d: statistics.median(v) for d, v in devices.items()})
+    for device, seen in implied.items():
+        general[device] = statistics.median(seen)
+    if implied:
         _write(path, measured)
-    return dict(scales)
+    return dict(general)
+
+
+def set_key(devices) -> str:
+    return ",".join(sorted(set(devices)))
+
+
+def set_factors(inventory: Inventory, devices) -> dict[str, float]:
+    """For a layout on exactly `devices`: each device's scale learned on that set over the general
+    one the inventory's layer times already carry ({} where the set has not run yet)."""
+    if inventory.calibration_key is None:
+        return {}
+    try:
+        measured = json.loads(cache_path_for_key(inventory.calibration_key).read_text())
+    except (OSError, ValueError):
+        return {}
+    general = measured.get("compute_scale", {})
+    scales = measured.get("compute_scale_by_set", {}).get(set_key(devices), {})
+    return {d: v / general.get(d, 1.0) for d, v in scales.items()}
+
+
+def scaled_inventory(inventory: Inventory, factors: dict[str, float]) -> Inventory:
+    """The inventory with each named device's compute `factors[name]` times slower."""
+    return inventory.model_copy(update={"devices": [_scaled(d, factors.get(d.name, 1.0)) for d in inventory.devices]})
 
 
 def cache_path_for_key(key: str) -> Path:

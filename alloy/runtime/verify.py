@@ -14,8 +14,8 @@ from typing import Callable
 from alloy.errors import AlloyError
 from alloy.plan import Plan, Workload
 from alloy.plan.plan import Trial, Verification
-from alloy.plan.planner import layout_line, plan_candidates
-from alloy.runtime.calibrate import learn
+from alloy.plan.planner import layout_line, plan_candidates, reprice
+from alloy.runtime.calibrate import learn, scaled_inventory, set_factors
 from alloy.runtime.data import DataSource
 from alloy.runtime.run import run
 from alloy.spec import ModelSpec
@@ -31,7 +31,8 @@ def verify(spec: ModelSpec, inventory, work: Workload, *, top: int = 3, steps: i
     """Plan, run each candidate for `steps` steps on random tokens, return the measured-fastest
     plan with every trial recorded in `plan.verification`. `run_options` go to `alloy.runtime.run`
     (precision, activation_checkpointing...) so the trials run as the real job will."""
-    candidates = plan_candidates(spec, inventory, work, device_names=device_names, top=top)
+    candidates = [(name, _priced_on_its_set(plan, spec, inventory, work, device_names))
+                  for name, plan in plan_candidates(spec, inventory, work, device_names=device_names, top=top)]
     trials, reports = [], []
     for index, (name, plan) in enumerate(candidates):
         log(f"verify {index + 1}/{len(candidates)}: {name}: {layout_line(plan)} "
@@ -59,6 +60,15 @@ def verify(spec: ModelSpec, inventory, work: Workload, *, top: int = 3, steps: i
     note = _why(best, trials, inventory, device_names)
     return plan.model_copy(update={"verification": Verification(steps=steps, trials=trials, chosen=best.name,
                                                                  note=note)})
+
+
+def _priced_on_its_set(plan: Plan, spec: ModelSpec, inventory, work: Workload, device_names) -> Plan:
+    """A candidate priced with the compute its device set showed when it last ran together (workers
+    sharing a machine slow each other: calibrate.learn), where that set has run before."""
+    factors = set_factors(inventory, (s.device for r in plan.replicas for s in r.stages))
+    if not factors:
+        return plan
+    return reprice(plan, spec, scaled_inventory(inventory, factors), work, device_names)
 
 
 def _runoff(ran: list, steps: int, timeout_s: float, run_options: dict, log) -> list:
