@@ -53,7 +53,7 @@ SIZES = {  # (hidden, layers, heads, ffn, steps, batch, seq); widths multiples o
 CHUNKS = {"quick": 16, "full": 64}  # held-out chunks of `seq` tokens
 BLOCK_FORMATS = ("q8_0", "q4_0", "q4_1", "q4_k")  # Alloy's names (alloy.infer.optimize.QUANT_FORMATS)
 GGML_TYPES = {"fp32": "F32", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q4_k": "Q4_K"}
-HEAD_TYPE = "Q8_0"  # output and token table under every block format (alloy.infer.optimize.HEAD_FORMAT)
+HEAD_TYPE = "Q8_0"  # output and token table under every block format (alloy.quant.HEAD_FORMAT)
 TINYSHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 

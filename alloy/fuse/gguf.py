@@ -217,7 +217,7 @@ def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 # Block formats a GGUF export writes (alloy.quant): every 2-d weight in the format, except the token
-# table and the output matrix, which are Q8_0 (alloy.infer.optimize.HEAD_FORMAT: llama.cpp keeps
+# table and the output matrix, which are Q8_0 (alloy.quant.HEAD_FORMAT: llama.cpp keeps
 # its output matrix at 6-8 bits too), and 1-d tensors, which stay fp32 (as llama-quantize leaves them).
 BLOCK_FILE_TYPES = {"q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q4_k": "MOSTLY_Q4_K_S"}
 HEAD_TENSORS = ("token_embd.weight", "output.weight")
@@ -227,7 +227,7 @@ def _block_format(entry_name: str, ndim: int, fmt: str | None) -> str | None:
     """The block format tensor `entry_name` is written in, None for floats."""
     if fmt is None or ndim < 2:
         return None
-    from alloy.infer.optimize import HEAD_FORMAT
+    from alloy.quant import HEAD_FORMAT
 
     return HEAD_FORMAT if entry_name in HEAD_TENSORS else fmt
 

@@ -30,14 +30,13 @@ from torch import nn
 from alloy.errors import ConfigError
 from alloy import kernels
 from alloy.infer.quantize import int8_rows, quantize_int8
-from alloy.quant import check_width, get_format, quantize
+from alloy.quant import HEAD_FORMAT, check_width, get_format, quantize
 from alloy.quant.linear import QuantEmbedding, QuantLinear
 from alloy.model.layers import MLP, Attention, Norm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16,  # activations without kernels
           "q8_0": torch.float32, "q4_0": torch.float32, "q4_1": torch.float32, "q4_k": torch.float32}
 QUANT_FORMATS = ("q8_0", "q4_0", "q4_1", "q4_k")  # GGUF block formats: alloy.quant
-HEAD_FORMAT = "q8_0"  # the output matrix's format under every block format
 GEMV_MAX_ROWS = 16  # up to this many rows (batch x new tokens) the GEMV kernel beats MKL's GEMM here
 
 

@@ -133,6 +133,23 @@ def unpack_q4_0x8(packed: torch.Tensor) -> torch.Tensor:
     return out.reshape(n, row_bytes).contiguous()
 
 
+def q4_k_pack_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """8 six-bit scales and mins per super-block -> ggml's 12 bytes (get_scale_min_k4's inverse)."""
+    out = torch.zeros(ls.shape[0], 12, dtype=torch.int32)
+    out[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    out[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    return out.to(torch.uint8)
+
+
+def q4_k_unpack_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """12 bytes per super-block -> (scales [B, 8], mins [B, 8]) as int32."""
+    q = packed.to(torch.int32)
+    sc = torch.cat([q[:, 0:4] & 63, (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)], dim=1)
+    m = torch.cat([q[:, 4:8] & 63, (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)], dim=1)
+    return sc, m
+
+
 def _x8_nibbles(q: torch.Tensor) -> torch.Tensor:
     """Weights [groups, 8 rows, columns, 32] (0-15) -> [groups, columns, 128] in the x8 kernels' order."""
     q = q.reshape(*q.shape[:3], 4, 8)
@@ -151,13 +168,11 @@ def _x8_weights(chunks: torch.Tensor) -> torch.Tensor:
 def repack_q4_kx8(blocks: torch.Tensor) -> torch.Tensor:
     """GGUF Q4_K rows uint8 [n, k / 256 * 144] (n a multiple of 8) -> the same bytes with 8 rows
     interleaved per super-block column, as quant.c's dots_q4_kx8 reads them."""
-    from alloy.quant.q4_k import unpack_scales
-
     n, row_bytes = blocks.shape
     ns = row_bytes // 144
     b = blocks.view(n // 8, 8, ns, 144)
     heads = [b[..., 0:2].permute(0, 2, 1, 3).reshape(n // 8, ns, 16), b[..., 2:4].permute(0, 2, 1, 3).reshape(n // 8, ns, 16)]
-    sc, m = (t.view(n // 8, 8, ns, 8).permute(0, 2, 3, 1) for t in unpack_scales(b[..., 4:16].reshape(-1, 12)))
+    sc, m = (t.view(n // 8, 8, ns, 8).permute(0, 2, 3, 1) for t in q4_k_unpack_scales(b[..., 4:16].reshape(-1, 12)))
     # sc, m: [groups, columns, sub-block, 8 rows] in 0-63
     low = [(t[..., :4] & 15) | ((t[..., 4:] & 15) << 4) for t in (sc, m)]  # 4 bytes each
     shifts = torch.arange(8, dtype=torch.int64) * 2
@@ -172,8 +187,6 @@ def repack_q4_kx8(blocks: torch.Tensor) -> torch.Tensor:
 
 def unpack_q4_kx8(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of repack_q4_kx8: GGUF Q4_K rows again."""
-    from alloy.quant.q4_k import _pack_scales
-
     n, row_bytes = packed.shape
     ns = row_bytes // 144
     p = packed.reshape(n // 8, ns, 1152)
@@ -188,7 +201,7 @@ def unpack_q4_kx8(packed: torch.Tensor) -> torch.Tensor:
 
     sc, m = six_bit(scales[..., 0:4], 0), six_bit(scales[..., 4:8], 16)  # [g, ns, 8 sub, 8 rows]
     sc, m = (t.permute(0, 3, 1, 2).reshape(-1, 8) for t in (sc, m))  # [(g, rows, ns), 8 sub]
-    packed12 = _pack_scales(sc.int(), m.int()).view(n // 8, 8, ns, 12)
+    packed12 = q4_k_pack_scales(sc.int(), m.int()).view(n // 8, 8, ns, 12)
     q = _x8_weights(p[..., 128:].reshape(n // 8, ns * 8, 128)).reshape(n // 8, 8, ns, 4, 2, 32)
     qs = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(n // 8, 8, ns, 128)
     return torch.cat([d, dmin, packed12, qs.to(torch.uint8)], dim=-1).reshape(n, row_bytes).contiguous()

@@ -23,7 +23,11 @@ _DEQUANTIZE = {"q8_0": formats.dequantize_q8_0, "q4_0": formats.dequantize_q4_0,
 # 1.3x-the-blocks bound on loading as Q4_0 (tests/test_quant_memory.py); the speed is the same.
 CHUNK_WEIGHTS = 1 << 18
 
-__all__ = ["FORMATS", "Format", "quantize", "dequantize", "get_format"]
+# The output matrix's (and token table's) format under every block format: llama.cpp keeps its
+# output matrix at 6-8 bits too. Used by alloy.infer.optimize and the GGUF export alike.
+HEAD_FORMAT = "q8_0"
+
+__all__ = ["FORMATS", "Format", "HEAD_FORMAT", "quantize", "dequantize", "get_format"]
 
 
 def get_format(name: str) -> Format:

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import torch
 
+# the 12-byte scale packing is shared with the kernels' interleaved layout (the lower layer keeps it)
+from alloy.kernels.quant import q4_k_pack_scales as _pack_scales
+from alloy.kernels.quant import q4_k_unpack_scales as unpack_scales
+
 SUPER = 256
 SUB = 32
 NMAX = 15
@@ -80,23 +84,6 @@ def _six_bit(values: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     inverse = torch.where(top > 0, torch.full_like(top, 63) / top, torch.zeros_like(top))
     # C stores nearest_int in a uint8, then clamps to 63
     return (_nearest_int(inverse[:, None] * values) & 0xFF).clamp(max=63)
-
-
-def _pack_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
-    """8 six-bit scales and mins per super-block -> ggml's 12 bytes (get_scale_min_k4's inverse)."""
-    out = torch.zeros(ls.shape[0], 12, dtype=torch.int32)
-    out[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
-    out[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
-    out[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
-    return out.to(torch.uint8)
-
-
-def unpack_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """12 bytes per super-block -> (scales [B, 8], mins [B, 8]) as int32."""
-    q = packed.to(torch.int32)
-    sc = torch.cat([q[:, 0:4] & 63, (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)], dim=1)
-    m = torch.cat([q[:, 4:8] & 63, (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)], dim=1)
-    return sc, m
 
 
 def quantize_q4_k(blocks: torch.Tensor) -> torch.Tensor:
