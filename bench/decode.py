@@ -22,6 +22,7 @@ import argparse
 import os
 import shutil
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -114,13 +115,17 @@ def measure_llama_cpp(size: str, dtype_name: str, new: int, prompt: int = PROMPT
     (prefill tokens/s). `batch` > 1: that many sequences at once (llama-batched-bench)."""
     model = llama_gguf(size, dtype_name)
     if batch > 1:  # llama-batched-bench: `batch` sequences decoding together, the time of prompt + tokens
-        proc = subprocess.run([llama_binary("llama-batched-bench"), "-m", str(model), "-c", "2048", "-b", "2048",
-                               "-ub", "512", "-npp", str(prompt), "-ntg", str(new), "-npl", str(batch), "-t", "2",
-                               "--output-format", "jsonl"], capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            raise RuntimeError(f"llama-batched-bench exited with {proc.returncode}: {proc.stderr.strip()[-300:]}")
-        row = next(json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
-        return {"tokens_per_s": batch * new / row["t"], "decode_only_tokens_per_s": row["speed_tg"]}
+        argv = [llama_binary("llama-batched-bench"), "-m", str(model), "-c", "2048", "-b", "2048", "-ub", "512",
+                "-npp", str(prompt), "-ntg", str(new), "-npl", str(batch), "-t", "2", "--output-format", "jsonl"]
+        for _ in range(4):  # its log thread sometimes loses the result row at exit (an empty stdout, status 0)
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"llama-batched-bench exited with {proc.returncode}: {proc.stderr.strip()[-300:]}")
+            found = re.search(r'\{"n_kv_max".*?\}', proc.stdout + proc.stderr)
+            if found is not None:
+                row = json.loads(found.group(0))
+                return {"tokens_per_s": batch * new / row["t"], "decode_only_tokens_per_s": row["speed_tg"]}
+        raise RuntimeError("llama-batched-bench printed no result row in 4 runs")
     if new == 0:
         proc = subprocess.run([llama_binary("llama-bench"), "-m", str(model), "-p", str(prompt), "-n", "0",
                                "-t", "2", "-r", "1", "-o", "json"], capture_output=True, text=True, timeout=600)
