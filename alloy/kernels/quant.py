@@ -105,6 +105,21 @@ def quantize_q4_k(rows: torch.Tensor, isa: str | None) -> torch.Tensor:
     return out
 
 
+def _x8_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Weights [groups, 8 rows, columns, 32] (0-15) -> [groups, columns, 128] in the x8 kernels' order."""
+    q = q.reshape(*q.shape[:3], 4, 8)
+    chunks = [q[..., 0, :] | (q[..., 1, :] << 4), q[..., 2, :] | (q[..., 3, :] << 4)]
+    return torch.cat([c.permute(0, 2, 1, 3).reshape(c.shape[0], c.shape[2], 64) for c in chunks], dim=-1)
+
+
+def _x8_weights(chunks: torch.Tensor) -> torch.Tensor:
+    """The inverse: [groups, columns, 128] -> weights [groups, 8 rows, columns, 32]."""
+    g, cols = chunks.shape[:2]
+    c0, c1 = chunks[..., :64].reshape(g, cols, 8, 8), chunks[..., 64:].reshape(g, cols, 8, 8)
+    q = torch.stack([c0 & 0x0F, c0 >> 4, c1 & 0x0F, c1 >> 4], dim=-2).reshape(g, cols, 8, 32)
+    return q.permute(0, 2, 1, 3)
+
+
 def repack_q4_0x8(blocks: torch.Tensor) -> torch.Tensor:
     """GGUF Q4_0 rows uint8 [n, k / 32 * 18] (n a multiple of 8) -> the same bytes with 8 rows
     interleaved per block column, as quant.c's dots_q4_0x8 reads them: the 8 fp16 scales, then
@@ -112,12 +127,9 @@ def repack_q4_0x8(blocks: torch.Tensor) -> torch.Tensor:
     n, row_bytes = blocks.shape
     nb = row_bytes // 18
     b = blocks.view(n // 8, 8, nb, 18)
-    qs = b[..., 2:]
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).view(n // 8, 8, nb, 4, 8)  # weights 0-31 in groups of 8
-    chunks = [q[..., 0, :] | (q[..., 1, :] << 4), q[..., 2, :] | (q[..., 3, :] << 4)]
-    parts = [b[..., :2], *chunks]  # [groups, 8 rows, nb, bytes] each
-    out = torch.cat([t.permute(0, 2, 1, 3).reshape(n // 8, nb, -1) for t in parts], dim=-1)
-    return out.reshape(n, row_bytes).contiguous()
+    q = torch.cat([b[..., 2:] & 0x0F, b[..., 2:] >> 4], dim=-1)  # weights 0-31
+    scales = b[..., :2].permute(0, 2, 1, 3).reshape(n // 8, nb, 16)
+    return torch.cat([scales, _x8_nibbles(q)], dim=-1).reshape(n, row_bytes).contiguous()
 
 
 def unpack_q4_0x8(packed: torch.Tensor) -> torch.Tensor:
@@ -125,12 +137,10 @@ def unpack_q4_0x8(packed: torch.Tensor) -> torch.Tensor:
     n, row_bytes = packed.shape
     nb = row_bytes // 18
     p = packed.reshape(n // 8, nb, 144)
-    scales = p[..., :16].reshape(n // 8, nb, 8, 2)
-    c0, c1 = p[..., 16:80].reshape(n // 8, nb, 8, 8), p[..., 80:].reshape(n // 8, nb, 8, 8)
-    q = torch.stack([c0 & 0x0F, c0 >> 4, c1 & 0x0F, c1 >> 4], dim=-2).reshape(n // 8, nb, 8, 32)
+    scales = p[..., :16].reshape(n // 8, nb, 8, 2).permute(0, 2, 1, 3)
+    q = _x8_weights(p[..., 16:])  # [groups, 8 rows, nb, 32]
     qs = q[..., :16] | (q[..., 16:] << 4)
-    out = torch.cat([scales, qs], dim=-1).permute(0, 2, 1, 3)  # [groups, 8 rows, nb, 18]
-    return out.reshape(n, row_bytes).contiguous()
+    return torch.cat([scales, qs], dim=-1).reshape(n, row_bytes).contiguous()
 
 
 def q4_k_pack_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
@@ -148,21 +158,6 @@ def q4_k_unpack_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     sc = torch.cat([q[:, 0:4] & 63, (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)], dim=1)
     m = torch.cat([q[:, 4:8] & 63, (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)], dim=1)
     return sc, m
-
-
-def _x8_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """Weights [groups, 8 rows, columns, 32] (0-15) -> [groups, columns, 128] in the x8 kernels' order."""
-    q = q.reshape(*q.shape[:3], 4, 8)
-    chunks = [q[..., 0, :] | (q[..., 1, :] << 4), q[..., 2, :] | (q[..., 3, :] << 4)]
-    return torch.cat([c.permute(0, 2, 1, 3).reshape(c.shape[0], c.shape[2], 64) for c in chunks], dim=-1)
-
-
-def _x8_weights(chunks: torch.Tensor) -> torch.Tensor:
-    """The inverse: [groups, columns, 128] -> weights [groups, 8 rows, columns, 32]."""
-    g, cols = chunks.shape[:2]
-    c0, c1 = chunks[..., :64].reshape(g, cols, 8, 8), chunks[..., 64:].reshape(g, cols, 8, 8)
-    q = torch.stack([c0 & 0x0F, c0 >> 4, c1 & 0x0F, c1 >> 4], dim=-2).reshape(g, cols, 8, 32)
-    return q.permute(0, 2, 1, 3)
 
 
 def repack_q4_kx8(blocks: torch.Tensor) -> torch.Tensor:

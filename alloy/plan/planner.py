@@ -150,7 +150,6 @@ def check_fits(plan: Plan, spec: ModelSpec, source: str = "plan") -> None:
                     quantize_base=plan.quantize_base)
     p = build_problem(spec, Inventory(name="plan", devices=plan.devices), work)
     index = {d.name: i for i, d in enumerate(p.devices)}
-    replicas = []
     for r in plan.replicas:
         missing = [s.device for s in r.stages if s.device not in index]
         if missing:
@@ -160,8 +159,7 @@ def check_fits(plan: Plan, spec: ModelSpec, source: str = "plan") -> None:
                 s.layers[0] != a or a >= b for s, a, b in zip(r.stages, cuts, cuts[1:])):
             raise PlanError(f"{source}: replica {r.index}'s stages do not cover layers 0-{spec.num_layers - 1} "
                             "in order, each once")
-        replicas.append(Replica(tuple(index[s.device] for s in r.stages), cuts, r.batch_share))
-    timing = step_timing(p, Layout(tuple(replicas), plan.micro_batches))
+    timing = step_timing(p, _layout_of(plan, index))
     for r, t in zip(plan.replicas, timing.replicas):
         for stage, need in zip(r.stages, t.memory_bytes):
             have = float(p.memory_bytes[index[stage.device]])
@@ -176,13 +174,16 @@ def reprice(plan: Plan, spec: ModelSpec, inventory: Inventory, work: Workload,
     """The plan's layout priced again on `inventory` (the same devices, other profiles): a new Plan
     with the same stages and shares and that inventory's prediction."""
     p = build_problem(spec, inventory, work, device_names)
-    index = {d.name: i for i, d in enumerate(p.devices)}
-    replicas = tuple(Replica(tuple(index[s.device] for s in r.stages),
-                             (r.stages[0].layers[0], *(s.layers[1] for s in r.stages)), r.batch_share)
-                     for r in plan.replicas)
-    priced = describe(p, Layout(replicas, plan.micro_batches), plan.search.mode, plan.search.layouts_scored,
-                      plan.search.seconds)
+    layout = _layout_of(plan, {d.name: i for i, d in enumerate(p.devices)})
+    priced = describe(p, layout, plan.search.mode, plan.search.layouts_scored, plan.search.seconds)
     return priced.model_copy(update={"verification": plan.verification})
+
+
+def _layout_of(plan: Plan, index: dict[str, int]) -> Layout:
+    """The plan document's layout over a problem's devices (`index`: device name -> position)."""
+    return Layout(tuple(Replica(tuple(index[s.device] for s in r.stages),
+                                (r.stages[0].layers[0], *(s.layers[1] for s in r.stages)), r.batch_share)
+                        for r in plan.replicas), plan.micro_batches)
 
 
 def layout_key(plan: Plan) -> tuple:
