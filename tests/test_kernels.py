@@ -44,13 +44,38 @@ def test_decode_linear_equals_matmul(rows, k, n, storage, with_bias, seed):
     assert (got.double() - _reference(x, storage, weight, bias)).abs().max() <= tol
 
 
+@settings(max_examples=80, deadline=None)
+@given(rows=st.integers(1, 19), k=st.integers(1, 90), n=st.integers(1, 37), storage=st.sampled_from(["fp32", "bf16", "int8"]),
+       with_bias=st.booleans(), seed=st.integers(0, 2**16), data=st.data())
+def test_every_gemv_variant_equals_float64(rows, k, n, storage, with_bias, seed, data):
+    """Each instruction-set variant this CPU runs (AVX-512: 2 x 8 tiles, masked tails; AVX2) against
+    float64 on the same stored weights: odd widths, odd row counts, 1-19 activation rows."""
+    variant = data.draw(st.sampled_from(kernels.runnable_variants()))
+    g = torch.Generator().manual_seed(seed)
+    weight, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    if storage == "int8":
+        stored, scale = int8_rows(weight)
+    else:
+        stored, scale = weight.to({"fp32": torch.float32, "bf16": torch.bfloat16}[storage]).contiguous(), None
+    got = kernels.gemv(x, stored, scale, bias, variant=variant)
+    tol = 1e-5 * (k ** 0.5) * float(x.abs().max() * weight.abs().max()) + 1e-6
+    assert (got.double() - _reference(x, storage, weight, bias)).abs().max() <= tol
+
+
+def test_the_fastest_variant_is_taken():
+    assert kernels.library() is kernels.library(kernels.runnable_variants()[0])
+    assert kernels.library("no-such-variant") is None
+
+
 def test_gemv_runs_on_large_blocks_and_threads():
     # 3 x 1031 x 517: every path (8-row blocks and the tail, 4-row activation blocks) at a real size
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(517, 1031, generator=g), torch.randn(5, 1031, generator=g)
-    for rows in (1, 5):
-        got = kernels.gemv(x[:rows].contiguous(), w)
-        assert torch.allclose(got, x[:rows] @ w.t(), rtol=1e-4, atol=1e-3)
+    for variant in kernels.runnable_variants():
+        for rows in (1, 5):
+            got = kernels.gemv(x[:rows].contiguous(), w, variant=variant)
+            assert torch.allclose(got, x[:rows] @ w.t(), rtol=1e-4, atol=1e-3)
 
 
 def test_gemv_rejects_wrong_inputs():

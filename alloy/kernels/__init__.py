@@ -27,8 +27,15 @@ from pathlib import Path
 
 import torch
 
+from alloy.kernels.cpuinfo import cpu_flags  # the one reader of /proc/cpuinfo
+
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+# gemv.c's variants: flags and the CPU flags each needs, fastest first. The AVX-512 one (16 lanes,
+# 2 weight rows x 8 activation rows per tile, prefetched) took a batch-8 fp32 step of the ~98M
+# Llama from 27 to 16 ms of GEMV on the Xeon of docs/BENCHMARKS.md.
+VARIANTS = {"avx512": (FLAGS + ("-mavx512f", "-mavx512bw", "-mavx512vl"), ("avx2", "fma", "avx512f", "avx512bw", "avx512vl")),
+            "avx2": (FLAGS, ("avx2", "fma"))}
 _FUNCTIONS = {torch.float32: "alloy_gemv_f32", torch.bfloat16: "alloy_gemv_bf16", torch.int8: "alloy_gemv_i8"}
 
 
@@ -95,11 +102,23 @@ def enabled() -> bool:
     return os.environ.get("ALLOY_CPU_KERNELS", "1") != "0"
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
+def runnable_variants() -> list[str]:
+    """gemv.c's variants this CPU runs, fastest first (none without AVX2 + FMA or with ALLOY_CPU_KERNELS=0)."""
     if not enabled() or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    lib = load(SOURCE, FLAGS, "decoding on CPU")
+        return []
+    return [name for name, (_, needs) in VARIANTS.items() if set(needs) <= cpu_flags()]
+
+
+def library(variant: str | None = None) -> ctypes.CDLL | None:
+    """The built gemv.c: `variant` (a key of VARIANTS), or the fastest this CPU runs."""
+    variants = runnable_variants()
+    variant = variant or next(iter(variants), None)
+    return _library(variant) if variant in variants else None
+
+
+@functools.cache
+def _library(variant: str) -> ctypes.CDLL | None:
+    lib = load(SOURCE, VARIANTS[variant][0], "decoding on CPU")
     if lib is None:
         return None
     for name in _FUNCTIONS.values():
@@ -118,12 +137,13 @@ def available() -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
-         bias: torch.Tensor | None = None) -> torch.Tensor:
+         bias: torch.Tensor | None = None, variant: str | None = None) -> torch.Tensor:
     """y = (x @ weight.T) * scale + bias for fp32 x [rows, in] and weight [out, in] in fp32, bf16 or int8.
 
-    scale and bias are fp32 [out] or None. Every tensor must be contiguous on the CPU.
+    scale and bias are fp32 [out] or None. Every tensor must be contiguous on the CPU. `variant`:
+    one of VARIANTS (tests run each); default the fastest this CPU runs.
     """
-    lib = library()
+    lib = library(variant)
     rows, k = x.shape
     n = weight.shape[0]
     if lib is None or x.dtype != torch.float32 or weight.shape[1] != k:

@@ -78,6 +78,22 @@ static inline float dot(const float *a, const float *b, long n) {
     return s;
 }
 
+/* dot(a, b + i * n, n) for i < 4: four independent FMA chains where one dot is a single chain bound
+ * by the FMA latency (a head's 64 features are 8 dependent FMAs). */
+static inline void dot4(const float *a, const float *b, long n, float *out) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 av = _mm256_loadu_ps(a + i);
+        for (int r = 0; r < 4; r++) acc[r] = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + r * n + i), acc[r]);
+    }
+    for (int r = 0; r < 4; r++) {
+        float s = hsum(acc[r]);
+        for (long j = i; j < n; j++) s += a[j] * b[r * n + j];
+        out[r] = s;
+    }
+}
+
 /* Single-query attention of every (row, head) over cache slots [lo, pos]; out [rows, heads * hd]. */
 static void attention(const Model *m, const Layer *l, const float *qkv, long qkv_n, float *out, long pos,
                       float *scores, int threads) {
@@ -91,8 +107,11 @@ static void attention(const Model *m, const Layer *l, const float *qkv, long qkv
         const float *vc = l->v_cache + ((r * m->kv_heads + g) * m->max_len) * hd;
         float *s = scores + rh * span, *o = out + r * m->heads * hd + h * hd;
         float top = -INFINITY;
-        for (long t = 0; t < span; t++) {
-            s[t] = dot(q, kc + (lo + t) * hd, hd) * m->softmax_scale;
+        long t = 0;
+        for (; t + 4 <= span; t += 4) dot4(q, kc + (lo + t) * hd, hd, s + t);
+        for (; t < span; t++) s[t] = dot(q, kc + (lo + t) * hd, hd);
+        for (t = 0; t < span; t++) {
+            s[t] *= m->softmax_scale;
             top = s[t] > top ? s[t] : top;
         }
         float total = 0.0f;
@@ -100,15 +119,23 @@ static void attention(const Model *m, const Layer *l, const float *qkv, long qkv
             s[t] = expf(s[t] - top);
             total += s[t];
         }
-        for (long i = 0; i < hd; i++) o[i] = 0.0f;
-        for (long t = 0; t < span; t++) {
-            const float p = s[t] / total;
-            const float *v = vc + (lo + t) * hd;
-            long i = 0;
-            const __m256 pv = _mm256_set1_ps(p);
-            for (; i + 8 <= hd; i += 8)
-                _mm256_storeu_ps(o + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(o + i)));
-            for (; i < hd; i++) o[i] += p * v[i];
+        for (t = 0; t < span; t++) s[t] /= total;
+        /* o = sum_t s[t] v_t, 32 features at a time held in registers across t (a load and store of
+         * o per slot made the loop wait on store forwarding) */
+        long i = 0;
+        for (; i + 32 <= hd; i += 32) {
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (t = 0; t < span; t++) {
+                const __m256 pv = _mm256_set1_ps(s[t]);
+                const float *v = vc + (lo + t) * hd + i;
+                for (int u = 0; u < 4; u++) acc[u] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * u), acc[u]);
+            }
+            for (int u = 0; u < 4; u++) _mm256_storeu_ps(o + i + 8 * u, acc[u]);
+        }
+        for (; i < hd; i++) {
+            float acc = 0.0f;
+            for (t = 0; t < span; t++) acc += s[t] * vc[(lo + t) * hd + i];
+            o[i] = acc;
         }
     }
 }

@@ -66,7 +66,7 @@ static inline __attribute__((always_inline)) void NAME##_dots(                  
     }                                                                                             \
 }                                                                                                 \
                                                                                                   \
-void NAME(const float *x, const T *w, const float *scale, const float *bias, float *y,           \
+static void NAME##_avx2(const float *x, const T *w, const float *scale, const float *bias, float *y,   \
           long rows, long k, long n, int threads) {                                               \
     const long rows4 = rows & ~3L;                                                                \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                             \
@@ -83,6 +83,125 @@ void NAME(const float *x, const T *w, const float *scale, const float *bias, flo
 DEFINE_GEMV(alloy_gemv_f32, float, load_f32, scalar_f32)
 DEFINE_GEMV(alloy_gemv_bf16, uint16_t, load_bf16, scalar_bf16)
 DEFINE_GEMV(alloy_gemv_i8, int8_t, load_i8, scalar_i8)
+
+#ifdef __AVX512F__
+/* AVX-512 (built into the fused decode step's AVX-512 variant): 16 lanes, and for several
+ * activation rows a tile of 2 weight rows x up to 8 activation rows, 16 independent FMA chains.
+ * With AVX2's one weight row x 4 activation rows, 4 chains of 8 lanes left batch 8 bound by FMA
+ * latency: a batch-8 fp32 step took twice the batch-1 step, where the weights stream once for
+ * both. Tails (k not a multiple of 16) are masked loads: the same products, no scalar loop. */
+static inline __m512 load16_f32(const float *p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+static inline __m512 load16_bf16(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+static inline __m512 load16_i8(const int8_t *p, __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+
+#define DEFINE_GEMV512(NAME, T, LOAD)                                                            \
+static inline __attribute__((always_inline)) void NAME##_tile(                                  \
+        const float *x, const T *w, const float *scale, const float *bias, float *y,             \
+        long k, long n, long j, long b0, const int J, const int C) {                              \
+    __m512 acc[2][8];                                                                             \
+    for (int r = 0; r < J; r++)                                                                   \
+        for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();                              \
+    for (long i = 0; i < k; i += 16) {                                                            \
+        const __mmask16 m = k - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - i)) - 1);   \
+        __m512 wv[2];                                                                             \
+        for (int r = 0; r < J; r++) wv[r] = LOAD(w + (j + r) * k + i, m);                         \
+        if (j + 2 + J <= n)  /* the next pair's lines: DRAM's latency hides behind this pair's FMAs */ \
+            for (int r = 0; r < J; r++) _mm_prefetch((const char *)(w + (j + 2 + r) * k + i), _MM_HINT_T0); \
+        for (int c = 0; c < C; c++) {                                                             \
+            const __m512 xv = _mm512_maskz_loadu_ps(m, x + (b0 + c) * k + i);                     \
+            for (int r = 0; r < J; r++) acc[r][c] = _mm512_fmadd_ps(wv[r], xv, acc[r][c]);        \
+        }                                                                                         \
+    }                                                                                             \
+    for (int r = 0; r < J; r++)                                                                   \
+        for (int c = 0; c < C; c++) {                                                             \
+            float s = _mm512_reduce_add_ps(acc[r][c]);                                            \
+            if (scale) s *= scale[j + r];                                                         \
+            if (bias) s += bias[j + r];                                                           \
+            y[(b0 + c) * n + j + r] = s;                                                          \
+        }                                                                                         \
+}                                                                                                 \
+                                                                                                  \
+/* Batch 1: one weight row at a time (whole rows stream fastest, gemv.c's note), 4 chains along it. */ \
+static inline __attribute__((always_inline)) void NAME##_row(                                   \
+        const float *x, const T *w, const float *scale, const float *bias, float *y, long k, long j, const int PF) { \
+    const T *row = w + j * k;                                                                     \
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}; \
+    long i = 0;                                                                                   \
+    for (; i + 64 <= k; i += 64) {                                                                \
+        if (PF)                                                                                   \
+            for (int u = 0; u < 64 * (int)sizeof(T); u += 64) _mm_prefetch((const char *)(row + 2 * k + i) + u, _MM_HINT_T0); \
+        for (int u = 0; u < 4; u++)                                                               \
+            acc[u] = _mm512_fmadd_ps(LOAD(row + i + 16 * u, 0xFFFF), _mm512_loadu_ps(x + i + 16 * u), acc[u]); \
+    }                                                                                             \
+    for (; i < k; i += 16) {                                                                      \
+        const __mmask16 m = k - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - i)) - 1);   \
+        acc[0] = _mm512_fmadd_ps(LOAD(row + i, m), _mm512_maskz_loadu_ps(m, x + i), acc[0]);     \
+    }                                                                                             \
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))); \
+    if (scale) s *= scale[j];                                                                     \
+    if (bias) s += bias[j];                                                                       \
+    y[j] = s;                                                                                     \
+}                                                                                                 \
+                                                                                                  \
+static void NAME##_avx512(const float *x, const T *w, const float *scale, const float *bias, float *y, \
+                          long rows, long k, long n, int threads) {                               \
+    if (rows == 1) {                                                                              \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                         \
+        for (long j = 0; j < n; j++) NAME##_row(x, w, scale, bias, y, k, j, j + 2 < n);                      \
+        return;                                                                                   \
+    }                                                                                             \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                             \
+    for (long j = 0; j < n; j += 2) {                                                             \
+        const int two = j + 1 < n;                                                                \
+        for (long b0 = 0; b0 < rows; b0 += 8) {                                                   \
+            /* constant J and C in every call, so the tile's accumulators stay in registers */    \
+            switch ((rows - b0 >= 8 ? 8 : (int)(rows - b0)) * 2 + two) {                          \
+            case 2: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 1, 1); break;                  \
+            case 3: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 2, 1); break;                  \
+            case 4: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 1, 2); break;                  \
+            case 5: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 2, 2); break;                  \
+            case 6: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 1, 3); break;                  \
+            case 7: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 2, 3); break;                  \
+            case 8: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 1, 4); break;                  \
+            case 9: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 2, 4); break;                  \
+            case 10: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 1, 5); break;                 \
+            case 11: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 2, 5); break;                 \
+            case 12: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 1, 6); break;                 \
+            case 13: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 2, 6); break;                 \
+            case 14: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 1, 7); break;                 \
+            case 15: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 2, 7); break;                 \
+            case 16: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 1, 8); break;                 \
+            default: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 2, 8); break;                 \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+}
+
+DEFINE_GEMV512(alloy_gemv_f32, float, load16_f32)
+DEFINE_GEMV512(alloy_gemv_bf16, uint16_t, load16_bf16)
+DEFINE_GEMV512(alloy_gemv_i8, int8_t, load16_i8)
+#define GEMV_ISA(NAME) NAME##_avx512
+#else
+#define GEMV_ISA(NAME) NAME##_avx2
+#endif
+
+/* The entry points: the widest variant this build's flags allow. */
+void alloy_gemv_f32(const float *x, const float *w, const float *scale, const float *bias, float *y, long rows,
+                    long k, long n, int threads) {
+    GEMV_ISA(alloy_gemv_f32)(x, w, scale, bias, y, rows, k, n, threads);
+}
+void alloy_gemv_bf16(const float *x, const uint16_t *w, const float *scale, const float *bias, float *y,
+                     long rows, long k, long n, int threads) {
+    GEMV_ISA(alloy_gemv_bf16)(x, w, scale, bias, y, rows, k, n, threads);
+}
+void alloy_gemv_i8(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, long rows,
+                   long k, long n, int threads) {
+    GEMV_ISA(alloy_gemv_i8)(x, w, scale, bias, y, rows, k, n, threads);
+}
 
 /* Sum of n floats: a pure streaming read, the rate a decode step's GEMVs can at best approach.
  * alloy.devices measures the CPU's memory bandwidth with it (PyTorch's own reductions read slower). */
