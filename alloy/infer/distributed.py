@@ -136,8 +136,11 @@ def load_stage(model_dir, stages: list[StageSpec], rank: int, dtype: str = "fp32
 def stage_rank(job: dict, timeout: timedelta):
     """Join the job's process group and load this rank's stage of job["stages"], prepared for
     decoding in job["dtype"]: (model, rank, world). For serving, which has no expert ranks."""
-    from alloy.runtime.launch import init_gloo
+    from alloy.runtime.launch import die_with_parent, init_gloo
 
+    # torchrun gone: this rank goes too. A serving rank can wait in a gloo recv, where a Python
+    # SIGTERM handler (the HTTP rank has one) never runs: one was left behind, re-parented to init.
+    die_with_parent()
     stages = [StageSpec.from_dict(s) for s in job["stages"]]
     if expert_ranks(stages):
         raise ConfigError("serving does not run offloaded experts yet; use a plan without an expert placement")

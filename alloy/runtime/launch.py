@@ -81,14 +81,18 @@ class Rendezvous:
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
     """Ask Linux to send `sig` to this process when its parent dies (PR_SET_PDEATHSIG), so a
     launcher killed with SIGKILL or SIGTERM takes torchrun, and torchrun its workers, along; a
-    no-op where prctl is missing."""
+    no-op where prctl is missing. A parent that died before the request took effect is never
+    signalled for: this process then sends `sig` to itself."""
+    parent = os.getppid()
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, sig, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    if os.getppid() != parent:  # orphaned meanwhile: re-parented to init or a subreaper
+        os.kill(os.getpid(), sig)
 
 
 def torchrun_command(job_path: Path, nproc_per_node: int, rdzv: Rendezvous, endpoint: str,
