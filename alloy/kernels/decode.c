@@ -198,13 +198,13 @@ void alloy_decode_step(const Model *m, float *x, float *logits, long pos, const 
         add_into(x, out, R * H);
         norm_or_copy(x, l->mlp_norm, xn, R, H, m->eps);
         linear(&l->up, xn, up, R, threads);
-        for (long r = 0; r < R; r++) {
-            const float *a = up + r * up_n, *b = a + ffn;
-            float *h = hid + r * ffn;
-            if (m->gated)
-                for (long i = 0; i < ffn; i++) h[i] = activate(a[i], m->act) * b[i];
-            else
-                for (long i = 0; i < ffn; i++) h[i] = activate(a[i], m->act);
+        /* over both threads: rows x ffn exp/erf/tanh calls are the longest serial stretch of a
+         * batched step (the other thread would spin in the barrier meanwhile) */
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")
+        for (long ri = 0; ri < R * ffn; ri++) {
+            const long r = ri / ffn, i = ri % ffn;
+            const float a = up[r * up_n + i];
+            hid[ri] = m->gated ? activate(a, m->act) * up[r * up_n + ffn + i] : activate(a, m->act);
         }
         linear(&l->down, hid, out, R, threads);
         if (l->mlp_post_norm) alloy_rms_norm(out, l->mlp_post_norm, out, R, H, m->eps);
