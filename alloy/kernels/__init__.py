@@ -9,7 +9,8 @@ bf16 one has no fast path on AVX2, while a plain AVX2 loop on two threads reads 
 (measured: docs/INFERENCE.md). The build is a ~1 s `cc` call cached under
 $ALLOY_CACHE_DIR/kernels (default ~/.cache/alloy/kernels), keyed by the source and flags. Without a
 compiler or AVX2+FMA, or with ALLOY_CPU_KERNELS=0, `available()` is False and callers fall back
-to PyTorch ops: slower, same results.
+to PyTorch ops: slower, same results. gemv.c is built once per instruction set (VARIANTS) and the
+widest the CPU runs is taken.
 """
 
 from __future__ import annotations

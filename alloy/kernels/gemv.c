@@ -1,4 +1,5 @@
-/* Decode GEMV for x86 CPUs with AVX2 + FMA: y[b, n] = scale[n] * dot(W[n, :], x[b, :]) + bias[n].
+/* Decode GEMV for x86 CPUs with AVX2 + FMA, and AVX-512 where built with it (alloy.kernels.VARIANTS):
+ * y[b, n] = scale[n] * dot(W[n, :], x[b, :]) + bias[n].
  *
  * Decoding streams every weight once per token, so the speed is the memory read rate. MKL's
  * sgemv reads ~11 GB/s here where a plain two-thread AVX2 loop reads ~23 GB/s, and PyTorch
