@@ -100,6 +100,34 @@ def test_fused_step_on_q4_k():
     assert _steps_agree(model, rows=1, rtol=TOLERANCE["q4_k"]) < TOLERANCE["q4_k"]
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-sliding", "gemma3"])
+def test_slot_cache_rows_at_their_own_positions_equal_the_forward(name, built):
+    """Serving's continuous batching: each row of a slot cache at its own length (one request long
+    in, one just prefilled, one idle at 0 riding along); the fused step writes each row's keys at its
+    own slot and attends over its own slots, as the forward does. Sliding windows and Gemma's local
+    RoPE table make the per-row span and tables matter."""
+    model = prepare(alloy.load(built(name, **WIDE)), "fp32")
+    fused = FusedDecoder.build(model)
+    g = torch.Generator().manual_seed(0)
+    own, mine = model.new_cache(3, 40, slots=True), model.new_cache(3, 40, slots=True)
+    with torch.inference_mode():
+        for cache in (own, mine):
+            for row, prompt in ((0, 23), (1, 4)):
+                ids = torch.randint(1, model.spec.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(row))
+                model(ids, cache=cache.rows(row, row + 1))
+        token = torch.randint(1, model.spec.vocab_size, (3, 1), generator=g)
+        for _ in range(5):
+            assert fused.accepts(token, None, None, mine)
+            want, got = model(token, cache=own), fused(token, mine)
+            assert torch.equal(own.lengths, mine.lengths) and own.lengths.tolist() == mine.lengths.tolist()
+            assert float((want - got).abs().max() / want.abs().max()) < 1e-4
+            token = want[:, -1].argmax(-1, keepdim=True)
+        for i in own.k:
+            for a, b in ((own.k[i], mine.k[i]), (own.v[i], mine.v[i])):
+                assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
+    assert own.lengths.tolist() == [28, 9, 5]
+
+
 def test_each_new_cache_is_bound_afresh(built):
     # one decoder, many generations: each makes a cache (a freed one's id may come back for the next)
     model = prepare(alloy.load(built("llama-gqa", **WIDE)), "fp32")
@@ -136,7 +164,10 @@ def test_what_the_fused_step_declines(built):
     assert not fused.accepts(torch.ones(2, 3, dtype=torch.long), None, None, cache)  # a prefill
     assert not fused.accepts(token, None, torch.ones(2, 1), cache)  # padded rows
     assert not fused.accepts(token, torch.zeros(2, 1, dtype=torch.long), None, cache)  # own positions
-    assert not fused.accepts(token, None, None, model.new_cache(2, 16, slots=True))  # a serving slot cache
+    slots = model.new_cache(2, 16, slots=True)
+    assert fused.accepts(token, None, None, slots)  # a serving slot cache: rows at their own positions
+    slots.lengths[1] = 16
+    assert not fused.accepts(token, None, None, slots)  # one full row: the forward says so
     assert not fused.accepts(torch.ones(3, 1, dtype=torch.long), None, None, cache)  # rows the cache lacks
     cache.length = 16
     assert not fused.accepts(token, None, None, cache)  # a full cache: the forward says so

@@ -11,16 +11,16 @@ writes it with PyTorch, decode with the kernel, into the same buffers.
 It serves the shapes decode has most: RMSNorm blocks (pre-norm, Gemma's sandwich, OLMo 2's
 output norms) with a dense
 MLP, rotary or no positions, grouped-query attention with optional q/k norms, biases and sliding
-windows; one token for each of `rows` sequences at the same position (no padding). Anything else
-— MoE layers, LayerNorm, logit soft-capping in attention, padded batches, slot caches — returns
-None from `build` or is declined per call, and the model's own forward runs: same results.
+windows; one token for each of `rows` sequences, each at its own position (a plain cache: all at
+one; serving's slot cache: each request's own). Anything else — MoE layers, LayerNorm, logit
+soft-capping in attention, padded batches — returns None from `build` or is declined per call,
+and the model's own forward runs: same results.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import weakref
 from pathlib import Path
 
 import torch
@@ -28,11 +28,12 @@ from torch import nn
 
 from alloy import kernels
 from alloy.kernels import quant as kernel_quant
-from alloy.model.cache import KVCache
+from alloy.model.cache import KVCache, SlotCache
 
 SOURCE = Path(kernels.__file__).with_name("decode.c")
 LIN_KINDS = {torch.float32: 100, torch.bfloat16: 101, torch.int8: 102}
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
+ROPE_TABLES = 3  # RoPE table rows a layer may read (alloy.model.layers: ROPE_FULL, ROPE_LOCAL, ROPE_LONG)
 
 
 class _Lin(ctypes.Structure):
@@ -51,7 +52,7 @@ class _Model(ctypes.Structure):
     _fields_ = [*[(name, ctypes.c_long) for name in ("rows", "hidden", "heads", "kv_heads", "head_dim", "rope_dim",
                                                     "ffn", "max_len")],
                 ("eps", ctypes.c_float), ("softmax_scale", ctypes.c_float),
-                *[(name, ctypes.c_int) for name in ("gated", "act", "qk_norm_per_head", "n_layers")],
+                *[(name, ctypes.c_int) for name in ("gated", "act", "qk_norm_per_head", "n_layers", "n_tables")],
                 ("layers", ctypes.POINTER(_Layer)), ("final_norm", ctypes.c_void_p), ("head", _Lin)]
 
 
@@ -59,8 +60,7 @@ class _Model(ctypes.Structure):
 def library(isa: str) -> ctypes.CDLL | None:
     lib = kernels.load(SOURCE, kernel_quant.ISA_FLAGS[isa][0], "fused decode steps")
     if lib is not None:
-        lib.alloy_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
-                                          ctypes.c_void_p, ctypes.c_int]
+        lib.alloy_decode_step.argtypes = [ctypes.POINTER(_Model)] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
         lib.alloy_decode_step.restype = None
     return lib
 
@@ -107,9 +107,10 @@ class FusedDecoder:
 
     def __init__(self, model: nn.Module, lib: ctypes.CDLL, layers: list[_Layer], head: _Lin, final_norm: int | None):
         self.model, self.lib, self.layers, self.head, self.final_norm = model, lib, layers, head, final_norm
-        # (weakref to the cache, rows, struct, layer array): a freed cache's id can be reused by the
-        # next one, whose buffers are elsewhere, so the binding is checked by identity, not id
-        self._bound: tuple[weakref.ref, int, _Model, object] | None = None
+        # (the cache buffers' addresses, struct, layer array): keyed by where every layer's keys and
+        # values are, not by the cache object — a freed cache's id can come back with its buffers
+        # elsewhere, and serving hands a fresh view of the same buffers each step
+        self._bound: tuple[tuple, _Model, object] | None = None
 
     @classmethod
     def build(cls, model: nn.Module) -> "FusedDecoder":
@@ -160,16 +161,21 @@ class FusedDecoder:
         return cls(model, lib, layers, _lin(head, isa), _norm(getattr(model, "norm", None), eps))
 
     def accepts(self, ids: torch.Tensor, positions, attention_mask, cache) -> bool:
-        """Whether this call is a step the kernel takes: one new token per row, no padding, a plain
-        fp32 cache with room."""
-        return (ids.dim() == 2 and ids.shape[1] == 1 and positions is None and attention_mask is None
-                and type(cache) is KVCache and isinstance(cache.length, int) and cache.length < cache.max_len
-                and ids.shape[0] == next(iter(cache.k.values())).shape[0]
-                and next(iter(cache.k.values())).dtype == torch.float32)
+        """Whether this call is a step the kernel takes: one new token per row, no padding, an fp32
+        cache (plain, or a slot cache's rows) with room in every row."""
+        if not (ids.dim() == 2 and ids.shape[1] == 1 and positions is None and attention_mask is None):
+            return False
+        if type(cache) is KVCache:
+            room = isinstance(cache.length, int) and cache.length < cache.max_len
+        else:
+            room = type(cache) is SlotCache and bool((cache.lengths < cache.max_len).all())
+        k = next(iter(cache.k.values()))
+        return room and ids.shape[0] == k.shape[0] and k.dtype == torch.float32
 
     def _bind(self, cache: KVCache, rows: int) -> _Model:
-        if self._bound is not None and self._bound[0]() is cache and self._bound[1] == rows:
-            return self._bound[2]
+        key = tuple((cache.k[int(i)].data_ptr(), cache.v[int(i)].data_ptr()) for i in self.model.layers) + (rows,)
+        if self._bound is not None and self._bound[0] == key:
+            return self._bound[1]
         spec = self.model.spec
         layers = (_Layer * len(self.layers))()
         for i, (index, layer) in enumerate(zip(self.model.layers, self.layers)):
@@ -183,27 +189,28 @@ class FusedDecoder:
                         head_dim=spec.head_dim, rope_dim=spec.rope_dim if spec.positions == "rope" else 0,
                         ffn=mlp.down.in_features, max_len=cache.max_len, eps=spec.norm_eps,
                         softmax_scale=spec.softmax_scale, gated=int(mlp.gated), act=ACTIVATIONS[spec.activation],
-                        qk_norm_per_head=int(spec.qk_norm_per_head), n_layers=len(self.layers), layers=layers,
-                        final_norm=self.final_norm, head=self.head)
-        self._bound = (weakref.ref(cache), rows, struct, layers)  # the array lives as long as the struct points at it
+                        qk_norm_per_head=int(spec.qk_norm_per_head), n_layers=len(self.layers), n_tables=ROPE_TABLES,
+                        layers=layers, final_norm=self.final_norm, head=self.head)
+        self._bound = (key, struct, layers)  # the array lives as long as the struct points at it
         return struct
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits [rows, 1, vocab] for token ids [rows, 1] at the cache's next slot; advances the cache."""
+        """Logits [rows, 1, vocab] for token ids [rows, 1], each row at its next slot; advances the cache."""
         model, spec = self.model, self.model.spec
-        rows, pos = ids.shape[0], cache.length
-        positions = torch.full((rows, 1), pos, dtype=torch.long)
+        rows, length = ids.shape[0], cache.length
+        pos = torch.full((rows,), length, dtype=torch.long) if isinstance(length, int) else length.to(torch.long).clone()
+        positions = pos[:, None]  # as the forward numbers a slot cache's rows: each at its own length
         x = model.embed(ids, positions).reshape(rows, spec.hidden_size).float().contiguous()
-        tables = torch.zeros(3, 2, max(spec.rope_dim, 1))
+        tables = torch.zeros(rows, ROPE_TABLES, 2, max(spec.rope_dim, 1))
         if spec.positions == "rope":
-            for row, (cos, sin) in model._rope(positions, torch.float32).items():
-                tables[row, 0], tables[row, 1] = cos[0, 0, 0], sin[0, 0, 0]
+            for table, (cos, sin) in model._rope(positions, torch.float32).items():
+                tables[:, table, 0], tables[:, table, 1] = cos[:, 0, 0], sin[:, 0, 0]
         logits = torch.empty(rows, self.head.n, dtype=torch.float32)
         struct = self._bind(cache, rows)
-        self.lib.alloy_decode_step(ctypes.byref(struct), x.data_ptr(), logits.data_ptr(), pos, tables.data_ptr(),
-                                   torch.get_num_threads())
-        cache.length = pos + 1
+        self.lib.alloy_decode_step(ctypes.byref(struct), x.data_ptr(), logits.data_ptr(), pos.data_ptr(),
+                                   tables.data_ptr(), torch.get_num_threads())
+        cache.length = length + 1  # a slot cache's setter writes its lengths in place
         if spec.final_softcap:
             logits = torch.tanh(logits / spec.final_softcap) * spec.final_softcap
         return logits[:, None]

@@ -8,8 +8,9 @@
  * them (DecodeLinear: fp32 / bf16 / int8 rows; QuantLinear: GGUF blocks), the KV cache is the
  * model's own (prefill writes it with PyTorch, decode here), so the two paths interleave freely.
  *
- * Rows: `rows` sequences that all sit at the same position (no padding); each has its own cache
- * row. Built per instruction set with quant.c's flags (alloy.kernels.quant).
+ * Rows: `rows` sequences, each at its own position (generation: all the same; serving's slot
+ * cache: wherever each request is), each with its own cache row. Built per instruction set with
+ * quant.c's flags (alloy.kernels.quant).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -40,7 +41,7 @@ typedef struct {
 typedef struct {
     long rows, hidden, heads, kv_heads, head_dim, rope_dim, ffn, max_len;
     float eps, softmax_scale;
-    int gated, act, qk_norm_per_head, n_layers;
+    int gated, act, qk_norm_per_head, n_layers, n_tables;  /* n_tables: RoPE tables per row */
     const Layer *layers;
     const float *final_norm;  /* NULL: none */
     Lin head;                 /* head.w NULL: no head (x is left normed in `out`) */
@@ -94,18 +95,19 @@ static inline void dot4(const float *a, const float *b, long n, float *out) {
     }
 }
 
-/* Single-query attention of every (row, head) over cache slots [lo, pos]; out [rows, heads * hd]. */
-static void attention(const Model *m, const Layer *l, const float *qkv, long qkv_n, float *out, long pos,
-                      float *scores, int threads) {
-    const long hd = m->head_dim, group = m->heads / m->kv_heads, lo = l->window ? (pos - l->window + 1 > 0 ? pos - l->window + 1 : 0) : 0;
-    const long span = pos + 1 - lo;
+/* Single-query attention of every (row, head) over its row's cache slots [lo, pos[r]]; out [rows,
+ * heads * hd]; scores: `stride` floats per (row, head). */
+static void attention(const Model *m, const Layer *l, const float *qkv, long qkv_n, float *out, const long *pos,
+                      float *scores, long stride, int threads) {
+    const long hd = m->head_dim, group = m->heads / m->kv_heads;
     _Pragma("omp parallel for schedule(static) num_threads(threads)")
     for (long rh = 0; rh < m->rows * m->heads; rh++) {
         const long r = rh / m->heads, h = rh % m->heads, g = h / group;
+        const long lo = l->window && pos[r] - l->window + 1 > 0 ? pos[r] - l->window + 1 : 0, span = pos[r] + 1 - lo;
         const float *q = qkv + r * qkv_n + h * hd;
         const float *kc = l->k_cache + ((r * m->kv_heads + g) * m->max_len) * hd;
         const float *vc = l->v_cache + ((r * m->kv_heads + g) * m->max_len) * hd;
-        float *s = scores + rh * span, *o = out + r * m->heads * hd + h * hd;
+        float *s = scores + rh * stride, *o = out + r * m->heads * hd + h * hd;
         float top = -INFINITY;
         long t = 0;
         for (; t + 4 <= span; t += 4) dot4(q, kc + (lo + t) * hd, hd, s + t);
@@ -160,23 +162,27 @@ static void add_into(float *x, const float *y, long n) {
     for (long i = 0; i < n; i++) x[i] += y[i];
 }
 
-/* x [rows, hidden]: the embedded tokens at slot `pos` in, the last hidden state out (normed when
- * the model has a final norm); logits [rows, vocab] when the model has a head. rope: per table
- * row, cos then sin, each [rope_dim] (the same floats PyTorch's tables hold for this position). */
-void alloy_decode_step(const Model *m, float *x, float *logits, long pos, const float *rope_tables, int threads) {
+/* x [rows, hidden]: row r's embedded token at slot pos[r] in, the last hidden state out (normed
+ * when the model has a final norm); logits [rows, vocab] when the model has a head. rope: per row,
+ * per table, cos then sin, each [rope_dim] (the same floats PyTorch's tables hold for the row's
+ * position). */
+void alloy_decode_step(const Model *m, float *x, float *logits, const long *pos, const float *rope_tables,
+                       int threads) {
     const long R = m->rows, H = m->hidden, hd = m->head_dim, nq = m->heads * hd, nkv = m->kv_heads * hd;
     const long qkv_n = nq + 2 * nkv, ffn = m->ffn, up_n = m->gated ? 2 * ffn : ffn;
     float *xn = malloc(sizeof(float) * R * H), *qkv = malloc(sizeof(float) * R * qkv_n);
     float *att = malloc(sizeof(float) * R * nq), *out = malloc(sizeof(float) * R * H);
     float *up = malloc(sizeof(float) * R * up_n), *hid = malloc(sizeof(float) * R * ffn);
-    float *scores = malloc(sizeof(float) * R * m->heads * (pos + 1));
+    long stride = 0;  /* the longest row's slots */
+    for (long r = 0; r < R; r++) stride = pos[r] + 1 > stride ? pos[r] + 1 : stride;
+    float *scores = malloc(sizeof(float) * R * m->heads * stride);
     for (int li = 0; li < m->n_layers; li++) {
         const Layer *l = m->layers + li;
-        const float *cos = rope_tables + 2 * l->rope_row * m->rope_dim, *sin = cos + m->rope_dim;
         norm_or_copy(x, l->attn_norm, xn, R, H, m->eps);
         linear(&l->qkv, xn, qkv, R, threads);
         for (long r = 0; r < R; r++) {
             float *q = qkv + r * qkv_n, *k = q + nq, *v = k + nkv;
+            const float *cos = rope_tables + 2 * (r * m->n_tables + l->rope_row) * m->rope_dim, *sin = cos + m->rope_dim;
             if (l->q_norm) {
                 const int per_head = m->qk_norm_per_head;
                 alloy_rms_norm(q, l->q_norm, q, per_head ? m->heads : 1, per_head ? hd : nq, m->eps);
@@ -187,12 +193,12 @@ void alloy_decode_step(const Model *m, float *x, float *logits, long pos, const 
                 rope(k, m->kv_heads, hd, m->rope_dim, cos, sin);
             }
             for (long g = 0; g < m->kv_heads; g++) {
-                const long slot = ((r * m->kv_heads + g) * m->max_len + pos) * hd;
+                const long slot = ((r * m->kv_heads + g) * m->max_len + pos[r]) * hd;
                 memcpy(l->k_cache + slot, k + g * hd, sizeof(float) * hd);
                 memcpy(l->v_cache + slot, v + g * hd, sizeof(float) * hd);
             }
         }
-        attention(m, l, qkv, qkv_n, att, pos, scores, threads);
+        attention(m, l, qkv, qkv_n, att, pos, scores, stride, threads);
         linear(&l->o, att, out, R, threads);
         if (l->attn_post_norm) alloy_rms_norm(out, l->attn_post_norm, out, R, H, m->eps);
         add_into(x, out, R * H);

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from alloy.errors import AlloyError, ConfigError
+from alloy.infer.fused import fused_decoder
 from alloy.infer.sampling import Sampler, Sampling
 from alloy.infer.tokenize import TextStream
 from alloy.model import Transformer
@@ -102,9 +103,15 @@ class LocalStages:
         self.pipeline = Pipeline(stages)
         self.devices = self.pipeline.devices
         self.caches = [s.new_cache(max_batch, self.ctx_size, slots=True) for s in stages]
+        # One CPU stage: decode steps in one C call (alloy.infer.fused), each row at its own slot.
+        self.fused = fused_decoder(stages[0]) if len(stages) == 1 and self.devices[0].type == "cpu" else None
 
     def forward(self, ids: torch.Tensor, first: int, last: int) -> torch.Tensor:
         """Logits [rows, vocab] of the last position of rows [first, last), fed `ids` [rows, T]."""
+        if self.fused is not None:
+            rows = self.caches[0].rows(first, last)
+            if self.fused.accepts(ids, None, None, rows):
+                return self.fused(ids, rows)[:, -1]
         groups = min(len(self.caches), last - first)  # one group per stage keeps every stage busy
         bounds = [first + round(i * (last - first) / groups) for i in range(groups + 1)]
         work = [(ids[a - first:b - first], None, None, [cache.rows(a, b) for cache in self.caches])
