@@ -22,6 +22,14 @@ def memory_bar(used_bytes: float, capacity_bytes: float, width: int = 12) -> Tex
         f" {used_bytes / GIB:.1f}/{capacity_bytes / GIB:.0f} GiB")
 
 
+def _route(link) -> str:
+    """Where a hop's bytes go: NCCL moves them GPU to GPU; gloo between host tensors, through
+    the host when an end is an accelerator."""
+    if link.through_host:
+        return "through the host"
+    return "device to device" if link.transport == "nccl" else "host to host"
+
+
 def plan_tables(plan: Plan) -> Group:
     m = plan.model
     what = (f"{plan.task} {m.family} ({m.num_params / 1e9:.2f}B params, {m.num_layers} layers), "
@@ -54,10 +62,11 @@ def plan_tables(plan: Plan) -> Group:
         summary += Text(f"; prefill {predicted.prefill_s:.3g} s, {predicted.decode_token_s * 1e3:.3g} ms per token")
     summary += Text(f"\nbottleneck: {plan.bottleneck}")
     for link in plan.links:
-        route = "through the host" if link.through_host else "host to host"
-        summary += Text(f"\nlink {link.a} <-> {link.b}: {link.transport} {route}, "
+        summary += Text(f"\nlink {link.a} <-> {link.b}: {link.transport} {_route(link)}, "
                         f"{link.message_bytes_per_element}-byte elements, {link.bytes_per_s / 1e9:.3g} GB/s, "
                         f"{link.latency_s * 1e6:.3g} us")
+    if plan.collective_transport:
+        summary += Text(f"\ncollectives (gradients, loss and norm): {plan.collective_transport}")
     if plan.unused_devices:
         summary += Text(f"\nunused (they would slow the step): {', '.join(plan.unused_devices)}")
     summary += Text(f"\nsearch: {plan.search.mode}, {plan.search.layouts_scored:,} layouts scored in "

@@ -68,10 +68,12 @@ class LinkUse(_Doc):
 
     a: str
     b: str
+    # alloy.plan.transport's rule over the hop's whole pipeline: nccl among distinct CUDA GPUs of
+    # one node (training), else gloo
     transport: Literal["gloo", "nccl"]
     through_host: bool  # an accelerator end copies to or from host memory first (gloo carries host tensors)
     message_bytes_per_element: int  # 4: training's fp32 activations and gradients; decoding's activation dtype
-    bytes_per_s: float  # effective: the host copies and the link in series
+    bytes_per_s: float  # effective: gloo's host copies and the link in series; nccl: the link alone
     latency_s: float
 
 
@@ -150,7 +152,8 @@ class Plan(_Doc):
     unused_devices: list[str] = Field(default_factory=list)
     # the pipeline hops and expert round trips, as priced; empty for plans written before (and one device)
     links: list[LinkUse] = Field(default_factory=list)
-    collective_transport: Literal["gloo", "nccl"] | None = None  # training with several workers: gradients, scalars
+    # training with several workers: how gradients and scalars are reduced (the rule over every worker)
+    collective_transport: Literal["gloo", "nccl"] | None = None
     verification: Verification | None = None  # measured candidates (alloy plan --verify, alloy train)
 
     @property

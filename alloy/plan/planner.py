@@ -15,9 +15,9 @@ from alloy.plan.experts import Offload, best_offload
 from alloy.plan.plan import (BaselinePrediction, ExpertPlacement, LinkUse, ModelSummary, Plan, Prediction,
                              ReplicaPlan, SearchInfo, Stage)
 from alloy.plan.search import Search
-from alloy.plan.timing import (TRANSPORT, Layout, Problem, Replica, build_problem, decode_token_s,
-                               hop_bytes_per_s, micro_batching, pipeline_time_s, send_s, stage_memory_bytes,
-                               step_timing)
+from alloy.plan.timing import (Layout, Problem, Replica, build_problem, decode_token_s, hop_bytes_per_s,
+                               micro_batching, pipeline_time_s, send_s, stage_memory_bytes, step_timing,
+                               through_host, transport_of)
 from alloy.spec import ModelSpec
 
 GIB = 2**30
@@ -97,7 +97,7 @@ def describe_offload(p: Problem, off: Offload, search: Search, seconds: float) -
         replicas=[replica],
         predicted=Prediction(step_s=off.step_s, tokens_per_s=tokens / off.step_s, prefill_s=off.prefill_s,
                              decode_token_s=off.decode_token_s),
-        links=link_uses(p, [(off.host, off.experts)]),
+        links=link_uses(p, [(off.host, off.experts)]),  # the expert round trips: one hop
         bottleneck=bottleneck, baselines=baselines))
 
 
@@ -284,22 +284,24 @@ def describe(p: Problem, layout: Layout, mode: str, layouts_scored: int, seconds
         bottleneck=bottleneck(p, layout, timing),
         baselines=baseline_docs,
         search=SearchInfo(mode=mode, layouts_scored=layouts_scored, seconds=seconds),
-        links=link_uses(p, [pair for r in layout.replicas for pair in zip(r.devices, r.devices[1:])]),
-        collective_transport=TRANSPORT if w.task == "train" and len(used) > 1 else None,
+        links=link_uses(p, [r.devices for r in layout.replicas]),
+        collective_transport=transport_of(p, used) if w.task == "train" and len(used) > 1 else None,
     )
 
 
-def link_uses(p: Problem, pairs) -> list[LinkUse]:
-    """The plan's record of each device pair it sends between: transport, route and priced rate."""
+def link_uses(p: Problem, pipelines) -> list[LinkUse]:
+    """The plan's record of each device pair it sends between, hop by hop along each pipeline
+    (a tuple of devices): the pipeline's transport, the route and the rate priced."""
     out, seen = [], set()
-    for a, b in pairs:
-        if frozenset((a, b)) in seen:
-            continue
-        seen.add(frozenset((a, b)))
-        out.append(LinkUse(a=p.devices[a].name, b=p.devices[b].name, transport=TRANSPORT,
-                           through_host=bool(np.isfinite(p.host_link_bytes_per_s[[a, b]]).any()),
-                           message_bytes_per_element=p.costs.message_bytes, bytes_per_s=hop_bytes_per_s(p, a, b),
-                           latency_s=float(p.link_latency_s[a, b])))
+    for pipeline in pipelines:
+        how = transport_of(p, pipeline)
+        for a, b in zip(pipeline, pipeline[1:]):
+            if frozenset((a, b)) in seen:
+                continue
+            seen.add(frozenset((a, b)))
+            out.append(LinkUse(a=p.devices[a].name, b=p.devices[b].name, transport=how,
+                               through_host=through_host(p, a, b, how), message_bytes_per_element=p.costs.message_bytes,
+                               bytes_per_s=hop_bytes_per_s(p, a, b, how), latency_s=float(p.link_latency_s[a, b])))
     return out
 
 
@@ -317,16 +319,16 @@ def _prediction(p: Problem, layout: Layout, timing) -> Prediction:
     prefill_s, decode_s = 0.0, 0.0
     for replica in layout.replicas:
         m, mb, _ = micro_batching(p, replica.share, layout.micro_batches, len(replica.devices))
-        stages = list(replica.stages())
+        stages, how = list(replica.stages()), transport_of(p, replica.devices)
         pre, dec = [], []
         for k, (d, a, b) in enumerate(stages):
             nxt = stages[k + 1][0] if k + 1 < len(stages) else None
             flops = mb * (p.prefix_step_flops[b] - p.prefix_step_flops[a]
                           + p.costs.head_step_flops_per_sample * (b == p.num_layers))
-            hop_s = 0.0 if nxt is None else (mb * p.costs.boundary_bytes_per_sample / hop_bytes_per_s(p, d, nxt)
+            hop_s = 0.0 if nxt is None else (mb * p.costs.boundary_bytes_per_sample / hop_bytes_per_s(p, d, nxt, how)
                                              + p.link_latency_s[d, nxt])
             pre.append(flops / p.flops[d] + hop_s)
-            dec.append(float(decode_token_s(p, d, a, b, mb)) + (send_s(p, d, nxt, mb) - hop_s) /
+            dec.append(float(decode_token_s(p, d, a, b, mb)) + (send_s(p, d, nxt, mb, how) - hop_s) /
                        max(w.new_tokens, 1))
         prefill_s = max(prefill_s, pipeline_time_s(pre, m))
         decode_s = max(decode_s, pipeline_time_s(dec, m))

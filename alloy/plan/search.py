@@ -18,7 +18,7 @@ import numpy as np
 
 from alloy.plan.timing import (Layout, Problem, Replica, micro_batching, replica_timing, sync_cost,
                                synced_time_s)
-from alloy.plan.timing import (quantized_base_here, send_s, stage_compute_s, stage_memory_bytes,
+from alloy.plan.timing import (quantized_base_here, send_s, stage_compute_s, stage_memory_bytes, transport_of,
                                stage_optimizer_s, stage_overhead_s)
 
 EXACT_MAX_DEVICES = 5  # every grouping and order is tried up to here (958 ordered groupings at 5)
@@ -71,6 +71,7 @@ class Search:
         inf = no fit."""
         p, i, j = self.p, self.start, self.stop
         m, mb, mb_max = micro_batching(p, share, micro_batches, len(order))
+        how = transport_of(p, order)  # one transport for the whole pipeline, as the runtime sends
         table = np.empty((len(order),) + i.shape)
         for pos, d in enumerate(order):
             nxt = order[pos + 1] if pos + 1 < len(order) else None
@@ -83,7 +84,7 @@ class Search:
             if memory_key not in self._rows:
                 with np.errstate(invalid="ignore"):
                     self._rows[memory_key] = stage_memory_bytes(p, i, j, memory_key[1], mb_max, share, d)
-            slot = self._rows[compute_key] + stage_overhead_s(p, d, len(order)) + send_s(p, d, nxt, mb)
+            slot = self._rows[compute_key] + stage_overhead_s(p, d, len(order)) + send_s(p, d, nxt, mb, how)
             table[pos] = np.where(self._valid & (self._rows[memory_key] <= p.memory_bytes[d]), slot, np.inf)
         return table
 
@@ -196,7 +197,7 @@ class Search:
         sig = [(p.flops[d], p.memory_bytes[d], p.memory_bandwidth_bytes_per_s[d], p.host_link_bytes_per_s[d],
                 id(p.measured[d]) if p.measured and p.measured[d] else None) for d in order]
         links = [(p.link_bytes_per_s[a, b], p.link_latency_s[a, b]) for a, b in zip(order, order[1:])]
-        return tuple(sig), tuple(links)
+        return tuple(sig), tuple(links), transport_of(p, order)
 
     # ---- one replica group (a set of devices) ------------------------------------------------
 

@@ -19,6 +19,7 @@ import numpy as np
 from alloy.devices import DeviceProfile, Inventory
 from alloy.errors import PlanError
 from alloy.plan.cost import LORA_HEAP_RETAINED, TRAIN_WORKER_OVERHEAD_BYTES, ModelCosts, Workload, model_costs
+from alloy.plan.transport import Transport, transport
 from alloy.spec import ModelSpec
 
 
@@ -55,6 +56,9 @@ class Problem:
     # Per device: measured per-layer times for this model, replacing the FLOP-rate estimate.
     # train: (train,); infer: (prefill, decode). None where the profile carries none.
     measured: tuple = ()
+    # Whether the runtime that runs this workload opens NCCL groups: training's does
+    # (alloy.runtime.layout.job_transports); inference's (alloy.infer) sends over gloo only.
+    nccl_usable: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -99,7 +103,7 @@ def build_problem(spec: ModelSpec, inventory: Inventory, work: Workload,
         micro_batch_overhead_s=np.array([d.micro_batch_overhead_s or 0.0 for d in devices]),
         collective_latency_s=collective.latency_s if collective else math.nan,
         collective_bytes_per_s=collective.bandwidth_bytes_per_s if collective else 0.0,
-        startup_s=inventory.startup_s,
+        startup_s=inventory.startup_s, nccl_usable=work.task == "train",
         spec=spec, work=work, costs=costs, devices=tuple(devices), measured=measured,
         flops=np.array([d.flops(work.dtype) for d in devices]),
         memory_bytes=np.array([usable_memory_bytes(d) for d in devices], dtype=float),
@@ -118,15 +122,27 @@ def build_problem(spec: ModelSpec, inventory: Inventory, work: Workload,
     )
 
 
-# Every message and collective the runtime sends today goes over gloo, on host tensors: an
-# accelerator's end copies to or from the host first (NCCL among GPUs is not in the runtime yet).
-TRANSPORT = "gloo"
+def transport_of(p: Problem, members) -> Transport:
+    """The transport the runtime uses among these devices (alloy.plan.transport's rule): a
+    pipeline's messages go by its whole pipeline's, since a pipeline stage sends and receives on
+    one device; the collectives by every worker's."""
+    return transport([p.devices[d] for d in members], p.nccl_usable)
 
 
-def hop_bytes_per_s(p: "Problem", a: int, b: int) -> float:
-    """A message's rate from device a to device b as the runtime moves it: a's host copy, the
-    link, b's host copy, in series (a CPU end has no copy)."""
+def hop_bytes_per_s(p: Problem, a: int, b: int, how: Transport | None = None) -> float:
+    """A message's rate from device a to device b as the runtime moves it (`how`: the transport
+    of the pipeline it belongs to; None: the pair's own). NCCL sends device to device at the
+    link's rate; gloo carries host tensors: a's host copy, the link, b's host copy, in series (a
+    CPU end has no copy)."""
+    if (how or transport_of(p, (a, b))) == "nccl":
+        return float(p.link_bytes_per_s[a, b])
     return 1.0 / (1.0 / p.link_bytes_per_s[a, b] + 1.0 / p.host_link_bytes_per_s[a] + 1.0 / p.host_link_bytes_per_s[b])
+
+
+def through_host(p: Problem, a: int, b: int, how: Transport) -> bool:
+    """Whether a message between a and b copies through host memory: under gloo, when an end is
+    an accelerator (whose host copies the profile prices); never under NCCL."""
+    return how == "gloo" and bool(np.isfinite(p.host_link_bytes_per_s[[a, b]]).any())
 
 
 # AdamW in fp32 reads weight, gradient and both moments and writes weight and moments: 28 bytes
@@ -256,11 +272,12 @@ def decode_token_s(p: Problem, device: int, start, stop, mb_samples: float):
     return np.maximum(read_bytes / p.memory_bandwidth_bytes_per_s[device], flops / p.flops[device])
 
 
-def send_s(p: Problem, src: int, dst: int | None, mb_samples: float) -> float:
-    """Hidden states of one micro-batch to the next stage (and their gradient back, when training)."""
+def send_s(p: Problem, src: int, dst: int | None, mb_samples: float, how: Transport | None = None) -> float:
+    """Hidden states of one micro-batch to the next stage (and their gradient back, when training),
+    over `how` (the pipeline's transport; None: the pair's own)."""
     if dst is None:
         return 0.0
-    bw, lat = hop_bytes_per_s(p, src, dst), p.link_latency_s[src, dst]
+    bw, lat = hop_bytes_per_s(p, src, dst, how), p.link_latency_s[src, dst]
     one_way_s = mb_samples * p.costs.boundary_bytes_per_sample / bw + lat
     if p.work.task == "train":
         return 2 * one_way_s
@@ -346,10 +363,11 @@ def replica_timing(p: Problem, devices: tuple[int, ...], cuts: tuple[int, ...], 
     then the next step's pipeline, so the update belongs to the replica's own time."""
     n = len(devices)
     m, mb, mb_max = micro_batching(p, share, micro_batches, n)
+    how = transport_of(p, devices)
     slots, computes, mems, fits, optimizer = [], [], [], True, 0.0
     for k, (d, a, b) in enumerate(zip(devices, cuts[:-1], cuts[1:])):
         compute = float(stage_compute_s(p, d, a, b, mb)) + stage_overhead_s(p, d, n)
-        slots.append(compute + send_s(p, d, devices[k + 1] if k + 1 < n else None, mb))
+        slots.append(compute + send_s(p, d, devices[k + 1] if k + 1 < n else None, mb, how))
         computes.append(compute)
         mem = float(stage_memory_bytes(p, a, b, min(n - k, m), mb_max, share, d))
         mems.append(mem)
@@ -400,7 +418,8 @@ class SyncCost:
 
 
 def sync_cost(p: Problem, groups: list[tuple[int, ...]]) -> SyncCost:
-    """Every collective of a training step as the runtime runs them (gloo):
+    """Every collective of a training step as the runtime runs them, over every worker's
+    transport (`transport_of`; `collective_transport` in the plan):
 
     - the gradient among replicas: a ring all-reduce of the whole model in buckets
       (`gradient_bucket_bytes`); pure data parallel starts each bucket as soon as the backward has
@@ -409,13 +428,17 @@ def sync_cost(p: Problem, groups: list[tuple[int, ...]]) -> SyncCost:
     - one small all-reduce over every worker: the loss, the gradient norm and the step times.
 
     Each call costs the collective latency; bytes cost the ring bandwidth. Both come from the
-    inventory's measured all-reduce when it has one, else from the slowest link between the workers.
+    inventory's measured all-reduce when it has one and the workers are on gloo (calibration times
+    gloo on host tensors), else from the slowest link between the workers. Under gloo an
+    accelerator copies each gradient bucket out and the sum back in; under NCCL the GPUs reduce
+    on the device, no host copy.
     """
-    world = sum(len(g) for g in groups)
-    if world < 2 or p.work.task != "train":
+    workers = [d for g in groups for d in g]
+    if len(workers) < 2 or p.work.task != "train":
         return SyncCost()
     r, c = len(groups), p.costs
-    if p.collective_bytes_per_s > 0:
+    nccl = transport_of(p, workers) == "nccl"
+    if p.collective_bytes_per_s > 0 and not nccl:
         bw = p.collective_bytes_per_s
         call_s = lambda n: p.collective_latency_s  # noqa: E731  (measured per call)
     else:
@@ -428,13 +451,12 @@ def sync_cost(p: Problem, groups: list[tuple[int, ...]]) -> SyncCost:
             mask &= owner[:, None] != owner[None, :]
         bw, lat = p.link_bytes_per_s[mask].min(), p.link_latency_s[mask].max()
         call_s = lambda n: 2 * (n - 1) * lat  # noqa: E731  (a ring: 2 (n - 1) hops a call)
-    exposed_s = call_s(world)  # the scalars, every step
+    exposed_s = call_s(len(workers))  # the scalars, every step
     if r > 1:
         total_bytes = c.total_param_bytes
         bucket = gradient_bucket_bytes(total_bytes, overlaps_backward(groups))
         calls = math.ceil(total_bytes / bucket)
-        # gloo reduces host tensors: an accelerator copies each bucket out and the sum back in
-        host_s_per_byte = 2.0 / p.host_link_bytes_per_s[[d for g in groups for d in g]].min()
+        host_s_per_byte = 0.0 if nccl else 2.0 / p.host_link_bytes_per_s[workers].min()
         bucket_s = lambda n: call_s(r) + 2 * (r - 1) / r * n / bw + n * host_s_per_byte  # noqa: E731
         last = total_bytes - (calls - 1) * bucket
         full_s = (calls - 1) * bucket_s(bucket) if calls > 1 else 0.0  # never 0 x inf on an unusable link

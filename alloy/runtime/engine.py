@@ -23,7 +23,7 @@ from alloy.model import Transformer
 from alloy.model.init import canonical_name
 from alloy.runtime.build import build_stage_model
 from alloy.runtime.data import IGNORE_INDEX, loss_target_count, split_batch
-from alloy.runtime.layout import RunLayout
+from alloy.runtime.layout import GLOO_ONLY, RunLayout, Transports
 from alloy.runtime.sync import GradientSync
 from alloy.spec import ModelSpec
 
@@ -63,20 +63,23 @@ class StepRecord:
 
 
 class StageModule(nn.Module):
-    """The stage as the pipeline sees it: autocast, and a host boundary for accelerators (the
-    pipeline's messages travel over gloo, on the host)."""
+    """The stage as the pipeline sees it: autocast, and an accelerator's output put where the
+    pipeline's messages travel (`message_device`): the host under gloo, its own GPU under NCCL."""
 
-    def __init__(self, model: Transformer, device: torch.device, precision: str):
+    def __init__(self, model: Transformer, device: torch.device, precision: str,
+                 message_device: torch.device | None = None):
         super().__init__()
         self.model, self.device, self.precision = model, device, precision
+        self.message_device = message_device or torch.device("cpu")
 
     def forward(self, x):
         with autocast(self.device, self.precision):
             out = self.model(x.to(self.device))
         if self.device.type == "cpu":
             return out
-        # autocast's bf16 is upcast to fp32 for the host; fp64 (equality tests) stays fp64
-        return out.to("cpu", torch.promote_types(out.dtype, torch.float32))
+        # sent in at least fp32, as the planner prices training's messages (alloy.plan.cost
+        # MESSAGE_BYTES): autocast's bf16 is upcast; fp64 (equality tests) stays fp64
+        return out.to(self.message_device, torch.promote_types(out.dtype, torch.float32))
 
 
 def autocast(device: torch.device, precision: str):
@@ -104,10 +107,15 @@ class StageRunner:
     def __init__(self, spec: ModelSpec, layout: RunLayout, rank: int, *, device: torch.device,
                  seed: int = 0, init_dir: str | None = None, optim: OptimConfig | None = None,
                  pipeline_schedule: str = "1f1b", precision: str = "fp32", activation_checkpointing: bool = False,
-                 timeout=None, param_dtype: str = "fp32", lora: dict | None = None):
+                 timeout=None, param_dtype: str = "fp32", lora: dict | None = None,
+                 transports: Transports = GLOO_ONLY):
         self.spec, self.layout, self.rank = spec, layout, rank
         self.info = layout.rank(rank)
         self.device, self.precision = device, precision
+        # Where this rank's tensors travel: its GPU for a group on NCCL, the host for gloo
+        self.transport = transports.to_dict(self.info.pipeline_ranks)
+        self.message_device = device if self.transport["pipeline"] == "nccl" else torch.device("cpu")
+        self.collective_device = device if self.transport["collectives"] == "nccl" else torch.device("cpu")
         stage = self.info.stage
         if lora and lora.get("quantize_base") and device.type != "cpu":
             # QLoRA's block formats run on CPU workers; a GPU stage of the run keeps its frozen base
@@ -119,7 +127,7 @@ class StageRunner:
                                        lora=lora).to(device)
         if activation_checkpointing:
             apply_activation_checkpointing(self.model)
-        self.module = StageModule(self.model, device, precision)
+        self.module = StageModule(self.model, device, precision, self.message_device)
         self.optim = optim or OptimConfig()
         # fused: one kernel per tensor for the whole update (3.4x the for-loop's speed on a Xeon
         # core for a 10M-parameter model); the same arithmetic, as the tests against the plain one show.
@@ -127,22 +135,24 @@ class StageRunner:
         self.optimizer = torch.optim.AdamW(trainable, lr=self.optim.lr, betas=self.optim.betas,
                                            weight_decay=self.optim.weight_decay, eps=self.optim.eps,
                                            fused=device.type in ("cpu", "cuda") or None)
-        self.sync = GradientSync(spec, layout, self.model, rank, timeout=timeout, lora=lora)
+        self.sync = GradientSync(spec, layout, self.model, rank, timeout=timeout, lora=lora,
+                                 on_device=self.collective_device.type != "cpu")
         self.micro_batches = layout.micro_batches_for(self.info.replica)
         self._loss_scale = 1.0
         self._last_step_s = 0.0
         # Every rank creates every pipeline's group, in one order: new_group is collective.
         pipelines = sorted({i.pipeline_ranks for i in layout.ranks() if len(i.pipeline_ranks) > 1})
         groups = {ranks: dist.new_group(list(ranks), timeout=timeout) for ranks in pipelines}
-        self.schedule = None
+        self.schedule, self.pipeline_group = None, groups.get(self.info.pipeline_ranks)
         if len(self.info.pipeline_ranks) > 1:
-            self.schedule = self._pipeline(pipeline_schedule, groups[self.info.pipeline_ranks])
+            self.schedule = self._pipeline(pipeline_schedule, self.pipeline_group)
 
     def _pipeline(self, kind: str, group):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+        # every stage of a pipeline sends and receives on the same kind of device: NCCL's GPUs or gloo's host
         stage = PipelineStage(self.module, self.info.stage_index, len(self.info.pipeline_ranks),
-                              torch.device("cpu"), group=group)
+                              self.message_device, group=group)
         if kind == "1f1b" and self.micro_batches < len(self.info.pipeline_ranks):
             kind = "gpipe"  # 1F1B needs a micro-batch per stage in flight; GPipe is its fill-drain limit
         schedule_cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[kind]
@@ -185,7 +195,7 @@ class StageRunner:
         scalars = torch.zeros(2 + dist.get_world_size(), dtype=torch.float64)
         scalars[0], scalars[1], scalars[2 + dist.get_rank()] = local_loss, squares, self._last_step_s
         sync_start_s = time.perf_counter()
-        dist.all_reduce(scalars)
+        scalars = self._all_reduce(scalars)
         sync_s += time.perf_counter() - sync_start_s
         update_start_s = time.perf_counter()
         grad_norm = self._clip(float(scalars[1].sqrt()))
@@ -198,6 +208,12 @@ class StageRunner:
         return StepRecord(step, float(scalars[0]), lr, grad_norm, end_s - start_s, sync_s, update_s, start_s,
                           scalars[2:].tolist())
 
+    def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum a small host tensor over every rank, on the collectives' device; back on the host."""
+        values = values.to(self.collective_device)
+        dist.all_reduce(values)
+        return values.cpu()
+
     def _forward_backward(self, rows: torch.Tensor) -> torch.Tensor:
         inputs, targets = split_batch(rows)
         stage = self.info.stage
@@ -206,12 +222,14 @@ class StageRunner:
             loss = token_loss_sum(logits, targets.to(logits.device)) * self._loss_scale
             loss.backward()
             return loss.detach().double().cpu()
+        # the schedule splits these into micro-batches on the device its messages travel on
+        inputs, targets = inputs.to(self.message_device), targets.to(self.message_device)
         if stage.embed:
             self.schedule.step(inputs)
         elif stage.head:
             losses: list[torch.Tensor] = []
             self.schedule.step(target=targets, losses=losses)
-            return sum(l.detach().double() for l in losses)
+            return sum(l.detach().double().cpu() for l in losses)
         else:
             self.schedule.step()
         return torch.zeros((), dtype=torch.float64)
@@ -248,14 +266,15 @@ class StageRunner:
         x = inputs
         dtype = next(self.model.parameters()).dtype  # hidden states travel in the parameters' dtype
         if not stage.embed:  # hidden states from the previous stage
-            x = torch.empty(inputs.shape + (self.spec.hidden_size,), dtype=dtype)
-            dist.recv(x, src=pipeline[position - 1])
+            x = torch.empty(inputs.shape + (self.spec.hidden_size,), dtype=dtype, device=self.message_device)
+            dist.recv(x, src=pipeline[position - 1], group=self.pipeline_group)
         out = self.module(x)
         if stage.head:
             total += token_loss_sum(out, targets.to(out.device)).double().cpu()
         else:
-            dist.send(out.to(dtype).contiguous().cpu(), dst=pipeline[position + 1])
-        dist.all_reduce(total)
+            dist.send(out.to(self.message_device, dtype).contiguous(), dst=pipeline[position + 1],
+                      group=self.pipeline_group)
+        total = self._all_reduce(total)
         return float(total) / max(1, loss_target_count(batch))  # a batch of no loss targets: 0
 
     def named_state(self) -> dict[str, torch.Tensor]:

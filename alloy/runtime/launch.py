@@ -26,12 +26,26 @@ class LaunchError(AlloyError):
     """A job that could not start, or whose workers failed or did not finish in time."""
 
 
-def init_gloo(**kwargs) -> None:
+def nccl_usable() -> bool:
+    """Whether this process can open NCCL groups: a torch build with NCCL, and CUDA here. A CPU
+    build answers from its build flags; NCCL is never loaded to ask."""
+    import torch
+    import torch.distributed as dist
+
+    return dist.is_nccl_available() and torch.cuda.is_available()
+
+
+def init_gloo(nccl: bool = False, **kwargs) -> None:
     """`torch.distributed.init_process_group("gloo", ...)` for a worker, with torch.distributed.nn
     imported first. Imported later (alloy.load does, through torch._dynamo; so does the first
     AdamW step), its functions' `group=group.WORLD` defaults pin the default group, so
     destroy_process_group cannot stop gloo's threads, and one still releasing a tensor at
-    interpreter exit aborts the rank ("terminate called without an active exception")."""
+    interpreter exit aborts the rank ("terminate called without an active exception").
+
+    `nccl` (a job whose GPU groups alloy.plan.transport puts on NCCL; only where `nccl_usable()`):
+    the group gets NCCL for CUDA tensors beside gloo for host ones ("cpu:gloo,cuda:nccl"), so
+    every group made after it sends each tensor by its device; barriers and object collectives
+    stay on gloo."""
     import torch.distributed as dist
     import torch.distributed.nn  # noqa: F401
 
@@ -48,7 +62,7 @@ def init_gloo(**kwargs) -> None:
         store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world,
                                    kwargs.get("timeout") or timedelta(minutes=5))
         kwargs |= {"store": dist.PrefixStore(f"alloy/attempt{attempt}", store), "rank": rank, "world_size": world}
-    dist.init_process_group("gloo", **kwargs)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo", **kwargs)
 
 
 def worker_main(run: Callable[[dict], None], argv: list[str] | None = None) -> int:

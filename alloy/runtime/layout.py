@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from alloy.devices import DeviceProfile
 from alloy.errors import ConfigError
+from alloy.plan.transport import Transport, transport
 from alloy.spec import ModelSpec
 
 
@@ -128,3 +130,39 @@ class RunLayout:
             "batch_shares": list(self.batch_shares),
             "micro_batches": list(self.micro_batches),
         }
+
+
+@dataclass(frozen=True)
+class Transports:
+    """How a job's ranks exchange tensors: alloy.plan.transport's rule, the one the plan priced
+    (its `links[].transport` and `collective_transport`)."""
+
+    pipelines: dict[tuple[int, ...], Transport]  # each pipeline's ranks (two or more) -> its messages' transport
+    collectives: Transport  # every rank together: gradient buckets, tied copies, the step's scalars
+
+    @property
+    def nccl(self) -> bool:
+        """Whether any group of the job reduces or sends over NCCL (the process group then needs it)."""
+        return "nccl" in (self.collectives, *self.pipelines.values())
+
+    def to_dict(self, pipeline_ranks: tuple[int, ...]) -> dict[str, Transport | None]:
+        """What a rank of this pipeline uses, for its record of the run (pipeline None: a one-stage
+        replica sends no messages)."""
+        return {"pipeline": self.pipelines.get(pipeline_ranks), "collectives": self.collectives}
+
+
+GLOO_ONLY = Transports({}, "gloo")
+
+
+def job_transports(layout: RunLayout, profiles: dict[str, DeviceProfile], nccl_usable: bool) -> Transports:
+    """Each pipeline's transport (a pipeline stage sends and receives on one device, so the whole
+    pipeline shares one) and the collectives' (every rank's). A rank whose device has no profile
+    is a plain CPU rank: gloo. Every rank computes the same answer from the job."""
+    devices = {info.rank: profiles.get(info.stage.device) for info in layout.ranks()}
+
+    def rule(ranks) -> Transport:
+        members = [devices[r] for r in ranks]
+        return "gloo" if None in members else transport(members, nccl_usable)
+
+    pipelines = {info.pipeline_ranks for info in layout.ranks() if len(info.pipeline_ranks) > 1}
+    return Transports({ranks: rule(ranks) for ranks in sorted(pipelines)}, rule(sorted(devices)))

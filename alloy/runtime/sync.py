@@ -54,7 +54,10 @@ class GradientSync:
     """
 
     def __init__(self, spec: ModelSpec, layout: RunLayout, model: Transformer, rank: int, timeout=None,
-                 lora: dict | None = None):
+                 lora: dict | None = None, on_device: bool = False):
+        # on_device: the job's collectives are on NCCL (alloy.runtime.layout.Transports), so each
+        # bucket is reduced where its gradients are; else a host copy goes over gloo
+        self.on_device = on_device
         holders = holder_sets(spec, layout, lora)
         self.groups = {}
         for ranks in sorted({r for r in holders.values() if len(r) > 1}):
@@ -101,7 +104,7 @@ class GradientSync:
 
     def _launch(self) -> None:
         ranks, bucket = self.buckets[len(self._launched)]
-        self._launched.append(start_bucket(bucket, self.groups[ranks]))
+        self._launched.append(start_bucket(bucket, self.groups[ranks], self.on_device))
 
     def finish(self) -> None:
         """Start the buckets not yet started (all of them without overlap), wait, and put the sums
@@ -133,12 +136,14 @@ def allreduce_grads(params, group=None, bucket_bytes: float | None = None) -> No
 
 
 @torch.no_grad()
-def start_bucket(bucket: list[torch.nn.Parameter], group=None) -> tuple:
-    """Flatten a bucket's gradients (zeros where a parameter has none) into one host tensor and
-    start its all-reduce (SUM); `finish_bucket` waits and puts the sums back."""
+def start_bucket(bucket: list[torch.nn.Parameter], group=None, on_device: bool = False) -> tuple:
+    """Flatten a bucket's gradients (zeros where a parameter has none) into one tensor and start
+    its all-reduce (SUM); `finish_bucket` waits and puts the sums back. `on_device`: reduce it on
+    the gradients' device (NCCL among GPUs); else on the host."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
-    # Reduced on the host: gloo carries CPU tensors, so a GPU stage next to CPU ones works.
-    flat = torch.cat([g.flatten() for g in grads]).cpu()
+    flat = torch.cat([g.flatten() for g in grads])
+    if not on_device:
+        flat = flat.cpu()  # gloo carries CPU tensors, so a GPU stage next to CPU ones works
     shapes = [(g.shape, g.device) for g in grads]
     del grads
     for p in bucket:  # the flat copy replaces them: a gradient is never held twice

@@ -26,8 +26,8 @@ from alloy.errors import AlloyError
 from alloy.runtime import checkpoint as ckpt
 from alloy.runtime.engine import StageRunner
 from alloy.runtime.job import TrainJob
-from alloy.runtime.launch import init_gloo
-from alloy.runtime.layout import PlanMismatchError
+from alloy.runtime.launch import init_gloo, nccl_usable
+from alloy.runtime.layout import PlanMismatchError, job_transports
 
 
 def _slice_context(profile: DeviceProfile | None):
@@ -54,6 +54,9 @@ class Trainer:
         self.info = self.layout.rank(rank)
         profiles = {name: DeviceProfile.model_validate(p) for name, p in job.devices.items()}
         self.profile = profiles.get(self.info.stage.device)
+        self.device = torch.device("cpu") if self.profile is None else torch_device(self.profile.name, self.profile.kind)
+        # the plan's transports (alloy.plan.transport), where this torch build and machine can run NCCL
+        self.transports = job_transports(self.layout, profiles, nccl_usable())
         self.timeout = timedelta(seconds=job.timeout_s)
         self.steps, self.seq_len, self.accum = job.steps, job.seq_len, job.grad_accum
         self.ckpt_root = Path(job.checkpoint.dir) if job.checkpoint else None
@@ -62,12 +65,11 @@ class Trainer:
     def run(self) -> None:
         job, rank, layout = self.job, self.rank, self.layout
         before_bytes = _rss_bytes()  # the process before its model: imports, the process group
-        device = torch.device("cpu") if self.profile is None else torch_device(self.profile.name, self.profile.kind)
         runner = StageRunner(
-            self.spec, layout, rank, device=device, seed=job.seed, init_dir=job.init_dir, optim=job.optim,
+            self.spec, layout, rank, device=self.device, seed=job.seed, init_dir=job.init_dir, optim=job.optim,
             pipeline_schedule=job.pipeline_schedule, precision=job.precision,
             activation_checkpointing=job.activation_checkpointing, timeout=self.timeout,
-            param_dtype=job.param_dtype, lora=job.lora,
+            param_dtype=job.param_dtype, lora=job.lora, transports=self.transports,
         )
         # torchrun restarted every rank after one died: go on from the last complete checkpoint
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -98,7 +100,7 @@ class Trainer:
         (out_dir / f"rank{rank}.json").write_text(json.dumps({
             "rank": rank, "replica": self.info.replica, "stage": self.info.stage_index,
             "device": self.info.stage.device, "layers": [self.info.stage.first, self.info.stage.last],
-            "start_step": start_step, "records": records,
+            "start_step": start_step, "records": records, "transport": runner.transport,
             # what the job added at its peak, for checking the plan's memory estimate
             "memory": {"before_bytes": before_bytes, "peak_bytes": _peak_rss_bytes()},
         }))
@@ -173,7 +175,9 @@ def run_worker(job: TrainJob) -> None:
     _set_threads(job.threads, trainer.profile)
     with ExitStack() as stack:
         stack.enter_context(_slice_context(trainer.profile))
-        init_gloo(timeout=trainer.timeout)
+        if trainer.device.type == "cuda":
+            torch.cuda.set_device(trainer.device)  # NCCL's communicators and streams are this rank's GPU's
+        init_gloo(nccl=trainer.transports.nccl, timeout=trainer.timeout)
         stack.callback(dist.destroy_process_group)
         trainer.run()
 
