@@ -111,10 +111,16 @@ def runnable_variants() -> list[str]:
 
 
 def library(variant: str | None = None) -> ctypes.CDLL | None:
-    """The built gemv.c: `variant` (a key of VARIANTS), or the fastest this CPU runs."""
-    variants = runnable_variants()
-    variant = variant or next(iter(variants), None)
-    return _library(variant) if variant in variants else None
+    """The built gemv.c: `variant` (a key of VARIANTS), or the fastest this CPU runs — chosen
+    once, like every kernel here, so a model built with kernels keeps them."""
+    if variant is None:
+        return _default_library()
+    return _library(variant) if variant in runnable_variants() else None
+
+
+@functools.cache
+def _default_library() -> ctypes.CDLL | None:
+    return next((lib for lib in map(_library, runnable_variants()[:1]) if lib is not None), None)
 
 
 @functools.cache
