@@ -1,15 +1,16 @@
-"""Loading a model as GGUF blocks builds it layer by layer (alloy.infer.load): the whole checkpoint
-is never in memory, in its own dtype or in fp32, beside the blocks.
+"""Loading a model as GGUF blocks (alloy.infer.load) builds it layer by layer and each weight a
+chunk of rows at a time, read from the file as quantized: the whole checkpoint is never in memory,
+in its own dtype or in fp32, beside the blocks, nor is a layer, nor a whole weight.
 
 Measured in a fresh process on a ~98M Llama saved in bf16 (h768, 12 layers, vocab 8192): the
 process's peak RSS over its resident size before the load (after warming every code path on a
 tiny model, so that libraries and kernels count as the interpreter) against the bytes of the
-loaded model's tensors. Loading whole then quantizing peaked at 6.7x the blocks (the bf16
-checkpoint, 196 MB, plus its fp32 conversions); layer by layer, 1.53-2.10x over 13 runs (Xeon
-AVX-512; the allocator's retention varies from run to run, hence the bound of 2.6x): one
-layer as read (14 MB of bf16), its safetensors pages while the file is mapped, its fused q/k/v and
-gate/up copies, and the quantizer's temporaries ride on top of the blocks. The issue's target is
-1.3x; this test holds what is reached with margin, so that a whole-model load (6.7x) cannot come back.
+loaded model's tensors (58 MiB). Loading whole then quantizing peaked at 6.7x the blocks (the
+bf16 checkpoint, 196 MB, plus its fp32 conversions); a layer at a time from float layers, at
+1.53-2.10x (one layer as read, its safetensors pages while the file was mapped, its fused q/k/v
+and gate/up copies and the quantizer's temporaries on top); a chunk at a time, 1.08-1.13x over 10
+runs (Xeon AVX-512, 2 cores): one chunk's float rows (256K weights) and the quantizer's
+temporaries, 5-8 MiB. The bound is the issue's target, 1.3x.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from alloy.checkpoint import save
 from alloy.model import Transformer
 from alloy.model.init import init_params
+from alloy.quant.linear import QuantLinear
 from alloy.spec import ModelSpec
 
 PROBE = r"""
@@ -70,10 +72,85 @@ def test_loading_as_q4_0_builds_layer_by_layer_and_equals_quantizing_the_whole(t
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     record = json.loads(out.stdout.strip().splitlines()[-1])
-    assert record["added"] <= 2.6 * record["size"], (record["added"] / 2**20, record["size"] / 2**20)
+    assert record["added"] <= 1.3 * record["size"], (record["added"] / 2**20, record["size"] / 2**20)
     whole = prepare(alloy.load(tmp_path / "big"), "q4_0")  # the same blocks, quantized after a whole load
     with torch.no_grad():
         expected = whole(torch.tensor([[1, 2, 3, 4, 5]]))[0, -1, :8].tolist()
     assert record["logits"] == pytest.approx(expected, rel=0, abs=0)
     stage = load_for_decoding(tmp_path / "big", "q4_0", layers=(4, 8))  # a pipeline stage alike
     assert list(stage.layers) == ["4", "5", "6", "7"] and not stage.has_embed and not stage.has_head
+
+
+def _same_model(got, want):
+    """Module for module, tensor for tensor (bytes, not closeness): the same prepared model."""
+    got_modules, want_modules = dict(got.named_modules()), dict(want.named_modules())
+    assert {n: type(m) for n, m in got_modules.items()} == {n: type(m) for n, m in want_modules.items()}
+    for name, module in got_modules.items():
+        if isinstance(module, QuantLinear):
+            assert (module.kernel_fmt, module.isa) == (want_modules[name].kernel_fmt, want_modules[name].isa), name
+    got_state, want_state = got.state_dict(), want.state_dict()
+    assert list(got_state) == list(want_state)
+    for name, tensor in got_state.items():
+        assert tensor.dtype == want_state[name].dtype and torch.equal(tensor, want_state[name]), name
+
+
+# Tied heads, fused biases, learned positions, Gemma's scaled embeddings and sandwich norms, experts,
+# and the layouts read whole (Phi-3's fused q/k/v and gate/up, GPT-2's transposed Conv1D weights).
+CASES = [("llama-tied-bias", "q4_0"), ("llama-tied-bias", "q8_0"), ("llama-tied-bias", "q4_1"),
+         ("llama-gqa", "q4_k"), ("qwen2-bias-sliding", "q4_0"), ("gemma3", "q4_0"), ("mixtral", "q4_0"),
+         ("phi3-fused-partial", "q4_0"), ("gpt2", "q4_0")]
+
+
+@pytest.mark.parametrize("name, fmt", CASES)
+def test_loading_in_chunks_equals_quantizing_the_loaded_model(tmp_path, name, fmt):
+    """Weights left on disk and quantized a chunk at a time (alloy.infer.load) give the very model
+    prepare gives from the loaded checkpoint, whole and as a pipeline stage of either end."""
+    from hf_cases import build_hf
+
+    import alloy
+    from alloy.infer.load import load_for_decoding
+    from alloy.infer.optimize import prepare
+
+    width = 256 if fmt == "q4_k" else 64  # one that every block format takes (Q4_K's block is 256)
+    widths = {"n_embd": width} if name == "gpt2" else {"hidden_size": width, "intermediate_size": 2 * width}
+    build_hf(name, **widths).save_pretrained(tmp_path)
+    for layers in (None, (0, 1), (1, 3)):
+        got = load_for_decoding(tmp_path, fmt, layers=layers)
+        want = prepare(alloy.load(tmp_path, layers=layers), fmt)
+        _same_model(got, want)
+        if layers is None:
+            ids = torch.tensor([[1, 2, 3, 4, 5]])
+            with torch.no_grad():
+                assert torch.equal(got(ids), want(ids))
+
+
+def test_loading_in_chunks_with_stand_ins(tmp_path):
+    """A stage whose experts run elsewhere: their modules stood in for, the rest as a whole load's."""
+    from hf_cases import build_hf
+
+    from alloy.infer.load import load_for_decoding
+
+    build_hf("mixtral", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path)
+    whole = load_for_decoding(tmp_path, "q4_0")
+    stand_in = torch.nn.Identity()
+    stage = load_for_decoding(tmp_path, "q4_0", stand_ins={"layers.1.mlp": stand_in})
+    assert stage.layers["1"].mlp is stand_in
+    whole_state = whole.state_dict()
+    stage_state = stage.state_dict()
+    assert set(stage_state) == {n for n in whole_state if not n.startswith("layers.1.mlp.")}
+    assert all(torch.equal(t, whole_state[n]) for n, t in stage_state.items())
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k"])
+def test_quantizing_into_the_kernel_layout_a_chunk_at_a_time_equals_repacking_after(monkeypatch, fmt):
+    """alloy.quant.quantize's `layout`: each chunk's rows interleaved as made, the same bytes as
+    interleaving the whole result, whatever the chunk (here 3 groups of rows, the last 2)."""
+    from alloy import quant
+    from alloy.kernels import quant as kernel_quant
+
+    layout, _, group_rows = kernel_quant.INTERLEAVED[fmt]
+    width = quant.get_format(fmt).block_size * 2
+    monkeypatch.setattr(quant, "CHUNK_WEIGHTS", 3 * group_rows * width + 5)
+    weight = torch.randn(8 * group_rows, width, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    expected = kernel_quant.REPACK[layout][0](quant.quantize(weight, fmt))
+    assert torch.equal(quant.quantize(weight, fmt, layout=layout), expected)

@@ -14,7 +14,7 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from alloy.checkpoint.keymap import HEAD_KEYS, LAYOUTS, Layout, Rule
+from alloy.checkpoint.keymap import HEAD_KEYS, IDENTITY, LAYOUTS, Layout, Rule
 from alloy.errors import CheckpointError, ConfigError
 from alloy.model import Transformer
 from alloy.model.layers import rope_inv_freq
@@ -76,10 +76,58 @@ def _weight_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"{directory}: no weights (*.safetensors) found")
 
 
+# A stored dtype a weight may be read row by row in (StoredRows): the floats a checkpoint holds.
+_ROW_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _safetensors_header(path: Path) -> tuple[int, dict]:
+    """(the file offset its tensors' data starts at, its header): a safetensors file opens with
+    the header's length (8 bytes, little-endian), then the header, JSON {name: {dtype, shape,
+    data_offsets: [begin, end) from the data's start}}."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        return 8 + length, json.loads(f.read(length))
+
+
+class StoredRows:
+    """A 2-D float tensor of a safetensors file, read a range of rows at a time (`weight[a:b]`,
+    a new tensor each read) with plain file reads: nothing of it is held between reads, and nothing
+    memory-mapped (a mapped file's pages count in the process's RSS for as long as the map lives).
+    What `fill` leaves in place of a weight asked for as rows, for alloy.quant.quantize to quantize
+    a chunk at a time: the float weight is never whole in memory. `dtype`: what the rows are
+    converted to (as `fill` converts a tensor); the stored dtype by default."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, int], stored: torch.dtype,
+                 dtype: torch.dtype | None = None):
+        self.path, self.offset, self.shape = path, offset, torch.Size(shape)
+        self.stored, self.dtype = stored, dtype or stored
+
+    def dim(self) -> int:
+        return 2
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError(f"StoredRows reads a range of rows (weight[a:b]), not {rows!r}")
+        start, stop, _ = rows.indices(self.shape[0])
+        out = torch.empty(max(0, stop - start), self.shape[1], dtype=self.stored)
+        buffer = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        row_bytes = self.shape[1] * out.element_size()
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset + start * row_bytes)
+            done = 0
+            while done < len(buffer):
+                n = f.readinto(buffer[done:])
+                if not n:
+                    raise CheckpointError(f"{self.path}: ends inside a tensor's data (truncated?)")
+                done += n
+        return out if self.dtype == self.stored else out.to(self.dtype)
+
+
 class _Source:
     """Lazy access to every tensor in a directory's safetensors files, by canonical name."""
 
     def __init__(self, directory: Path, layout: Layout):
+        self.headers: dict[Path, tuple[int, dict]] = {}  # parsed when a tensor is asked for as rows
         self.handles = {}
         self.where: dict[str, tuple[Path, str]] = {}  # canonical name -> (file, stored name)
         for path in _weight_files(directory):
@@ -104,6 +152,23 @@ class _Source:
     def shape(self, name: str) -> tuple[int, ...]:
         path, stored = self.where[name]
         return tuple(self.handles[path].get_slice(stored).get_shape())
+
+    def rows(self, name: str, dtype: torch.dtype | None = None) -> StoredRows | None:
+        """`name` to be read a range of rows at a time (StoredRows), or None where it is not a 2-D
+        float tensor (then read it whole with `get`)."""
+        path, stored = self.where[name]
+        if path not in self.headers:
+            self.headers[path] = _safetensors_header(path)
+        data_start, header = self.headers[path]
+        entry = header.get(stored, {})
+        shape, stored_dtype = entry.get("shape", ()), _ROW_DTYPES.get(entry.get("dtype"))
+        if len(shape) != 2 or stored_dtype is None:
+            return None
+        begin, end = entry["data_offsets"]
+        if end - begin != shape[0] * shape[1] * stored_dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor {stored!r} holds {end - begin} bytes, not its shape's "
+                                  f"{shape} of {entry['dtype']}")
+        return StoredRows(path, data_start + begin, tuple(shape), stored_dtype, dtype)
 
 
 def _one_line(err: Exception) -> str:
@@ -157,27 +222,35 @@ def open_model(path: str | Path):
     side_files = read_side_files(directory)
     tokenizer = _read_tokenizer(directory, side_files)
 
-    def read(device=None, dtype=None, *, layers=None, embed=None, head=None, stand_ins=None) -> Transformer:
+    def read(device=None, dtype=None, *, layers=None, embed=None, head=None, stand_ins=None,
+             rows=()) -> Transformer:
         # the files mapped again per call (their headers only): a map held across the pieces would
         # keep every page read so far resident, as much as the checkpoint by the last layer
         model = fill(spec, rules, _Source(directory, layout), directory, device, dtype, layers=layers,
-                     embed=embed, head=head, stand_ins=stand_ins)
+                     embed=embed, head=head, stand_ins=stand_ins, rows=rows)
         model.side_files, model.tokenizer = side_files, tokenizer
         return model.eval()
 
     read.spec = spec
+    read.reads_rows = True  # takes `rows` (fill's); a GGUF file's reader does not
     return read
 
 
 def fill(spec: ModelSpec, rules: list[Rule], source, where: str | Path, device, dtype, *,
-         layers=None, embed=None, head=None, stand_ins: dict[str, torch.nn.Module] | None = None) -> Transformer:
+         layers=None, embed=None, head=None, stand_ins: dict[str, torch.nn.Module] | None = None,
+         rows: Collection[str] = ()) -> Transformer:
     """A Transformer (or stage) whose parameters are `rules` applied to `source`'s tensors: any
     object with `get(name)` and `shape(name)` (a folder's safetensors, a GGUF file). Each
     parameter filled once, each shape checked; `where` names the source in errors.
 
     `stand_ins` {module name: module} take those modules' places before anything is read, so their
     tensors are never read nor held (a stage whose experts run on another rank:
-    alloy.infer.distributed); names outside this slice are ignored, a stand-in's own tensors kept."""
+    alloy.infer.distributed); names outside this slice are ignored, a stand-in's own tensors kept.
+
+    `rows`: names of 2-D weights to leave on disk, each module's attribute a StoredRows (rows read
+    on demand) in place of its parameter, where the source reads rows (`source.rows`) and the
+    rule takes the tensor as stored; others are read as usual. For quantizing a weight a few rows
+    at a time (alloy.infer.load): such a model is only for that, not for running."""
     target_dtype = torch_dtype(dtype)
     with torch.device("meta"):
         model = Transformer(spec, layers, embed=embed, head=head)
@@ -195,9 +268,19 @@ def fill(spec: ModelSpec, rules: list[Rule], source, where: str | Path, device, 
         rules.append(Rule(embed_rule.hf, ("head.weight",), embed_rule.transform))
 
     state: dict[str, torch.Tensor] = {}
+    on_disk: dict[str, StoredRows] = {}
     for rule in rules:
         if not any(name in wanted for name in rule.ours):
             continue  # belongs to layers outside this slice
+        if (len(rule.ours) == 1 and rule.ours[0] in rows and rule.ours[0] in wanted and rule.transform is IDENTITY
+                and hasattr(source, "rows")):
+            stored = source.rows(rule.hf[0], target_dtype)
+            if stored is not None:
+                if tuple(stored.shape) != tuple(wanted[rule.ours[0]].shape):
+                    raise CheckpointError(f"{where}: tensor {rule.hf[0]!r} has shape {list(stored.shape)}; the "
+                                          f"config implies {list(wanted[rule.ours[0]].shape)} for {rule.ours[0]}")
+                on_disk[rule.ours[0]] = stored
+                continue
         try:
             tensors = rule.transform.load([source.get(name) for name in rule.hf], spec)
         except RuntimeError:  # a fused tensor whose size does not split as the config says
@@ -216,10 +299,14 @@ def fill(spec: ModelSpec, rules: list[Rule], source, where: str | Path, device, 
                 )
             tensor = tensor.to(device=device or "cpu", dtype=target_dtype or tensor.dtype)
             state[name] = tensor.contiguous()
-    missing = set(wanted) - set(state)
+    missing = set(wanted) - set(state) - set(on_disk)
     if missing:
         raise CheckpointError(f"{where}: no tensor for {_names(missing)}")
-    model.load_state_dict(state | own, strict=True, assign=True)
+    model.load_state_dict(state | own | {name: wanted[name] for name in on_disk}, strict=True, assign=True)
+    for name, stored in on_disk.items():  # the meta parameter out, the rows on disk in its place
+        module, _, attribute = name.rpartition(".")
+        delattr(model.get_submodule(module), attribute)
+        setattr(model.get_submodule(module), attribute, stored)
     if spec.positions == "rope":  # non-persistent buffer: recompute off the meta device
         model.inv_freq = rope_inv_freq(spec).to(device or "cpu")
     return model

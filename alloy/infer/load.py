@@ -1,9 +1,15 @@
 """A model (or a pipeline stage of it) read and prepared for decoding in one step.
 
-For a GGUF block format the stage is built one layer at a time (alloy.model.transformer.assemble):
-read the layer in the checkpoint's dtype, quantize it, keep only its blocks, read the next — so
-loading a bf16 checkpoint as Q4_0 never holds more than one layer's float weights beside the
-blocks (a whole-model load first would peak at the checkpoint's size, 3.5x the Q4_0 model's).
+For a GGUF block format the stage is built one layer at a time (alloy.model.transformer.assemble),
+and within a layer (from a folder's safetensors) each weight a few rows at a time: the weights
+prepare quantizes (every nn.Linear's, the token table) are left on disk by the read
+(alloy.checkpoint.io.fill's `rows`), q/k/v and gate/up stacked there as prepare would fuse them,
+and alloy.quant.quantize reads CHUNK_WEIGHTS of a weight, quantizes them into their rows of the
+layer's blocks (in the kernel's layout) and reads the next. So what loading holds beside the
+blocks is one chunk's float rows and the quantizer's temporaries: a ~98M bf16 Llama loaded as Q4_0
+peaks at 1.08-1.13x its blocks (tests/test_quant_memory.py), where quantizing after a whole-model
+load peaks at 6.7x and a layer at a time from float layers at 1.5-2.1x (each layer as read, its
+fused copies and the file's mapped pages on top). A GGUF file is read a layer at a time.
 Other dtypes load the stage whole and convert it (alloy.infer.optimize.prepare).
 
 A stage whose MoE layers' experts run on another rank takes stand-ins for those modules and never
@@ -14,9 +20,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from alloy.model import Transformer
+from alloy.model.layers import MLP, Attention
 
 
 def load_for_decoding(path: str | Path, dtype: str = "fp32", *, device=None, layers: tuple[int, int] | None = None,
@@ -38,13 +46,84 @@ def load_for_decoding(path: str | Path, dtype: str = "fp32", *, device=None, lay
     with_head = spec.causal and (last == spec.num_layers if head is None else head)
 
     def piece(span: tuple[int, int], piece_embed: bool, piece_head: bool) -> Transformer:
-        part = read(device, layers=span, embed=piece_embed, head=piece_head, stand_ins=stand_ins)
+        on_disk = {}
+        if getattr(read, "reads_rows", False):  # a GGUF file's reader reads tensors whole
+            on_disk = {"rows": _quantized_weights(spec, span, piece_embed, piece_head)}
+        part = read(device, layers=span, embed=piece_embed, head=piece_head, stand_ins=stand_ins, **on_disk)
         if next(part.parameters(), None) is None:  # the ends of a middle stage: nothing to convert
             return part
-        return prepare(part, dtype)
+        return prepare(_fuse_on_disk(part), dtype)
 
     model = assemble(spec, (first, last), embed=with_embed, head=with_head, piece=piece).eval()
-    release_free_heap()  # the float layers' freed pages
+    release_free_heap()  # the freed chunks and temporaries
+    return model
+
+
+def _quantized_weights(spec, span: tuple[int, int], embed: bool, head: bool) -> frozenset[str]:
+    """The weights of this piece that prepare quantizes: every nn.Linear's and the token table's.
+    None of them where they are all the piece's parameters (prepare finds the device from one that is
+    not: a head-only end without a final norm, which no family has), so those are read whole."""
+    with torch.device("meta"):
+        part = Transformer(spec, span, embed=embed, head=head)
+    names = {f"{name}.weight" for name, module in part.named_modules() if type(module) is nn.Linear}
+    if embed:
+        names.add("embed.tok.weight")
+    if all(name in names for name, _ in part.named_parameters()):
+        return frozenset()
+    return frozenset(names)
+
+
+class _Stacked:
+    """Weights [out_i, in] (rows on disk, alloy.checkpoint.io.StoredRows, or tensors) one after
+    another as one [sum out_i, in]: `[a:b]` reads those rows from the parts they fall in, in the
+    first part's dtype (as torch.cat into the fused nn.Linear would give them)."""
+
+    def __init__(self, parts: list):
+        self.parts, self.dtype = parts, parts[0].dtype
+        self.shape = torch.Size((sum(part.shape[0] for part in parts), parts[0].shape[1]))
+
+    def dim(self) -> int:
+        return 2
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.shape[0])
+        pieces, offset = [], 0
+        for part in self.parts:
+            a, b = max(start - offset, 0), min(stop - offset, part.shape[0])
+            if a < b:
+                pieces.append(part[a:b].to(self.dtype))
+            offset += part.shape[0]
+        if not pieces:
+            return torch.empty(0, self.shape[1], dtype=self.dtype)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _stacked_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """alloy.infer.optimize's fused nn.Linear of `parts` with its weight left on disk (_Stacked)."""
+    first = parts[0]
+    with torch.device("meta"):
+        fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None)
+    del fused.weight
+    fused.weight = _Stacked([p.weight for p in parts])
+    if first.bias is not None:  # in the weight's dtype, as the fused nn.Linear holds it
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]).to(first.weight.dtype), requires_grad=False)
+    return fused.requires_grad_(False)
+
+
+def _fuse_on_disk(model: nn.Module) -> nn.Module:
+    """alloy.infer.optimize.fuse_projections where the weights are still on disk (which it cannot
+    concatenate): the same modules fused in the same order, [wq; wk; wv] and [gate; up] stacked
+    rows, never a fused float copy. Modules whose weights are all tensors are left to prepare."""
+    def on_disk(*linears: nn.Linear) -> bool:
+        return any(not isinstance(linear.weight, torch.Tensor) for linear in linears)
+
+    for module in model.modules():
+        if isinstance(module, Attention) and module.wqkv is None and on_disk(module.wq, module.wk, module.wv):
+            module.wqkv = _stacked_linear([module.wq, module.wk, module.wv])
+            del module.wq, module.wk, module.wv
+        if isinstance(module, MLP) and module.gated and module.gate_up is None and on_disk(module.gate, module.up):
+            module.gate_up = _stacked_linear([module.gate, module.up])
+            del module.gate, module.up
     return model
 
 

@@ -43,23 +43,39 @@ def check_width(fmt: Format, in_features: int, what: str = "weight") -> None:
 
 
 @torch.no_grad()
-def quantize(weight: torch.Tensor, name: str) -> torch.Tensor:
-    """fp32/bf16/fp16 [out, in] -> uint8 [out, in / block_size * type_size] on the CPU."""
+def quantize(weight, name: str, *, layout: str | None = None) -> torch.Tensor:
+    """fp32/bf16/fp16 [out, in] -> uint8 [out, in / block_size * type_size] on the CPU.
+
+    `weight` is a tensor or anything with `shape`, `dim()` and row slices `weight[a:b]` giving
+    tensors: a checkpoint's weight still on disk (alloy.checkpoint.io.StoredRows) is read
+    CHUNK_WEIGHTS at a time, never whole. `layout`: a kernel layout of this format
+    (alloy.kernels.quant.INTERLEAVED, e.g. "q4_0x8") to lay each chunk's rows out in as it is
+    made, so the result is never repacked whole (a second copy, and its temporaries, of the blocks):
+    the interleaving only regroups whole groups of rows, so the bytes equal repacking afterwards."""
     fmt = get_format(name)
     if weight.dim() != 2:
         raise ConfigError(f"quantize takes a 2-d weight [out, in], got shape {tuple(weight.shape)}")
     out_features, in_features = weight.shape
     check_width(fmt, in_features)
+    group_rows, repack = 1, None
+    if layout is not None and layout != name:
+        _, _, group_rows = kernel_quant.INTERLEAVED[name]
+        repack = kernel_quant.REPACK[layout][0]
+        if out_features % group_rows:
+            raise ConfigError(f"{layout} interleaves {group_rows} rows; the weight has {out_features}")
     row_bytes = in_features // fmt.block_size * fmt.type_size
     result = torch.empty(out_features, row_bytes, dtype=torch.uint8)
     step = max(1, CHUNK_WEIGHTS // in_features)
+    step = max(group_rows, step // group_rows * group_rows)
+    isa = kernel_quant.best_isa() if name == "q4_k" else None
     for start in range(0, out_features, step):
         rows = weight[start:start + step].detach().to("cpu", torch.float32)
         blocks = rows.reshape(-1, fmt.block_size)
-        isa = kernel_quant.best_isa() if name == "q4_k" else None
         # Q4_K's search is ~40x faster in C (the same ops in the same order: same bytes)
         raw = kernel_quant.quantize_q4_k(blocks.contiguous(), isa) if isa else _QUANTIZE[name](blocks)
-        result[start:start + step] = raw.view(rows.shape[0], row_bytes)
+        del rows, blocks  # the chunk's floats, before the repack's temporaries
+        raw = raw.view(-1, row_bytes)
+        result[start:start + raw.shape[0]] = raw if repack is None else repack(raw)
     return result
 
 

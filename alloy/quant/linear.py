@@ -3,8 +3,8 @@
 Three paths, same result up to the activation's 8-bit rounding (kernel) or fp32 rounding (rest):
 - few rows (decode: batch x new tokens <= GEMV_MAX_ROWS = 32): quant.c's integer-dot GEMV, which
   quantizes x to int8 per 32 inputs (llama.cpp's scheme) and streams the blocks once;
-- many rows (prefill): dequantize TILE_BYTES of weight rows at a time to fp32 and run PyTorch's
-  GEMM on them;
+- many rows (prefill): dequantize a tile of weight rows at a time to fp32 (1-16 MiB, larger with
+  more rows) and run PyTorch's GEMM on them;
 - no compiled kernels (no compiler, no AVX2, ALLOY_CPU_KERNELS=0): the same tiles, dequantized
   by PyTorch (alloy.quant.dequantize), with x in fp32 — exact weights, fp32 arithmetic.
 
@@ -26,10 +26,16 @@ from alloy.kernels import quant as kernel_quant
 # 8192 x 2048 Q8_0, it took 0.45 ms per row where dequantize + GEMM took 6 ms at 8 rows, 21 ms at
 # 32 and 52 ms at 128 (the kernel: 57 ms); 32 leaves margin for a faster GEMM elsewhere.
 GEMV_MAX_ROWS = 32
-# fp32 bytes of weight dequantized at once on the GEMM path: the tile stays in L2 for its GEMM
-# (there, 1 MiB was 2-6x faster than 32 MiB at 8-32 rows; 4 MiB was 12 % faster at 128 rows),
-# and a large matrix (an 8B model's head) never exists whole in fp32.
-TILE_BYTES = 1 << 20
+# fp32 bytes of weight dequantized at once on the GEMM path: TILE_BYTES_PER_ROW per
+# activation row, within [MIN_TILE_BYTES, MAX_TILE_BYTES]. A small tile stays in L2 for its GEMM (1 MiB
+# was 2-6x faster than 32 MiB at 8-32 rows), but every tile's GEMM reads and packs all of x again,
+# which with many rows costs more than the tile's cache misses. Measured on the AVX-512 Xeon, 2
+# threads, the ~98M Llama's four matrices at Q4_K (per layer; their fp32 GEMMs alone in brackets):
+# 64 rows 5.3 ms at 1 MiB, 5.1 at 2, 5.3 at 4 (4.6); 128 rows 7.8, 7.4, 7.1 at 4, 7.2 at 8 (7.0);
+# 512 rows 25.7 at 1 MiB, 25.0 at 4, 24.2 at 8, 23.8 at 16 (23.2). A large matrix (an 8B
+# model's head) still never exists whole in fp32.
+TILE_BYTES_PER_ROW = 32 << 10
+MIN_TILE_BYTES, MAX_TILE_BYTES = 1 << 20, 16 << 20
 # The exact (training) path dequantizes into one scratch buffer of this many fp32 bytes, reused by
 # every layer: tiles allocated and freed between a forward's activations fragment glibc's heap
 # (measured on a 98M QLoRA run: peak RSS 1140 MiB where the live tensors peaked near 650), and
@@ -42,7 +48,9 @@ class QuantLinear(nn.Module):
     """A linear layer over GGUF blocks `blocks` uint8 [out, in / block * type_size]; fp32 in and out."""
 
     def __init__(self, blocks: torch.Tensor, fmt: str, in_features: int, bias: torch.Tensor | None = None,
-                 *, isa: str | None = "auto", exact: bool = False):
+                 *, isa: str | None = "auto", exact: bool = False, laid_out: bool = False):
+        """`laid_out`: `blocks` are already in the layout this layer's kernel reads (`kernel_layout`),
+        as `from_weight` quantizes them; otherwise they are GGUF's, interleaved here where needed."""
         super().__init__()
         spec = quant.get_format(fmt)
         quant.check_width(spec, in_features)
@@ -58,18 +66,29 @@ class QuantLinear(nn.Module):
         self.exact = exact
         # The layout the GEMV reads: GGUF's, or (where this ISA has a kernel for it) the same bytes
         # with rows interleaved — `blocks` then holds that, and tiles are unpacked before decoding.
-        self.kernel_fmt, self.group_rows = fmt, 1
-        interleaved = kernel_quant.INTERLEAVED.get(fmt)
-        if interleaved and self.isa == interleaved[1] and not exact and self.out_features % interleaved[2] == 0:
-            self.kernel_fmt, self.group_rows = interleaved[0], interleaved[2]
+        self.kernel_fmt, self.group_rows = self.kernel_layout(fmt, self.out_features, self.isa, exact)
+        if self.kernel_fmt != fmt and not laid_out:
             blocks = kernel_quant.REPACK[self.kernel_fmt][0](blocks.contiguous())
         self.register_buffer("blocks", blocks.contiguous())
 
+    @staticmethod
+    def kernel_layout(fmt: str, out_features: int, isa: str | None, exact: bool = False) -> tuple[str, int]:
+        """(the layout the blocks are held in, rows per interleaved group) for such a layer."""
+        interleaved = kernel_quant.INTERLEAVED.get(fmt)
+        if interleaved and isa == interleaved[1] and not exact and out_features % interleaved[2] == 0:
+            return interleaved[0], interleaved[2]
+        return fmt, 1
+
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, *, isa: str | None = "auto",
+    def from_weight(cls, weight, bias: torch.Tensor | None, fmt: str, *, isa: str | None = "auto",
                     name: str = "weight", exact: bool = False) -> "QuantLinear":
+        """`weight` [out, in]: a tensor, or rows still on disk (as alloy.quant.quantize takes)."""
         quant.check_width(quant.get_format(fmt), weight.shape[1], name)
-        return cls(quant.quantize(weight, fmt), fmt, weight.shape[1], bias, isa=isa, exact=exact)
+        isa = kernel_quant.best_isa() if isa == "auto" else isa
+        layout, _ = cls.kernel_layout(fmt, weight.shape[0], isa, exact)
+        # quantized straight into the kernel's layout: no second, repacked copy of the blocks
+        return cls(quant.quantize(weight, fmt, layout=layout), fmt, weight.shape[1], bias, isa=isa, exact=exact,
+                   laid_out=True)
 
     def dequantized(self) -> torch.Tensor:
         """The weight as fp32 [out, in]: the exact values the blocks encode."""
@@ -80,14 +99,18 @@ class QuantLinear(nn.Module):
         rows = self.blocks[start:stop]
         return rows if self.kernel_fmt == self.fmt else kernel_quant.REPACK[self.kernel_fmt][1](rows)
 
-    def _tile(self, start: int, stop: int) -> torch.Tensor:
+    def _tile(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of W in fp32; with the kernels, into `out` (fp32 [>= stop - start, in]) if given."""
         if self.isa is None:
             return quant.dequantize(self.gguf_blocks(start, stop), self.fmt)
         # the C dequantizer reads the kernel's own layout (whole groups of rows)
-        return kernel_quant.dequantize(self.blocks[start:stop], self.kernel_fmt, self.in_features, self.isa)
+        out = None if out is None else out[:stop - start]
+        return kernel_quant.dequantize(self.blocks[start:stop], self.kernel_fmt, self.in_features, self.isa, out=out)
 
-    def _tile_rows(self) -> int:
-        rows = max(1, (EXACT_TILE_BYTES if self.exact else TILE_BYTES) // (4 * self.in_features))
+    def _tile_rows(self, x_rows: int = 0) -> int:
+        """Weight rows per tile for a product with `x_rows` activation rows."""
+        tile_bytes = min(max(x_rows * TILE_BYTES_PER_ROW, MIN_TILE_BYTES), MAX_TILE_BYTES)
+        rows = max(1, (EXACT_TILE_BYTES if self.exact else tile_bytes) // (4 * self.in_features))
         return max(self.group_rows, rows // self.group_rows * self.group_rows)
 
     def _exact_tile(self, start: int, stop: int) -> torch.Tensor:
@@ -103,12 +126,20 @@ class QuantLinear(nn.Module):
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 [rows, in] @ W.T over dequantized tiles, in x2's dtype; no bias, no autograd."""
         y = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype)
-        step = self._tile_rows()
+        step = self._tile_rows(x2.shape[0])
+        # Every tile of this call is dequantized into one buffer (one allocation per call, not per
+        # tile; per call, not shared, as pipeline stages run layers on several threads at once).
+        buffer = None if self.exact or self.isa is None else torch.empty(min(step, self.out_features), self.in_features)
+        # Each tile's product goes straight into its columns of y (the GEMM writes with y's row
+        # stride): no product to allocate, copy and free. out= refuses inputs that autograd
+        # tracks; only a caller outside the exact path's Function would pass one.
+        direct = not (x2.requires_grad and torch.is_grad_enabled())
         for start in range(0, self.out_features, step):
             stop = min(start + step, self.out_features)
-            tile = (self._exact_tile(start, stop) if self.exact else self._tile(start, stop)).to(x2.dtype).t()
-            if stop - start == self.out_features:
-                torch.mm(x2, tile, out=y)  # one tile: straight into y, no product to copy and free
+            tile = self._exact_tile(start, stop) if self.exact else self._tile(start, stop, buffer)
+            tile = tile.to(x2.dtype).t()
+            if direct:
+                torch.mm(x2, tile, out=y[:, start:stop])
             else:
                 y[:, start:stop] = x2 @ tile
         return y
