@@ -373,42 +373,96 @@ static void qgemv_x8(int fmt, const Act act, const uint8_t *w, const float *bias
 }
 
 /* The interleaved layouts back to fp32 rows [n, k], the same floats as GGUF's dequantizers (a
- * multiply, then Q4_K's subtraction: ggml's roundings), for the prefill's GEMM tiles. */
+ * multiply, then Q4_K's subtraction: ggml's roundings), for the prefill's GEMM tiles. 16 weights
+ * of one row per vector: their bytes gathered from the row's 8-byte slots, widened to int32 and
+ * converted (exact), then ggml's one or two roundings. Measured on the AVX-512 Xeon, one thread,
+ * 256 x 768 into an L2-resident buffer: 0.085-0.097 ns per weight, where the scalar loop this
+ * replaces took 0.32-0.41; the ~98M Llama's 512-token prefill went from 1100 to 1260-1310
+ * tokens/s at Q8_0 / Q4_0 / Q4_K (with alloy.quant.linear's larger tiles), fp32 being ~1315. */
+
+/* Row r's 16 weights [16h, 16h + 16) of a q4_0x8-ordered pair of 64-byte chunks, as bytes 0-15:
+ * byte 8r + t of chunk h holds weight 16h + t (low nibble) and 16h + 8 + t (high). */
+static inline __m128i row_nibbles_x8(const uint8_t *chunks, int r, int h) {
+    const __m128i raw = _mm_loadl_epi64((const __m128i *)(chunks + 64 * h + 8 * r));
+    return _mm_and_si128(_mm_unpacklo_epi64(raw, _mm_srli_epi16(raw, 4)), _mm_set1_epi8(0x0F));
+}
+
+/* The 8 rows' fp16 scales at p, as floats. */
+static inline void scales_x8(const uint8_t *p, float *d) {
+    _mm256_storeu_ps(d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
+}
+
+/* Q8_0: row r's weights 16h.. are its 8-byte slots in chunks 2h and 2h + 1, stored as w + 128. */
+static inline void dequant_q8_0x8_column(const uint8_t *p, float *o, long k) {
+    float d[8];
+    scales_x8(p, d);
+    for (int r = 0; r < 8; r++)
+        for (int h = 0; h < 2; h++) {
+            const __m128i first = _mm_loadl_epi64((const __m128i *)(p + 16 + 128 * h + 8 * r));
+            const __m128i both = _mm_castpd_si128(
+                _mm_loadh_pd(_mm_castsi128_pd(first), (const double *)(p + 80 + 128 * h + 8 * r)));
+            const __m128i q = _mm_xor_si128(both, _mm_set1_epi8((char)0x80));
+            _mm512_storeu_ps(o + r * k + 16 * h,
+                             _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), _mm512_set1_ps(d[r])));
+        }
+}
+
+static inline void dequant_q4_0x8_column(const uint8_t *p, float *o, long k) {
+    float d[8];
+    scales_x8(p, d);
+    for (int r = 0; r < 8; r++)
+        for (int h = 0; h < 2; h++) {
+            const __m128i q = _mm_sub_epi8(row_nibbles_x8(p + 16, r, h), _mm_set1_epi8(8));
+            _mm512_storeu_ps(o + r * k + 16 * h,
+                             _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), _mm512_set1_ps(d[r])));
+        }
+}
+
+/* Q4_K: per sub-block the 8 rows' d * scale and dmin * min in one vector each (the scales decoded
+ * as dots_q4_kx8 decodes them), then each row's d1 q - m1. */
+static inline void dequant_q4_kx8_column(const uint8_t *p, float *o, long k) {
+    const __m256i nibble_shift = _mm256_setr_epi32(0, 8, 16, 24, 4, 12, 20, 28);
+    const __m256i high_shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), fifteen = _mm256_set1_epi32(15);
+    const __m256i three = _mm256_set1_epi32(3), sixteen = _mm256_set1_epi32(16);
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
+    for (int j = 0; j < 8; j++) {
+        const uint8_t *sj = p + 32 + 12 * j, *qj = p + 128 + 128 * j;
+        uint32_t sc_low, m_low, high;
+        memcpy(&sc_low, sj, 4), memcpy(&m_low, sj + 4, 4), memcpy(&high, sj + 8, 4);
+        const __m256i hi = _mm256_set1_epi32((int)high);
+        const __m256i sc = _mm256_or_si256(
+            _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)sc_low), nibble_shift), fifteen),
+            _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(hi, high_shift), three), 4));
+        const __m256i m = _mm256_or_si256(
+            _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)m_low), nibble_shift), fifteen),
+            _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(hi, _mm256_add_epi32(high_shift, sixteen)), three),
+                              4));
+        float d1[8], m1[8];  /* per row: d * scale, dmin * min (ggml's products, rounded once each) */
+        _mm256_storeu_ps(d1, _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)));
+        _mm256_storeu_ps(m1, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(m)));
+        for (int r = 0; r < 8; r++)
+            for (int h = 0; h < 2; h++) {
+                const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(row_nibbles_x8(qj, r, h)));
+                _mm512_storeu_ps(o + r * k + 32 * j + 16 * h,
+                                 _mm512_sub_ps(_mm512_mul_ps(q, _mm512_set1_ps(d1[r])), _mm512_set1_ps(m1[r])));
+            }
+    }
+}
+
 static void dequant_x8(int fmt, const uint8_t *w, float *out, long n, long k, int threads) {
     const long columns = k / BLOCK_WEIGHTS[fmt], column_bytes = 8 * BLOCK_BYTES[fmt];
     _Pragma("omp parallel for schedule(static) num_threads(threads)")
     for (long g = 0; g < n / 8; g++) {
-        for (long c = 0; c < columns; c++) {
-            const uint8_t *p = w + (g * columns + c) * column_bytes;
-            for (int r = 0; r < 8; r++) {
-                float *o = out + (8 * g + r) * k + c * BLOCK_WEIGHTS[fmt];
-                const float d = fp16(p + 2 * r);
-                if (fmt == Q8_0X8) {
-                    for (int j = 0; j < 4; j++)
-                        for (int t = 0; t < 8; t++) o[8 * j + t] = (float)(int8_t)(p[16 + 64 * j + 8 * r + t] ^ 0x80) * d;
-                } else if (fmt == Q4_0X8) {
-                    for (int t = 0; t < 8; t++) {
-                        const uint8_t b0 = p[16 + 8 * r + t], b1 = p[80 + 8 * r + t];
-                        o[t] = (float)((b0 & 0x0F) - 8) * d, o[8 + t] = (float)((b0 >> 4) - 8) * d;
-                        o[16 + t] = (float)((b1 & 0x0F) - 8) * d, o[24 + t] = (float)((b1 >> 4) - 8) * d;
-                    }
-                } else {  /* Q4_KX8 */
-                    const float dmin = fp16(p + 16 + 2 * r);
-                    for (int j = 0; j < 8; j++) {
-                        const uint8_t *sj = p + 32 + 12 * j, *q = p + 128 + 128 * j;
-                        uint32_t high;
-                        memcpy(&high, sj + 8, 4);
-                        const int sc = ((sj[r % 4] >> (4 * (r / 4))) & 15) | (((high >> (2 * r)) & 3) << 4);
-                        const int m = ((sj[4 + r % 4] >> (4 * (r / 4))) & 15) | (((high >> (16 + 2 * r)) & 3) << 4);
-                        const float d1 = d * (float)sc, m1 = dmin * (float)m;
-                        for (int t = 0; t < 8; t++) {
-                            const uint8_t b0 = q[8 * r + t], b1 = q[64 + 8 * r + t];
-                            o[32 * j + t] = d1 * (float)(b0 & 0x0F) - m1, o[32 * j + 8 + t] = d1 * (float)(b0 >> 4) - m1;
-                            o[32 * j + 16 + t] = d1 * (float)(b1 & 0x0F) - m1, o[32 * j + 24 + t] = d1 * (float)(b1 >> 4) - m1;
-                        }
-                    }
-                }
-            }
+        const uint8_t *p = w + g * columns * column_bytes;
+        float *o = out + 8 * g * k;
+        for (long c = 0; c < columns; c++, p += column_bytes, o += BLOCK_WEIGHTS[fmt]) {
+            if (fmt == Q8_0X8)
+                dequant_q8_0x8_column(p, o, k);
+            else if (fmt == Q4_0X8)
+                dequant_q4_0x8_column(p, o, k);
+            else
+                dequant_q4_kx8_column(p, o, k);
         }
     }
 }
