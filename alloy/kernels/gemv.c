@@ -67,7 +67,7 @@ static inline __attribute__((always_inline)) void NAME##_dots(                  
     }                                                                                             \
 }                                                                                                 \
                                                                                                   \
-static void NAME##_avx2(const float *x, const T *w, const float *scale, const float *bias, float *y,   \
+static __attribute__((unused)) void NAME##_avx2(const float *x, const T *w, const float *scale, const float *bias, float *y, \
           long rows, long k, long n, int threads) {                                               \
     const long rows4 = rows & ~3L;                                                                \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                             \

@@ -290,14 +290,29 @@ KERNEL dots_q8_0x8(const uint8_t *w, const Act *a, long blocks, const int R, __m
     }
 }
 
+/* The 8 rows' 6-bit scales and mins of one Q4_K sub-block from its 12 bytes (q4_kx8's order:
+ * low nibbles of scales, of mins, byte i = row i | row i + 4 << 4; then the high 2 bits, scales in
+ * bits 2r, mins in 16 + 2r), one 32-bit lane per row: shared by the GEMV and the dequantizer. */
+static inline void q4_kx8_scales(const uint8_t *sj, __m256i *sc, __m256i *m) {
+    const __m256i nibble_shift = _mm256_setr_epi32(0, 8, 16, 24, 4, 12, 20, 28);
+    const __m256i high_shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), fifteen = _mm256_set1_epi32(15);
+    const __m256i three = _mm256_set1_epi32(3), sixteen = _mm256_set1_epi32(16);
+    uint32_t sc_low, m_low, high;
+    memcpy(&sc_low, sj, 4), memcpy(&m_low, sj + 4, 4), memcpy(&high, sj + 8, 4);
+    const __m256i hi = _mm256_set1_epi32((int)high);
+    *sc = _mm256_or_si256(
+        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)sc_low), nibble_shift), fifteen),
+        _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(hi, high_shift), three), 4));
+    *m = _mm256_or_si256(
+        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)m_low), nibble_shift), fifteen),
+        _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(hi, _mm256_add_epi32(high_shift, sixteen)), three), 4));
+}
+
 /* Q4_K with 8 rows interleaved (alloy.kernels.quant.repack_q4_kx8; same bytes): per super-block
  * column the 8 rows' d, then dmin (fp16), then per sub-block 12 bytes of the 8 rows' 6-bit scales
  * and mins (low nibbles of scales, of mins: byte i = row i | row i + 4 << 4; then the high 2 bits,
  * scales in bits 2r, mins in 16 + 2r), then per sub-block the nibbles in q4_0x8's order. */
 KERNEL dots_q4_kx8(const uint8_t *w, const Act *a, long blocks, const int R, __m256 *acc) {
-    const __m256i nibble_shift = _mm256_setr_epi32(0, 8, 16, 24, 4, 12, 20, 28);
-    const __m256i high_shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), fifteen = _mm256_set1_epi32(15);
-    const __m256i three = _mm256_set1_epi32(3), sixteen = _mm256_set1_epi32(16);
     __m256 mins[X8_MAX_R];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), mins[r] = _mm256_setzero_ps();
     for (long s = 0; s < blocks / 8; s++, w += 1152) {
@@ -309,16 +324,8 @@ KERNEL dots_q4_kx8(const uint8_t *w, const Act *a, long blocks, const int R, __m
             const uint8_t *sj = w + 32 + 12 * j, *qj = w + 128 + 128 * j;
             prefetch_ahead(qj);
             prefetch_ahead(qj + 64);
-            uint32_t sc_low, m_low, high;
-            memcpy(&sc_low, sj, 4), memcpy(&m_low, sj + 4, 4), memcpy(&high, sj + 8, 4);
-            const __m256i hi = _mm256_set1_epi32((int)high);
-            const __m256i sc = _mm256_or_si256(
-                _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)sc_low), nibble_shift), fifteen),
-                _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(hi, high_shift), three), 4));
-            const __m256i m = _mm256_or_si256(
-                _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)m_low), nibble_shift), fifteen),
-                _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(hi, _mm256_add_epi32(high_shift, sixteen)),
-                                                   three), 4));
+            __m256i sc, m;
+            q4_kx8_scales(sj, &sc, &m);
             const __m256 dsc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)), dm = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(m));
             __m512i q[4];
             nibbles_x8(qj, q);
@@ -421,23 +428,12 @@ static inline void dequant_q4_0x8_column(const uint8_t *p, float *o, long k) {
 /* Q4_K: per sub-block the 8 rows' d * scale and dmin * min in one vector each (the scales decoded
  * as dots_q4_kx8 decodes them), then each row's d1 q - m1. */
 static inline void dequant_q4_kx8_column(const uint8_t *p, float *o, long k) {
-    const __m256i nibble_shift = _mm256_setr_epi32(0, 8, 16, 24, 4, 12, 20, 28);
-    const __m256i high_shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), fifteen = _mm256_set1_epi32(15);
-    const __m256i three = _mm256_set1_epi32(3), sixteen = _mm256_set1_epi32(16);
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
     const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
     for (int j = 0; j < 8; j++) {
         const uint8_t *sj = p + 32 + 12 * j, *qj = p + 128 + 128 * j;
-        uint32_t sc_low, m_low, high;
-        memcpy(&sc_low, sj, 4), memcpy(&m_low, sj + 4, 4), memcpy(&high, sj + 8, 4);
-        const __m256i hi = _mm256_set1_epi32((int)high);
-        const __m256i sc = _mm256_or_si256(
-            _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)sc_low), nibble_shift), fifteen),
-            _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(hi, high_shift), three), 4));
-        const __m256i m = _mm256_or_si256(
-            _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)m_low), nibble_shift), fifteen),
-            _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(hi, _mm256_add_epi32(high_shift, sixteen)), three),
-                              4));
+        __m256i sc, m;
+        q4_kx8_scales(sj, &sc, &m);
         float d1[8], m1[8];  /* per row: d * scale, dmin * min (ggml's products, rounded once each) */
         _mm256_storeu_ps(d1, _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)));
         _mm256_storeu_ps(m1, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(m)));
