@@ -134,6 +134,9 @@ def test_each_new_cache_is_bound_afresh(built):
     fused = FusedDecoder.build(model)
     for rows in (1, 2, 2, 1, 3):
         assert _steps_agree(model, rows, fused=fused) < 1e-4
+    # a longer cache than any before: the table of every slot's RoPE rows grows with it
+    assert _steps_agree(model, 2, prompt=40, fused=fused) < 1e-4
+    assert fused._rope_table.shape[0] == 46
 
 
 def test_generation_takes_the_fused_step_and_gives_the_forwards_tokens(built, monkeypatch):

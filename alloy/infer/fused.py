@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import weakref
 from pathlib import Path
 
 import torch
@@ -107,10 +108,14 @@ class FusedDecoder:
 
     def __init__(self, model: nn.Module, lib: ctypes.CDLL, layers: list[_Layer], head: _Lin, final_norm: int | None):
         self.model, self.lib, self.layers, self.head, self.final_norm = model, lib, layers, head, final_norm
-        # (the cache buffers' addresses, struct, layer array): keyed by where every layer's keys and
-        # values are, not by the cache object — a freed cache's id can come back with its buffers
-        # elsewhere, and serving hands a fresh view of the same buffers each step
-        self._bound: tuple[tuple, _Model, object] | None = None
+        # (the cache buffers' addresses, struct, layer array, the cache, rows): keyed by where every
+        # layer's keys and values are, not by the cache object — a freed cache's id can come back
+        # with its buffers elsewhere, and serving hands a fresh view of the same buffers each step;
+        # the same live cache object (generation's) skips computing the key
+        self._bound: tuple[tuple, _Model, object, weakref.ref, int] | None = None
+        # every slot's RoPE cos and sin [slots, ROPE_TABLES, 2, rope_dim], made once: per step they
+        # cost ~30 us of PyTorch ops, a tenth of a small model's step
+        self._rope_table: torch.Tensor | None = None
 
     @classmethod
     def build(cls, model: nn.Module) -> "FusedDecoder":
@@ -173,8 +178,11 @@ class FusedDecoder:
         return room and ids.shape[0] == k.shape[0] and k.dtype == torch.float32
 
     def _bind(self, cache: KVCache, rows: int) -> _Model:
+        if self._bound is not None and self._bound[3]() is cache and self._bound[4] == rows:
+            return self._bound[1]
         key = tuple((cache.k[int(i)].data_ptr(), cache.v[int(i)].data_ptr()) for i in self.model.layers) + (rows,)
         if self._bound is not None and self._bound[0] == key:
+            self._bound = (*self._bound[:3], weakref.ref(cache), rows)
             return self._bound[1]
         spec = self.model.spec
         layers = (_Layer * len(self.layers))()
@@ -191,8 +199,27 @@ class FusedDecoder:
                         softmax_scale=spec.softmax_scale, gated=int(mlp.gated), act=ACTIVATIONS[spec.activation],
                         qk_norm_per_head=int(spec.qk_norm_per_head), n_layers=len(self.layers), n_tables=ROPE_TABLES,
                         layers=layers, final_norm=self.final_norm, head=self.head)
-        self._bound = (key, struct, layers)  # the array lives as long as the struct points at it
+        self._bound = (key, struct, layers, weakref.ref(cache), rows)  # the array lives as long as the struct
         return struct
+
+    def _rope_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """[rows, ROPE_TABLES, 2, rope_dim]: cos and sin of every table a layer reads, for positions
+        [rows, 1] — the model's own tables (its _rope), so the floats are the forward's."""
+        spec = self.model.spec
+        tables = torch.zeros(positions.shape[0], ROPE_TABLES, 2, max(spec.rope_dim, 1))
+        if spec.positions == "rope":
+            for table, (cos, sin) in self.model._rope(positions, torch.float32).items():
+                tables[:, table, 0], tables[:, table, 1] = cos[:, 0, 0], sin[:, 0, 0]
+        return tables
+
+    def _rope_rows(self, positions: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Each row's tables, looked up in every slot's (made once for the longest cache seen).
+        LongRoPE picks its factors per call, by the call's furthest position: made per call there."""
+        if self.model.spec.rope_scaling == "longrope":
+            return self._rope_of(positions)
+        if self._rope_table is None or self._rope_table.shape[0] < max_len:
+            self._rope_table = self._rope_of(torch.arange(max_len)[:, None])
+        return self._rope_table[positions[:, 0]]
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -202,10 +229,7 @@ class FusedDecoder:
         pos = torch.full((rows,), length, dtype=torch.long) if isinstance(length, int) else length.to(torch.long).clone()
         positions = pos[:, None]  # as the forward numbers a slot cache's rows: each at its own length
         x = model.embed(ids, positions).reshape(rows, spec.hidden_size).float().contiguous()
-        tables = torch.zeros(rows, ROPE_TABLES, 2, max(spec.rope_dim, 1))
-        if spec.positions == "rope":
-            for table, (cos, sin) in model._rope(positions, torch.float32).items():
-                tables[:, table, 0], tables[:, table, 1] = cos[:, 0, 0], sin[:, 0, 0]
+        tables = self._rope_rows(positions, cache.max_len)
         logits = torch.empty(rows, self.head.n, dtype=torch.float32)
         struct = self._bind(cache, rows)
         self.lib.alloy_decode_step(ctypes.byref(struct), x.data_ptr(), logits.data_ptr(), pos.data_ptr(),
