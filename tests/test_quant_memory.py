@@ -154,3 +154,18 @@ def test_quantizing_into_the_kernel_layout_a_chunk_at_a_time_equals_repacking_af
     weight = torch.randn(8 * group_rows, width, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     expected = kernel_quant.REPACK[layout][0](quant.quantize(weight, fmt))
     assert torch.equal(quant.quantize(weight, fmt, layout=layout), expected)
+
+
+def test_a_truncated_checkpoint_is_one_line_when_loading_row_by_row(tmp_path):
+    """The row-by-row reader reads the file itself: a cut file is refused before any row is read."""
+    import os
+
+    from alloy.errors import CheckpointError
+    from alloy.infer.load import load_for_decoding
+
+    _saved(tmp_path, 64, 2, 256)
+    weights = next(tmp_path.glob("*.safetensors"))
+    os.truncate(weights, weights.stat().st_size - 1000)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file") as err:
+        load_for_decoding(tmp_path, "q4_0")
+    assert "\n" not in str(err.value)

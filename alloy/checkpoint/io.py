@@ -123,6 +123,32 @@ class StoredRows:
         return out if self.dtype == self.stored else out.to(self.dtype)
 
 
+class StackedRows:
+    """Weights [out_i, in] (StoredRows, or tensors) one after another as one [sum out_i, in]:
+    `[a:b]` reads those rows from the parts they fall in, in the first part's dtype (as torch.cat
+    into a fused nn.Linear would give them). What alloy.infer.optimize fuses q/k/v and gate/up into
+    while their rows are still on disk: the fused float weight never exists."""
+
+    def __init__(self, parts: list):
+        self.parts, self.dtype = parts, parts[0].dtype
+        self.shape = torch.Size((sum(part.shape[0] for part in parts), parts[0].shape[1]))
+
+    def dim(self) -> int:
+        return 2
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.shape[0])
+        pieces, offset = [], 0
+        for part in self.parts:
+            a, b = max(start - offset, 0), min(stop - offset, part.shape[0])
+            if a < b:
+                pieces.append(part[a:b].to(self.dtype))
+            offset += part.shape[0]
+        if not pieces:
+            return torch.empty(0, self.shape[1], dtype=self.dtype)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 class _Source:
     """Lazy access to every tensor in a directory's safetensors files, by canonical name."""
 

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from alloy.model import Transformer
-from alloy.model.layers import MLP, Attention
 
 
 def load_for_decoding(path: str | Path, dtype: str = "fp32", *, device=None, layers: tuple[int, int] | None = None,
@@ -52,7 +51,7 @@ def load_for_decoding(path: str | Path, dtype: str = "fp32", *, device=None, lay
         part = read(device, layers=span, embed=piece_embed, head=piece_head, stand_ins=stand_ins, **on_disk)
         if next(part.parameters(), None) is None:  # the ends of a middle stage: nothing to convert
             return part
-        return prepare(_fuse_on_disk(part), dtype)
+        return prepare(part, dtype)  # fusing q/k/v and gate/up stacks rows still on disk
 
     model = assemble(spec, (first, last), embed=with_embed, head=with_head, piece=piece).eval()
     release_free_heap()  # the freed chunks and temporaries
@@ -71,60 +70,6 @@ def _quantized_weights(spec, span: tuple[int, int], embed: bool, head: bool) -> 
     if all(name in names for name, _ in part.named_parameters()):
         return frozenset()
     return frozenset(names)
-
-
-class _Stacked:
-    """Weights [out_i, in] (rows on disk, alloy.checkpoint.io.StoredRows, or tensors) one after
-    another as one [sum out_i, in]: `[a:b]` reads those rows from the parts they fall in, in the
-    first part's dtype (as torch.cat into the fused nn.Linear would give them)."""
-
-    def __init__(self, parts: list):
-        self.parts, self.dtype = parts, parts[0].dtype
-        self.shape = torch.Size((sum(part.shape[0] for part in parts), parts[0].shape[1]))
-
-    def dim(self) -> int:
-        return 2
-
-    def __getitem__(self, rows: slice) -> torch.Tensor:
-        start, stop, _ = rows.indices(self.shape[0])
-        pieces, offset = [], 0
-        for part in self.parts:
-            a, b = max(start - offset, 0), min(stop - offset, part.shape[0])
-            if a < b:
-                pieces.append(part[a:b].to(self.dtype))
-            offset += part.shape[0]
-        if not pieces:
-            return torch.empty(0, self.shape[1], dtype=self.dtype)
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-
-def _stacked_linear(parts: list[nn.Linear]) -> nn.Linear:
-    """alloy.infer.optimize's fused nn.Linear of `parts` with its weight left on disk (_Stacked)."""
-    first = parts[0]
-    with torch.device("meta"):
-        fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None)
-    del fused.weight
-    fused.weight = _Stacked([p.weight for p in parts])
-    if first.bias is not None:  # in the weight's dtype, as the fused nn.Linear holds it
-        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]).to(first.weight.dtype), requires_grad=False)
-    return fused.requires_grad_(False)
-
-
-def _fuse_on_disk(model: nn.Module) -> nn.Module:
-    """alloy.infer.optimize.fuse_projections where the weights are still on disk (which it cannot
-    concatenate): the same modules fused in the same order, [wq; wk; wv] and [gate; up] stacked
-    rows, never a fused float copy. Modules whose weights are all tensors are left to prepare."""
-    def on_disk(*linears: nn.Linear) -> bool:
-        return any(not isinstance(linear.weight, torch.Tensor) for linear in linears)
-
-    for module in model.modules():
-        if isinstance(module, Attention) and module.wqkv is None and on_disk(module.wq, module.wk, module.wv):
-            module.wqkv = _stacked_linear([module.wq, module.wk, module.wv])
-            del module.wq, module.wk, module.wv
-        if isinstance(module, MLP) and module.gated and module.gate_up is None and on_disk(module.gate, module.up):
-            module.gate_up = _stacked_linear([module.gate, module.up])
-            del module.gate, module.up
-    return model
 
 
 def load_experts(path: str | Path, layers: tuple[int, int], dtype: str = "fp32", *, device=None) -> nn.ModuleDict:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alloy.checkpoint.io import StackedRows
 from alloy.errors import ConfigError
 from alloy import kernels
 from alloy.infer.quantize import int8_rows, quantize_int8
@@ -104,12 +105,27 @@ class DecodeNorm(nn.Module):
 
 def _cat_linear(parts: list[nn.Linear]) -> nn.Linear:
     first = parts[0]
+    if any(not isinstance(p.weight, torch.Tensor) for p in parts):
+        return _stacked_linear(parts)
     fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
                       device=first.weight.device, dtype=first.weight.dtype)
     with torch.no_grad():
         fused.weight.copy_(torch.cat([p.weight for p in parts]))
         if first.bias is not None:
             fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    return fused.requires_grad_(False)
+
+
+def _stacked_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """The fused nn.Linear of parts whose weights are rows still on disk (alloy.infer.load: read
+    and quantized a chunk at a time): its weight stacks their rows, never a fused float copy."""
+    first = parts[0]
+    with torch.device("meta"):
+        fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None)
+    del fused.weight
+    fused.weight = StackedRows([p.weight for p in parts])
+    if first.bias is not None:  # in the weight's dtype, as the fused nn.Linear holds it
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]).to(first.weight.dtype), requires_grad=False)
     return fused.requires_grad_(False)
 
 

@@ -120,7 +120,8 @@ def library(variant: str | None = None) -> ctypes.CDLL | None:
 
 @functools.cache
 def _default_library() -> ctypes.CDLL | None:
-    return next((lib for lib in map(_library, runnable_variants()[:1]) if lib is not None), None)
+    variants = runnable_variants()
+    return _library(variants[0]) if variants else None
 
 
 @functools.cache
