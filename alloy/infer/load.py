@@ -3,7 +3,7 @@
 For a GGUF block format the stage is built one layer at a time (alloy.model.transformer.assemble),
 and within a layer (from a folder's safetensors) each weight a few rows at a time: the weights
 prepare quantizes (every nn.Linear's, the token table) are left on disk by the read
-(alloy.checkpoint.io.fill's `rows`), q/k/v and gate/up stacked there as prepare would fuse them,
+(alloy.checkpoint.io.fill's `rows`), prepare fuses q/k/v and gate/up by stacking their rows there,
 and alloy.quant.quantize reads CHUNK_WEIGHTS of a weight, quantizes them into their rows of the
 layer's blocks (in the kernel's layout) and reads the next. So what loading holds beside the
 blocks is one chunk's float rows and the quantizer's temporaries: a ~98M bf16 Llama loaded as Q4_0
