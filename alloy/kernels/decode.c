@@ -95,6 +95,105 @@ static inline void dot4(const float *a, const float *b, long n, float *out) {
     }
 }
 
+#ifdef __AVX512F__
+/* e^x for x <= 0 (softmax after the max is subtracted), 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, a
+ * degree-6 polynomial for e^r (Cephes' expf coefficients, ~1 ulp), then 2^n by scalef (which
+ * underflows to 0 as expf does). glibc's expf, one call per score, was a fifth of attention. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(e, n);
+}
+
+static inline __mmask16 tail16(long left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+
+/* One (row, head): scores s[t] = softmax(scale q.k_t) over `span` slots, o = sum_t s[t] v_t.
+ * 16 lanes; the head's features in registers 64 at a time (a Llama head is 64 or 128). */
+static void attend(const float *q, const float *kc, const float *vc, long span, long hd, float scale, float *s,
+                   float *o) {
+    float top = -INFINITY;
+    for (long t = 0; t < span; t++) {
+        const float *k = kc + t * hd;
+        __m512 acc = _mm512_setzero_ps();
+        for (long i = 0; i < hd; i += 16) {
+            const __mmask16 m = tail16(hd - i);
+            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), _mm512_maskz_loadu_ps(m, k + i), acc);
+        }
+        s[t] = _mm512_reduce_add_ps(acc) * scale;
+        top = s[t] > top ? s[t] : top;
+    }
+    __m512 total = _mm512_setzero_ps();
+    const __m512 topv = _mm512_set1_ps(top);
+    for (long t = 0; t < span; t += 16) {
+        const __mmask16 m = tail16(span - t);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), topv));
+        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+        _mm512_mask_storeu_ps(s + t, m, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+    for (long t = 0; t < span; t += 16) {
+        const __mmask16 m = tail16(span - t);
+        _mm512_mask_storeu_ps(s + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + t), inv));
+    }
+    for (long i = 0; i < hd; i += 64) {
+        __mmask16 m[4];
+        __m512 acc[4];
+        for (int u = 0; u < 4; u++) m[u] = i + 16 * u < hd ? tail16(hd - i - 16 * u) : 0, acc[u] = _mm512_setzero_ps();
+        for (long t = 0; t < span; t++) {
+            const __m512 pv = _mm512_set1_ps(s[t]);
+            const float *v = vc + t * hd + i;
+            for (int u = 0; u < 4; u++) acc[u] = _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m[u], v + 16 * u), acc[u]);
+        }
+        for (int u = 0; u < 4; u++) _mm512_mask_storeu_ps(o + i + 16 * u, m[u], acc[u]);
+    }
+}
+#else
+static void attend(const float *q, const float *kc, const float *vc, long span, long hd, float scale, float *s,
+                   float *o) {
+    float top = -INFINITY;
+    long t = 0;
+    for (; t + 4 <= span; t += 4) dot4(q, kc + t * hd, hd, s + t);
+    for (; t < span; t++) s[t] = dot(q, kc + t * hd, hd);
+    for (t = 0; t < span; t++) {
+        s[t] *= scale;
+        top = s[t] > top ? s[t] : top;
+    }
+    float total = 0.0f;
+    for (t = 0; t < span; t++) {
+        s[t] = expf(s[t] - top);
+        total += s[t];
+    }
+    for (t = 0; t < span; t++) s[t] /= total;
+    /* o = sum_t s[t] v_t, 32 features at a time held in registers across t (a load and store of
+     * o per slot made the loop wait on store forwarding) */
+    long i = 0;
+    for (; i + 32 <= hd; i += 32) {
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (t = 0; t < span; t++) {
+            const __m256 pv = _mm256_set1_ps(s[t]);
+            const float *v = vc + t * hd + i;
+            for (int u = 0; u < 4; u++) acc[u] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * u), acc[u]);
+        }
+        for (int u = 0; u < 4; u++) _mm256_storeu_ps(o + i + 8 * u, acc[u]);
+    }
+    for (; i < hd; i++) {
+        float acc = 0.0f;
+        for (t = 0; t < span; t++) acc += s[t] * vc[t * hd + i];
+        o[i] = acc;
+    }
+}
+#endif
+
 /* Single-query attention of every (row, head) over its row's cache slots [lo, pos[r]]; out [rows,
  * heads * hd]; scores: `stride` floats per (row, head). */
 static void attention(const Model *m, const Layer *l, const float *qkv, long qkv_n, float *out, const long *pos,
@@ -104,41 +203,9 @@ static void attention(const Model *m, const Layer *l, const float *qkv, long qkv
     for (long rh = 0; rh < m->rows * m->heads; rh++) {
         const long r = rh / m->heads, h = rh % m->heads, g = h / group;
         const long lo = l->window && pos[r] - l->window + 1 > 0 ? pos[r] - l->window + 1 : 0, span = pos[r] + 1 - lo;
-        const float *q = qkv + r * qkv_n + h * hd;
-        const float *kc = l->k_cache + ((r * m->kv_heads + g) * m->max_len) * hd;
-        const float *vc = l->v_cache + ((r * m->kv_heads + g) * m->max_len) * hd;
-        float *s = scores + rh * stride, *o = out + r * m->heads * hd + h * hd;
-        float top = -INFINITY;
-        long t = 0;
-        for (; t + 4 <= span; t += 4) dot4(q, kc + (lo + t) * hd, hd, s + t);
-        for (; t < span; t++) s[t] = dot(q, kc + (lo + t) * hd, hd);
-        for (t = 0; t < span; t++) {
-            s[t] *= m->softmax_scale;
-            top = s[t] > top ? s[t] : top;
-        }
-        float total = 0.0f;
-        for (long t = 0; t < span; t++) {
-            s[t] = expf(s[t] - top);
-            total += s[t];
-        }
-        for (t = 0; t < span; t++) s[t] /= total;
-        /* o = sum_t s[t] v_t, 32 features at a time held in registers across t (a load and store of
-         * o per slot made the loop wait on store forwarding) */
-        long i = 0;
-        for (; i + 32 <= hd; i += 32) {
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (t = 0; t < span; t++) {
-                const __m256 pv = _mm256_set1_ps(s[t]);
-                const float *v = vc + (lo + t) * hd + i;
-                for (int u = 0; u < 4; u++) acc[u] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * u), acc[u]);
-            }
-            for (int u = 0; u < 4; u++) _mm256_storeu_ps(o + i + 8 * u, acc[u]);
-        }
-        for (; i < hd; i++) {
-            float acc = 0.0f;
-            for (t = 0; t < span; t++) acc += s[t] * vc[(lo + t) * hd + i];
-            o[i] = acc;
-        }
+        const long base = ((r * m->kv_heads + g) * m->max_len + lo) * hd;
+        attend(qkv + r * qkv_n + h * hd, l->k_cache + base, l->v_cache + base, span, hd, m->softmax_scale,
+               scores + rh * stride, out + r * m->heads * hd + h * hd);
     }
 }
 

@@ -10,6 +10,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "simd.h"
 
@@ -99,14 +100,57 @@ static inline __m512 load16_i8(const int8_t *p, __mmask16 m) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
 
-#define DEFINE_GEMV512(NAME, T, LOAD)                                                            \
+/* bf16 weights at batch > 1, where the FMAs set the pace: widening 16 weights (a zero-extension
+ * and a shift) took an FMA-port slot per 8 FMAs. Instead 32 weights come in one load and split as
+ * they lie: the low halves of the 32-bit lanes (the even weights) shifted up, the high halves (the
+ * odd ones) already fp32 once the low half is cleared; the activations are rearranged to match,
+ * once per call (pair_activations): per 32 inputs, the 16 even ones, then the 16 odd ones. The
+ * same products, summed in another order. */
+static inline void bf16_pairs(__m512i v, __m512 *even, __m512 *odd) {
+    *even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    *odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+static float *pair_activations(const float *x, long rows, long k) {
+    float *xp = malloc(sizeof(float) * rows * k);
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    for (long r = 0; r < rows; r++) {
+        const float *a = x + r * k;
+        float *b = xp + r * k;
+        long i = 0;
+        for (; i + 32 <= k; i += 32) {
+            const __m512 lo = _mm512_loadu_ps(a + i), hi = _mm512_loadu_ps(a + i + 16);
+            _mm512_storeu_ps(b + i, _mm512_permutex2var_ps(lo, even, hi));
+            _mm512_storeu_ps(b + i + 16, _mm512_permutex2var_ps(lo, odd, hi));
+        }
+        for (; i < k; i++) b[i] = a[i];  /* the tail goes the 16-lane way, in order */
+    }
+    return xp;
+}
+
+#define DEFINE_GEMV512(NAME, T, LOAD, PAIRS)                                                     \
 static inline __attribute__((always_inline)) void NAME##_tile(                                  \
-        const float *x, const T *w, const float *scale, const float *bias, float *y,             \
+        const float *x, const float *xp, const T *w, const float *scale, const float *bias, float *y, \
         long k, long n, long j, long b0, const int J, const int C) {                              \
     __m512 acc[2][8];                                                                             \
     for (int r = 0; r < J; r++)                                                                   \
         for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();                              \
-    for (long i = 0; i < k; i += 16) {                                                            \
+    long i0 = 0;                                                                                  \
+    if (PAIRS) /* bf16: 32 weights a load, split into even and odd lanes (bf16_pairs) */          \
+        for (; i0 + 32 <= k; i0 += 32) {                                                          \
+            __m512 we[2], wo[2];                                                                  \
+            for (int r = 0; r < J; r++)                                                           \
+                bf16_pairs(_mm512_loadu_si512((const void *)(w + (j + r) * k + i0)), &we[r], &wo[r]); \
+            if (j + 2 + J <= n)                                                                   \
+                for (int r = 0; r < J; r++) _mm_prefetch((const char *)(w + (j + 2 + r) * k + i0), _MM_HINT_T0); \
+            for (int c = 0; c < C; c++) {                                                         \
+                const __m512 xe = _mm512_loadu_ps(xp + (b0 + c) * k + i0), xo = _mm512_loadu_ps(xp + (b0 + c) * k + i0 + 16); \
+                for (int r = 0; r < J; r++)                                                       \
+                    acc[r][c] = _mm512_fmadd_ps(wo[r], xo, _mm512_fmadd_ps(we[r], xe, acc[r][c])); \
+            }                                                                                     \
+        }                                                                                         \
+    for (long i = i0; i < k; i += 16) {                                                           \
         const __mmask16 m = k - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - i)) - 1);   \
         __m512 wv[2];                                                                             \
         for (int r = 0; r < J; r++) wv[r] = LOAD(w + (j + r) * k + i, m);                         \
@@ -155,36 +199,38 @@ static void NAME##_avx512(const float *x, const T *w, const float *scale, const 
         for (long j = 0; j < n; j++) NAME##_row(x, w, scale, bias, y, k, j, j + 2 < n);                      \
         return;                                                                                   \
     }                                                                                             \
+    float *xp = PAIRS ? pair_activations(x, rows, k) : NULL;                                      \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                             \
     for (long j = 0; j < n; j += 2) {                                                             \
         const int two = j + 1 < n;                                                                \
         for (long b0 = 0; b0 < rows; b0 += 8) {                                                   \
             /* constant J and C in every call, so the tile's accumulators stay in registers */    \
             switch ((rows - b0 >= 8 ? 8 : (int)(rows - b0)) * 2 + two) {                          \
-            case 2: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 1, 1); break;                  \
-            case 3: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 2, 1); break;                  \
-            case 4: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 1, 2); break;                  \
-            case 5: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 2, 2); break;                  \
-            case 6: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 1, 3); break;                  \
-            case 7: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 2, 3); break;                  \
-            case 8: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 1, 4); break;                  \
-            case 9: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 2, 4); break;                  \
-            case 10: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 1, 5); break;                 \
-            case 11: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 2, 5); break;                 \
-            case 12: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 1, 6); break;                 \
-            case 13: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 2, 6); break;                 \
-            case 14: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 1, 7); break;                 \
-            case 15: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 2, 7); break;                 \
-            case 16: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 1, 8); break;                 \
-            default: NAME##_tile(x, w, scale, bias, y, k, n, j, b0, 2, 8); break;                 \
+            case 2: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 1); break;                  \
+            case 3: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 1); break;                  \
+            case 4: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 2); break;                  \
+            case 5: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 2); break;                  \
+            case 6: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 3); break;                  \
+            case 7: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 3); break;                  \
+            case 8: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 4); break;                  \
+            case 9: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 4); break;                  \
+            case 10: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 5); break;                 \
+            case 11: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 5); break;                 \
+            case 12: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 6); break;                 \
+            case 13: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 6); break;                 \
+            case 14: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 7); break;                 \
+            case 15: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 7); break;                 \
+            case 16: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 8); break;                 \
+            default: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 8); break;                 \
             }                                                                                     \
         }                                                                                         \
     }                                                                                             \
+    free(xp);                                                                                     \
 }
 
-DEFINE_GEMV512(alloy_gemv_f32, float, load16_f32)
-DEFINE_GEMV512(alloy_gemv_bf16, uint16_t, load16_bf16)
-DEFINE_GEMV512(alloy_gemv_i8, int8_t, load16_i8)
+DEFINE_GEMV512(alloy_gemv_f32, float, load16_f32, 0)
+DEFINE_GEMV512(alloy_gemv_bf16, uint16_t, load16_bf16, 1)
+DEFINE_GEMV512(alloy_gemv_i8, int8_t, load16_i8, 0)
 #define GEMV_ISA(NAME) NAME##_avx512
 #else
 #define GEMV_ISA(NAME) NAME##_avx2
