@@ -15,6 +15,16 @@ losses weighted by 1 / global batch, and the gradients summed by the runtime's b
 all-reduce (alloy.runtime.sync.allreduce_grads), so the summed gradient is exactly the
 single-device one — the same exactness rule as the Transformer runtime. A float64 module
 (`module.double()`, given float64 inputs) trains in float64 in every process, losses included.
+
+Checkpoints and resume, as `alloy train` has them:
+
+    model.fit(x, y, epochs=10, checkpoint_dir="ckpt/")               # epoch-N/ after every epoch
+    model.fit(x, y, epochs=10, checkpoint_dir="ckpt/", resume=True)  # after a crash: goes on
+
+A checkpoint (alloy.framework.checkpoint) holds the weights, the optimizer's state, the history
+and the ranks' RNG states, written atomically with the runtime's machinery; a fit resumed from
+epoch k gives the same weights and history, to the bit, as one that never stopped. The settings
+every rank runs are one typed value (alloy.framework.job: FitRun, FitJob).
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,8 +45,12 @@ from torch import nn
 from alloy.callbacks import Callback, CallbackList
 from alloy.data import as_inputs
 from alloy.errors import ConfigError
+from alloy.framework.job import FitJob, FitRun
 from alloy.framework.registry import make_loss, make_metric, make_optimizer
 from alloy.plan.search import largest_remainder
+
+if TYPE_CHECKING:
+    from alloy.framework.checkpoint import Resumed
 
 
 @dataclass
@@ -48,9 +62,6 @@ class History:
         self.epochs.append(epoch)
         for key, value in logs.items():
             self.history.setdefault(key, []).append(value)
-
-
-COLLECTIVE_TIMEOUT_S = 300  # how long a rank waits for the others at a collective
 
 
 @dataclass
@@ -91,21 +102,31 @@ class Model:
     # ---- fit -------------------------------------------------------------------------------
 
     def fit(self, x, y=None, *, epochs: int = 1, batch_size: int = 32, validation_data=None,
-            callbacks: Sequence[Callback] = (), shuffle: bool = True, seed: int = 0, verbose: int = 1) -> History:
+            callbacks: Sequence[Callback] = (), shuffle: bool = True, seed: int = 0, verbose: int = 1,
+            checkpoint_dir: str | Path | None = None, checkpoint_every: int = 1, resume: bool = False) -> History:
+        """Train for `epochs` in all. With `checkpoint_dir`, save a checkpoint every
+        `checkpoint_every` epochs and after the last; with `resume`, first load the newest one
+        there and run only the epochs it has not done."""
         compiled = self._need_compiled()
         inputs, targets = as_inputs(x, y, what="training data")
-        if epochs < 1 or batch_size < 1:
-            raise ConfigError(f"epochs and batch_size must be >= 1 (got {epochs}, {batch_size})")
+        run = FitRun(epochs=epochs, batch_size=batch_size, shuffle=shuffle, seed=seed, resume=resume,
+                     checkpoint_dir=str(Path(checkpoint_dir).absolute()) if checkpoint_dir is not None else None,
+                     checkpoint_every=checkpoint_every)
         self._check_labels(inputs, targets, compiled["loss"])
         val = as_inputs(*validation_data, what="validation data") if validation_data is not None else None
+        start = None
+        if run.checkpoint_dir is not None:
+            from alloy.framework import checkpoint
+
+            start = checkpoint.prepare(run, self.module, self.optimizer)
         weights, profiles = self._device_weights()
-        run = dict(epochs=epochs, batch_size=batch_size, shuffle=shuffle, seed=seed, verbose=verbose)
         bar = _ProgressBar() if verbose else None
         try:
             if len(weights) == 1:
-                self.history = _fit_loop(self, inputs, targets, val, list(callbacks), run, _Rank(), bar)
+                self.history = _fit_loop(self, inputs, targets, val, list(callbacks), run, _Rank(), bar, start)
             else:
-                self.history = self._fit_parallel(inputs, targets, val, list(callbacks), run, weights, profiles, bar)
+                self.history = self._fit_parallel(inputs, targets, val, list(callbacks), run, weights, profiles, bar,
+                                                  start)
         finally:
             if bar:
                 bar.stop()
@@ -131,28 +152,34 @@ class Model:
             raise ConfigError("multi-device fit runs on CPU devices (and emulated CPU slices) for now")
         return tuple(d.flops("fp32") for d in cpus), list(cpus)
 
-    def _fit_parallel(self, inputs, targets, val, callbacks, run, weights, profiles, bar) -> History:
+    def _fit_parallel(self, inputs, targets, val, callbacks, run: FitRun, weights, profiles, bar,
+                      start: Resumed | None) -> History:
         """One rank per device (alloy.framework.worker), started by the runtime's launcher; the
-        module, data and callbacks go to the ranks in a torch.save file beside the job."""
+        module, its optimizer's state, the data, the callbacks and where a resumed fit starts go
+        to the ranks in a torch.save file beside the job. Rank 0 hands back the weights, the
+        history and the optimizer's state, so this Model ends as a single-process fit leaves it."""
         from alloy.framework import worker
         from alloy.runtime.launch import LaunchError, launch
 
         out_dir = Path(tempfile.mkdtemp(prefix="alloy-fit-"))
         failed = False
         try:
-            job = {"out_dir": str(out_dir), "payload": str(out_dir / "payload.pt"), "run": run,
-                   "weights": list(weights), "profiles": [p.model_dump(mode="json") if p else None for p in profiles],
-                   "main": worker.main_module_data(), "timeout_s": COLLECTIVE_TIMEOUT_S,
-                   "metrics_path": str(out_dir / "progress.jsonl") if bar else None}
+            job = FitJob(out_dir=str(out_dir), payload=str(out_dir / "payload.pt"), run=run, weights=tuple(weights),
+                         profiles=tuple(p.model_dump(mode="json") if p else None for p in profiles),
+                         main=worker.main_module_data(),
+                         torch_seeds=tuple(torch.randint(2**62, (len(weights),)).tolist()),
+                         metrics_path=str(out_dir / "progress.jsonl") if bar else None)
             try:
-                torch.save(dict(model=self, inputs=inputs, targets=targets, val=val, callbacks=callbacks),
-                           job["payload"])
+                torch.save(dict(model=self, inputs=inputs, targets=targets, val=val, callbacks=callbacks,
+                                optimizer_state=self.optimizer.state_dict(), start=start), job.payload)
             except (pickle.PicklingError, AttributeError, TypeError) as err:  # a lambda, a local class...
                 raise ConfigError(f"a multi-device fit pickles the module, its optimizer and the callbacks for "
                                   f"each process, and this one cannot be: {err}") from None
             launch(job, len(weights), timeout_s=math.inf, progress=bar, worker_module="alloy.framework.worker")
             state = load_file(out_dir / worker.STATE)
             saved = json.loads((out_dir / worker.HISTORY).read_text())
+            # rank 0's optimizer state, from this fit's own private directory: tensors and containers only
+            optimizer_state = torch.load(out_dir / worker.OPTIMIZER, weights_only=True)
         except LaunchError:
             failed = True
             raise
@@ -165,6 +192,7 @@ class Model:
         with torch.no_grad():
             for name, tensor in self.module.state_dict().items():
                 tensor.copy_(state[name])
+        self.optimizer.load_state_dict(optimizer_state)
         return History(saved["history"], saved["epochs"])
 
     def _check_labels(self, inputs, targets, loss) -> None:
@@ -269,26 +297,33 @@ def _sync_grads(module: nn.Module, rank: _Rank) -> None:
         allreduce_grads(reversed(list(module.parameters())))
 
 
-def _fit_loop(model: Model, inputs, targets, val, callbacks, run, rank: _Rank, report=None) -> History:
+def _fit_loop(model: Model, inputs, targets, val, callbacks, run: FitRun, rank: _Rank, report=None,
+              start: Resumed | None = None) -> History:
     """The training loop every rank runs (a single device is the one-rank case). `report`, if
-    given, gets a progress record after every step and at every epoch's end (_ProgressBar)."""
+    given, gets a progress record after every step and at every epoch's end (_ProgressBar).
+    `start`: a resumed fit's checkpoint (its weights and optimizer state already loaded)."""
     module, optimizer, compiled = model.module, model.optimizer, model.compiled
     loss_fn, _ = make_loss(compiled["loss"])
-    history = History()
+    history = History({k: list(v) for k, v in start.history.history.items()}, list(start.history.epochs)) \
+        if start else History()
+    # Dropout draws from torch's global generator: this rank's, as the checkpoint left it. A fit
+    # resumed on another number of processes keeps the one it has (its batch split differs anyway).
+    if start and len(start.rng_states) == rank.world:
+        torch.set_rng_state(start.rng_states[rank.rank])
     chief = rank.rank == 0
     hooks = CallbackList(callbacks, model, chief)
     model.stop_training = False
     count = len(targets)
-    steps_per_epoch = math.ceil(count / run["batch_size"])
+    steps_per_epoch = math.ceil(count / run.batch_size)
     hooks.on_train_begin()
-    for epoch in range(run["epochs"]):
+    for epoch in range(start.epochs_done if start else 0, run.epochs):
         hooks.on_epoch_begin(epoch)
         module.train()
-        generator = torch.Generator().manual_seed(run["seed"] * 1_000_003 + epoch)
-        order = torch.randperm(count, generator=generator) if run["shuffle"] else torch.arange(count)
+        generator = torch.Generator().manual_seed(run.seed * 1_000_003 + epoch)
+        order = torch.randperm(count, generator=generator) if run.shuffle else torch.arange(count)
         metrics = [make_metric(m) for m in compiled["metrics"]]
         totals = torch.zeros(2, dtype=torch.float64)  # loss sum, samples
-        for step, index in enumerate(_batches(count, run["batch_size"], order)):
+        for step, index in enumerate(_batches(count, run.batch_size, order)):
             mine = _my_rows(index, rank)
             optimizer.zero_grad(set_to_none=True)
             if len(mine):
@@ -302,19 +337,36 @@ def _fit_loop(model: Model, inputs, targets, val, callbacks, run, rank: _Rank, r
             optimizer.step()
             hooks.on_batch_end(step)
             if report:
-                report({"epoch": epoch, "epochs": run["epochs"], "step": step + 1, "steps": steps_per_epoch,
+                report({"epoch": epoch, "epochs": run.epochs, "step": step + 1, "steps": steps_per_epoch,
                         "loss": float(totals[0] / max(1, totals[1]))})
         logs = _logs(totals, metrics, rank)
         if val is not None:
             logs |= {f"val_{k}": v for k, v in _evaluate(module, *val, compiled, 256, rank).items()}
         if report:
-            report({"epoch": epoch, "epochs": run["epochs"], "steps": steps_per_epoch, "logs": logs})
+            report({"epoch": epoch, "epochs": run.epochs, "steps": steps_per_epoch, "logs": logs})
         history.append(epoch, logs)
         hooks.on_epoch_end(epoch, logs)
+        last = epoch + 1 == run.epochs or model.stop_training
+        if run.checkpoint_dir is not None and ((epoch + 1) % run.checkpoint_every == 0 or last):
+            _save_checkpoint(model, run, rank, history, epoch + 1)
         if model.stop_training:
             break
     hooks.on_train_end()
     return history
+
+
+def _save_checkpoint(model: Model, run: FitRun, rank: _Rank, history: History, epochs_done: int) -> None:
+    """Every rank hands in its RNG state; rank 0 writes, its weights and optimizer state being
+    every rank's (the gradients they step on are the same all-reduced sums)."""
+    from alloy.framework import checkpoint
+
+    rng_states = [torch.get_rng_state()]
+    if rank.world > 1:
+        rng_states = [None] * rank.world
+        dist.all_gather_object(rng_states, torch.get_rng_state())
+    if rank.rank == 0:
+        checkpoint.save(Path(run.checkpoint_dir), epochs_done, model.module, model.optimizer, history, rng_states,
+                        run.keep_last)
 
 
 def _logs(totals, metrics, rank) -> dict[str, float]:

@@ -10,7 +10,9 @@ complete, and a crash leaves at most a `.partial` directory that nothing mistake
 next save sweeps it). A checkpoint is deleted by renaming it to `.step-N.trash` first, so a kill
 mid-delete never leaves a `step-N` missing files. The manifest records each file's size and
 SHA-256: resume and fuse check them and name the file that does not match.
-The fusion step reads exactly this layout.
+The fusion step reads exactly this layout. `alloy.Model.fit` writes its own checkpoints with
+the same machinery (`fsync_write`, `publish`, `verify_files`) under the prefix `epoch` instead
+of `step` (alloy.framework.checkpoint).
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
-def step_dir(root: Path, step: int, partial: bool = False) -> Path:
-    return root / (f"step-{step:08d}" + (".partial" if partial else ""))
+def step_dir(root: Path, step: int, partial: bool = False, prefix: str = "step") -> Path:
+    return root / (f"{prefix}-{step:08d}" + (".partial" if partial else ""))
 
 
-def _fsync_write(path: Path, write) -> str:
+def fsync_write(path: Path, write) -> str:
     """Write `path` through a temp file, durably; return its SHA-256 (read back: the bytes on disk)."""
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
@@ -65,14 +67,14 @@ def _discard(directory: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def sweep(root: Path, keep_step: int | None = None) -> None:
+def sweep(root: Path, keep_step: int | None = None, prefix: str = "step") -> None:
     """Remove what killed saves left: `.partial` directories (but `keep_step`'s) and trash. Call
     it only when no save is under way (a save's start, or a run's start)."""
-    keep = step_dir(root, keep_step, partial=True) if keep_step is not None else None
-    for path in root.glob("step-*.partial"):
+    keep = step_dir(root, keep_step, partial=True, prefix=prefix) if keep_step is not None else None
+    for path in root.glob(f"{prefix}-*.partial"):
         if path != keep:
             shutil.rmtree(path, ignore_errors=True)
-    for path in root.glob(".step-*.trash"):
+    for path in root.glob(f".{prefix}-*.trash"):
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -107,10 +109,10 @@ def save_rank(root: Path, step: int, rank: int, model: torch.nn.Module, optimize
                 tensors[f"{key}.{name}"] = state[key].detach().cpu().contiguous()
         if "step" in state:
             optimizer_steps[name] = float(state["step"])
-    digest = _fsync_write(directory / f"rank{rank}.safetensors", lambda p: save_file(tensors, str(p)))
+    digest = fsync_write(directory / f"rank{rank}.safetensors", lambda p: save_file(tensors, str(p)))
     # Each rank hashes its own shard (just written, still cached); rank 0 copies it to the manifest.
     record = info | {"rank": rank, "step": step, "optimizer_steps": optimizer_steps, "sha256": digest}
-    _fsync_write(directory / f"rank{rank}.json", lambda p: p.write_text(json.dumps(record)))
+    fsync_write(directory / f"rank{rank}.json", lambda p: p.write_text(json.dumps(record)))
 
 
 def finalize(root: Path, step: int, spec: ModelSpec, layout: RunLayout, keep_last: int, extra: dict) -> Path:
@@ -135,13 +137,20 @@ def finalize(root: Path, step: int, spec: ModelSpec, layout: RunLayout, keep_las
             path.unlink()
     manifest = {"format": FORMAT_VERSION, "step": step, "spec": spec.to_dict(), "layout": layout.to_dict(),
                 "world_size": layout.world_size, "files": files, "sha256": digests} | extra
-    _fsync_write(partial / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
-    final = step_dir(root, step)
+    return publish(root, step, manifest, keep_last)
+
+
+def publish(root: Path, step: int, manifest: dict, keep_last: int, prefix: str = "step") -> Path:
+    """Write the manifest into the finished `.partial` directory, rename it to its final name (so
+    it is complete the moment it is named), and delete all but the newest `keep_last`."""
+    partial = step_dir(root, step, partial=True, prefix=prefix)
+    fsync_write(partial / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    final = step_dir(root, step, prefix=prefix)
     if final.exists():
         _discard(final)
     partial.rename(final)
     _fsync_dir(root)
-    for old in complete_checkpoints(root)[:-keep_last]:
+    for old in complete_checkpoints(root, prefix)[:-keep_last]:
         _discard(old)
     return final
 
@@ -168,11 +177,11 @@ def verify_files(directory: Path, manifest: dict, names) -> None:
             raise CheckpointError(f"{path}: corrupt — its SHA-256 differs from the one the manifest recorded")
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Valid checkpoints, oldest first: `step-N` directories holding a manifest."""
+def complete_checkpoints(root: Path, prefix: str = "step") -> list[Path]:
+    """Valid checkpoints, oldest first: `step-N` (`{prefix}-N`) directories holding a manifest."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".partial")
+    found = [p for p in root.glob(f"{prefix}-*") if p.is_dir() and not p.name.endswith(".partial")
              and (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 

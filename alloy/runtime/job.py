@@ -19,7 +19,23 @@ from alloy.spec import ModelSpec
 
 
 class JobError(ConfigError):
-    """A job document that does not describe a TrainJob (an unknown or missing key)."""
+    """A job document that does not describe its job (a TrainJob, an alloy.Model.fit job): an
+    unknown or missing key."""
+
+
+def check_keys(cls, doc: dict[str, Any]) -> None:
+    """Refuse a document for the dataclass `cls` with a key it does not know, or without one it
+    needs (a field with no default)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(doc) - names)
+    if unknown:
+        raise JobError(f"the job has unknown key(s) {', '.join(unknown)}; a {cls.__name__}'s keys are "
+                       f"{', '.join(sorted(names))}")
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - set(doc))
+    if missing:
+        raise JobError(f"the job lacks the key(s) {', '.join(missing)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,16 +88,7 @@ class TrainJob:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> TrainJob:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(doc) - names)
-        if unknown:
-            raise JobError(f"the job has unknown key(s) {', '.join(unknown)}; a TrainJob's keys are "
-                           f"{', '.join(sorted(names))}")
-        required = {f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-        missing = sorted(required - set(doc))
-        if missing:
-            raise JobError(f"the job lacks the key(s) {', '.join(missing)}")
+        check_keys(cls, doc)
         nested = {"spec": ModelSpec.from_dict(doc["spec"]), "layout": RunLayout.from_dict(doc["layout"])}
         if "data" in doc:
             nested["data"] = DataSource(**doc["data"])
