@@ -190,7 +190,8 @@ def _every_field_set(rng: random.Random) -> FitJob:
                  checkpoint_dir="/tmp/fit/ckpt", checkpoint_every=rng.randint(2, 5), resume=True, keep_last=3)
     return FitJob(out_dir="/tmp/fit", payload="/tmp/fit/payload.pt", run=run, weights=(4.0, rng.random()),
                   profiles=({"name": "cpu0", "kind": "cpu"}, None), main={"sys_path": ["/src"]}, torch_seeds=(5, 6),
-                  timeout_s=rng.uniform(1, 99), metrics_path="/tmp/fit/progress.jsonl")
+                  timeout_s=rng.uniform(1, 99), metrics_path="/tmp/fit/progress.jsonl",
+                  stage_cuts=(0, rng.randint(1, 3), 4), micro_batches=rng.randint(2, 8))
 
 
 def test_a_fit_job_survives_its_json_round_trip():

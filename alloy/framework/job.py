@@ -54,7 +54,13 @@ class FitJob:
     # torch.manual_seed before fit makes a multi-device fit repeatable, as it does a single-process one
     torch_seeds: tuple[int, ...]
     timeout_s: float = 300.0  # how long a rank waits for the others at a collective
-    metrics_path: str | None = None  # rank 0 appends one progress line per step (the launcher follows it)
+    # the rank that counts the loss (rank 0; a pipeline's last stage) appends one progress line per
+    # step here (the launcher follows it)
+    metrics_path: str | None = None
+    # pipeline parallel (alloy.framework.pipeline): rank s runs the nn.Sequential's children
+    # [stage_cuts[s], stage_cuts[s + 1]); None: data parallel
+    stage_cuts: tuple[int, ...] | None = None
+    micro_batches: int = 1  # a pipeline's micro-batches per global batch (a batch of fewer rows: one a row)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe (its tuples become lists)."""
@@ -63,5 +69,7 @@ class FitJob:
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> FitJob:
         check_keys(cls, doc)
+        cuts = doc.get("stage_cuts")
         return cls(**doc | {"run": FitRun.from_dict(doc["run"]), "weights": tuple(doc["weights"]),
-                            "profiles": tuple(doc["profiles"]), "torch_seeds": tuple(doc["torch_seeds"])})
+                            "profiles": tuple(doc["profiles"]), "torch_seeds": tuple(doc["torch_seeds"]),
+                            "stage_cuts": tuple(cuts) if cuts is not None else None})

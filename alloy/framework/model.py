@@ -25,6 +25,20 @@ A checkpoint (alloy.framework.checkpoint) holds the weights, the optimizer's sta
 and the ranks' RNG states, written atomically with the runtime's machinery; a fit resumed from
 epoch k gives the same weights and history, to the bit, as one that never stopped. The settings
 every rank runs are one typed value (alloy.framework.job: FitRun, FitJob).
+
+Pipeline parallel, for an nn.Sequential (alloy.framework.pipeline):
+
+    model.fit(x, y, epochs=10, parallelism="pipeline", microbatches=4)
+
+cuts its children into contiguous stages, one per device: each child's forward + backward is
+timed on a micro-batch, divided by each device's speed, and split by the planner's partition
+(alloy.plan.search.bottleneck_cuts). Every batch runs GPipe over `microbatches` (default: one per
+stage; a batch of fewer rows, one a row), its losses weighted as the data-parallel ones, so the
+float64 weights equal a single process's up to float64 rounding (the micro-batches sum the
+gradient in another order). Losses, metrics and validation come from the last stage; after every
+epoch rank 0 gathers every stage's weights and optimizer state, so callbacks, checkpoints, resume
+and this Model see the whole model. Dropout in a pipeline draws from its stage's process, so it
+draws other numbers than a single process would.
 """
 
 from __future__ import annotations
@@ -51,6 +65,9 @@ from alloy.plan.search import largest_remainder
 
 if TYPE_CHECKING:
     from alloy.framework.checkpoint import Resumed
+    from alloy.framework.pipeline import Pipeline
+
+PARALLELISMS = ("data", "pipeline")
 
 
 @dataclass
@@ -68,6 +85,7 @@ class History:
 class _Rank:
     rank: int = 0
     weights: tuple[float, ...] = (1.0,)  # relative throughput of every rank
+    pipeline: Pipeline | None = None  # a pipeline-parallel fit: this rank's stage; None: data parallel
 
     @property
     def world(self) -> int:
@@ -103,30 +121,42 @@ class Model:
 
     def fit(self, x, y=None, *, epochs: int = 1, batch_size: int = 32, validation_data=None,
             callbacks: Sequence[Callback] = (), shuffle: bool = True, seed: int = 0, verbose: int = 1,
-            checkpoint_dir: str | Path | None = None, checkpoint_every: int = 1, resume: bool = False) -> History:
+            checkpoint_dir: str | Path | None = None, checkpoint_every: int = 1, resume: bool = False,
+            parallelism: str = "data", microbatches: int | None = None) -> History:
         """Train for `epochs` in all. With `checkpoint_dir`, save a checkpoint every
         `checkpoint_every` epochs and after the last; with `resume`, first load the newest one
-        there and run only the epochs it has not done."""
+        there and run only the epochs it has not done. Over several devices, `parallelism` "data"
+        splits each batch over them, "pipeline" an nn.Sequential's children (alloy.framework.pipeline),
+        each batch in `microbatches` (default: one per device)."""
         compiled = self._need_compiled()
+        if parallelism not in PARALLELISMS:
+            raise ConfigError(f"parallelism must be one of {', '.join(map(repr, PARALLELISMS))}, got {parallelism!r}")
+        if parallelism == "data" and microbatches is not None:
+            raise ConfigError("microbatches splits a pipeline's batches; pass parallelism='pipeline' with it")
         inputs, targets = as_inputs(x, y, what="training data")
         run = FitRun(epochs=epochs, batch_size=batch_size, shuffle=shuffle, seed=seed, resume=resume,
                      checkpoint_dir=str(Path(checkpoint_dir).absolute()) if checkpoint_dir is not None else None,
                      checkpoint_every=checkpoint_every)
         self._check_labels(inputs, targets, compiled["loss"])
         val = as_inputs(*validation_data, what="validation data") if validation_data is not None else None
+        weights, profiles = self._device_weights()
+        stages = None  # a pipeline's (cuts, micro-batches)
+        if parallelism == "pipeline":
+            from alloy.framework.pipeline import plan_stages
+
+            stages = plan_stages(self.module, inputs, targets, compiled["loss"], weights, batch_size, microbatches)
         start = None
         if run.checkpoint_dir is not None:
             from alloy.framework import checkpoint
 
             start = checkpoint.prepare(run, self.module, self.optimizer)
-        weights, profiles = self._device_weights()
         bar = _ProgressBar() if verbose else None
         try:
             if len(weights) == 1:
                 self.history = _fit_loop(self, inputs, targets, val, list(callbacks), run, _Rank(), bar, start)
             else:
                 self.history = self._fit_parallel(inputs, targets, val, list(callbacks), run, weights, profiles, bar,
-                                                  start)
+                                                  start, stages)
         finally:
             if bar:
                 bar.stop()
@@ -153,11 +183,12 @@ class Model:
         return tuple(d.flops("fp32") for d in cpus), list(cpus)
 
     def _fit_parallel(self, inputs, targets, val, callbacks, run: FitRun, weights, profiles, bar,
-                      start: Resumed | None) -> History:
+                      start: Resumed | None, stages: tuple[tuple[int, ...], int] | None) -> History:
         """One rank per device (alloy.framework.worker), started by the runtime's launcher; the
         module, its optimizer's state, the data, the callbacks and where a resumed fit starts go
         to the ranks in a torch.save file beside the job. Rank 0 hands back the weights, the
-        history and the optimizer's state, so this Model ends as a single-process fit leaves it."""
+        history and the optimizer's state, so this Model ends as a single-process fit leaves it.
+        `stages`: a pipeline's (cuts, micro-batches); None: data parallel."""
         from alloy.framework import worker
         from alloy.runtime.launch import LaunchError, launch
 
@@ -168,7 +199,8 @@ class Model:
                          profiles=tuple(p.model_dump(mode="json") if p else None for p in profiles),
                          main=worker.main_module_data(),
                          torch_seeds=tuple(torch.randint(2**62, (len(weights),)).tolist()),
-                         metrics_path=str(out_dir / "progress.jsonl") if bar else None)
+                         metrics_path=str(out_dir / "progress.jsonl") if bar else None,
+                         stage_cuts=stages[0] if stages else None, micro_batches=stages[1] if stages else 1)
             try:
                 torch.save(dict(model=self, inputs=inputs, targets=targets, val=val, callbacks=callbacks,
                                 optimizer_state=self.optimizer.state_dict(), start=start), job.payload)
@@ -297,6 +329,24 @@ def _sync_grads(module: nn.Module, rank: _Rank) -> None:
         allreduce_grads(reversed(list(module.parameters())))
 
 
+def _tally(outputs, targets, loss_fn, metrics, totals: torch.Tensor) -> torch.Tensor:
+    """The batch's per-sample losses; their sum and count go into `totals`, the batch into the metrics."""
+    losses = loss_fn(outputs, targets)
+    totals += torch.tensor([losses.sum().item(), len(targets)], dtype=torch.float64)
+    for metric in metrics:
+        metric.update(outputs.detach(), targets, losses.detach())
+    return losses
+
+
+def _data_parallel_step(module, inputs, targets, index, loss_fn, metrics, totals, rank: _Rank) -> None:
+    """This rank's share of the global batch `index`, forward and backward; gradients summed over the ranks."""
+    mine = _my_rows(index, rank)
+    if len(mine):
+        losses = _tally(module(*(t[mine] for t in inputs)), targets[mine], loss_fn, metrics, totals)
+        (losses.sum() / len(index)).backward()  # exact share of the global batch's mean
+    _sync_grads(module, rank)
+
+
 def _fit_loop(model: Model, inputs, targets, val, callbacks, run: FitRun, rank: _Rank, report=None,
               start: Resumed | None = None) -> History:
     """The training loop every rank runs (a single device is the one-rank case). `report`, if
@@ -324,24 +374,25 @@ def _fit_loop(model: Model, inputs, targets, val, callbacks, run: FitRun, rank: 
         metrics = [make_metric(m) for m in compiled["metrics"]]
         totals = torch.zeros(2, dtype=torch.float64)  # loss sum, samples
         for step, index in enumerate(_batches(count, run.batch_size, order)):
-            mine = _my_rows(index, rank)
             optimizer.zero_grad(set_to_none=True)
-            if len(mine):
-                outputs = module(*(t[mine] for t in inputs))
-                losses = loss_fn(outputs, targets[mine])
-                (losses.sum() / len(index)).backward()  # exact share of the global batch's mean
-                totals += torch.tensor([losses.sum().item(), len(mine)], dtype=torch.float64)
-                for metric in metrics:
-                    metric.update(outputs.detach(), targets[mine], losses.detach())
-            _sync_grads(module, rank)
+            if rank.pipeline:
+                rank.pipeline.train_step(index, inputs[0], targets, loss_fn, metrics, totals)
+            else:
+                _data_parallel_step(module, inputs, targets, index, loss_fn, metrics, totals, rank)
             optimizer.step()
             hooks.on_batch_end(step)
             if report:
                 report({"epoch": epoch, "epochs": run.epochs, "step": step + 1, "steps": steps_per_epoch,
                         "loss": float(totals[0] / max(1, totals[1]))})
-        logs = _logs(totals, metrics, rank)
-        if val is not None:
-            logs |= {f"val_{k}": v for k, v in _evaluate(module, *val, compiled, 256, rank).items()}
+        if rank.pipeline:
+            logs = rank.pipeline.logs(totals, metrics)
+            if val is not None:
+                logs |= {f"val_{k}": v for k, v in rank.pipeline.evaluate(val[0][0], val[1], compiled, 256).items()}
+            rank.pipeline.gather(model)  # rank 0's Model whole again, for the callbacks and the checkpoint
+        else:
+            logs = _logs(totals, metrics, rank)
+            if val is not None:
+                logs |= {f"val_{k}": v for k, v in _evaluate(module, *val, compiled, 256, rank).items()}
         if report:
             report({"epoch": epoch, "epochs": run.epochs, "steps": steps_per_epoch, "logs": logs})
         history.append(epoch, logs)
@@ -357,7 +408,8 @@ def _fit_loop(model: Model, inputs, targets, val, callbacks, run: FitRun, rank: 
 
 def _save_checkpoint(model: Model, run: FitRun, rank: _Rank, history: History, epochs_done: int) -> None:
     """Every rank hands in its RNG state; rank 0 writes, its weights and optimizer state being
-    every rank's (the gradients they step on are the same all-reduced sums)."""
+    every rank's (the gradients they step on are the same all-reduced sums), or in a pipeline
+    every stage's (gathered at the epoch's end)."""
     from alloy.framework import checkpoint
 
     rng_states = [torch.get_rng_state()]
@@ -389,11 +441,7 @@ def _evaluate(module, inputs, targets, compiled, batch_size, rank: _Rank) -> dic
         mine = _my_rows(index, rank)
         if not len(mine):
             continue
-        outputs = module(*(t[mine] for t in inputs))
-        losses = loss_fn(outputs, targets[mine])
-        totals += torch.tensor([losses.sum().item(), len(mine)], dtype=torch.float64)
-        for metric in metrics:
-            metric.update(outputs, targets[mine], losses)
+        _tally(module(*(t[mine] for t in inputs)), targets[mine], loss_fn, metrics, totals)
     module.train(was_training)
     return _logs(totals, metrics, rank)
 

@@ -5,10 +5,11 @@ The job JSON is a typed FitJob (alloy.framework.job: the run settings, the devic
 their weights, the parent's module search path); the module, its optimizer's settings and state,
 the data, the callbacks and a resumed fit's start are in a `torch.save` file beside it
 (`payload`). Each rank enters its emulated CPU slice, if it has one, joins the process group,
-runs the framework's training loop on its rows of every batch (rank 0 writing the fit's
+runs the framework's training loop on its rows of every batch (or, pipeline parallel, on every
+batch through its stage's children: alloy.framework.pipeline; rank 0 writing the fit's
 checkpoints), and rank 0 writes the trained weights, the history and the optimizer's state into
-the job's directory; with `verbose`, it also writes one progress line per step to the job's
-metrics file, which the launcher follows.
+the job's directory; with `verbose`, the rank that counts the loss (rank 0, or a pipeline's last
+stage) also writes one progress line per step to the job's metrics file, which the launcher follows.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def run_rank(doc: dict) -> None:
     from alloy.devices.emulate import slice_context
     from alloy.framework.job import FitJob
     from alloy.framework.model import _fit_loop, _Rank
+    from alloy.framework.pipeline import Pipeline
     from alloy.framework.registry import make_optimizer
     from alloy.runtime.launch import die_with_parent, init_gloo
 
@@ -64,9 +66,14 @@ def run_rank(doc: dict) -> None:
             # the parent's optimizer state: a checkpoint's, an earlier fit's, or a fresh one's
             model.optimizer.load_state_dict(payload["optimizer_state"])
             torch.manual_seed(job.torch_seeds[rank])
-            report = _metrics_writer(job.metrics_path) if rank == 0 and job.metrics_path else None
+            me = _Rank(rank, job.weights)
+            if job.stage_cuts is not None:
+                me.pipeline = Pipeline.for_rank(model.module, job.stage_cuts, rank, job.micro_batches,
+                                                payload["inputs"][0][:1])
+            counter = len(job.weights) - 1 if me.pipeline else 0  # the rank that counts the loss
+            report = _metrics_writer(job.metrics_path) if rank == counter and job.metrics_path else None
             history = _fit_loop(model, payload["inputs"], payload["targets"], payload["val"], payload["callbacks"],
-                                job.run, _Rank(rank, job.weights), report, payload["start"])
+                                job.run, me, report, payload["start"])
             if rank == 0:
                 out_dir = Path(job.out_dir)
                 state = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()}

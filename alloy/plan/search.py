@@ -482,6 +482,18 @@ def _bottleneck(table: np.ndarray) -> float:
     return float(best[-1])
 
 
+def bottleneck_cuts(costs_s: list[float], speeds: list[float]) -> tuple[int, ...]:
+    """Contiguous stages of measured layers over ordered devices, by the pipeline DP's own steps:
+    the least largest slot (`_bottleneck`), then the least total time under it (`_backtrack`).
+    Layer k takes costs_s[k] on a device of speed 1, stage s runs on a device of speeds[s]; stage
+    s holds layers [cuts[s], cuts[s + 1]). Needs at least as many layers as devices."""
+    prefix_s = np.r_[0.0, np.cumsum(costs_s)]
+    start, stop = np.meshgrid(np.arange(len(prefix_s)), np.arange(len(prefix_s)), indexing="ij")
+    work_s = np.where(start < stop, prefix_s[stop] - prefix_s[start], np.inf)  # layers [i, j) or none
+    table = work_s[None] / np.asarray(speeds, dtype=float)[:, None, None]  # (stages, L + 1, L + 1)
+    return tuple(int(c) for c in _backtrack(table, _bottleneck(table)))
+
+
 def _least_sums(table: np.ndarray, thresholds: np.ndarray, optimizer: np.ndarray | None = None,
                 caps: np.ndarray | None = None) -> np.ndarray:
     """For each threshold B (and optimizer cap O): least sum of slot times over splits with every
