@@ -7,6 +7,7 @@ decisions agree; only the chief rank (0) writes files.
 from __future__ import annotations
 
 import math
+import operator
 from pathlib import Path
 from typing import Callable
 
@@ -40,7 +41,8 @@ class CallbackList:
 def _better(monitor: str, mode: str) -> Callable[[float, float], bool]:
     if mode == "auto":
         mode = "max" if any(k in monitor for k in ("acc", "f1")) else "min"
-    return (lambda new, best: new > best) if mode == "max" else (lambda new, best: new < best)
+    # operator's functions, not lambdas: a multi-device fit pickles its callbacks for every rank
+    return operator.gt if mode == "max" else operator.lt
 
 
 class ModelCheckpoint(Callback):

@@ -198,6 +198,18 @@ def test_callbacks_fire_in_order_and_do_their_jobs(tmp_path):
     assert (tmp_path / "best.safetensors").is_file() and checkpoint.saved_epochs[0] == 0
 
 
+def test_the_built_in_callbacks_pickle_for_a_multi_device_fit(tmp_path):
+    """A multi-device fit pickles its callbacks for every rank: the built-in ones must survive it
+    and still judge improvement the same way (they held lambdas, which pickle refuses)."""
+    import pickle
+
+    for callback in (EarlyStopping(monitor="val_accuracy"), EarlyStopping(monitor="val_loss"),
+                     ModelCheckpoint(tmp_path / "best", monitor="val_f1")):
+        copy = pickle.loads(pickle.dumps(callback))
+        assert (copy.better(2.0, 1.0), copy.better(1.0, 2.0)) == (callback.better(2.0, 1.0), callback.better(1.0, 2.0))
+    assert EarlyStopping(monitor="val_accuracy").better(2.0, 1.0) and EarlyStopping(monitor="val_loss").better(1.0, 2.0)
+
+
 def test_early_stopping_stops_when_nothing_improves():
     x, y = _task(128)
     model = Model(_mlp(), devices="cpu").compile(optimizer="sgd", lr=1e-12)  # nothing moves
