@@ -14,7 +14,7 @@ from alloy.cli import main
 from alloy.errors import CheckpointError
 from alloy.fuse import find_checkpoint, fuse_run
 from alloy.model import Transformer
-from alloy.runtime import Checkpointing, DataSource, OptimConfig, RunLayout, Stage, job_document, run_job
+from alloy.runtime import Checkpointing, DataSource, OptimConfig, RunLayout, job_document, run_job
 from alloy.runtime.checkpoint import sha256
 from alloy.spec import ModelSpec
 
@@ -22,16 +22,12 @@ SPEC = ModelSpec(family="llama", vocab_size=64, hidden_size=32, num_layers=6, nu
                  head_dim=8, intermediate_size=48, max_seq_len=64, tie_embeddings=True)
 
 
-def _stage(device, first, last):
-    return Stage(device, first, last, first == 0, last == SPEC.num_layers)
-
-
 LAYOUTS = {
     # uneven pipeline: 3, 2 and 1 layers, embeddings first, (tied) head last
-    "pp-3-2-1": RunLayout(((_stage("cpu0", 0, 3), _stage("cpu1", 3, 5), _stage("cpu2", 5, 6)),), (6,), (3,)),
+    "pp-3-2-1": RunLayout.of([[("cpu0", 0, 3), ("cpu1", 3, 5), ("cpu2", 5, 6)]], (6,), (3,)),
     # 2 replicas x 2 stages, split differently, with uneven shares
-    "hybrid-2x2": RunLayout(((_stage("cpu0", 0, 4), _stage("cpu1", 4, 6)),
-                             (_stage("cpu2", 0, 2), _stage("cpu3", 2, 6))), (4, 2), (2, 2)),
+    "hybrid-2x2": RunLayout.of([[("cpu0", 0, 4), ("cpu1", 4, 6)], [("cpu2", 0, 2), ("cpu3", 2, 6)]],
+                               (4, 2), (2, 2)),
 }
 STEPS = 3
 
@@ -59,7 +55,7 @@ def _distributed_forward(checkpoint: Path, layout: RunLayout, replica: int, ids:
     for info in layout.ranks():
         if info.replica == replica:
             s = info.stage
-            stage = Transformer(SPEC, (s.first, s.last), embed=s.embed, head=s.head).eval()
+            stage = Transformer(SPEC, s.layers, embed=s.has_embed, head=s.has_head).eval()
             shard = load_file(checkpoint / f"rank{info.rank}.safetensors")
             stage.load_state_dict({k.removeprefix("param."): v for k, v in shard.items() if k.startswith("param.")},
                                   strict=True)
@@ -135,7 +131,7 @@ def _missing_shard(ck):
 
 
 def _duplicated_layer_range(ck):  # stage 1 claims [2, 5): layer 2 twice
-    _edit_manifest(ck, lambda m: m["layout"]["replicas"][0][1].__setitem__("first", 2))
+    _edit_manifest(ck, lambda m: m["layout"]["replicas"][0][1]["layers"].__setitem__(0, 2))
 
 
 def _layer_in_two_shards(ck):  # the layout is right but rank 1's shard also holds layer 2

@@ -15,7 +15,7 @@ import alloy
 from alloy.cli import main
 from alloy.errors import ConfigError
 from alloy.fuse import fuse_run
-from alloy.runtime import Checkpointing, DataSource, OptimConfig, RunLayout, Stage, job_document, run_job
+from alloy.runtime import Checkpointing, DataSource, OptimConfig, RunLayout, job_document, run_job
 from alloy.spec import ModelSpec
 from train_cases import MODEL, make_workspace, write_config
 
@@ -71,7 +71,7 @@ def test_a_pipelined_lora_run_merges_stage_by_stage(lora_run, tmp_path):
     _, base_dir = lora_run
     spec = alloy.load(base_dir).spec
     lora = LORA | {"alpha": 8.0, "dropout": 0.0}
-    layout = RunLayout(((Stage("cpu0", 0, 2, True, False), Stage("cpu1", 2, 3, False, True)),), (4,), (2,))
+    layout = RunLayout.of([[("cpu0", 0, 2), ("cpu1", 2, 3)]], (4,), (2,))
     run_dir = tmp_path / "run"
     job = job_document(spec, layout, steps=3, seq_len=8, out_dir=run_dir / "workers", init_dir=str(base_dir),
                        data=DataSource("random", seed=3), optim=OptimConfig(lr=2e-2), threads=1, timeout_s=60,
@@ -182,7 +182,7 @@ def full_run(tmp_path_factory) -> Path:
     spec = ModelSpec(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                      head_dim=8, intermediate_size=48, max_seq_len=64)
     run_dir = tmp_path_factory.mktemp("full")
-    layout = RunLayout(((Stage("cpu0", 0, 2, True, True),),), (2,), (1,))
+    layout = RunLayout.of([[("cpu0", 0, 2)]], (2,), (1,))
     job = job_document(spec, layout, steps=1, seq_len=8, out_dir=run_dir / "workers", data=DataSource("random", seed=3),
                        optim=OptimConfig(lr=1e-3), threads=1, timeout_s=60,
                        checkpoint=Checkpointing(dir=str(run_dir / "checkpoints"), every=1, keep_last=1))

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from alloy.model import Transformer
 from alloy.runtime.checkpoint import finalize, step_dir
-from alloy.runtime.layout import RunLayout, Stage
+from alloy.runtime.layout import RunLayout
 from alloy.spec import ModelSpec
 
 # 8 layers of ~51 MB (fp32) in 8 pipeline stages: a ~412 MB model whose largest shard is ~52 MB.
@@ -32,14 +32,14 @@ print(json.dumps({"before_bytes": before * 1024, "peak_bytes": peak * 1024}))
 def _write_checkpoint(run_dir: Path) -> list[int]:
     """A checkpoint as the runtime writes it, one stage per layer, built a stage at a time."""
     n = SPEC.num_layers
-    layout = RunLayout((tuple(Stage(f"cpu{i}", i, i + 1, i == 0, i == n - 1) for i in range(n)),), (n,), (1,))
+    layout = RunLayout.of([[(f"cpu{i}", i, i + 1) for i in range(n)]], (n,), (1,))
     root = run_dir / "checkpoints"
     partial = step_dir(root, 1, partial=True)
     partial.mkdir(parents=True)
     sizes = []
     for info in layout.ranks():
         s = info.stage
-        stage = Transformer(SPEC, (s.first, s.last), embed=s.embed, head=s.head)
+        stage = Transformer(SPEC, s.layers, embed=s.has_embed, head=s.has_head)
         tensors = {f"param.{k}": v.detach() for k, v in stage.named_parameters()}
         sizes.append(sum(t.numel() * t.element_size() for t in tensors.values()))
         save_file(tensors, str(partial / f"rank{info.rank}.safetensors"))

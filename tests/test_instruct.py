@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from alloy.errors import ConfigError
-from alloy.runtime import DataSource, OptimConfig, RunLayout, Stage, job_document, run_job
+from alloy.runtime import DataSource, OptimConfig, RunLayout, job_document, run_job
 from alloy.runtime.data import split_batch
 from alloy.spec import ModelSpec
 from alloy.train.config import DataConfig
@@ -162,8 +162,8 @@ def test_packing_keeps_conversations_whole_and_masks_padding_and_unit_starts(tmp
 
 SPEC = tiny_spec(vocab_size=104)
 LAYOUTS = {
-    "dp-3-1": RunLayout(tuple((Stage(f"cpu{i}", 0, 4, True, True),) for i in range(2)), (3, 1), (1, 1)),
-    "pp-3-1": RunLayout(((Stage("cpu0", 0, 3, True, False), Stage("cpu1", 3, 4, False, True)),), (4,), (2,)),
+    "dp-3-1": RunLayout.of([[(f"cpu{i}", 0, 4)] for i in range(2)], (3, 1), (1, 1)),
+    "pp-3-1": RunLayout.of([[("cpu0", 0, 3), ("cpu1", 3, 4)]], (4,), (2,)),
 }
 
 

@@ -1,17 +1,18 @@
-"""TrainJob: the worker's job survives its JSON round trip whole, and a key it does not know is refused."""
+"""TrainJob: the worker's job survives its JSON round trip whole, a key it does not know is refused, and
+older runs' documents still load."""
 
 import json
 import random
 
 import pytest
 
-from alloy.runtime import Checkpointing, DataSource, JobError, OptimConfig, RunLayout, Stage, TrainJob
+from alloy.errors import CheckpointError
+from alloy.runtime import Checkpointing, DataSource, JobError, OptimConfig, RunLayout, TrainJob
 from alloy.spec import ModelSpec
 
 SPEC = ModelSpec(family="llama", vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
                  head_dim=8, intermediate_size=48, max_seq_len=64, tie_embeddings=True)
-LAYOUT = RunLayout(((Stage("cpu0", 0, 3, True, False), Stage("cpu1", 3, 4, False, True)),
-                    (Stage("cpu2", 0, 4, True, True),)), (3, 1), (2, 1))
+LAYOUT = RunLayout.of([[("cpu0", 0, 3), ("cpu1", 3, 4)], [("cpu2", 0, 4)]], (3, 1), (2, 1))
 
 
 def _every_field_set(rng: random.Random) -> TrainJob:
@@ -50,3 +51,45 @@ def test_a_missing_key_is_refused_by_name():
     del doc["seq_len"]
     with pytest.raises(JobError, match="seq_len"):
         TrainJob.from_dict(doc)
+
+
+def test_a_job_written_before_the_runtime_held_the_plans_stage_still_loads():
+    """Job documents and checkpoint manifests of older runs wrote each stage as device, first, last,
+    embed, head: they load as the same layout, unpredicted."""
+    doc = json.loads(json.dumps(TrainJob(spec=SPEC, layout=LAYOUT, steps=3, seq_len=8, out_dir="out").to_dict()))
+    doc["layout"]["replicas"] = [[{"device": "cpu0", "first": 0, "last": 3, "embed": True, "head": False},
+                                  {"device": "cpu1", "first": 3, "last": 4, "embed": False, "head": True}],
+                                 [{"device": "cpu2", "first": 0, "last": 4, "embed": True, "head": True}]]
+    old = TrainJob.from_dict(doc)
+    assert old.layout == LAYOUT
+    assert [(s.rank, s.replica, s.position) for r in old.layout.replicas for s in r] == [(0, 0, 0), (1, 0, 1), (2, 1, 0)]
+
+
+def test_a_plans_stages_run_as_written_and_a_checkpoint_matches_on_placement_alone(tmp_path):
+    """The runtime holds the plan's own Stage, predictions and all, through the job's JSON; a
+    checkpoint is compatible with the same layers, devices and shares whatever was predicted."""
+    from alloy.devices import DeviceProfile, Inventory
+    from alloy.plan import Workload
+    from alloy.plan.planner import describe
+    from alloy.plan.timing import Layout, Replica, build_problem
+    from alloy.runtime.checkpoint import check_compatible
+
+    devices = [DeviceProfile(name=f"cpu{i}", kind="cpu", memory_bytes=2**33, matmul_flops={"fp32": 1e11},
+                             memory_bandwidth_bytes_per_s=1e10) for i in range(3)]
+    problem = build_problem(SPEC, Inventory(devices=devices), Workload("train", batch_size=4, seq_len=8, dtype="fp32"))
+    plan = describe(problem, Layout((Replica((0, 1), (0, 3, 4), 3), Replica((2,), (0, 4), 1)), micro_batches=2),
+                    "exact", 1, 0.0)
+    layout = RunLayout.from_plan(plan)
+    layout.validate(SPEC)
+    assert [s for r in layout.replicas for s in r] == plan.stages and layout.world_size == 3
+    assert any(s.predicted_busy_s > 0 for s in plan.stages)
+    job = TrainJob(spec=SPEC, layout=layout, steps=3, seq_len=8, out_dir="out")
+    assert TrainJob.from_dict(json.loads(json.dumps(job.to_dict()))).layout == layout
+
+    unpredicted = RunLayout.of([[(s.device, *s.layers) for s in r] for r in layout.replicas], layout.batch_shares,
+                               layout.micro_batches)
+    assert unpredicted != layout and unpredicted.placement() == layout.placement()
+    check_compatible({"spec": SPEC.to_dict(), "layout": unpredicted.to_dict()}, SPEC, layout, tmp_path)
+    other = RunLayout(layout.replicas, layout.batch_shares, tuple(m + 1 for m in layout.micro_batches))
+    with pytest.raises(CheckpointError, match="different plan"):
+        check_compatible({"spec": SPEC.to_dict(), "layout": other.to_dict()}, SPEC, layout, tmp_path)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from alloy.model import Transformer
 from alloy.model.init import init_params
 from alloy.model.lora import LoraConfig, apply_lora, init_lora_params, lora_state_dict
-from alloy.runtime import DataSource, OptimConfig, RunLayout, Stage, job_document, reference_run, run_job
+from alloy.runtime import DataSource, OptimConfig, RunLayout, job_document, reference_run, run_job
 from alloy.spec import ModelSpec
 
 SPEC = ModelSpec(family="llama", vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
@@ -23,11 +23,11 @@ TOL = 1e-10  # float64, as tests/test_runtime.py argues
 
 LAYOUTS = {
     # uneven data parallel: 3 and 1 samples of a 4-sample batch
-    "dp-3-1": RunLayout(tuple((Stage(f"cpu{i}", 0, 4, True, True),) for i in range(2)), (3, 1), (1, 1)),
+    "dp-3-1": RunLayout.of([[(f"cpu{i}", 0, 4)] for i in range(2)], (3, 1), (1, 1)),
     # three replicas with 3, 2 and 1 samples of a 6-sample batch
-    "dp-3-2-1": RunLayout(tuple((Stage(f"cpu{i}", 0, 4, True, True),) for i in range(3)), (3, 2, 1), (1, 1, 1)),
+    "dp-3-2-1": RunLayout.of([[(f"cpu{i}", 0, 4)] for i in range(3)], (3, 2, 1), (1, 1, 1)),
     # uneven pipeline: 3 layers then 1 (and the tied head)
-    "pp-3-1": RunLayout(((Stage("cpu0", 0, 3, True, False), Stage("cpu1", 3, 4, False, True)),), (4,), (2,)),
+    "pp-3-1": RunLayout.of([[("cpu0", 0, 3), ("cpu1", 3, 4)]], (4,), (2,)),
 }
 
 

@@ -16,7 +16,7 @@ from alloy.devices import DeviceProfile, Inventory
 from alloy.plan import Workload
 from alloy.plan.planner import describe
 from alloy.plan.timing import Layout, Replica, build_problem
-from alloy.runtime import DataSource, OptimConfig, RunLayout, Stage, reference_run, run
+from alloy.runtime import DataSource, OptimConfig, RunLayout, reference_run, run
 from alloy.runtime.launch import nccl_usable
 from alloy.runtime.layout import job_transports
 from alloy.spec import ModelSpec
@@ -42,14 +42,10 @@ def plan_over(devices: list[DeviceProfile], layout: Layout):
     return describe(problem, layout, "exact", 1, 0.0)
 
 
-def _stage(device: str, first: int, last: int) -> Stage:
-    return Stage(device, first, last, first == 0, last == SPEC.num_layers)
-
-
 def test_each_group_of_a_job_gets_the_rules_transport():
     gpus = {f"cuda:{i}": profile(f"cuda:{i}", "cuda") for i in range(3)}
     cpu = {"cpu": profile("cpu", "cpu")}
-    pipeline = RunLayout(((_stage("cuda:0", 0, 3), _stage("cuda:1", 3, 6)),), (4,), (2,))
+    pipeline = RunLayout.of([[("cuda:0", 0, 3), ("cuda:1", 3, 6)]], (4,), (2,))
     on_gpus = job_transports(pipeline, gpus, nccl_usable=True)
     assert on_gpus.pipelines == {(0, 1): "nccl"} and on_gpus.collectives == "nccl" and on_gpus.nccl
     assert not job_transports(pipeline, gpus, nccl_usable=False).nccl  # a CPU build: plain gloo
@@ -57,12 +53,12 @@ def test_each_group_of_a_job_gets_the_rules_transport():
     two_nodes = {name: p.model_copy(update={"node": name}) for name, p in gpus.items()}
     assert not job_transports(pipeline, two_nodes, nccl_usable=True).nccl
     # a GPU pipeline beside a CPU replica: its messages on NCCL, the step's collectives on gloo
-    hybrid = RunLayout(((_stage("cuda:0", 0, 3), _stage("cuda:1", 3, 6)), (_stage("cpu", 0, 6),)), (3, 1), (1, 1))
+    hybrid = RunLayout.of([[("cuda:0", 0, 3), ("cuda:1", 3, 6)], [("cpu", 0, 6)]], (3, 1), (1, 1))
     mixed = job_transports(hybrid, gpus | cpu, nccl_usable=True)
     assert mixed.pipelines == {(0, 1): "nccl"} and mixed.collectives == "gloo" and mixed.nccl
     assert mixed.to_dict((2,)) == {"pipeline": None, "collectives": "gloo"}
     # a CPU in the pipeline: every hop of it on gloo
-    through_cpu = RunLayout(((_stage("cuda:0", 0, 2), _stage("cuda:1", 2, 4), _stage("cpu", 4, 6)),), (4,), (2,))
+    through_cpu = RunLayout.of([[("cuda:0", 0, 2), ("cuda:1", 2, 4), ("cpu", 4, 6)]], (4,), (2,))
     assert not job_transports(through_cpu, gpus | cpu, nccl_usable=True).nccl
 
 

@@ -30,14 +30,14 @@ from alloy.fuse import export_model, fuse_run, merge
 from alloy.fuse.fuse import check_checkpoint
 from alloy.model import Transformer
 from alloy.runtime.checkpoint import complete_checkpoints, finalize, load_rank, save_rank
-from alloy.runtime.layout import RunLayout, Stage
+from alloy.runtime.layout import RunLayout
 from alloy.spec import ModelSpec
 
 # ~0.8M parameters (3 MB; 10 MB of checkpoint with AdamW state): a fuse or a save takes long
 # enough (tens of ms) that a random kill lands in the middle of writing as well as between.
 SPEC = ModelSpec(family="llama", vocab_size=512, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                  head_dim=32, intermediate_size=256, max_seq_len=64)
-LAYOUT = RunLayout(((Stage("cpu0", 0, 2, True, False), Stage("cpu1", 2, 4, False, True)),), (2,), (1,))
+LAYOUT = RunLayout.of([[("cpu0", 0, 2), ("cpu1", 2, 4)]], (2,), (1,))
 KEEP_LAST = 2
 KILLS = 8  # per loop: two loops, 16 kills in all
 
@@ -48,7 +48,7 @@ def _stage(rank: int, step: int) -> tuple[Transformer, SimpleNamespace]:
     torch._dynamo: 3 s more for every process the kill tests start)."""
     s = LAYOUT.ranks()[rank].stage
     torch.manual_seed(1000 * step + rank)
-    model = Transformer(SPEC, (s.first, s.last), embed=s.embed, head=s.head)
+    model = Transformer(SPEC, s.layers, embed=s.has_embed, head=s.has_head)
     optimizer = SimpleNamespace(state={p: {"step": torch.tensor(float(step)), "exp_avg": torch.randn_like(p),
                                            "exp_avg_sq": torch.rand_like(p)} for p in model.parameters()})
     return model, optimizer

@@ -17,7 +17,7 @@ from alloy.model import Transformer
 from alloy.model.init import init_params
 from alloy.model.lora import LoraConfig, LoraLinear, apply_lora, init_lora_params, quantize_base
 from alloy.quant.linear import QuantLinear
-from alloy.runtime import DataSource, OptimConfig, RunLayout, Stage, job_document, reference_run, run_job
+from alloy.runtime import DataSource, OptimConfig, RunLayout, job_document, reference_run, run_job
 from alloy.runtime.engine import token_loss_sum
 from alloy.spec import ModelSpec
 
@@ -112,9 +112,9 @@ def test_qlora_bad_input_is_a_typed_one_line_error():
 
 LAYOUTS = {
     # uneven data parallel: 2 and 1 samples of a 3-sample batch
-    "dp-2-1": RunLayout(tuple((Stage(f"cpu{i}", 0, 3, True, True),) for i in range(2)), (2, 1), (1, 1)),
+    "dp-2-1": RunLayout.of([[(f"cpu{i}", 0, 3)] for i in range(2)], (2, 1), (1, 1)),
     # uneven pipeline: 2 layers (with the embeddings) then 1 (with the head)
-    "pp-2-1": RunLayout(((Stage("cpu0", 0, 2, True, False), Stage("cpu1", 2, 3, False, True)),), (3,), (3,)),
+    "pp-2-1": RunLayout.of([[("cpu0", 0, 2), ("cpu1", 2, 3)]], (3,), (3,)),
 }
 
 

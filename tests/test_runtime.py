@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alloy.runtime import (DataSource, LaunchError, OptimConfig, PlanMismatchError, Rendezvous, RunLayout, Stage,
+from alloy.runtime import (DataSource, LaunchError, OptimConfig, PlanMismatchError, Rendezvous, RunLayout,
                            job_document, reference_run, run_job)
 from alloy.runtime.launch import free_port
 from alloy.spec import ModelSpec
@@ -34,18 +34,14 @@ FP64 = torch.float64
 TOL = 1e-10
 
 
-def _stage(device, first, last, n=SPEC.num_layers):
-    return Stage(device, first, last, first == 0, last == n)
-
 
 LAYOUTS = {
     # uneven data parallel: three replicas with 3, 2 and 1 samples of a 6-sample batch
-    "dp-3-2-1": RunLayout(tuple((_stage(f"cpu{i}", 0, 6),) for i in range(3)), (3, 2, 1), (1, 1, 1)),
+    "dp-3-2-1": RunLayout.of([[(f"cpu{i}", 0, 6)] for i in range(3)], (3, 2, 1), (1, 1, 1)),
     # uneven pipeline: 3, 2 and 1 layers, embeddings first, (tied) head last
-    "pp-3-2-1": RunLayout(((_stage("cpu0", 0, 3), _stage("cpu1", 3, 5), _stage("cpu2", 5, 6)),), (6,), (3,)),
+    "pp-3-2-1": RunLayout.of([[("cpu0", 0, 3), ("cpu1", 3, 5), ("cpu2", 5, 6)]], (6,), (3,)),
     # 2 replicas x 2 stages, split differently, with uneven shares
-    "hybrid-2x2": RunLayout(((_stage("cpu0", 0, 4), _stage("cpu1", 4, 6)), (_stage("cpu2", 0, 2), _stage("cpu3", 2, 6))),
-                            (4, 2), (2, 2)),
+    "hybrid-2x2": RunLayout.of([[("cpu0", 0, 4), ("cpu1", 4, 6)], [("cpu2", 0, 2), ("cpu3", 2, 6)]], (4, 2), (2, 2)),
 }
 
 
@@ -84,7 +80,7 @@ def test_overlapped_buckets_with_accumulation_equal_a_single_process(tmp_path):
     spec = dataclasses.replace(SPEC, vocab_size=4096, hidden_size=64, head_dim=16, num_layers=2)
     grad_bytes = spec.num_params() * 8
     assert grad_bytes / gradient_bucket_bytes(grad_bytes, overlap=True) >= 2  # several buckets
-    layout = RunLayout(tuple((Stage(f"cpu{i}", 0, 2, True, True),) for i in range(2)), (3, 1), (1, 1))
+    layout = RunLayout.of([[(f"cpu{i}", 0, 2)] for i in range(2)], (3, 1), (1, 1))
     ref_losses, ref_state = reference_run(spec, steps=2, global_batch=4, seq_len=SEQ, data=DATA, optim=OPTIM,
                                           grad_accum=2, dtype=FP64)
     job = job_document(spec, layout, steps=2, seq_len=SEQ, out_dir=tmp_path, data=DATA, optim=OPTIM, threads=1,
@@ -131,7 +127,7 @@ def test_plain_mean_of_uneven_shares_would_be_wrong():
 
 
 def test_two_node_rendezvous_on_one_machine_equals_a_single_process(tmp_path):
-    layout = RunLayout(((_stage("cpu0", 0, 4), _stage("cpu1", 4, 6)),), (4,), (2,))
+    layout = RunLayout.of([[("cpu0", 0, 4), ("cpu1", 4, 6)]], (4,), (2,))
     _, ref_state = reference_run(SPEC, steps=STEPS, global_batch=4, seq_len=SEQ, data=DATA, optim=OPTIM, dtype=FP64)
     job = job_document(SPEC, layout, steps=STEPS, seq_len=SEQ, out_dir=tmp_path, data=DATA, optim=OPTIM,
                        threads=1, timeout_s=60, param_dtype="fp64")
@@ -164,7 +160,7 @@ def test_several_nodes_number_their_ranks_in_node_rank_order(tmp_path):
 
 
 def test_unreachable_rendezvous_fails_in_bounded_time_naming_the_address(tmp_path):
-    layout = RunLayout(((_stage("cpu0", 0, 6),), (_stage("cpu1", 0, 6),)), (1, 1), (1, 1))
+    layout = RunLayout.of([[("cpu0", 0, 6)], [("cpu1", 0, 6)]], (1, 1), (1, 1))
     job = job_document(SPEC, layout, steps=1, seq_len=SEQ, out_dir=tmp_path, threads=1, timeout_s=20)
     endpoint = f"127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()
@@ -179,11 +175,19 @@ def test_unreachable_rendezvous_fails_in_bounded_time_naming_the_address(tmp_pat
     (((0, 3), (3, 5)), "covers layers \\[0, 5\\) but the model has 6"),
 ])
 def test_plan_that_does_not_tile_the_model_is_refused(stages, match, tmp_path):
-    last = len(stages) - 1
-    layout = RunLayout((tuple(Stage(f"cpu{i}", a, b, i == 0, i == last) for i, (a, b) in enumerate(stages)),),
-                       (2,), (1,))
+    layout = RunLayout.of([[(f"cpu{i}", a, b) for i, (a, b) in enumerate(stages)]], (2,), (1,))
     with pytest.raises(PlanMismatchError, match=match):
         job_document(SPEC, layout, steps=1, seq_len=SEQ, out_dir=tmp_path)
+
+
+def test_a_stage_numbered_against_its_place_is_refused(tmp_path):
+    """The workers take their rank from a stage's place in the layout; its own numbering must agree."""
+    layout = LAYOUTS["hybrid-2x2"]
+    first, second = layout.replicas[0]
+    renumbered = RunLayout(((first.model_copy(update={"rank": 2}), second), layout.replicas[1]),
+                           layout.batch_shares, layout.micro_batches)
+    with pytest.raises(PlanMismatchError, match="numbered rank 2, replica 0, position 0; ranks go replica-major"):
+        job_document(SPEC, renumbered, steps=1, seq_len=SEQ, out_dir=tmp_path)
 
 
 def test_plan_for_other_devices_is_refused(tmp_path):
@@ -248,7 +252,7 @@ def test_a_plan_for_another_model_is_refused(tmp_path):
 @pytest.mark.gpu
 def test_a_cpu_stage_next_to_a_gpu_stage_equals_a_single_process(tmp_path):
     """Pipeline messages stay on the host (gloo) while the GPU stage computes on CUDA."""
-    layout = RunLayout(((_stage("cpu", 0, 3), _stage("cuda:0", 3, 6)),), (4,), (2,))
+    layout = RunLayout.of([[("cpu", 0, 3), ("cuda:0", 3, 6)]], (4,), (2,))
     devices = {"cpu": {"name": "cpu", "kind": "cpu", "memory_bytes": 2**30, "matmul_flops": {"fp32": 1e10},
                        "memory_bandwidth_bytes_per_s": 1e10},
                "cuda:0": {"name": "cuda:0", "kind": "cuda", "memory_bytes": 2**30, "matmul_flops": {"fp32": 1e12},

@@ -77,7 +77,7 @@ def expected_params(spec: ModelSpec, info: RankInfo, lora: dict | None = None) -
     with `lora` are the adapters alone (built on the meta device: no memory)."""
     stage = info.stage
     with torch.device("meta"):
-        model = Transformer(spec, (stage.first, stage.last), embed=stage.embed, head=stage.head)
+        model = Transformer(spec, stage.layers, embed=stage.has_embed, head=stage.has_head)
         if lora:
             apply_lora(model, LoraConfig(**lora))
     return {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
@@ -99,8 +99,8 @@ def check_checkpoint(checkpoint: Path) -> tuple[ModelSpec, RunLayout]:
 
 
 def _check_shard_holds_its_stage(path: Path, spec: ModelSpec, info: RankInfo, lora: dict | None) -> None:
-    stage = info.stage
-    where = f"{path}: replica {info.replica} stage {info.stage_index} (layers [{stage.first}, {stage.last}))"
+    first, last = info.stage.layers
+    where = f"{path}: replica {info.replica} stage {info.stage_index} (layers [{first}, {last}))"
     wanted = expected_params(spec, info, lora)
     with _open(path) as handle:
         held = {k.removeprefix("param."): tuple(handle.get_slice(k).get_shape())
@@ -173,7 +173,7 @@ class LoraBase:
         from alloy.runtime.build import build_stage_model
 
         stage = info.stage  # built as the run's workers built it (QLoRA: quantized layer by layer)
-        model = build_stage_model(spec, (stage.first, stage.last), embed=stage.embed, head=stage.head,
+        model = build_stage_model(spec, stage.layers, embed=stage.has_embed, head=stage.has_head,
                                   init_dir=str(self.init_dir) if self.init_dir is not None else None,
                                   seed=self.seed, lora=self.lora)
         with torch.no_grad():

@@ -62,6 +62,15 @@ class Stage(_Doc):
     predicted_utilisation: float  # busy / step time
     experts: ExpertPlacement | None = None  # infer only: these layers' experts run elsewhere
 
+    @classmethod
+    def unpredicted(cls, *, rank: int, replica: int, position: int, device: str, layers: tuple[int, int],
+                    has_embed: bool, has_head: bool) -> Stage:
+        """A stage placed without the planner (a layout written by hand, a job document from before
+        the runtime held this class): the predictions and the capacity read 0.0, "not predicted"."""
+        return cls(rank=rank, replica=replica, position=position, device=device, layers=layers,
+                   has_embed=has_embed, has_head=has_head, predicted_memory_bytes=0.0, memory_capacity_bytes=0.0,
+                   predicted_busy_s=0.0, predicted_utilisation=0.0)
+
 
 class LinkUse(_Doc):
     """How the runtime moves data between two of the plan's devices, and what the plan priced."""

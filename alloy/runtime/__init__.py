@@ -10,10 +10,10 @@ from alloy.runtime.data import DataSource
 from alloy.runtime.engine import OptimConfig, StageRunner
 from alloy.runtime.job import Checkpointing, JobError, TrainJob
 from alloy.runtime.launch import LaunchError, Rendezvous, launch
-from alloy.runtime.layout import PlanMismatchError, RunLayout, Stage
+from alloy.runtime.layout import PlanMismatchError, RunLayout
 from alloy.runtime.reference import reference_run
 from alloy.runtime.run import RunReport, job_document, run, run_job
 
 __all__ = ["Checkpointing", "DataSource", "JobError", "LaunchError", "OptimConfig", "PlanMismatchError",
-           "Rendezvous", "RunLayout", "RunReport", "Stage", "StageRunner", "TrainJob", "job_document", "launch",
+           "Rendezvous", "RunLayout", "RunReport", "StageRunner", "TrainJob", "job_document", "launch",
            "reference_run", "run", "run_job"]

@@ -200,7 +200,7 @@ def check_compatible(manifest: dict, spec: ModelSpec, layout: RunLayout, where: 
         field = next(k for k, v in spec.to_dict().items() if theirs.to_dict().get(k) != v)
         raise CheckpointError(f"{where} was written for a different model ({field}: {theirs.to_dict()[field]} "
                               f"there, {spec.to_dict()[field]} now); use another out_dir or the same model")
-    if RunLayout.from_dict(manifest["layout"]) != layout:
+    if RunLayout.from_dict(manifest["layout"]).placement() != layout.placement():
         raise CheckpointError(f"{where} was written for a different plan (layers, devices or batch shares); "
                               "resume with that plan (--plan) or start a new out_dir")
 

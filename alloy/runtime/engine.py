@@ -122,7 +122,7 @@ class StageRunner:
             # in float (plain LoRA there), as the plan priced it (alloy.plan.timing.quantized_base_here)
             lora = {**lora, "quantize_base": None}
         # LoRA: the base frozen, adapters (in the parameters' dtype) the only trainable tensors
-        self.model = build_stage_model(spec, (stage.first, stage.last), embed=stage.embed, head=stage.head,
+        self.model = build_stage_model(spec, stage.layers, embed=stage.has_embed, head=stage.has_head,
                                        init_dir=init_dir, seed=seed, param_dtype=param_dtype,
                                        lora=lora).to(device)
         if activation_checkpointing:
@@ -224,9 +224,9 @@ class StageRunner:
             return loss.detach().double().cpu()
         # the schedule splits these into micro-batches on the device its messages travel on
         inputs, targets = inputs.to(self.message_device), targets.to(self.message_device)
-        if stage.embed:
+        if stage.has_embed:
             self.schedule.step(inputs)
-        elif stage.head:
+        elif stage.has_head:
             losses: list[torch.Tensor] = []
             self.schedule.step(target=targets, losses=losses)
             return sum(l.detach().double().cpu() for l in losses)
@@ -265,11 +265,11 @@ class StageRunner:
         total = torch.zeros((), dtype=torch.float64)
         x = inputs
         dtype = next(self.model.parameters()).dtype  # hidden states travel in the parameters' dtype
-        if not stage.embed:  # hidden states from the previous stage
+        if not stage.has_embed:  # hidden states from the previous stage
             x = torch.empty(inputs.shape + (self.spec.hidden_size,), dtype=dtype, device=self.message_device)
             dist.recv(x, src=pipeline[position - 1], group=self.pipeline_group)
         out = self.module(x)
-        if stage.head:
+        if stage.has_head:
             total += token_loss_sum(out, targets.to(out.device)).double().cpu()
         else:
             dist.send(out.to(self.message_device, dtype).contiguous(), dst=pipeline[position + 1],

@@ -6,26 +6,23 @@ Ranks are numbered replica-major: replica 0's stages first (in pipeline order), 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import count
 from typing import Any
+
+from pydantic import ValidationError
 
 from alloy.devices import DeviceProfile
 from alloy.errors import ConfigError
+from alloy.jsonio import validation_message
+from alloy.plan import Stage
 from alloy.plan.transport import Transport, transport
 from alloy.spec import ModelSpec
 
 
 class PlanMismatchError(ConfigError):
     """A plan that does not fit the model, the devices or the job it is given to."""
-
-
-@dataclass(frozen=True)
-class Stage:
-    device: str
-    first: int  # layers [first, last)
-    last: int
-    embed: bool
-    head: bool
 
 
 @dataclass(frozen=True)
@@ -39,7 +36,7 @@ class RankInfo:
 
 @dataclass(frozen=True)
 class RunLayout:
-    replicas: tuple[tuple[Stage, ...], ...]
+    replicas: tuple[tuple[Stage, ...], ...]  # the plan's stages, each replica in pipeline order
     batch_shares: tuple[int, ...]  # samples per step, per replica
     micro_batches: tuple[int, ...]  # per replica
 
@@ -83,6 +80,7 @@ class RunLayout:
         if not len(self.batch_shares) == len(self.micro_batches) == len(self.replicas):
             raise PlanMismatchError(f"plan has {len(self.replicas)} replicas but {len(self.batch_shares)} "
                                     f"batch shares and {len(self.micro_batches)} micro-batch counts")
+        rank = 0
         for r, stages in enumerate(self.replicas):
             if not stages:
                 raise PlanMismatchError(f"replica {r} has no stages")
@@ -90,43 +88,68 @@ class RunLayout:
                 raise PlanMismatchError(f"replica {r} has batch share {self.batch_shares[r]}; each needs >= 1")
             expected = 0
             for s, stage in enumerate(stages):
-                where = f"replica {r} stage {s} ({stage.device}) layers [{stage.first}, {stage.last})"
-                if stage.first != expected:
-                    kind = "gap" if stage.first > expected else "overlap"
+                first, last = stage.layers
+                where = f"replica {r} stage {s} ({stage.device}) layers [{first}, {last})"
+                if (stage.rank, stage.replica, stage.position) != (rank, r, s):
+                    raise PlanMismatchError(f"{where}: numbered rank {stage.rank}, replica {stage.replica}, "
+                                            f"position {stage.position}; ranks go replica-major")
+                if first != expected:
+                    kind = "gap" if first > expected else "overlap"
                     raise PlanMismatchError(f"{where}: {kind} — expected it to start at layer {expected}")
-                if stage.last < stage.first:
+                if last < first:
                     raise PlanMismatchError(f"{where}: empty or reversed range")
-                if stage.embed != (s == 0) or stage.head != (s == len(stages) - 1):
+                if stage.has_embed != (s == 0) or stage.has_head != (s == len(stages) - 1):
                     raise PlanMismatchError(f"{where}: embeddings belong on the first stage, the head on the last")
-                expected = stage.last
+                expected = last
+                rank += 1
             if expected != spec.num_layers:
                 raise PlanMismatchError(
                     f"replica {r} covers layers [0, {expected}) but the model has {spec.num_layers} layers")
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunLayout":
-        return cls(
-            replicas=tuple(tuple(Stage(**s) for s in stages) for stages in data["replicas"]),
-            batch_shares=tuple(data["batch_shares"]),
-            micro_batches=tuple(data["micro_batches"]),
-        )
+    def placement(self) -> RunLayout:
+        """This layout without the plan's predictions: what a checkpoint depends on (a plan made
+        again after calibration predicts other times for the same layers, devices and shares)."""
+        return RunLayout(_numbered([[_placed(s) for s in stages] for stages in self.replicas]),
+                         self.batch_shares, self.micro_batches)
 
     @classmethod
-    def from_plan(cls, plan) -> "RunLayout":
-        """The execution view of an `alloy.plan.Plan` document."""
+    def of(cls, replicas: Sequence[Sequence[tuple[str, int, int]]], batch_shares: Sequence[int],
+           micro_batches: Sequence[int]) -> RunLayout:
+        """A layout without a plan (tests, hand-made jobs): each replica's stages as (device, first
+        layer, stop layer) in pipeline order, embeddings on its first stage and the head on its last."""
+        placed = [[dict(device=device, layers=(first, last), has_embed=s == 0, has_head=s == len(stages) - 1)
+                   for s, (device, first, last) in enumerate(stages)] for stages in replicas]
+        return cls(_numbered(placed), tuple(batch_shares), tuple(micro_batches))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunLayout:
+        """Back from to_dict. A stage written before the runtime held the plan's Stage (keys device,
+        first, last, embed, head: older job documents and checkpoint manifests) loads unpredicted."""
+        replicas = data["replicas"]
+        try:
+            if any("first" in s for stages in replicas for s in stages):
+                placed = [[dict(device=s["device"], layers=(s["first"], s["last"]), has_embed=s["embed"],
+                                has_head=s["head"]) for s in stages] for stages in replicas]
+                replicas = _numbered(placed)
+            else:
+                replicas = tuple(tuple(Stage.model_validate(s) for s in stages) for stages in replicas)
+        except ValidationError as err:
+            raise PlanMismatchError(f"layout: {validation_message(err)}") from None
+        return cls(replicas, tuple(data["batch_shares"]), tuple(data["micro_batches"]))
+
+    @classmethod
+    def from_plan(cls, plan) -> RunLayout:
+        """The execution view of an `alloy.plan.Plan` document: its stages, as the plan wrote them."""
         replicas = sorted(plan.replicas, key=lambda r: r.index)
         return cls(
-            replicas=tuple(
-                tuple(Stage(s.device, s.layers[0], s.layers[1], s.has_embed, s.has_head)
-                      for s in sorted(r.stages, key=lambda s: s.position))
-                for r in replicas),
+            replicas=tuple(tuple(sorted(r.stages, key=lambda s: s.position)) for r in replicas),
             batch_shares=tuple(r.batch_share for r in replicas),
             micro_batches=tuple(max(1, r.micro_batches) for r in replicas),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "replicas": [[vars(s) for s in stages] for stages in self.replicas],
+            "replicas": [[s.model_dump(mode="json") for s in stages] for stages in self.replicas],
             "batch_shares": list(self.batch_shares),
             "micro_batches": list(self.micro_batches),
         }
@@ -152,6 +175,17 @@ class Transports:
 
 
 GLOO_ONLY = Transports({}, "gloo")
+
+
+def _placed(stage: Stage) -> dict[str, Any]:
+    return dict(device=stage.device, layers=stage.layers, has_embed=stage.has_embed, has_head=stage.has_head)
+
+
+def _numbered(replicas: Sequence[Sequence[dict[str, Any]]]) -> tuple[tuple[Stage, ...], ...]:
+    """Unpredicted stages from their placements, ranks numbered replica-major."""
+    ranks = count()
+    return tuple(tuple(Stage.unpredicted(rank=next(ranks), replica=r, position=p, **placed)
+                       for p, placed in enumerate(stages)) for r, stages in enumerate(replicas))
 
 
 def job_transports(layout: RunLayout, profiles: dict[str, DeviceProfile], nccl_usable: bool) -> Transports:

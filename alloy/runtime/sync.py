@@ -26,7 +26,7 @@ from alloy.spec import ModelSpec
 def stage_model(spec: ModelSpec, layout: RunLayout, rank: int, device="meta", lora: dict | None = None) -> Transformer:
     stage = layout.rank(rank).stage
     with torch.device(device):
-        model = Transformer(spec, (stage.first, stage.last), embed=stage.embed, head=stage.head)
+        model = Transformer(spec, stage.layers, embed=stage.has_embed, head=stage.has_head)
         return apply_lora(model, LoraConfig(**lora)) if lora else model
 
 

@@ -99,7 +99,7 @@ class Trainer:
         save_file(runner.named_state(), str(out_dir / f"rank{rank}.safetensors"))
         (out_dir / f"rank{rank}.json").write_text(json.dumps({
             "rank": rank, "replica": self.info.replica, "stage": self.info.stage_index,
-            "device": self.info.stage.device, "layers": [self.info.stage.first, self.info.stage.last],
+            "device": self.info.stage.device, "layers": list(self.info.stage.layers),
             "start_step": start_step, "records": records, "transport": runner.transport,
             # what the job added at its peak, for checking the plan's memory estimate
             "memory": {"before_bytes": before_bytes, "peak_bytes": _peak_rss_bytes()},
@@ -128,7 +128,7 @@ class Trainer:
 
     def _save(self, runner: StageRunner, step: int) -> None:
         info = {"replica": self.info.replica, "stage": self.info.stage_index, "device": self.info.stage.device,
-                "layers": [self.info.stage.first, self.info.stage.last]}
+                "layers": list(self.info.stage.layers)}
         ckpt.save_rank(self.ckpt_root, step, self.rank, runner.model, runner.optimizer, info)
         dist.barrier()
         if self.rank == 0:
