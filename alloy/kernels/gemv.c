@@ -161,7 +161,12 @@ static inline __attribute__((always_inline)) void NAME##_tile(                  
             for (int r = 0; r < J; r++) acc[r][c] = _mm512_fmadd_ps(wv[r], xv, acc[r][c]);        \
         }                                                                                         \
     }                                                                                             \
+    /* unrolled by hand's worth: a rolled loop here indexes acc at run time, and GCC then keeps the \
+     * whole array in memory, storing all 16 accumulators on every step of the loop above (batch-8 \
+     * fp32 tiles ran at 110 GFLOP/s on two cores; unrolled, 150) */                              \
+    _Pragma("GCC unroll 2")                                                                       \
     for (int r = 0; r < J; r++)                                                                   \
+        _Pragma("GCC unroll 8")                                                                   \
         for (int c = 0; c < C; c++) {                                                             \
             float s = _mm512_reduce_add_ps(acc[r][c]);                                            \
             if (scale) s *= scale[j + r];                                                         \
