@@ -11,12 +11,13 @@ PyTorch's allocator never does.
 huge pages (small tensors share pages, so a Q4_0 layer of a few hundred KiB gains too), each its own
 storage (safetensors, torch.save and `data_ptr()` see ordinary tensors). The mapping is freed when
 the last of them is. Elsewhere (macOS, THP off, ALLOY_HUGE_PAGES=0) it falls back to plain
-`torch.empty` / `torch.zeros`: the same tensors, 4 KiB pages.
+`torch.zeros`: the same tensors, 4 KiB pages.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 from functools import cache
@@ -44,7 +45,7 @@ def huge_pages() -> bool:
     return "[always]" in mode or "[madvise]" in mode
 
 
-def _advise(mapping: mmap.mmap, length: int) -> int:
+def _advise(mapping: mmap.mmap) -> int:
     """madvise the mapping's whole huge pages for THP; returns the offset of the first one."""
     address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
     first = -address % HUGE_PAGE_BYTES
@@ -52,14 +53,14 @@ def _advise(mapping: mmap.mmap, length: int) -> int:
     if whole:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise(ctypes.c_void_p(address + first), ctypes.c_size_t(whole), _MADV_HUGEPAGE)  # advice only
-    return first if length + first <= len(mapping) else 0
+    return first
 
 
 def packed(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
-    """Uninitialised CPU tensors of these (shape, dtype)s, laid out together in huge pages (an
-    anonymous mapping: its untouched pages read as zeros). Plain `torch.empty` where huge pages
+    """Zero-filled CPU tensors of these (shape, dtype)s, laid out together in huge pages (an
+    anonymous mapping: its untouched pages read as zeros). Plain `torch.zeros` where huge pages
     are not available or the tensors are small."""
-    sizes = [_nbytes(shape, dtype) for shape, dtype in specs]
+    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
     slots = [-(-size // ALIGN_BYTES) * ALIGN_BYTES for size in sizes]
     total = sum(slots)
     if not huge_pages() or total < MIN_BYTES:
@@ -67,7 +68,7 @@ def packed(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tenso
     # One huge page more than needed, so the tensors can start on a huge-page boundary; the pages
     # nobody touches cost address space, not memory.
     mapping = mmap.mmap(-1, total + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    offset = _advise(mapping, total)
+    offset = _advise(mapping)
     out = []
     for (shape, dtype), size, slot in zip(specs, sizes, slots):
         # each frombuffer is a storage of its own that keeps `mapping` alive
@@ -75,26 +76,3 @@ def packed(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tenso
         out.append(flat.view(dtype).view(shape))
         offset += slot
     return out
-
-
-def zeros(shape: tuple[int, ...], dtype: torch.dtype, count: int) -> list[torch.Tensor]:
-    """`count` zero-filled CPU tensors of one shape, in huge pages where available (a KV cache)."""
-    return packed([(tuple(shape), dtype)] * count)
-
-
-def rehome(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Copies of contiguous CPU tensors in huge pages (the originals are the caller's to drop); the
-    tensors themselves where huge pages are not available."""
-    if not huge_pages() or sum(t.numel() * t.element_size() for t in tensors) < MIN_BYTES:
-        return list(tensors)
-    homes = packed([(tuple(t.shape), t.dtype) for t in tensors])
-    for home, tensor in zip(homes, tensors):
-        home.copy_(tensor)
-    return homes
-
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count * torch.empty(0, dtype=dtype).element_size()
