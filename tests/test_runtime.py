@@ -159,6 +159,28 @@ def test_several_nodes_number_their_ranks_in_node_rank_order(tmp_path):
     assert [(r["node"], r["group_rank"]) for r in ranks] == [(0, 0), (0, 0), (1, 1), (1, 1)]
 
 
+def test_a_rendezvous_port_taken_before_torchrun_binds_it_is_replaced(tmp_path, monkeypatch):
+    """free_port() closes its socket before torchrun binds the port, so another process can take it
+    in between: the launch picks another port at once instead of joining the stranger as a client
+    and waiting out the job's timeout."""
+    import importlib
+    import socket
+
+    launch_module = importlib.import_module("alloy.runtime.launch")  # the package's `launch` is the function
+
+    with socket.socket() as stranger:
+        stranger.bind(("127.0.0.1", 0))
+        stranger.listen()
+        picks = [stranger.getsockname()[1]]
+        monkeypatch.setattr(launch_module, "free_port", lambda: picks.pop() if picks else free_port())
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+        start = time.monotonic()
+        launch_module.launch({"out_dir": str(tmp_path)}, 2, env=env, worker_module="rank_probe", timeout_s=120)
+    assert not picks  # the taken port was offered first
+    assert sorted(json.loads((tmp_path / f"rank{r}.json").read_text())["rank"] for r in range(2)) == [0, 1]
+    assert time.monotonic() - start < 60
+
+
 def test_unreachable_rendezvous_fails_in_bounded_time_naming_the_address(tmp_path):
     layout = RunLayout.of([[("cpu0", 0, 6)], [("cpu1", 0, 6)]], (1, 1), (1, 1))
     job = job_document(SPEC, layout, steps=1, seq_len=SEQ, out_dir=tmp_path, threads=1, timeout_s=20)

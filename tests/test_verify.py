@@ -44,7 +44,7 @@ def test_verification_leaves_out_a_worker_that_only_slows_the_job():
     assert "equal shares" in names and "fastest alone" in names and "proportional shares" in names, names
     planned = v.trials[0]
     assert "q0.05" in planned.devices, "the misleading profile should have made the planner use the slow worker"
-    assert all(t.measured_step_s and t.predicted_step_s > 0 for t in v.trials), v.trials
+    assert all(t.measured_step_s and t.predicted_step_s > 0 for t in v.trials), [(t.name, t.error) for t in v.trials]
     chosen = next(t for t in v.trials if t.name == v.chosen)
     assert chosen.measured_step_s <= min(t.measured_step_s for t in v.trials) * (1 + NOISE)
     assert [d.name for d in plan.devices] == ["q1"] and plan.unused_devices == ["q0.05"]

@@ -112,8 +112,12 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
 def torchrun_command(job_path: Path, nproc_per_node: int, rdzv: Rendezvous, endpoint: str,
                      worker_module: str = "alloy.runtime.worker", max_restarts: int = 0) -> list[str]:
     if rdzv.nnodes == 1:
+        # is_host: this node serves the store. Left to guess, torchrun that finds the port taken
+        # (another process got it between free_port() and here) joins whatever listens there as a
+        # client and waits out the job's whole timeout; told, it fails at once and launch retries.
         meet = ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
-                f"--rdzv-conf=join_timeout={int(rdzv.join_timeout_s)},read_timeout={int(rdzv.join_timeout_s)}"]
+                f"--rdzv-conf=join_timeout={int(rdzv.join_timeout_s)},read_timeout={int(rdzv.join_timeout_s)},"
+                "is_host=1"]
     else:
         # Several nodes: the static rendezvous, because it numbers ranks node by node in --node-rank
         # order; c10d ignores --node-rank and orders nodes by host name and pid, which would hand
@@ -149,9 +153,27 @@ def launch(job, nproc_per_node: int, *, rdzv: Rendezvous = Rendezvous(), timeout
     out_dir.mkdir(parents=True, exist_ok=True)
     job_path = out_dir / f"job-node{rdzv.node_rank}.json"
     job_path.write_text(json.dumps(job, indent=1))
-    endpoint = rdzv.endpoint or f"127.0.0.1:{free_port()}"
-    cmd = torchrun_command(job_path, nproc_per_node, rdzv, endpoint, worker_module, max_restarts)
     log_path = out_dir / f"torchrun-node{rdzv.node_rank}.log"
+    for attempt in range(PORT_TRIES):
+        endpoint = rdzv.endpoint or f"127.0.0.1:{free_port()}"
+        returncode = _run_torchrun(torchrun_command(job_path, nproc_per_node, rdzv, endpoint, worker_module,
+                                                    max_restarts), job, log_path, endpoint, timeout_s, env, progress)
+        log = log_path.read_text(errors="replace") if returncode else ""
+        # No worker ran yet when the store could not be hosted, so running again loses nothing.
+        if not (returncode and not rdzv.endpoint and _PORT_TAKEN.search(log) and attempt + 1 < PORT_TRIES):
+            break
+    if returncode != 0:
+        raise LaunchError(f"{_first_error(log, endpoint)} (every rank's output: {log_path})")
+
+
+PORT_TRIES = 3
+# torchrun's words when the c10d store cannot listen on the rendezvous port
+_PORT_TAKEN = re.compile(r"EADDRINUSE|[Aa]ddress already in use|The connection to the C10d store has failed")
+
+
+def _run_torchrun(cmd: list[str], job: dict, log_path: Path, endpoint: str, timeout_s: float, env: dict | None,
+                  progress) -> int:
+    """Run one torchrun to completion (or kill it at the deadline); its exit code."""
     metrics = Path(job["metrics_path"]) if job.get("metrics_path") else None
     seen = metrics.stat().st_size if metrics and metrics.exists() else 0
     deadline = time.monotonic() + timeout_s
@@ -175,9 +197,7 @@ def launch(job, nproc_per_node: int, *, rdzv: Rendezvous = Rendezvous(), timeout
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-    if proc.returncode != 0:
-        raise LaunchError(f"{_first_error(log_path.read_text(errors='replace'), endpoint)} (every rank's output: "
-                          f"{log_path})")
+    return proc.returncode
 
 
 def _follow(metrics: Path | None, seen: int, progress) -> int:
