@@ -33,9 +33,9 @@ def claimed_fast(name: str, quota: float) -> DeviceProfile:
 def test_verification_leaves_out_a_worker_that_only_slows_the_job():
     from alloy.runtime.verify import NOISE, verify
 
-    # Quotas 100 % and 5 %, both profiled as full cores: the planner predicts that sharing the
-    # batch halves the step. Only running it shows the 5 % worker makes every step wait for it.
-    inventory = Inventory(name="q100-5", devices=[claimed_fast("q1", 1.0), claimed_fast("q0.05", 0.05)])
+    # Quotas 100 % and 10 %, both profiled as full cores: the planner predicts that sharing the
+    # batch halves the step. Only running it shows the 10 % worker makes every step wait for it.
+    inventory = Inventory(name="q100-10", devices=[claimed_fast("q1", 1.0), claimed_fast("q0.1", 0.1)])
     lines = []
     plan = verify(SPEC, inventory, WORK, top=2, log=lines.append, timeout_s=240)
     v = plan.verification
@@ -43,12 +43,12 @@ def test_verification_leaves_out_a_worker_that_only_slows_the_job():
     assert v.trials[0].name.startswith("alloy #1")
     assert "equal shares" in names and "fastest alone" in names and "proportional shares" in names, names
     planned = v.trials[0]
-    assert "q0.05" in planned.devices, "the misleading profile should have made the planner use the slow worker"
+    assert "q0.1" in planned.devices, "the misleading profile should have made the planner use the slow worker"
     assert all(t.measured_step_s and t.predicted_step_s > 0 for t in v.trials), [(t.name, t.error) for t in v.trials]
     chosen = next(t for t in v.trials if t.name == v.chosen)
     assert chosen.measured_step_s <= min(t.measured_step_s for t in v.trials) * (1 + NOISE)
-    assert [d.name for d in plan.devices] == ["q1"] and plan.unused_devices == ["q0.05"]
-    assert "q0.05 left out" in v.note and "slower" in v.note
+    assert [d.name for d in plan.devices] == ["q1"] and plan.unused_devices == ["q0.1"]
+    assert "q0.1 left out" in v.note and "slower" in v.note
     assert any("measured" in line for line in lines)  # the user saw each trial's figure as it ran
 
 
