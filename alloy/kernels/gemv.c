@@ -33,52 +33,75 @@ static inline float scalar_i8(const int8_t *p) { return (float)(*p); }
 /* One kernel body per weight type. Each thread streams whole weight rows, one after another:
  * measured here, that reads 1.1x (fp32) to 2x (int8) faster than interleaving 4-8 rows, which
  * splits each core's reads over many short streams. Batch 1 keeps 4 accumulators along a row
- * (4 FMA chains hide the FMA latency); larger batches take 4 activation rows per weight row, so
- * a weight row comes from memory once and from L1 for the rest. `dots` is always inlined with
- * a constant C, so its accumulators live in registers. */
+ * (4 FMA chains hide the FMA latency). Larger batches take a tile of 2 weight rows x up to 4
+ * activation rows: 8 independent FMA chains, what two FMA ports of 4-cycle latency need (one row
+ * x 4, the tile before, left half of them idle), and each weight comes from memory once and from
+ * L1 for the other activation rows. `dots` is always inlined with constant J and C, and its
+ * closing loops are unrolled, so the accumulators live in registers (a loop indexing acc at run
+ * time makes GCC keep the array on the stack and store it on every step). */
 #define DEFINE_GEMV(NAME, T, LOAD, SCALAR)                                                       \
 static inline __attribute__((always_inline)) void NAME##_dots(                                  \
         const float *x, const T *w, const float *scale, const float *bias, float *y,             \
-        long k, long n, long j, long b0, const int C) {                                           \
-    const T *row = w + j * k;                                                                     \
+        long k, long n, long j, long b0, const int J, const int C) {                              \
     const float *xb = x + b0 * k;                                                                 \
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),               \
-                     _mm256_setzero_ps()};                                                        \
+    __m256 acc[2][4];                                                                             \
+    for (int r = 0; r < J; r++)                                                                   \
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm256_setzero_ps();                              \
     long i = 0;                                                                                   \
-    if (C == 1) {                                                                                 \
+    if (C == 1 && J == 1) {                                                                       \
+        const T *row = w + j * k;                                                                 \
         for (; i + 32 <= k; i += 32)                                                              \
             for (int u = 0; u < 4; u++)                                                           \
-                acc[u] = _mm256_fmadd_ps(LOAD(row + i + 8 * u), _mm256_loadu_ps(xb + i + 8 * u), acc[u]); \
+                acc[0][u] = _mm256_fmadd_ps(LOAD(row + i + 8 * u), _mm256_loadu_ps(xb + i + 8 * u), acc[0][u]); \
         for (; i + 8 <= k; i += 8)                                                                \
-            acc[0] = _mm256_fmadd_ps(LOAD(row + i), _mm256_loadu_ps(xb + i), acc[0]);             \
-        acc[0] = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));     \
+            acc[0][0] = _mm256_fmadd_ps(LOAD(row + i), _mm256_loadu_ps(xb + i), acc[0][0]);       \
+        acc[0][0] = _mm256_add_ps(_mm256_add_ps(acc[0][0], acc[0][1]), _mm256_add_ps(acc[0][2], acc[0][3])); \
     } else {                                                                                      \
         for (; i + 8 <= k; i += 8) {                                                              \
-            const __m256 wv = LOAD(row + i);                                                      \
-            for (int c = 0; c < C; c++)                                                           \
-                acc[c] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (b0 + c) * k + i), acc[c]);     \
+            __m256 wv[2];                                                                         \
+            for (int r = 0; r < J; r++) wv[r] = LOAD(w + (j + r) * k + i);                        \
+            for (int c = 0; c < C; c++) {                                                         \
+                const __m256 xv = _mm256_loadu_ps(xb + c * k + i);                                \
+                for (int r = 0; r < J; r++) acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);    \
+            }                                                                                     \
         }                                                                                         \
     }                                                                                             \
-    for (int c = 0; c < C; c++) {                                                                 \
-        float s = hsum(acc[c]);                                                                   \
-        for (long t = i; t < k; t++) s += SCALAR(row + t) * x[(b0 + c) * k + t];                  \
-        if (scale) s *= scale[j];                                                                 \
-        if (bias) s += bias[j];                                                                   \
-        y[(b0 + c) * n + j] = s;                                                                  \
-    }                                                                                             \
+    _Pragma("GCC unroll 2")                                                                       \
+    for (int r = 0; r < J; r++)                                                                   \
+        _Pragma("GCC unroll 4")                                                                   \
+        for (int c = 0; c < C; c++) {                                                             \
+            const T *row = w + (j + r) * k;                                                       \
+            float s = hsum(acc[r][c]);                                                            \
+            for (long t = i; t < k; t++) s += SCALAR(row + t) * xb[c * k + t];                    \
+            if (scale) s *= scale[j + r];                                                         \
+            if (bias) s += bias[j + r];                                                           \
+            y[(b0 + c) * n + j + r] = s;                                                          \
+        }                                                                                         \
 }                                                                                                 \
                                                                                                   \
 static __attribute__((unused)) void NAME##_avx2(const float *x, const T *w, const float *scale, const float *bias, float *y, \
           long rows, long k, long n, int threads) {                                               \
-    const long rows4 = rows & ~3L;                                                                \
+    if (rows == 1) {                                                                              \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                         \
+        for (long j = 0; j < n; j++) NAME##_dots(x, w, scale, bias, y, k, n, j, 0, 1, 1);         \
+        return;                                                                                   \
+    }                                                                                             \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                             \
-    for (long j = 0; j < n; j++) {                                                                \
-        if (rows == 1) {                                                                          \
-            NAME##_dots(x, w, scale, bias, y, k, n, j, 0, 1);                                     \
-            continue;                                                                             \
+    for (long j = 0; j < n; j += 2) {                                                             \
+        const int two = j + 1 < n;                                                                \
+        for (long b0 = 0; b0 < rows; b0 += 4) {                                                   \
+            /* constant J and C in every call, so the tile's accumulators stay in registers */    \
+            switch ((rows - b0 >= 4 ? 4 : (int)(rows - b0)) * 2 + two) {                          \
+            case 2: NAME##_dots(x, w, scale, bias, y, k, n, j, b0, 1, 1); break;                  \
+            case 3: NAME##_dots(x, w, scale, bias, y, k, n, j, b0, 2, 1); break;                  \
+            case 4: NAME##_dots(x, w, scale, bias, y, k, n, j, b0, 1, 2); break;                  \
+            case 5: NAME##_dots(x, w, scale, bias, y, k, n, j, b0, 2, 2); break;                  \
+            case 6: NAME##_dots(x, w, scale, bias, y, k, n, j, b0, 1, 3); break;                  \
+            case 7: NAME##_dots(x, w, scale, bias, y, k, n, j, b0, 2, 3); break;                  \
+            case 8: NAME##_dots(x, w, scale, bias, y, k, n, j, b0, 1, 4); break;                  \
+            default: NAME##_dots(x, w, scale, bias, y, k, n, j, b0, 2, 4); break;                 \
+            }                                                                                     \
         }                                                                                         \
-        for (long b0 = 0; b0 < rows4; b0 += 4) NAME##_dots(x, w, scale, bias, y, k, n, j, b0, 4); \
-        for (long b0 = rows4; b0 < rows; b0++) NAME##_dots(x, w, scale, bias, y, k, n, j, b0, 1); \
     }                                                                                             \
 }
 
@@ -143,7 +166,7 @@ static inline __attribute__((always_inline)) void NAME##_tile(                  
             for (int r = 0; r < J; r++)                                                           \
                 bf16_pairs(_mm512_loadu_si512((const void *)(w + (j + r) * k + i0)), &we[r], &wo[r]); \
             if (j + 2 + J <= n)                                                                   \
-                for (int r = 0; r < J; r++) _mm_prefetch((const char *)(w + (j + 2 + r) * k + i0), _MM_HINT_T0); \
+                for (int r = 0; r < J; r++) _mm_prefetch((const char *)(w + (j + 2 + r) * k + i0), _MM_HINT_T1); \
             for (int c = 0; c < C; c++) {                                                         \
                 const __m512 xe = _mm512_loadu_ps(xp + (b0 + c) * k + i0), xo = _mm512_loadu_ps(xp + (b0 + c) * k + i0 + 16); \
                 for (int r = 0; r < J; r++)                                                       \
@@ -155,7 +178,7 @@ static inline __attribute__((always_inline)) void NAME##_tile(                  
         __m512 wv[2];                                                                             \
         for (int r = 0; r < J; r++) wv[r] = LOAD(w + (j + r) * k + i, m);                         \
         if (j + 2 + J <= n)  /* the next pair's lines: DRAM's latency hides behind this pair's FMAs */ \
-            for (int r = 0; r < J; r++) _mm_prefetch((const char *)(w + (j + 2 + r) * k + i), _MM_HINT_T0); \
+            for (int r = 0; r < J; r++) _mm_prefetch((const char *)(w + (j + 2 + r) * k + i), _MM_HINT_T1); \
         for (int c = 0; c < C; c++) {                                                             \
             const __m512 xv = _mm512_maskz_loadu_ps(m, x + (b0 + c) * k + i);                     \
             for (int r = 0; r < J; r++) acc[r][c] = _mm512_fmadd_ps(wv[r], xv, acc[r][c]);        \
@@ -175,19 +198,38 @@ static inline __attribute__((always_inline)) void NAME##_tile(                  
         }                                                                                         \
 }                                                                                                 \
                                                                                                   \
-/* Batch 1: one weight row at a time (whole rows stream fastest, gemv.c's note), 4 chains along it. */ \
+/* Batch 1: one weight row at a time (whole rows stream fastest, gemv.c's note), 4 chains along it. \
+ * bf16 rows split into even and odd lanes as the tile does (bf16_pairs): widening 16 weights at a \
+ * time with a zero-extending shuffle read a row at 25 GB/s on an AMD EPYC (Zen 4), where the AVX2 \
+ * build's 8-wide widening read 37. */                                                            \
 static inline __attribute__((always_inline)) void NAME##_row(                                   \
-        const float *x, const T *w, const float *scale, const float *bias, float *y, long k, long j, const int PF) { \
+        const float *x, const float *xp, const T *w, const float *scale, const float *bias, float *y, long k, long j, \
+        const int PF) {                                                                           \
     const T *row = w + j * k;                                                                     \
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}; \
     long i = 0;                                                                                   \
     for (; i + 64 <= k; i += 64) {                                                                \
         if (PF)                                                                                   \
             for (int u = 0; u < 64 * (int)sizeof(T); u += 64) _mm_prefetch((const char *)(row + 2 * k + i) + u, _MM_HINT_T0); \
-        for (int u = 0; u < 4; u++)                                                               \
-            acc[u] = _mm512_fmadd_ps(LOAD(row + i + 16 * u, 0xFFFF), _mm512_loadu_ps(x + i + 16 * u), acc[u]); \
+        if (PAIRS)                                                                                \
+            for (int h = 0; h < 2; h++) {                                                         \
+                __m512 we, wo;                                                                    \
+                bf16_pairs(_mm512_loadu_si512((const void *)(row + i + 32 * h)), &we, &wo);       \
+                acc[2 * h] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xp + i + 32 * h), acc[2 * h]);   \
+                acc[2 * h + 1] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xp + i + 32 * h + 16), acc[2 * h + 1]); \
+            }                                                                                     \
+        else                                                                                      \
+            for (int u = 0; u < 4; u++)                                                           \
+                acc[u] = _mm512_fmadd_ps(LOAD(row + i + 16 * u, 0xFFFF), _mm512_loadu_ps(x + i + 16 * u), acc[u]); \
     }                                                                                             \
-    for (; i < k; i += 16) {                                                                      \
+    if (PAIRS)                                                                                    \
+        for (; i + 32 <= k; i += 32) {                                                            \
+            __m512 we, wo;                                                                        \
+            bf16_pairs(_mm512_loadu_si512((const void *)(row + i)), &we, &wo);                   \
+            acc[0] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xp + i), acc[0]);                        \
+            acc[1] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xp + i + 16), acc[1]);                   \
+        }                                                                                         \
+    for (; i < k; i += 16) { /* past the last 32: x in its own order (pair_activations' tail too) */ \
         const __mmask16 m = k - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - i)) - 1);   \
         acc[0] = _mm512_fmadd_ps(LOAD(row + i, m), _mm512_maskz_loadu_ps(m, x + i), acc[0]);     \
     }                                                                                             \
@@ -199,12 +241,13 @@ static inline __attribute__((always_inline)) void NAME##_row(                   
                                                                                                   \
 static void NAME##_avx512(const float *x, const T *w, const float *scale, const float *bias, float *y, \
                           long rows, long k, long n, int threads) {                               \
+    float *xp = PAIRS ? pair_activations(x, rows, k) : NULL;                                      \
     if (rows == 1) {                                                                              \
         _Pragma("omp parallel for schedule(static) num_threads(threads)")                         \
-        for (long j = 0; j < n; j++) NAME##_row(x, w, scale, bias, y, k, j, j + 2 < n);                      \
+        for (long j = 0; j < n; j++) NAME##_row(x, xp, w, scale, bias, y, k, j, j + 2 < n);      \
+        free(xp);                                                                                 \
         return;                                                                                   \
     }                                                                                             \
-    float *xp = PAIRS ? pair_activations(x, rows, k) : NULL;                                      \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                             \
     for (long j = 0; j < n; j += 2) {                                                             \
         const int two = j + 1 < n;                                                                \
