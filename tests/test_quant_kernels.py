@@ -26,7 +26,7 @@ from alloy.errors import ConfigError
 from alloy.infer import generate
 from alloy.infer.optimize import decode_dtype, prepare
 from alloy.kernels import quant as kernel_quant
-from alloy.quant.linear import GEMV_MAX_ROWS, QuantEmbedding, QuantLinear
+from alloy.quant.linear import GEMV_MAX_ROWS, QuantEmbedding, QuantLinear, kernel_rows
 
 PATHS = [*kernel_quant.built_isas(), None]  # None: the PyTorch fallback
 EPS32 = 2.0**-24
@@ -72,7 +72,7 @@ def test_quant_linear_equals_float64_on_dequantized_weights(fmt, path, rows, out
     want = x.double() @ w_exact.double().t() + (0 if bias is None else bias.double())
     got = layer(x)
     assert got.dtype == torch.float32 and got.shape == (rows, out)
-    integer_dots = path is not None and rows <= GEMV_MAX_ROWS
+    integer_dots = path is not None and rows <= kernel_rows(path, layer.kernel_fmt)
     assert ((got.double() - want).abs() <= _tolerance(x, w_exact, integer_dots)).all()
     if integer_dots:  # and tightly, with the activation rounded the kernel's way: fp32 error only
         x_int8 = _act_rounded(x)
@@ -80,10 +80,12 @@ def test_quant_linear_equals_float64_on_dequantized_weights(fmt, path, rows, out
         assert ((got.double() - want).abs() <= _tolerance(x, w_exact, integer_dots=False)).all()
 
 
+@pytest.mark.parametrize("crossover", ["32", "inf"])  # prefill rows by dequantize + GEMM, or by the kernel
 @pytest.mark.parametrize("out", [517, 512])  # 512: the interleaved layouts where the ISA has them
 @pytest.mark.parametrize("path", PATHS)
-def test_large_layer_every_path(path, out):
+def test_large_layer_every_path(path, out, crossover, monkeypatch):
     # 2 threads over the output rows, k = 1024: the block loops at a real size, GEMV and GEMM tiles
+    monkeypatch.setenv("ALLOY_QUANT_KERNEL_ROWS", crossover)
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(out, 1024, generator=g), torch.randn(40, 1024, generator=g)
     for fmt in quant.FORMATS:
@@ -94,7 +96,7 @@ def test_large_layer_every_path(path, out):
         for rows in (1, 5, 40):
             want = x[:rows].double() @ w_exact.double().t()
             err = (layer(x[:rows]).double() - want).abs()
-            assert (err <= _tolerance(x[:rows], w_exact, path is not None and rows <= GEMV_MAX_ROWS)).all(), fmt
+            assert (err <= _tolerance(x[:rows], w_exact, path is not None and rows <= float(crossover))).all(), fmt
 
 
 @settings(max_examples=40, deadline=None)
@@ -126,19 +128,20 @@ def _tiny_llama(hidden: int, ffn: int, heads: int, tied: bool = False) -> alloy.
 
 class _Float64Twin(torch.nn.Module):
     """x @ W.T + b in float64 with W the floats the blocks encode and, where QuantLinear takes the
-    integer-dot path (<= GEMV_MAX_ROWS rows), x rounded to int8 per 32 inputs as quant.c does
-    (scale max|x| / 127, round half to even): the kernels' arithmetic without their fp32 sums."""
+    integer-dot path (up to `act_rows` rows: ALLOY_QUANT_KERNEL_ROWS as the test sets it), x
+    rounded to int8 per 32 inputs as quant.c does (scale max|x| / 127, round half to even): the
+    kernels' arithmetic without their fp32 sums."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_quant: bool):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_rows: float):
         super().__init__()
         self.weight = weight.detach().double()
         self.bias = None if bias is None else bias.detach().double()
-        self.act_quant = act_quant
+        self.act_rows = act_rows
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
         xd = x.double()
-        if self.act_quant and rows <= GEMV_MAX_ROWS:
+        if rows <= self.act_rows:
             xd = _act_rounded(x.reshape(rows, -1)).view(x.shape)
         y = xd @ self.weight.t() + (0 if self.bias is None else self.bias)
         return y.to(x.dtype)
@@ -148,7 +151,7 @@ def _rounded(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     return quant.dequantize(quant.quantize(weight, fmt), fmt)
 
 
-def _twin(model: alloy.Transformer, fmt: str, act_quant: bool = True) -> alloy.Transformer:
+def _twin(model: alloy.Transformer, fmt: str, act_rows: float = GEMV_MAX_ROWS) -> alloy.Transformer:
     """The model with every linear a _Float64Twin and the token table rounded through Q8_0, a
     tied head reading that rounded table (as prepare() keeps the head and the table)."""
     twin = copy.deepcopy(model)
@@ -160,16 +163,19 @@ def _twin(model: alloy.Transformer, fmt: str, act_quant: bool = True) -> alloy.T
             if type(child) is torch.nn.Linear:
                 full = f"{parent_name}.{name}" if parent_name else name
                 weight = _rounded(child.weight, "q8_0" if full == "head" else fmt)
-                setattr(parent, name, _Float64Twin(weight, child.bias, act_quant))
+                setattr(parent, name, _Float64Twin(weight, child.bias, act_rows))
     if not hasattr(twin, "head"):
-        twin.head = _Float64Twin(twin.embed.tok.weight, None, act_quant)
+        twin.head = _Float64Twin(twin.embed.tok.weight, None, act_rows)
     return twin
 
 
 @pytest.mark.parametrize("fmt, hidden, ffn, heads, tied", [("q8_0", 64, 128, 4, False), ("q4_0", 64, 96, 4, False),
                                                            ("q4_1", 64, 96, 4, True), ("q4_k", 256, 256, 4, False)])
-def test_quantized_model_generates_like_its_float64_twin(fmt, hidden, ffn, heads, tied):
-    # Prefill (2 x 20 rows: dequantize + GEMM) and 32 decode steps of 2 rows (the integer kernels).
+@pytest.mark.parametrize("crossover", [32, float("inf")])
+def test_quantized_model_generates_like_its_float64_twin(fmt, hidden, ffn, heads, tied, crossover, monkeypatch):
+    # Prefill (2 x 20 rows: dequantize + GEMM, or the integer kernels where they take every row
+    # count) and 32 decode steps of 2 rows (the integer kernels).
+    monkeypatch.setenv("ALLOY_QUANT_KERNEL_ROWS", str(crossover))
     model = _tiny_llama(hidden, ffn, heads, tied)
     prepared = prepare(copy.deepcopy(model), fmt)
     assert isinstance(prepared.head, QuantLinear) and prepared.head.fmt == "q8_0"
@@ -179,20 +185,21 @@ def test_quantized_model_generates_like_its_float64_twin(fmt, hidden, ffn, heads
     assert not any(type(m) is torch.nn.Linear for m in prepared.modules())
     prompts = torch.randint(1, 96, (2, 20), generator=torch.Generator().manual_seed(3)).tolist()
     # without kernels (ALLOY_CPU_KERNELS=0) every path is the exact-activation fallback
-    twin = _twin(model, fmt, act_quant=kernel_quant.best_isa() is not None)
+    twin = _twin(model, fmt, act_rows=crossover if kernel_quant.best_isa() is not None else 0)
     want = [g.tokens for g in generate(twin, prompts, max_new_tokens=32, eos_ids=())]
     assert [g.tokens for g in generate(prepared, prompts, max_new_tokens=32, eos_ids=())] == want
     # Against the plain dequantized fp32 model (no activation rounding) the logits move by the
     # activation's 8-bit rounding only: well under 2 % of their range on this model.
     ids = torch.tensor([prompts[0] + want[0]])
     with torch.no_grad():
-        plain = _twin(model, fmt, act_quant=False)
+        plain = _twin(model, fmt, act_rows=0)
         steps = [prepared(ids[:, : t + 1])[0, -1] - plain(ids[:, : t + 1])[0, -1] for t in range(19, 25)]
         spread = float(plain(ids)[0].max() - plain(ids)[0].min())
     assert max(float(s.abs().max()) for s in steps) < 0.02 * spread
 
 
 def test_fallback_without_kernels_generates_the_same(monkeypatch):
+    monkeypatch.setenv("ALLOY_QUANT_KERNEL_ROWS", "32")
     model = _tiny_llama(64, 128, 4)
     prompts = [[5, 6, 7, 8]]
     with_kernels = prepare(copy.deepcopy(model), "q8_0")
@@ -201,9 +208,10 @@ def test_fallback_without_kernels_generates_the_same(monkeypatch):
     without = prepare(copy.deepcopy(model), "q8_0")
     assert {m.isa for m in without.modules() if isinstance(m, QuantLinear)} == {None}
     # without kernels every row count takes the exact GEMM path: the twin without activation rounding
-    want = generate(_twin(model, "q8_0", act_quant=False), prompts, max_new_tokens=16, eos_ids=())[0].tokens
+    want = generate(_twin(model, "q8_0", act_rows=0), prompts, max_new_tokens=16, eos_ids=())[0].tokens
     assert generate(without, prompts, max_new_tokens=16, eos_ids=())[0].tokens == want
-    want = generate(_twin(model, "q8_0", act_quant=kernels_ran), prompts, max_new_tokens=16, eos_ids=())[0].tokens
+    want = generate(_twin(model, "q8_0", act_rows=GEMV_MAX_ROWS if kernels_ran else 0), prompts, max_new_tokens=16,
+                    eos_ids=())[0].tokens
     assert generate(with_kernels, prompts, max_new_tokens=16, eos_ids=())[0].tokens == want
 
 
@@ -242,3 +250,47 @@ def test_cli_generate_with_a_block_format(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "not a multiple of q4_k's block of 256" in err and "\n" not in err
     assert main([*argv, "--dtype", "q3_k"]) == 2 and "unknown dtype 'q3_k'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(kernel_quant.best_isa() is None, reason="no compiled kernels on this CPU")
+def test_the_prefill_crossover_is_measured_once_per_machine_and_every_process_reads_it(tmp_path, monkeypatch):
+    """Past GEMV_MAX_ROWS, the kernel or dequantize + GEMM by what this machine measured: the limit
+    follows from the recorded timings, sits in the cache, and a second process reads it unchanged
+    (the ranks of a job must agree: the two paths round differently)."""
+    import json
+    import subprocess
+    import sys
+
+    from alloy.quant import linear
+
+    monkeypatch.setenv("ALLOY_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ALLOY_QUANT_KERNEL_ROWS", raising=False)
+    linear._measured_kernel_rows.cache_clear()
+    isa = kernel_quant.best_isa()
+    layer = QuantLinear.from_weight(torch.randn(64, 1024, generator=torch.Generator().manual_seed(0)), None, "q4_0",
+                                    isa=isa)
+    limit = kernel_rows(isa, layer.kernel_fmt)
+    (record_path,) = tmp_path.glob("kernels/quant-rows-*.json")
+    record = json.loads(record_path.read_text())
+    assert record["kernel_rows"] == limit >= GEMV_MAX_ROWS
+    timings = {int(rows): t for rows, t in record["timings"].items()}
+    assert set(timings) <= set(linear.CROSSOVER_ROWS) and timings
+    for rows, t in timings.items():  # the kernel takes a row count exactly where it measured faster
+        assert (limit >= rows) == (t["kernel_s"] <= t["gemm_s"]), (rows, t, limit)
+    # a later process reads the same answer without measuring again
+    stamp = record_path.stat().st_mtime_ns
+    code = ("import torch; from alloy.quant.linear import kernel_rows; "
+            f"torch.set_num_threads({torch.get_num_threads()}); print(kernel_rows({isa!r}, {layer.kernel_fmt!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                         env={**__import__("os").environ, "ALLOY_CACHE_DIR": str(tmp_path)}).stdout
+    assert float(out) == limit and record_path.stat().st_mtime_ns == stamp
+    # and the layer takes 40 rows the way the limit says
+    x = torch.randn(40, 1024, generator=torch.Generator().manual_seed(1))
+    by_kernel = kernel_quant.gemv(x, layer.blocks, layer.kernel_fmt, 64, None, isa)
+    assert torch.equal(layer(x), by_kernel if limit >= 40 else layer.matmul(x))
+
+
+def test_a_bad_crossover_setting_is_a_config_error(monkeypatch):
+    monkeypatch.setenv("ALLOY_QUANT_KERNEL_ROWS", "many")
+    with pytest.raises(ConfigError, match="ALLOY_QUANT_KERNEL_ROWS='many'"):
+        kernel_rows("avx2", "q4_0")

@@ -4,7 +4,9 @@ Three paths, same result up to the activation's 8-bit rounding (kernel) or fp32 
 - few rows (decode: batch x new tokens <= GEMV_MAX_ROWS = 32): quant.c's integer-dot GEMV, which
   quantizes x to int8 per 32 inputs (llama.cpp's scheme) and streams the blocks once;
 - many rows (prefill): dequantize a tile of weight rows at a time to fp32 (1-16 MiB, larger with
-  more rows) and run PyTorch's GEMM on them;
+  more rows) and run PyTorch's GEMM on them — or, on a machine where the integer-dot kernel
+  measured faster at that many rows (`kernel_rows`: an AMD EPYC, where PyTorch's fp32 GEMM is half
+  the Xeon's), the kernel again;
 - no compiled kernels (no compiler, no AVX2, ALLOY_CPU_KERNELS=0): the same tiles, dequantized
   by PyTorch (alloy.quant.dequantize), with x in fp32 — exact weights, fp32 arithmetic.
 
@@ -14,6 +16,13 @@ blocks are all it keeps, never a whole fp32 copy of the weight.
 """
 
 from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import time
 
 import torch
 from torch import nn
@@ -26,6 +35,14 @@ from alloy.kernels import quant as kernel_quant
 # 8192 x 2048 Q8_0, it took 0.45 ms per row where dequantize + GEMM took 6 ms at 8 rows, 21 ms at
 # 32 and 52 ms at 128 (the kernel: 57 ms); 32 leaves margin for a faster GEMM elsewhere.
 GEMV_MAX_ROWS = 32
+# Past GEMV_MAX_ROWS the faster path depends on the machine: on the Xeon above, PyTorch's fp32
+# GEMM (two 512-bit FMAs a cycle) won from ~128 rows; on an AMD EPYC (Zen 4, AVX-512 at one FMA a
+# cycle), the kernel was 1.3-2.2x faster than dequantize + GEMM even at 512 rows (Q8_0, Q4_0, Q4_K;
+# 768-2304 wide). So each machine measures it once (`kernel_rows`), per format and thread count,
+# and keeps the answer in the kernel cache, where every later process (and every rank of a job)
+# reads the same one. ALLOY_QUANT_KERNEL_ROWS=N sets it instead.
+CROSSOVER_ROWS = (128, 512)  # the row counts measured; winning at the last means every count
+CROSSOVER_VERSION = 1
 # fp32 bytes of weight dequantized at once on the GEMM path: TILE_BYTES_PER_ROW per
 # activation row, within [MIN_TILE_BYTES, MAX_TILE_BYTES]. A small tile stays in L2 for its GEMM (1 MiB
 # was 2-6x faster than 32 MiB at 8-32 rows), but every tile's GEMM reads and packs all of x again,
@@ -167,7 +184,7 @@ class QuantLinear(nn.Module):
                 y = y + self.bias.to(y.dtype)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         x2 = x.reshape(rows, self.in_features).to(torch.float32).contiguous()
-        if self.isa is not None and rows <= GEMV_MAX_ROWS:
+        if self.isa is not None and (rows <= GEMV_MAX_ROWS or rows <= kernel_rows(self.isa, self.kernel_fmt)):
             y = kernel_quant.gemv(x2, self.blocks, self.kernel_fmt, self.out_features, self.bias, self.isa)
         else:
             y = self.matmul(x2)
@@ -227,3 +244,80 @@ class QuantEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.blocks.shape[0]} x {self.dim}, weights {self.fmt}"
+
+
+def kernel_rows(isa: str, kernel_fmt: str) -> float:
+    """Up to how many rows the integer-dot kernel takes a product on this machine (at least
+    GEMV_MAX_ROWS; inf where it won at every count measured): ALLOY_QUANT_KERNEL_ROWS, else the
+    answer measured once per machine, format and thread count (`_measured_kernel_rows`)."""
+    forced = os.environ.get("ALLOY_QUANT_KERNEL_ROWS")
+    if forced:
+        try:
+            return max(GEMV_MAX_ROWS, float(forced))
+        except ValueError:
+            raise ConfigError(f"ALLOY_QUANT_KERNEL_ROWS={forced!r}: give a number of rows (or inf)") from None
+    return _measured_kernel_rows(isa, kernel_fmt, torch.get_num_threads())
+
+
+@functools.cache
+def _measured_kernel_rows(isa: str, kernel_fmt: str, threads: int) -> float:
+    """Time the kernel against dequantize + GEMM on a 1024 x 1024 layer at CROSSOVER_ROWS rows;
+    the largest count it wins at, every count before it won too. Kept in the kernel cache under the
+    CPU, library and thread count, written under a lock: a job's ranks starting together measure
+    once and agree."""
+    from alloy import kernels
+    from alloy.kernels.cpuinfo import cpuinfo
+
+    info = cpuinfo()
+    cpu = " ".join(info.get(field, "") for field in ("vendor_id", "model name", "cpu family", "model", "flags"))
+    fmt = next(name for name, (laid, _, _) in kernel_quant.INTERLEAVED.items() if laid == kernel_fmt) \
+        if kernel_fmt not in quant.FORMATS else kernel_fmt
+    key = hashlib.sha256(f"{CROSSOVER_VERSION} {cpu} {torch.__version__} {isa} {kernel_fmt} {threads} ".encode()
+                         + kernels._source_bytes(kernel_quant.SOURCE)).hexdigest()[:16]
+    path = kernels.cache_dir() / f"quant-rows-{key}.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "w")
+    except OSError:  # no cache to keep it in: this process measures for itself
+        return _crossover(isa, fmt)[0]
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return float(json.loads(path.read_text())["kernel_rows"])
+        except (OSError, ValueError, KeyError):
+            pass
+        limit, timings = _crossover(isa, fmt)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps({"kernel_rows": limit, "cpu": info.get("model name", ""), "format": kernel_fmt,
+                                       "threads": threads, "timings": timings}))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+        return limit
+
+
+def _crossover(isa: str, fmt: str) -> tuple[float, dict]:
+    """(the rows limit, the timings it came from) on a 1024 x 1024 layer of `fmt`."""
+    g = torch.Generator().manual_seed(0)
+    layer = QuantLinear.from_weight(torch.randn(1024, 1024, generator=g) * 0.05, None, fmt, isa=isa)
+    limit, timings = float(GEMV_MAX_ROWS), {}
+    for rows in CROSSOVER_ROWS:
+        x = torch.randn(rows, 1024, generator=g)
+        kernel_s = _best_of(lambda: kernel_quant.gemv(x, layer.blocks, layer.kernel_fmt, 1024, None, isa))
+        gemm_s = _best_of(lambda: layer.matmul(x))
+        timings[rows] = {"kernel_s": kernel_s, "gemm_s": gemm_s}
+        if kernel_s > gemm_s:
+            break
+        limit = float("inf") if rows == CROSSOVER_ROWS[-1] else float(rows)
+    return limit, timings
+
+
+def _best_of(call, repeats: int = 3) -> float:
+    call()  # warm: the first call builds buffers and pages
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - started)
+    return best
