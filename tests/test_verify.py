@@ -172,3 +172,35 @@ def test_a_close_call_is_run_again_and_decided_on_the_mean(monkeypatch):
     assert measured == pytest.approx({"lucky": 1.2, "steady": 1.075, "slow": 2.0})
     far = [first[0], first[2]]  # 2x apart: no second run
     assert verify_module._runoff(far, 6, 60.0, {}, lambda line: None) == far
+
+
+@pytest.mark.parametrize("first_error, runs, measured", [
+    ("could not reach the rendezvous at 127.0.0.1:1 in time", 2, True),  # may pass on another try
+    ("worker rank 1 failed: RuntimeError: Connection reset by peer", 2, True),
+    ("alloy worker rank 0: error: the plan needs 3 ranks", 1, False),  # the worker's own error: settled
+    ("worker rank 1 died of exit code -9 (SIGKILL, which on Linux is most often the out-of-memory killer)", 1, False),
+    ("the job did not finish within 240 s (rendezvous 127.0.0.1:1)", 1, False),  # another try costs as long
+])
+def test_a_trial_whose_launch_broke_runs_once_more(monkeypatch, first_error, runs, measured):
+    from types import SimpleNamespace
+
+    from alloy.plan import make_plan
+    from alloy.runtime import verify as verify_module
+    from alloy.runtime.launch import LaunchError
+
+    calls = []
+
+    def flaky_run(plan, **options):
+        calls.append(options)
+        if len(calls) == 1:
+            raise LaunchError(first_error)
+        return SimpleNamespace(measured_step_s=0.25)
+
+    monkeypatch.setattr(verify_module, "run", flaky_run)
+    plan = make_plan(SPEC, Inventory(devices=[claimed_fast("q1", 1.0)]), WORK)
+    lines = []
+    trial, report = verify_module._trial("alloy #1", plan, 6, 60.0, {}, lines.append)
+    assert len(calls) == runs
+    assert (trial.measured_step_s == 0.25 and not trial.error and report is not None) if measured else \
+        (trial.measured_step_s is None and trial.error == first_error and report is None)
+    assert any("once more" in line for line in lines) == measured

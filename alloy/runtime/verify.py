@@ -17,6 +17,7 @@ from alloy.plan.plan import Trial, Verification
 from alloy.plan.planner import layout_line, plan_candidates, reprice
 from alloy.runtime.calibrate import learn, scaled_inventory, set_factors
 from alloy.runtime.data import DataSource
+from alloy.runtime.launch import LaunchError
 from alloy.runtime.run import run
 from alloy.spec import ModelSpec
 
@@ -37,7 +38,7 @@ def verify(spec: ModelSpec, inventory, work: Workload, *, top: int = 3, steps: i
     for index, (name, plan) in enumerate(candidates):
         log(f"verify {index + 1}/{len(candidates)}: {name}: {layout_line(plan)} "
             f"(predicted {plan.predicted.step_s:.3g} s/step)")
-        trial, report = _trial(name, plan, steps, timeout_s, run_options)
+        trial, report = _trial(name, plan, steps, timeout_s, run_options, log)
         trials.append(trial)
         if report is not None:
             reports.append((plan, report))
@@ -81,7 +82,7 @@ def _runoff(ran: list, steps: int, timeout_s: float, run_options: dict, log) -> 
         return ran
     again = {}
     for trial, plan in (first, second):
-        rerun, _ = _trial(trial.name, plan, steps, timeout_s, run_options)
+        rerun, _ = _trial(trial.name, plan, steps, timeout_s, run_options, log)
         if rerun.measured_step_s is not None:
             mean_s = (trial.measured_step_s + rerun.measured_step_s) / 2
             log(f"runoff: {trial.name} measured {rerun.measured_step_s:.3g} s/step again (mean {mean_s:.3g})")
@@ -93,16 +94,29 @@ class VerifyError(AlloyError):
     """No candidate layout could run on these devices."""
 
 
-def _trial(name: str, plan: Plan, steps: int, timeout_s: float, run_options: dict):
+def _trial(name: str, plan: Plan, steps: int, timeout_s: float, run_options: dict, log=lambda line: None):
+    """Run one candidate; a launch that failed for a reason another try may not meet (a rendezvous
+    or connection that broke, an unexpected worker exception) runs once more before the trial is
+    recorded as failed. A worker's own error, a killed worker and a timeout are recorded at once."""
     common = dict(name=name, layout=layout_line(plan), devices=[d.name for d in plan.devices],
                   predicted_step_s=plan.predicted.step_s)
-    with tempfile.TemporaryDirectory(prefix="alloy-verify-") as out_dir:
-        try:
-            report = run(plan, steps=steps, out_dir=out_dir, data=DataSource("random", seed=0),
-                         timeout_s=timeout_s, **run_options)
-        except AlloyError as err:
-            return Trial(**common, measured_step_s=None, error=str(err)), None
-    return Trial(**common, measured_step_s=report.measured_step_s), report
+    for attempt in (1, 2):
+        with tempfile.TemporaryDirectory(prefix="alloy-verify-") as out_dir:
+            try:
+                report = run(plan, steps=steps, out_dir=out_dir, data=DataSource("random", seed=0),
+                             timeout_s=timeout_s, **run_options)
+            except AlloyError as err:
+                if attempt == 1 and _may_pass_again(err):
+                    log(f"  {name} failed ({err}); running it once more")
+                    continue
+                return Trial(**common, measured_step_s=None, error=str(err)), None
+        return Trial(**common, measured_step_s=report.measured_step_s), report
+
+
+def _may_pass_again(err: AlloyError) -> bool:
+    text = str(err)
+    settled = text.startswith("alloy worker rank") or " died of " in text or "did not finish within" in text
+    return isinstance(err, LaunchError) and not settled
 
 
 def _why(best: Trial, trials: list[Trial], inventory, device_names) -> str:
