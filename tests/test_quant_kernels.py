@@ -72,7 +72,7 @@ def test_quant_linear_equals_float64_on_dequantized_weights(fmt, path, rows, out
     want = x.double() @ w_exact.double().t() + (0 if bias is None else bias.double())
     got = layer(x)
     assert got.dtype == torch.float32 and got.shape == (rows, out)
-    integer_dots = path is not None and rows <= kernel_rows(path, layer.kernel_fmt)
+    integer_dots = path is not None and rows <= kernel_rows(path, fmt)
     assert ((got.double() - want).abs() <= _tolerance(x, w_exact, integer_dots)).all()
     if integer_dots:  # and tightly, with the activation rounded the kernel's way: fp32 error only
         x_int8 = _act_rounded(x)
@@ -269,7 +269,7 @@ def test_the_prefill_crossover_is_measured_once_per_machine_and_every_process_re
     isa = kernel_quant.best_isa()
     layer = QuantLinear.from_weight(torch.randn(64, 1024, generator=torch.Generator().manual_seed(0)), None, "q4_0",
                                     isa=isa)
-    limit = kernel_rows(isa, layer.kernel_fmt)
+    limit = kernel_rows(isa, layer.fmt)
     (record_path,) = tmp_path.glob("kernels/quant-rows-*.json")
     record = json.loads(record_path.read_text())
     assert record["kernel_rows"] == limit >= GEMV_MAX_ROWS
@@ -280,7 +280,7 @@ def test_the_prefill_crossover_is_measured_once_per_machine_and_every_process_re
     # a later process reads the same answer without measuring again
     stamp = record_path.stat().st_mtime_ns
     code = ("import torch; from alloy.quant.linear import kernel_rows; "
-            f"torch.set_num_threads({torch.get_num_threads()}); print(kernel_rows({isa!r}, {layer.kernel_fmt!r}))")
+            f"torch.set_num_threads({torch.get_num_threads()}); print(kernel_rows({isa!r}, {layer.fmt!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
                          env={**__import__("os").environ, "ALLOY_CACHE_DIR": str(tmp_path)}).stdout
     assert float(out) == limit and record_path.stat().st_mtime_ns == stamp

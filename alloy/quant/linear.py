@@ -184,7 +184,7 @@ class QuantLinear(nn.Module):
                 y = y + self.bias.to(y.dtype)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         x2 = x.reshape(rows, self.in_features).to(torch.float32).contiguous()
-        if self.isa is not None and (rows <= GEMV_MAX_ROWS or rows <= kernel_rows(self.isa, self.kernel_fmt)):
+        if self.isa is not None and (rows <= GEMV_MAX_ROWS or rows <= kernel_rows(self.isa, self.fmt)):
             y = kernel_quant.gemv(x2, self.blocks, self.kernel_fmt, self.out_features, self.bias, self.isa)
         else:
             y = self.matmul(x2)
@@ -246,8 +246,8 @@ class QuantEmbedding(nn.Module):
         return f"{self.blocks.shape[0]} x {self.dim}, weights {self.fmt}"
 
 
-def kernel_rows(isa: str, kernel_fmt: str) -> float:
-    """Up to how many rows the integer-dot kernel takes a product on this machine (at least
+def kernel_rows(isa: str, fmt: str) -> float:
+    """Up to how many rows the integer-dot kernel takes a product of `fmt` on this machine (at least
     GEMV_MAX_ROWS; inf where it won at every count measured): ALLOY_QUANT_KERNEL_ROWS, else the
     answer measured once per machine, format and thread count (`_measured_kernel_rows`)."""
     forced = os.environ.get("ALLOY_QUANT_KERNEL_ROWS")
@@ -256,23 +256,21 @@ def kernel_rows(isa: str, kernel_fmt: str) -> float:
             return max(GEMV_MAX_ROWS, float(forced))
         except ValueError:
             raise ConfigError(f"ALLOY_QUANT_KERNEL_ROWS={forced!r}: give a number of rows (or inf)") from None
-    return _measured_kernel_rows(isa, kernel_fmt, torch.get_num_threads())
+    return _measured_kernel_rows(isa, fmt, torch.get_num_threads())
 
 
 @functools.cache
-def _measured_kernel_rows(isa: str, kernel_fmt: str, threads: int) -> float:
-    """Time the kernel against dequantize + GEMM on a 1024 x 1024 layer at CROSSOVER_ROWS rows;
-    the largest count it wins at, every count before it won too. Kept in the kernel cache under the
-    CPU, library and thread count, written under a lock: a job's ranks starting together measure
-    once and agree."""
+def _measured_kernel_rows(isa: str, fmt: str, threads: int) -> float:
+    """Time the kernel against dequantize + GEMM on a 1024 x 1024 layer of `fmt` (in the layout its
+    kernel reads at that width) at CROSSOVER_ROWS rows: the largest count it wins at, every count
+    before it won too. Kept in the kernel cache under the CPU, library and thread count, written
+    under a lock: a job's ranks starting together measure once and agree."""
     from alloy import kernels
     from alloy.kernels.cpuinfo import cpuinfo
 
     info = cpuinfo()
     cpu = " ".join(info.get(field, "") for field in ("vendor_id", "model name", "cpu family", "model", "flags"))
-    fmt = next(name for name, (laid, _, _) in kernel_quant.INTERLEAVED.items() if laid == kernel_fmt) \
-        if kernel_fmt not in quant.FORMATS else kernel_fmt
-    key = hashlib.sha256(f"{CROSSOVER_VERSION} {cpu} {torch.__version__} {isa} {kernel_fmt} {threads} ".encode()
+    key = hashlib.sha256(f"{CROSSOVER_VERSION} {cpu} {torch.__version__} {isa} {fmt} {threads} ".encode()
                          + kernels._source_bytes(kernel_quant.SOURCE)).hexdigest()[:16]
     path = kernels.cache_dir() / f"quant-rows-{key}.json"
     try:
@@ -289,7 +287,7 @@ def _measured_kernel_rows(isa: str, kernel_fmt: str, threads: int) -> float:
         limit, timings = _crossover(isa, fmt)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps({"kernel_rows": limit, "cpu": info.get("model name", ""), "format": kernel_fmt,
+            tmp.write_text(json.dumps({"kernel_rows": limit, "cpu": info.get("model name", ""), "format": fmt,
                                        "threads": threads, "timings": timings}))
             os.replace(tmp, path)
         except OSError:

@@ -25,6 +25,13 @@ from alloy.errors import AlloyError
 class LaunchError(AlloyError):
     """A job that could not start, or whose workers failed or did not finish in time."""
 
+    def may_pass_again(self) -> bool:
+        """Whether another try could meet another outcome: not for a worker's own error, a killed
+        worker or a timeout (`_first_error` and `launch` word them), but for a rendezvous or a
+        connection that broke, or an unexpected exception in a worker."""
+        text = str(self)
+        return not (text.startswith("alloy worker rank") or " died of " in text or "did not finish within" in text)
+
 
 def nccl_usable() -> bool:
     """Whether this process can open NCCL groups: a torch build with NCCL, and CUDA here. A CPU
@@ -154,16 +161,16 @@ def launch(job, nproc_per_node: int, *, rdzv: Rendezvous = Rendezvous(), timeout
     job_path = out_dir / f"job-node{rdzv.node_rank}.json"
     job_path.write_text(json.dumps(job, indent=1))
     log_path = out_dir / f"torchrun-node{rdzv.node_rank}.log"
-    for attempt in range(PORT_TRIES):
+    for _ in range(PORT_TRIES):
         endpoint = rdzv.endpoint or f"127.0.0.1:{free_port()}"
-        returncode = _run_torchrun(torchrun_command(job_path, nproc_per_node, rdzv, endpoint, worker_module,
-                                                    max_restarts), job, log_path, endpoint, timeout_s, env, progress)
-        log = log_path.read_text(errors="replace") if returncode else ""
+        cmd = torchrun_command(job_path, nproc_per_node, rdzv, endpoint, worker_module, max_restarts)
+        if _run_torchrun(cmd, job, log_path, endpoint, timeout_s, env, progress) == 0:
+            return
+        log = log_path.read_text(errors="replace")
         # No worker ran yet when the store could not be hosted, so running again loses nothing.
-        if not (returncode and not rdzv.endpoint and _PORT_TAKEN.search(log) and attempt + 1 < PORT_TRIES):
+        if rdzv.endpoint or not _PORT_TAKEN.search(log):
             break
-    if returncode != 0:
-        raise LaunchError(f"{_first_error(log, endpoint)} (every rank's output: {log_path})")
+    raise LaunchError(f"{_first_error(log, endpoint)} (every rank's output: {log_path})")
 
 
 PORT_TRIES = 3

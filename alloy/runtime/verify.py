@@ -106,17 +106,11 @@ def _trial(name: str, plan: Plan, steps: int, timeout_s: float, run_options: dic
                 report = run(plan, steps=steps, out_dir=out_dir, data=DataSource("random", seed=0),
                              timeout_s=timeout_s, **run_options)
             except AlloyError as err:
-                if attempt == 1 and _may_pass_again(err):
+                if attempt == 1 and isinstance(err, LaunchError) and err.may_pass_again():
                     log(f"  {name} failed ({err}); running it once more")
                     continue
                 return Trial(**common, measured_step_s=None, error=str(err)), None
         return Trial(**common, measured_step_s=report.measured_step_s), report
-
-
-def _may_pass_again(err: AlloyError) -> bool:
-    text = str(err)
-    settled = text.startswith("alloy worker rank") or " died of " in text or "did not finish within" in text
-    return isinstance(err, LaunchError) and not settled
 
 
 def _why(best: Trial, trials: list[Trial], inventory, device_names) -> str:
