@@ -2,9 +2,10 @@
 
 Same Llama spec (built through LlamaConfig, untied head: the issue's ~98M reference is h768,
 12 layers, ff 2048, vocab 8192), same 16-token prompt, greedy, 128 new tokens, 2 threads.
-The roofline fraction is (weight bytes read per token / the devices profile's measured memory
-bandwidth) / measured time per token: 1.0 would be streaming every weight once per token at
-the measured rate (on a CPU the profile measures a vectorised streaming read on all threads).
+The roofline fraction is (weight bytes read per token / the memory bandwidth measured in the same
+process just before) / measured time per token: 1.0 would be streaming every weight once per token
+at that rate (a vectorised streaming read of 256 MiB on the 2 threads; on a shared VM the rate
+drifts by tens of percent within an hour, so a cached profile's figure would misstate the fraction).
 Alloy's bf16 and int8 are weight-only (fp32 arithmetic on CPU); transformers' bf16 is the whole
 model in bf16. Alloy's q8_0 / q4_0 / q4_k keep the weights as GGUF blocks (head in q8_0) and
 run int8-activation dot products on them (alloy.quant). llama.cpp's own tools, llama-bench and
@@ -201,10 +202,12 @@ def measure(impl: str, size: str, dtype_name: str, batch: int, bandwidth: float 
 
 
 def memory_bandwidth() -> float | None:
+    """The streaming read rate now, on the benchmark's 2 threads (alloy.devices.measure's probe)."""
     try:
-        from alloy.devices.local import profile
+        from alloy.devices.measure import memory_bandwidth_bytes_per_s
 
-        return next(d for d in profile().devices if d.kind == "cpu").memory_bandwidth_bytes_per_s
+        torch.set_num_threads(2)
+        return memory_bandwidth_bytes_per_s(torch.device("cpu"), 256 << 20, 0.5)
     except Exception:  # the figure is left out, the benchmark still runs
         return None
 
@@ -275,8 +278,10 @@ def main() -> None:
         parser.error(f"the llama.cpp baseline runs {', '.join(LLAMA_FTYPES)}")
     if args.impl == "transformers" and args.dtype not in ("fp32", "bf16"):
         parser.error(f"transformers has no CPU {args.dtype} path here; compare alloy-{args.dtype} with transformers-bf16")
-    result = measure(args.impl, "quick" if args.quick else "full", args.dtype, args.batch, memory_bandwidth(),
-                     args.prefill)
+    bandwidth = memory_bandwidth()
+    result = measure(args.impl, "quick" if args.quick else "full", args.dtype, args.batch, bandwidth, args.prefill)
+    if bandwidth and "roofline_fraction" in result:
+        result["bandwidth_bytes_per_s"] = bandwidth
     print(json.dumps(result))
 
 
