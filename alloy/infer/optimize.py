@@ -8,7 +8,8 @@ is how fast the weights stream from memory plus a fixed cost per op. `prepare(mo
   `dtype` — fp32, bf16 or per-channel int8 — and runs decode steps on Alloy's AVX2 GEMV kernels
   (alloy.infer.kernels). Everything else (norms, attention, the KV cache) stays fp32, so bf16 and
   int8 are weight-only: half / a quarter of the bytes to stream, fp32 arithmetic. Prefill (many
-  rows) goes to PyTorch's GEMM, which is faster there.
+  rows) goes to a GEMM, which is faster there: PyTorch's or oneDNN's, whichever the machine
+  measured faster (alloy.kernels.gemm).
 - elsewhere (CUDA), or on a CPU without the kernels: the model in bf16 for bf16/int8, and int8 as
   alloy.infer.quantize.Int8Linear.
 - q8_0 / q4_0 / q4_1 / q4_k (GGUF block formats, alloy.quant): every nn.Linear becomes a
@@ -30,7 +31,7 @@ from torch import nn
 from alloy.checkpoint.io import StackedRows
 from alloy.errors import ConfigError
 from alloy import kernels
-from alloy.kernels import memory
+from alloy.kernels import gemm, memory
 from alloy.infer.quantize import int8_rows, quantize_int8
 from alloy.quant import HEAD_FORMAT, check_width, get_format, quantize
 from alloy.quant.linear import QuantEmbedding, QuantLinear
@@ -80,7 +81,7 @@ class DecodeLinear(nn.Module):
         w = self.weight.to(x.dtype)
         if self.scale is not None:
             w = w * self.scale[:, None].to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return gemm.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights {self.storage}"

@@ -16,8 +16,10 @@ widest the CPU runs is taken.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -25,6 +27,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -42,6 +45,39 @@ _FUNCTIONS = {torch.float32: "alloy_gemv_f32", torch.bfloat16: "alloy_gemv_bf16"
 
 def cache_dir() -> Path:
     return Path(os.environ.get("ALLOY_CACHE_DIR") or Path.home() / ".cache" / "alloy") / "kernels"
+
+
+def measured_once(name: str, key: str, measure: Callable[[], dict]) -> dict:
+    """`measure()`'s record for this machine: measured once per CPU, PyTorch and `key` (what else it
+    depends on: thread count, a kernel source's bytes...), kept in the kernel cache as
+    `name-<hash>.json` and written under a lock, so a job's ranks starting together measure once and
+    take the same answer (where two paths round differently, they must). Without a writable cache,
+    this process measures for itself."""
+    from alloy.kernels.cpuinfo import cpuinfo
+
+    info = cpuinfo()
+    cpu = " ".join(info.get(field, "") for field in ("vendor_id", "model name", "cpu family", "model", "flags"))
+    digest = hashlib.sha256(f"{cpu} {torch.__version__} {key}".encode()).hexdigest()[:16]
+    path = cache_dir() / f"{name}-{digest}.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "w")
+    except OSError:
+        return measure()
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+        record = {**measure(), "cpu": info.get("model name", "")}
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+        return record
 
 
 def _source_bytes(path: Path, seen: frozenset = frozenset()) -> bytes:

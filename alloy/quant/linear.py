@@ -17,10 +17,8 @@ blocks are all it keeps, never a whole fp32 copy of the weight.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
-import json
 import os
 import time
 
@@ -263,36 +261,15 @@ def kernel_rows(isa: str, fmt: str) -> float:
 def _measured_kernel_rows(isa: str, fmt: str, threads: int) -> float:
     """Time the kernel against dequantize + GEMM on a 1024 x 1024 layer of `fmt` (in the layout its
     kernel reads at that width) at CROSSOVER_ROWS rows: the largest count it wins at, every count
-    before it won too. Kept in the kernel cache under the CPU, library and thread count, written
-    under a lock: a job's ranks starting together measure once and agree."""
+    before it won too. Measured once per machine, library and thread count (kernels.measured_once)."""
     from alloy import kernels
-    from alloy.kernels.cpuinfo import cpuinfo
 
-    info = cpuinfo()
-    cpu = " ".join(info.get(field, "") for field in ("vendor_id", "model name", "cpu family", "model", "flags"))
-    key = hashlib.sha256(f"{CROSSOVER_VERSION} {cpu} {torch.__version__} {isa} {fmt} {threads} ".encode()
-                         + kernels._source_bytes(kernel_quant.SOURCE)).hexdigest()[:16]
-    path = kernels.cache_dir() / f"quant-rows-{key}.json"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path.with_suffix(".lock"), "w")
-    except OSError:  # no cache to keep it in: this process measures for itself
-        return _crossover(isa, fmt)[0]
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            return float(json.loads(path.read_text())["kernel_rows"])
-        except (OSError, ValueError, KeyError):
-            pass
+    def measure() -> dict:
         limit, timings = _crossover(isa, fmt)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps({"kernel_rows": limit, "cpu": info.get("model name", ""), "format": fmt,
-                                       "threads": threads, "timings": timings}))
-            os.replace(tmp, path)
-        except OSError:
-            pass
-        return limit
+        return {"kernel_rows": limit, "format": fmt, "threads": threads, "timings": timings}
+
+    key = f"{CROSSOVER_VERSION} {isa} {fmt} {threads} {hashlib.sha256(kernels._source_bytes(kernel_quant.SOURCE)).hexdigest()}"
+    return float(kernels.measured_once("quant-rows", key, measure)["kernel_rows"])
 
 
 def _crossover(isa: str, fmt: str) -> tuple[float, dict]:

@@ -1,0 +1,90 @@
+"""Prefill's GEMM on dense fp32 weights: PyTorch's F.linear or oneDNN's linear, whichever this
+machine measured faster.
+
+F.linear's fp32 GEMM on x86 is MKL's, tuned for Intel's CPUs. On an AMD EPYC (Zen 4, 2 threads) it
+ran the ~98M Llama's layers at 88-151 GFLOP/s where oneDNN's linear on the same dense tensors
+(torch.ops.mkldnn._linear_pointwise: what torch.compile's CPU code calls; no copy of the weight to
+keep) ran 154-202, at 128 and 512 rows. Which wins depends on the CPU, so each machine races the two
+once per thread count on a 1024 x 1024 layer and keeps the answer in the kernel cache
+(kernels.measured_once: every process, every rank of a job, takes the same one).
+ALLOY_PREFILL_GEMM=torch|onednn sets it instead. Both are fp32 products summed in fp32, in
+different orders.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from alloy.errors import ConfigError
+
+CHOICES = ("torch", "onednn")
+RACE_ROWS, RACE_WIDTH = 256, 1024
+RACE_VERSION = 1
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) on the faster GEMM here (fp32 CPU tensors without autograd;
+    anything else goes to F.linear)."""
+    if (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and weight.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and choice() == "onednn"):
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        y = torch.ops.mkldnn._linear_pointwise(rows, weight, None if bias is None else bias.contiguous(), "none", [], "")
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+def choice() -> str:
+    """"torch" or "onednn": ALLOY_PREFILL_GEMM, else what this machine measured at this thread count."""
+    forced = os.environ.get("ALLOY_PREFILL_GEMM")
+    if forced:
+        if forced not in CHOICES:
+            raise ConfigError(f"ALLOY_PREFILL_GEMM={forced!r}: choose from {', '.join(CHOICES)}")
+        if forced == "onednn" and not _onednn_runs():
+            raise ConfigError("ALLOY_PREFILL_GEMM=onednn: this PyTorch has no oneDNN linear")
+        return forced
+    return _measured(torch.get_num_threads())
+
+
+@functools.cache
+def _onednn_runs() -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    x, w = torch.ones(2, 8), torch.ones(4, 8)
+    try:
+        with torch.no_grad():
+            return torch.equal(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), F.linear(x, w))
+    except (AttributeError, RuntimeError, TypeError):  # not in this build, or another signature
+        return False
+
+
+@functools.cache
+def _measured(threads: int) -> str:
+    from alloy import kernels
+
+    if not _onednn_runs():
+        return "torch"
+    return kernels.measured_once("prefill-gemm", f"{RACE_VERSION} {threads}", _race)["gemm"]
+
+
+def _race() -> dict:
+    """Both GEMMs on a RACE_WIDTH-square layer at RACE_ROWS rows, best of 3 each, alternated."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(RACE_WIDTH, RACE_WIDTH, generator=g), torch.randn(RACE_ROWS, RACE_WIDTH, generator=g)
+    calls = {"torch": lambda: F.linear(x, w), "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")}
+    best = dict.fromkeys(calls, float("inf"))
+    with torch.no_grad():
+        for call in calls.values():
+            call()  # warm: first-call setup, pages
+        for _ in range(3):
+            for name, call in calls.items():
+                started = time.perf_counter()
+                call()
+                best[name] = min(best[name], time.perf_counter() - started)
+    return {"gemm": min(best, key=best.get), "seconds": best, "rows": RACE_ROWS, "width": RACE_WIDTH,
+            "threads": torch.get_num_threads()}

@@ -1,0 +1,95 @@
+"""Prefill's GEMM (alloy.kernels.gemm): PyTorch's F.linear or oneDNN's linear, by what the machine
+measured. Each choice against float64 on the same weights (hypothesis over shapes, bias or not,
+2-D and 3-D inputs); the race measured once and read by a later process unchanged; a bad setting is
+a one-line ConfigError."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from alloy.errors import ConfigError
+from alloy.infer.optimize import DecodeLinear
+from alloy.kernels import gemm
+
+CHOICES = ["torch"] + (["onednn"] if gemm._onednn_runs() else [])
+
+
+def _tolerance(x, w):
+    # fp32 sums of k products in another order than float64's: a few ulps per term
+    return 1e-5 * (x.shape[-1] ** 0.5) * float(x.abs().max() * w.abs().max()) + 1e-6
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 40), k=st.integers(1, 70), n=st.integers(1, 37), with_bias=st.booleans(),
+       three_d=st.booleans(), which=st.sampled_from(CHOICES), seed=st.integers(0, 2**16))
+def test_each_gemm_equals_float64(rows, k, n, with_bias, three_d, which, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if with_bias else None
+    want = x.double() @ w.double().t() + (0 if b is None else b.double())
+    if three_d:
+        x, want = x.view(1, rows, k), want.view(1, rows, n)
+    os.environ["ALLOY_PREFILL_GEMM"] = which
+    try:
+        with torch.inference_mode():
+            got = gemm.linear(x, w, b)
+    finally:
+        del os.environ["ALLOY_PREFILL_GEMM"]
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert (got.double() - want).abs().max() <= _tolerance(x, w)
+
+
+@pytest.mark.parametrize("which", CHOICES)
+@pytest.mark.parametrize("storage", ["fp32", "bf16", "int8"])
+def test_decode_linear_prefill_takes_the_chosen_gemm(which, storage, monkeypatch):
+    monkeypatch.setenv("ALLOY_PREFILL_GEMM", which)
+    g = torch.Generator().manual_seed(4)
+    w, x, b = torch.randn(33, 70, generator=g), torch.randn(2, 20, 70, generator=g), torch.randn(33, generator=g)
+    layer = DecodeLinear(w, b, storage)  # 40 rows: past the GEMV kernels, the prefill GEMM
+    stored = layer.weight.double() * (1 if layer.scale is None else layer.scale.double()[:, None])
+    with torch.inference_mode():
+        got = layer(x)
+    assert (got.double() - (x.double() @ stored.t() + b.double())).abs().max() <= _tolerance(x, w)
+
+
+def test_inputs_autograd_tracks_go_to_pytorch(monkeypatch):
+    monkeypatch.setenv("ALLOY_PREFILL_GEMM", CHOICES[-1])
+    x, w = torch.randn(20, 8, requires_grad=True), torch.randn(4, 8)
+    gemm.linear(x, w).sum().backward()
+    assert torch.allclose(x.grad, w.sum(0).expand(20, 8))
+
+
+@pytest.mark.skipif(len(CHOICES) < 2, reason="this PyTorch has no oneDNN linear: nothing to choose")
+def test_the_choice_is_measured_once_per_machine_and_every_process_reads_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALLOY_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ALLOY_PREFILL_GEMM", raising=False)
+    gemm._measured.cache_clear()
+    try:
+        chosen = gemm.choice()
+    finally:
+        gemm._measured.cache_clear()  # later tests measure in their own cache
+    (record_path,) = tmp_path.glob("kernels/prefill-gemm-*.json")
+    record = json.loads(record_path.read_text())
+    assert record["gemm"] == chosen == min(record["seconds"], key=record["seconds"].get)
+    assert set(record["seconds"]) == set(gemm.CHOICES) and record["threads"] == torch.get_num_threads()
+    stamp = record_path.stat().st_mtime_ns
+    code = ("import torch; from alloy.kernels import gemm; "
+            f"torch.set_num_threads({torch.get_num_threads()}); print(gemm.choice())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                         env={**os.environ, "ALLOY_CACHE_DIR": str(tmp_path)}).stdout
+    assert out.strip() == chosen and record_path.stat().st_mtime_ns == stamp
+
+
+def test_a_bad_gemm_setting_is_a_config_error(monkeypatch):
+    monkeypatch.setenv("ALLOY_PREFILL_GEMM", "blas")
+    with pytest.raises(ConfigError, match="ALLOY_PREFILL_GEMM='blas': choose from torch, onednn") as err:
+        gemm.linear(torch.randn(20, 8), torch.randn(4, 8))
+    assert "\n" not in str(err.value)
