@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +32,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and weight.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and choice() == "onednn"):
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
-        y = torch.ops.mkldnn._linear_pointwise(rows, weight, None if bias is None else bias.contiguous(), "none", [], "")
+        y = _onednn_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight, None if bias is None else bias.contiguous())
         return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows, in] @ weight.T + bias through oneDNN, on dense contiguous tensors (no fused activation)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def choice() -> str:
@@ -58,7 +61,7 @@ def _onednn_runs() -> bool:
     x, w = torch.ones(2, 8), torch.ones(4, 8)
     try:
         with torch.no_grad():
-            return torch.equal(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), F.linear(x, w))
+            return torch.equal(_onednn_linear(x, w), F.linear(x, w))
     except (AttributeError, RuntimeError, TypeError):  # not in this build, or another signature
         return False
 
@@ -73,18 +76,12 @@ def _measured(threads: int) -> str:
 
 
 def _race() -> dict:
-    """Both GEMMs on a RACE_WIDTH-square layer at RACE_ROWS rows, best of 3 each, alternated."""
+    """Both GEMMs on a RACE_WIDTH-square layer at RACE_ROWS rows, best of 3 each."""
+    from alloy import kernels
+
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(RACE_WIDTH, RACE_WIDTH, generator=g), torch.randn(RACE_ROWS, RACE_WIDTH, generator=g)
-    calls = {"torch": lambda: F.linear(x, w), "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")}
-    best = dict.fromkeys(calls, float("inf"))
     with torch.no_grad():
-        for call in calls.values():
-            call()  # warm: first-call setup, pages
-        for _ in range(3):
-            for name, call in calls.items():
-                started = time.perf_counter()
-                call()
-                best[name] = min(best[name], time.perf_counter() - started)
-    return {"gemm": min(best, key=best.get), "seconds": best, "rows": RACE_ROWS, "width": RACE_WIDTH,
+        seconds = {"torch": kernels.best_of(lambda: F.linear(x, w)), "onednn": kernels.best_of(lambda: _onednn_linear(x, w))}
+    return {"gemm": min(seconds, key=seconds.get), "seconds": seconds, "rows": RACE_ROWS, "width": RACE_WIDTH,
             "threads": torch.get_num_threads()}

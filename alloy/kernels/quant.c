@@ -230,7 +230,8 @@ KERNEL dots(int fmt, const uint8_t *w, const Act *a, long blocks32, const int R,
 
 #ifdef ALLOY_VNNI
 /* 8 rows' weights of one 32-block (two 64-byte chunks, q4_0x8's order) against 8 activation bytes
- * at a time: the 8 rows' sums of q x, one int32 lane per row. */
+ * at a time: the 8 rows' sums of q x in two int32 lanes per row (rows_dot16), or added into one
+ * lane per row (rows_dot_x8). */
 static inline __m512i rows_dot16(const __m512i q[4], const int8_t *x) {
     __m512i dot = _mm512_setzero_si512();
     for (int j = 0; j < 4; j++) {

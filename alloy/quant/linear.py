@@ -20,12 +20,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import time
 
 import torch
 from torch import nn
 
-from alloy import quant
+from alloy import kernels, quant
 from alloy.errors import ConfigError
 from alloy.kernels import quant as kernel_quant
 
@@ -262,8 +261,6 @@ def _measured_kernel_rows(isa: str, fmt: str, threads: int) -> float:
     """Time the kernel against dequantize + GEMM on a 1024 x 1024 layer of `fmt` (in the layout its
     kernel reads at that width) at CROSSOVER_ROWS rows: the largest count it wins at, every count
     before it won too. Measured once per machine, library and thread count (kernels.measured_once)."""
-    from alloy import kernels
-
     def measure() -> dict:
         limit, timings = _crossover(isa, fmt)
         return {"kernel_rows": limit, "format": fmt, "threads": threads, "timings": timings}
@@ -279,20 +276,10 @@ def _crossover(isa: str, fmt: str) -> tuple[float, dict]:
     limit, timings = float(GEMV_MAX_ROWS), {}
     for rows in CROSSOVER_ROWS:
         x = torch.randn(rows, 1024, generator=g)
-        kernel_s = _best_of(lambda: kernel_quant.gemv(x, layer.blocks, layer.kernel_fmt, 1024, None, isa))
-        gemm_s = _best_of(lambda: layer.matmul(x))
+        kernel_s = kernels.best_of(lambda: kernel_quant.gemv(x, layer.blocks, layer.kernel_fmt, 1024, None, isa))
+        gemm_s = kernels.best_of(lambda: layer.matmul(x))
         timings[rows] = {"kernel_s": kernel_s, "gemm_s": gemm_s}
         if kernel_s > gemm_s:
             break
         limit = float("inf") if rows == CROSSOVER_ROWS[-1] else float(rows)
     return limit, timings
-
-
-def _best_of(call, repeats: int = 3) -> float:
-    call()  # warm: the first call builds buffers and pages
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - started)
-    return best
