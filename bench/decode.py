@@ -66,15 +66,22 @@ LLAMA_FTYPES = {"fp32": None, "bf16": None, "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_
 
 
 def llama_binary(name: str) -> str | None:
-    """A llama.cpp tool: $LLAMA_BENCH's folder (or $LLAMA_SERVER's), else PATH. Build llama.cpp
-    with GGML_NATIVE=OFF on a VM: a native build here emitted an instruction the guest lacks
-    (SIGILL / SIGSEGV on every quantized model)."""
+    """A llama.cpp tool: $LLAMA_BENCH's folder (or $LLAMA_SERVER's), else PATH. A native build
+    (GGML_NATIVE=ON, what a user gets) crashed on the AMX Xeon of docs/BENCHMARKS.md (SIGILL /
+    SIGSEGV on quantized models: build with GGML_NATIVE=OFF there) and ran on the Zen 4."""
     for env in ("LLAMA_BENCH", "LLAMA_SERVER"):
         if os.environ.get(env):
             candidate = Path(os.environ[env]).with_name(name)
             if candidate.is_file():
                 return str(candidate)
     return shutil.which(name)
+
+
+def required_llama_binary(name: str) -> str:
+    found = llama_binary(name)
+    if found is None:
+        raise RuntimeError(f"{name} is not beside $LLAMA_BENCH nor on PATH: build that llama.cpp target")
+    return found
 
 
 def alloy_model(size: str):
@@ -104,7 +111,7 @@ def llama_gguf(size: str, dtype_name: str) -> Path:
     out = root / f"model-{dtype_name}.gguf"
     if not out.is_file():
         staging = out.with_name(out.name + f".{os.getpid()}")
-        subprocess.run([llama_binary("llama-quantize"), str(base), str(staging), LLAMA_FTYPES[dtype_name], "2"],
+        subprocess.run([required_llama_binary("llama-quantize"), str(base), str(staging), LLAMA_FTYPES[dtype_name], "2"],
                        check=True, capture_output=True)
         staging.replace(out)
     return out
@@ -116,7 +123,7 @@ def measure_llama_cpp(size: str, dtype_name: str, new: int, prompt: int = PROMPT
     (prefill tokens/s). `batch` > 1: that many sequences at once (llama-batched-bench)."""
     model = llama_gguf(size, dtype_name)
     if batch > 1:  # llama-batched-bench: `batch` sequences decoding together, the time of prompt + tokens
-        argv = [llama_binary("llama-batched-bench"), "-m", str(model), "-c", "2048", "-b", "2048", "-ub", "512",
+        argv = [required_llama_binary("llama-batched-bench"), "-m", str(model), "-c", "2048", "-b", "2048", "-ub", "512",
                 "-npp", str(prompt), "-ntg", str(new), "-npl", str(batch), "-t", "2", "--output-format", "jsonl"]
         for _ in range(4):  # its log thread sometimes loses the result row at exit (an empty stdout, status 0)
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
@@ -128,12 +135,12 @@ def measure_llama_cpp(size: str, dtype_name: str, new: int, prompt: int = PROMPT
                 return {"tokens_per_s": batch * new / row["t"], "decode_only_tokens_per_s": row["speed_tg"]}
         raise RuntimeError("llama-batched-bench printed no result row in 4 runs")
     if new == 0:
-        proc = subprocess.run([llama_binary("llama-bench"), "-m", str(model), "-p", str(prompt), "-n", "0",
+        proc = subprocess.run([required_llama_binary("llama-bench"), "-m", str(model), "-p", str(prompt), "-n", "0",
                                "-t", "2", "-r", "1", "-o", "json"], capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"llama-bench exited with {proc.returncode}: {proc.stderr.strip()[-300:]}")
         return {"tokens_per_s": json.loads(proc.stdout)[0]["avg_ts"]}
-    proc = subprocess.run([llama_binary("llama-bench"), "-m", str(model), "-p", str(PROMPT_TOKENS), "-n", str(new),
+    proc = subprocess.run([required_llama_binary("llama-bench"), "-m", str(model), "-p", str(PROMPT_TOKENS), "-n", str(new),
                            "-t", "2", "-r", "1", "-o", "json"], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"llama-bench exited with {proc.returncode}: {proc.stderr.strip()[-300:]}")

@@ -5,8 +5,9 @@ There are no trained weights on this machine, and random weights have no perplex
 name, so this trains a small byte-level Llama-spec model first (TinyShakespeare from
 ../shared/data, else Python's standard library sources), then scores held-out text (after the
 first 90%) with the same weights prepared each way `alloy generate --dtype` prepares them:
-weight-only bf16 and int8 (fp32 arithmetic, Alloy's CPU path), the GGUF block formats (head and
-token table in q8_0), and for comparison the whole model in bf16 (bf16 activations too: what
+bf16 (weights and each matmul's input in bf16, fp32 products and sums, everything between the
+matmuls fp32: Alloy's CPU path), weight-only int8 (fp32 arithmetic), the GGUF block formats (head
+and token table in q8_0), and for comparison the whole model in bf16 (every activation too: what
 transformers' bf16 computes) and int8 weights with bf16 activations (the GPU / no-kernel path).
 
 The held-out text is cut into consecutive chunks of `seq` tokens, laid out as llama.cpp's
@@ -281,7 +282,7 @@ def measure(size: str) -> dict:
     chunks = data[cut:cut + n * seq].view(n, seq)
     variants = {
         "fp32": lambda m: m,
-        "bf16_weights": lambda m: prepare(m, "bf16"),
+        "bf16_operands": lambda m: prepare(m, "bf16"),
         "int8_weights": lambda m: prepare(m, "int8"),
         "bf16_all": lambda m: m.to(torch.bfloat16),
         "int8_bf16_activations": lambda m: quantize_int8(m.to(torch.bfloat16)),

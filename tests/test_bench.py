@@ -46,7 +46,7 @@ def test_quality_benchmark_quick_trains_and_scores_each_precision():
     headline, sample = record["headline"], record["samples"]["alloy"][0]
     # a trained byte-level model beats the uniform 256-way guess; rounding weights costs little
     assert 1 < headline["ppl_fp32"] < 256
-    for key in ("ppl_bf16_weights", "ppl_int8_weights", "ppl_bf16_all"):
+    for key in ("ppl_bf16_operands", "ppl_int8_weights", "ppl_bf16_all"):
         assert abs(headline[key] / headline["ppl_fp32"] - 1) < 0.05, (key, headline)
     # the GGUF block formats (quick widths are multiples of 256, so Q4_K applies too)
     for fmt, bound in (("q8_0", 0.05), ("q4_0", 0.25), ("q4_1", 0.25), ("q4_k", 0.25)):

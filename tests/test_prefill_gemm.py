@@ -1,7 +1,7 @@
 """Prefill's GEMM (alloy.kernels.gemm): PyTorch's F.linear or oneDNN's linear, by what the machine
-measured. Each choice against float64 on the same weights (hypothesis over shapes, bias or not,
-2-D and 3-D inputs); the race measured once and read by a later process unchanged; a bad setting is
-a one-line ConfigError."""
+measured, and for bf16 weights PyTorch's bf16 GEMM or the fp32 one. Each choice against float64 on
+the same weights (hypothesis over shapes, bias or not, 2-D and 3-D inputs); the race measured once
+and read by a later process unchanged; a bad setting is a one-line ConfigError."""
 
 from __future__ import annotations
 
@@ -47,17 +47,39 @@ def test_each_gemm_equals_float64(rows, k, n, with_bias, three_d, which, seed):
     assert (got.double() - want).abs().max() <= _tolerance(x, w)
 
 
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), k=st.integers(1, 70), n=st.integers(1, 37), with_bias=st.booleans(),
+       which=st.sampled_from(gemm.BF16_CHOICES), seed=st.integers(0, 2**16))
+def test_each_bf16_gemm_equals_float64_on_bf16_operands(rows, k, n, with_bias, which, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g) if with_bias else None
+    os.environ["ALLOY_PREFILL_BF16"] = which
+    try:
+        with torch.inference_mode():
+            got = gemm.linear_bf16(x, w, b)
+    finally:
+        del os.environ["ALLOY_PREFILL_BF16"]
+    product = x.bfloat16().double() @ w.double().t()
+    want = product + (0 if b is None else b.double())
+    # the fp32 sums' error, and for PyTorch's bf16 GEMM the rounding of its output (half an ulp, 2^-9)
+    tol = _tolerance(x, w) + (2**-8 * product.abs() if which == "bf16" else 0)
+    assert got.dtype == torch.float32 and ((got.double() - want).abs() <= tol).all()
+
+
 @pytest.mark.parametrize("which", CHOICES)
 @pytest.mark.parametrize("storage", ["fp32", "bf16", "int8"])
 def test_decode_linear_prefill_takes_the_chosen_gemm(which, storage, monkeypatch):
     monkeypatch.setenv("ALLOY_PREFILL_GEMM", which)
+    monkeypatch.setenv("ALLOY_PREFILL_BF16", "fp32")  # the fp32 GEMM chosen above, on bf16 operands
     g = torch.Generator().manual_seed(4)
     w, x, b = torch.randn(33, 70, generator=g), torch.randn(2, 20, 70, generator=g), torch.randn(33, generator=g)
     layer = DecodeLinear(w, b, storage)  # 40 rows: past the GEMV kernels, the prefill GEMM
     stored = layer.weight.double() * (1 if layer.scale is None else layer.scale.double()[:, None])
+    operand = x.bfloat16() if storage == "bf16" else x
     with torch.inference_mode():
         got = layer(x)
-    assert (got.double() - (x.double() @ stored.t() + b.double())).abs().max() <= _tolerance(x, w)
+    assert (got.double() - (operand.double() @ stored.t() + b.double())).abs().max() <= _tolerance(x, w)
 
 
 def test_inputs_autograd_tracks_go_to_pytorch(monkeypatch):
@@ -86,6 +108,30 @@ def test_the_choice_is_measured_once_per_machine_and_every_process_reads_it(tmp_
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
                          env={**os.environ, "ALLOY_CACHE_DIR": str(tmp_path)}).stdout
     assert out.strip() == chosen and record_path.stat().st_mtime_ns == stamp
+
+
+def test_the_bf16_choice_is_measured_once_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALLOY_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ALLOY_PREFILL_BF16", raising=False)
+    gemm._measured_bf16.cache_clear()
+    try:
+        chosen = gemm.bf16_choice()
+        (record_path,) = tmp_path.glob("kernels/prefill-gemm-bf16-*.json")
+        stamp = record_path.stat().st_mtime_ns
+        gemm._measured_bf16.cache_clear()
+        assert gemm.bf16_choice() == chosen and record_path.stat().st_mtime_ns == stamp  # read, not raced again
+    finally:
+        gemm._measured_bf16.cache_clear()
+    record = json.loads(record_path.read_text())
+    assert record["gemm"] == chosen == min(record["seconds"], key=record["seconds"].get)
+    assert set(record["seconds"]) == set(gemm.BF16_CHOICES)
+
+
+def test_a_bad_bf16_gemm_setting_is_a_config_error(monkeypatch):
+    monkeypatch.setenv("ALLOY_PREFILL_BF16", "fp16")
+    with pytest.raises(ConfigError, match="ALLOY_PREFILL_BF16='fp16': choose from bf16, fp32") as err:
+        DecodeLinear(torch.randn(4, 8), None, "bf16")(torch.randn(20, 8))
+    assert "\n" not in str(err.value)
 
 
 def test_a_bad_gemm_setting_is_a_config_error(monkeypatch):

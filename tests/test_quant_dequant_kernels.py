@@ -25,7 +25,7 @@ GGML = {"q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1, "q4_k": T.Q4_K}
 FP16_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q4_k": (0, 2)}
 # (format, layout the C dequantizer reads) for every layout of every format
 LAYOUTS = [(fmt, fmt) for fmt in quant.FORMATS] + [(fmt, spec[0]) for fmt, spec in kernel_quant.INTERLEAVED.items()]
-ISAS = kernel_quant.built_isas()
+ISAS = kernel_quant.distinct_isas()
 
 
 def _fp16(g: torch.Generator, count: int) -> torch.Tensor:
@@ -63,7 +63,7 @@ def _assert_bits_equal(got: torch.Tensor, want: np.ndarray) -> None:
        blocks=st.integers(1, 5), seed=st.integers(0, 2**16))
 def test_c_dequantizer_equals_gguf_bit_for_bit(layout, isa, groups, blocks, seed):
     fmt, kernel_fmt = layout
-    if kernel_fmt != fmt and kernel_quant.INTERLEAVED[fmt][1] != isa:
+    if kernel_fmt != fmt and isa not in kernel_quant.INTERLEAVED[fmt][1]:
         kernel_fmt = fmt  # this ISA has no kernel for the interleaved layout: GGUF's then
     rows = 8 * groups  # whole groups for the interleaved layouts (and any row count for GGUF's)
     raw = _blocks(fmt, rows, blocks, seed)
@@ -74,7 +74,7 @@ def test_c_dequantizer_equals_gguf_bit_for_bit(layout, isa, groups, blocks, seed
 
 
 @pytest.mark.parametrize("fmt, kernel_fmt, isa", [(fmt, kernel_fmt, isa) for isa in ISAS for fmt, kernel_fmt in LAYOUTS
-                                                   if kernel_fmt == fmt or kernel_quant.INTERLEAVED[fmt][1] == isa])
+                                                   if kernel_fmt == fmt or isa in kernel_quant.INTERLEAVED[fmt][1]])
 def test_c_dequantizer_at_a_layer_size_on_two_threads(fmt, kernel_fmt, isa):
     # a prefill tile's size (rows split over the threads, many block columns) into a reused buffer;
     # each ISA with the layouts it has a kernel for

@@ -6,10 +6,13 @@ is how fast the weights stream from memory plus a fixed cost per op. `prepare(mo
 - fuses q/k/v and gate/up into one matmul each (fewer ops, longer GEMVs);
 - on CPU, swaps every nn.Linear (and a tied head) for a `DecodeLinear` that stores the weight in
   `dtype` — fp32, bf16 or per-channel int8 — and runs decode steps on Alloy's AVX2 GEMV kernels
-  (alloy.infer.kernels). Everything else (norms, attention, the KV cache) stays fp32, so bf16 and
-  int8 are weight-only: half / a quarter of the bytes to stream, fp32 arithmetic. Prefill (many
-  rows) goes to a GEMM, which is faster there: PyTorch's or oneDNN's, whichever the machine
-  measured faster (alloy.kernels.gemm).
+  (alloy.kernels). Everything else (norms, attention, the KV cache) stays fp32. int8 is
+  weight-only: a quarter of the bytes to stream, fp32 arithmetic. bf16 is half the bytes, and its
+  matmuls take bf16 operands, as llama.cpp's BF16 and PyTorch's bf16 linear do: the activation is
+  rounded to bf16 as it enters one, the products (exact in fp32) summed in fp32 — on AVX512_BF16,
+  `vdpbf16ps`, twice the products an instruction. Prefill (many rows) goes to a GEMM, which is
+  faster there: PyTorch's or oneDNN's, whichever the machine measured faster (alloy.kernels.gemm;
+  for bf16, PyTorch's bf16 GEMM, its output then rounded to bf16 too, where that measured faster).
 - elsewhere (CUDA), or on a CPU without the kernels: the model in bf16 for bf16/int8, and int8 as
   alloy.infer.quantize.Int8Linear.
 - q8_0 / q4_0 / q4_1 / q4_k (GGUF block formats, alloy.quant): every nn.Linear becomes a
@@ -78,6 +81,8 @@ class DecodeLinear(nn.Module):
         if rows <= GEMV_MAX_ROWS and x.dtype == torch.float32:
             y = kernels.gemv(x.reshape(rows, self.in_features).contiguous(), self.weight, self.scale, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
+        if self.weight.dtype == torch.bfloat16 and x.dtype == torch.float32:  # bf16 operands, as the kernels take them
+            return gemm.linear_bf16(x, self.weight, self.bias)
         w = self.weight.to(x.dtype)
         if self.scale is not None:
             w = w * self.scale[:, None].to(x.dtype)
@@ -246,15 +251,18 @@ def to_huge_pages(model: nn.Module) -> nn.Module:
 
 
 def decode_inventory(inventory, dtype: str):
-    """The inventory as a decode plan in `dtype` should see it: on CPUs with Alloy's kernels, bf16
-    and int8 are weight-only (fp32 arithmetic), so a CPU without a fast bf16 matmul still decodes
-    bf16 weights at its fp32 rate, reading half the bytes. Other devices are unchanged."""
+    """The inventory as a decode plan in `dtype` should see it: on CPUs with Alloy's kernels, int8
+    is weight-only and bf16 multiplies bf16 operands in fp32 (`vdpbf16ps` where the CPU has it), so
+    a CPU without a fast bf16 matmul still decodes bf16 weights at its fp32 rate, reading half the
+    bytes, and one with it at its bf16 rate. Other devices are unchanged."""
     if dtype == "fp32" or dtype in QUANT_FORMATS or not kernels.available():
         return inventory
     devices = []
     for d in inventory.devices:
         if d.kind == "cpu" and "fp32" in d.matmul_flops:
-            d = d.model_copy(update={"matmul_flops": {**d.matmul_flops, "bf16": d.matmul_flops["fp32"]},
+            fp32 = d.matmul_flops["fp32"]
+            rate = fp32 if dtype == "int8" else max(fp32, d.matmul_flops.get("bf16", 0.0))
+            d = d.model_copy(update={"matmul_flops": {**d.matmul_flops, "bf16": rate},
                                      "slow_dtypes": {k: v for k, v in d.slow_dtypes.items() if k != "bf16"}})
         devices.append(d)
     return inventory.model_copy(update={"devices": devices})

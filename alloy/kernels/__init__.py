@@ -38,8 +38,11 @@ SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 # gemv.c's variants: flags and the CPU flags each needs, fastest first. The AVX-512 one (16 lanes,
 # 2 weight rows x 8 activation rows per tile, prefetched) took a batch-8 fp32 step of the ~98M
-# Llama from 27 to 16 ms of GEMV on the Xeon of docs/BENCHMARKS.md.
-VARIANTS = {"avx512": (FLAGS + ("-mavx512f", "-mavx512bw", "-mavx512vl"), ("avx2", "fma", "avx512f", "avx512bw", "avx512vl")),
+# Llama from 27 to 16 ms of GEMV on the Xeon of docs/BENCHMARKS.md. "avx512_bf16" is the same build
+# with bf16 weights multiplied by `vdpbf16ps` (gemv.c).
+_AVX512 = (FLAGS + ("-mavx512f", "-mavx512bw", "-mavx512vl"), ("avx2", "fma", "avx512f", "avx512bw", "avx512vl"))
+VARIANTS = {"avx512_bf16": (_AVX512[0] + ("-mavx512bf16",), _AVX512[1] + ("avx512_bf16",)),
+            "avx512": _AVX512,
             "avx2": (FLAGS, ("avx2", "fma"))}
 _FUNCTIONS = {torch.float32: "alloy_gemv_f32", torch.bfloat16: "alloy_gemv_bf16", torch.int8: "alloy_gemv_i8"}
 

@@ -7,6 +7,12 @@
  * checkpoint's layout) in fp32, bf16 (widened to fp32 in registers: a 16-bit shift) or int8
  * (one fp32 scale per row); x and y are fp32. Rows are split over OpenMP threads; the OpenMP
  * runtime is the one PyTorch already loaded (same soname), so no second thread pool spins.
+ *
+ * bf16 means bf16 operands: x is rounded to bf16 (to nearest, ties to even) as it enters a bf16
+ * GEMV, on every path, as llama.cpp's BF16 and PyTorch's bf16 linear take it. The product of two
+ * bf16 is exact in fp32 and the sums are fp32, so every variant computes the same products; where
+ * the CPU has AVX512_BF16, `vdpbf16ps` takes 32 of them an instruction (half the instructions of
+ * widening the weights and FMA-ing in fp32, which set the pace from a few rows up).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -29,6 +35,33 @@ static inline float scalar_bf16(const uint16_t *p) {
     return v.f;
 }
 static inline float scalar_i8(const int8_t *p) { return (float)(*p); }
+
+/* fp32 bits rounded to the nearest bf16 (ties to even), low 16 bits cleared; NaN stays NaN. */
+static inline __m256i round_bf16_bits(__m256i u) {
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)),
+                                       _mm256_set1_epi32((int)0xFFFF0000u));
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
+    return _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+}
+static inline uint32_t round_bf16_scalar(float f) {
+    union { float f; uint32_t u; } v = {.f = f};
+    if ((v.u & 0x7FFFFFFFu) > 0x7F800000u) return v.u | 0x400000u;
+    return (v.u + 0x7FFFu + ((v.u >> 16) & 1u)) & 0xFFFF0000u;
+}
+
+/* x [n] rounded to bf16, as fp32 bits (the paths that multiply in fp32) */
+static __attribute__((unused)) float *bf16_rounded(const float *x, long n) {
+    float *out = malloc(sizeof(float) * (n > 0 ? n : 1));
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_si256((__m256i *)(out + i), round_bf16_bits(_mm256_loadu_si256((const __m256i *)(x + i))));
+    for (; i < n; i++) {
+        union { uint32_t u; float f; } v = {.u = round_bf16_scalar(x[i])};
+        out[i] = v.f;
+    }
+    return out;
+}
 
 /* One kernel body per weight type. Each thread streams whole weight rows, one after another:
  * measured here, that reads 1.1x (fp32) to 2x (int8) faster than interleaving 4-8 rows, which
@@ -152,10 +185,52 @@ static float *pair_activations(const float *x, long rows, long k) {
     return xp;
 }
 
+/* The AVX-512 entry for one weight type: batch 1 one weight row after another (NAME##_row), else
+ * tiles of 2 weight rows x up to 8 activation rows (NAME##_tile); PREP lays the activations out
+ * once per call as the tiles read them. */
+#define DEFINE_DRIVER512(NAME, T, PREP)                                                          \
+static __attribute__((unused)) void NAME##_avx512(const float *x, const T *w, const float *scale, const float *bias, float *y, \
+                          long rows, long k, long n, int threads) {                               \
+    void *xp = PREP;  /* the call's activations as the tiles read them (NULL: x as it is) */      \
+    if (rows == 1) {                                                                              \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                         \
+        for (long j = 0; j < n; j++) NAME##_row(x, xp, w, scale, bias, y, k, j, j + 2 < n);      \
+        free(xp);                                                                                 \
+        return;                                                                                   \
+    }                                                                                             \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                             \
+    for (long j = 0; j < n; j += 2) {                                                             \
+        const int two = j + 1 < n;                                                                \
+        for (long b0 = 0; b0 < rows; b0 += 8) {                                                   \
+            /* constant J and C in every call, so the tile's accumulators stay in registers */    \
+            switch ((rows - b0 >= 8 ? 8 : (int)(rows - b0)) * 2 + two) {                          \
+            case 2: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 1); break;                  \
+            case 3: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 1); break;                  \
+            case 4: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 2); break;                  \
+            case 5: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 2); break;                  \
+            case 6: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 3); break;                  \
+            case 7: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 3); break;                  \
+            case 8: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 4); break;                  \
+            case 9: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 4); break;                  \
+            case 10: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 5); break;                 \
+            case 11: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 5); break;                 \
+            case 12: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 6); break;                 \
+            case 13: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 6); break;                 \
+            case 14: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 7); break;                 \
+            case 15: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 7); break;                 \
+            case 16: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 8); break;                 \
+            default: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 8); break;                 \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+    free(xp);                                                                                     \
+}
+
 #define DEFINE_GEMV512(NAME, T, LOAD, PAIRS)                                                     \
 static inline __attribute__((always_inline)) void NAME##_tile(                                  \
-        const float *x, const float *xp, const T *w, const float *scale, const float *bias, float *y, \
+        const float *x, const void *xp_, const T *w, const float *scale, const float *bias, float *y, \
         long k, long n, long j, long b0, const int J, const int C) {                              \
+    const float *xp = xp_;                                                                        \
     __m512 acc[2][8];                                                                             \
     for (int r = 0; r < J; r++)                                                                   \
         for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();                              \
@@ -203,8 +278,9 @@ static inline __attribute__((always_inline)) void NAME##_tile(                  
  * time with a zero-extending shuffle read a row at 25 GB/s on an AMD EPYC (Zen 4), where the AVX2 \
  * build's 8-wide widening read 37. */                                                            \
 static inline __attribute__((always_inline)) void NAME##_row(                                   \
-        const float *x, const float *xp, const T *w, const float *scale, const float *bias, float *y, long k, long j, \
+        const float *x, const void *xp_, const T *w, const float *scale, const float *bias, float *y, long k, long j, \
         const int PF) {                                                                           \
+    const float *xp = xp_;                                                                        \
     const T *row = w + j * k;                                                                     \
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}; \
     long i = 0;                                                                                   \
@@ -239,46 +315,82 @@ static inline __attribute__((always_inline)) void NAME##_row(                   
     y[j] = s;                                                                                     \
 }                                                                                                 \
                                                                                                   \
-static void NAME##_avx512(const float *x, const T *w, const float *scale, const float *bias, float *y, \
-                          long rows, long k, long n, int threads) {                               \
-    float *xp = PAIRS ? pair_activations(x, rows, k) : NULL;                                      \
-    if (rows == 1) {                                                                              \
-        _Pragma("omp parallel for schedule(static) num_threads(threads)")                         \
-        for (long j = 0; j < n; j++) NAME##_row(x, xp, w, scale, bias, y, k, j, j + 2 < n);      \
-        free(xp);                                                                                 \
-        return;                                                                                   \
-    }                                                                                             \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                             \
-    for (long j = 0; j < n; j += 2) {                                                             \
-        const int two = j + 1 < n;                                                                \
-        for (long b0 = 0; b0 < rows; b0 += 8) {                                                   \
-            /* constant J and C in every call, so the tile's accumulators stay in registers */    \
-            switch ((rows - b0 >= 8 ? 8 : (int)(rows - b0)) * 2 + two) {                          \
-            case 2: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 1); break;                  \
-            case 3: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 1); break;                  \
-            case 4: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 2); break;                  \
-            case 5: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 2); break;                  \
-            case 6: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 3); break;                  \
-            case 7: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 3); break;                  \
-            case 8: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 4); break;                  \
-            case 9: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 4); break;                  \
-            case 10: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 5); break;                 \
-            case 11: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 5); break;                 \
-            case 12: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 6); break;                 \
-            case 13: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 6); break;                 \
-            case 14: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 7); break;                 \
-            case 15: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 7); break;                 \
-            case 16: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 1, 8); break;                 \
-            default: NAME##_tile(x, xp, w, scale, bias, y, k, n, j, b0, 2, 8); break;                 \
-            }                                                                                     \
-        }                                                                                         \
-    }                                                                                             \
-    free(xp);                                                                                     \
-}
+DEFINE_DRIVER512(NAME, T, PAIRS ? pair_activations(x, rows, k) : NULL)
 
 DEFINE_GEMV512(alloy_gemv_f32, float, load16_f32, 0)
 DEFINE_GEMV512(alloy_gemv_bf16, uint16_t, load16_bf16, 1)
 DEFINE_GEMV512(alloy_gemv_i8, int8_t, load16_i8, 0)
+
+#ifdef __AVX512BF16__
+/* bf16 on AVX512_BF16: the activation rounded to bf16 once per call (bf16_activations), then each
+ * `vdpbf16ps` adds 16 pairs of products to 16 fp32 sums: 32 weights as they lie in memory, no
+ * widening, no rearranging. Tails are masked loads (zeros add nothing). */
+static uint16_t *bf16_activations(const float *x, long n) {
+    uint16_t *out = malloc(sizeof(uint16_t) * (n > 0 ? n : 1));
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i),
+                         _mm256_cvtepi32_epi16(_mm256_srli_epi32(round_bf16_bits(_mm256_loadu_si256((const __m256i *)(x + i))), 16)));
+    for (; i < n; i++) out[i] = (uint16_t)(round_bf16_scalar(x[i]) >> 16);
+    return out;
+}
+
+static inline __m512bh load32_bf16(const uint16_t *p, __mmask32 m) { return (__m512bh)_mm512_maskz_loadu_epi16(m, p); }
+static inline __mmask32 mask32(long left) { return left >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << left) - 1); }
+
+static inline __attribute__((always_inline)) void alloy_gemv_bf16dp_tile(
+        const float *x, const void *xp, const uint16_t *w, const float *scale, const float *bias, float *y,
+        long k, long n, long j, long b0, const int J, const int C) {
+    (void)x;
+    const uint16_t *xb = xp;
+    __m512 acc[2][8];
+    for (int r = 0; r < J; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+    for (long i = 0; i < k; i += 32) {
+        const __mmask32 m = mask32(k - i);
+        __m512bh wv[2];
+        for (int r = 0; r < J; r++) wv[r] = load32_bf16(w + (j + r) * k + i, m);
+        if (j + 2 + J <= n)  /* the next pair's lines, as the fp32 tile does */
+            for (int r = 0; r < J; r++) _mm_prefetch((const char *)(w + (j + 2 + r) * k + i), _MM_HINT_T1);
+        for (int c = 0; c < C; c++) {
+            const __m512bh xv = load32_bf16(xb + (b0 + c) * k + i, m);
+            for (int r = 0; r < J; r++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[r], xv);
+        }
+    }
+    _Pragma("GCC unroll 2")
+    for (int r = 0; r < J; r++)
+        _Pragma("GCC unroll 8")
+        for (int c = 0; c < C; c++) {
+            float s = _mm512_reduce_add_ps(acc[r][c]);
+            if (scale) s *= scale[j + r];
+            if (bias) s += bias[j + r];
+            y[(b0 + c) * n + j + r] = s;
+        }
+}
+
+static inline __attribute__((always_inline)) void alloy_gemv_bf16dp_row(
+        const float *x, const void *xp, const uint16_t *w, const float *scale, const float *bias, float *y, long k,
+        long j, const int PF) {
+    (void)x;
+    const uint16_t *xb = xp, *row = w + j * k;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    long i = 0;
+    for (; i + 128 <= k; i += 128) {
+        if (PF)
+            for (int u = 0; u < 256; u += 64) _mm_prefetch((const char *)(row + 2 * k + i) + u, _MM_HINT_T0);
+        for (int u = 0; u < 4; u++)
+            acc[u] = _mm512_dpbf16_ps(acc[u], load32_bf16(row + i + 32 * u, 0xFFFFFFFFu), load32_bf16(xb + i + 32 * u, 0xFFFFFFFFu));
+    }
+    for (; i < k; i += 32)
+        acc[0] = _mm512_dpbf16_ps(acc[0], load32_bf16(row + i, mask32(k - i)), load32_bf16(xb + i, mask32(k - i)));
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+    if (scale) s *= scale[j];
+    if (bias) s += bias[j];
+    y[j] = s;
+}
+
+DEFINE_DRIVER512(alloy_gemv_bf16dp, uint16_t, bf16_activations(x, rows * k))
+#endif
 #define GEMV_ISA(NAME) NAME##_avx512
 #else
 #define GEMV_ISA(NAME) NAME##_avx2
@@ -291,7 +403,13 @@ void alloy_gemv_f32(const float *x, const float *w, const float *scale, const fl
 }
 void alloy_gemv_bf16(const float *x, const uint16_t *w, const float *scale, const float *bias, float *y,
                      long rows, long k, long n, int threads) {
-    GEMV_ISA(alloy_gemv_bf16)(x, w, scale, bias, y, rows, k, n, threads);
+#ifdef __AVX512BF16__
+    alloy_gemv_bf16dp_avx512(x, w, scale, bias, y, rows, k, n, threads);
+#else
+    float *xr = bf16_rounded(x, rows * k);  /* bf16 operands, multiplied in fp32 */
+    GEMV_ISA(alloy_gemv_bf16)(xr, w, scale, bias, y, rows, k, n, threads);
+    free(xr);
+#endif
 }
 void alloy_gemv_i8(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, long rows,
                    long k, long n, int threads) {

@@ -2,7 +2,8 @@
 
 quant.c is built once per instruction set, and the variant is chosen at run time from the CPU's
 flags as the devices profile reports them (alloy.kernels.cpuinfo reads /proc/cpuinfo):
-"avx512_vnni" (vpdpbusd) where the CPU has AVX-512 VNNI, else "avx2" (vpmaddubsw + vpmaddwd)
+"avx512_vnni" (vpdpbusd) where the CPU has AVX-512 VNNI ("avx512_bf16": the same build with
+AVX512_BF16 too, which the fused decode step's bf16 layers use), else "avx2" (vpmaddubsw + vpmaddwd)
 where it has AVX2 + FMA + F16C, else none (callers dequantize and use PyTorch's matmul).
 """
 
@@ -19,16 +20,19 @@ from alloy.kernels.cpuinfo import cpu_flags  # the one reader of /proc/cpuinfo
 
 SOURCE = Path(__file__).with_name("quant.c")
 _BASE = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off")
-ISA_FLAGS = {  # variant -> (compiler flags, CPU flags it needs)
-    "avx512_vnni": (_BASE + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-DALLOY_VNNI"),
-                    ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")),
+_VNNI = (_BASE + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-DALLOY_VNNI"),
+         ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
+ISA_FLAGS = {  # variant -> (compiler flags, CPU flags it needs), fastest first
+    # the VNNI build plus AVX512_BF16: the fused decode step's bf16 layers on vdpbf16ps (gemv.c)
+    "avx512_bf16": (_VNNI[0] + ("-mavx512bf16",), _VNNI[1] + ("avx512_bf16",)),
+    "avx512_vnni": _VNNI,
     "avx2": (_BASE, ("avx2", "fma", "f16c")),
 }
+VNNI_ISAS = ("avx512_bf16", "avx512_vnni")  # the builds with vpdpbusd: the interleaved layouts' kernels
 FORMAT_IDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q4_k": 3, "q4_0x8": 4, "q4_kx8": 5, "q8_0x8": 6}
 # Layouts the kernels may hold instead of GGUF's (same bytes, rows interleaved): format -> (its
-# interleaved name, the ISA whose kernel reads it, rows per group).
-INTERLEAVED = {"q8_0": ("q8_0x8", "avx512_vnni", 8), "q4_0": ("q4_0x8", "avx512_vnni", 8),
-               "q4_k": ("q4_kx8", "avx512_vnni", 8)}
+# interleaved name, the ISAs whose kernels read it, rows per group).
+INTERLEAVED = {"q8_0": ("q8_0x8", VNNI_ISAS, 8), "q4_0": ("q4_0x8", VNNI_ISAS, 8), "q4_k": ("q4_kx8", VNNI_ISAS, 8)}
 
 
 def runnable_isas() -> list[str]:
@@ -56,6 +60,13 @@ def library(isa: str) -> ctypes.CDLL | None:
 def built_isas() -> list[str]:
     """The variants this CPU runs and this machine could compile, fastest first."""
     return [isa for isa in runnable_isas() if library(isa) is not None]
+
+
+def distinct_isas() -> list[str]:
+    """built_isas() less a build whose quant.c code another one in the list already is:
+    "avx512_bf16" is "avx512_vnni"'s quant.c plus gemv.c's bf16 kernels (the tests of quant.c run these)."""
+    built = built_isas()
+    return [isa for isa in built if not (isa == "avx512_bf16" and "avx512_vnni" in built)]
 
 
 def best_isa() -> str | None:

@@ -89,7 +89,7 @@ class QuantLinear(nn.Module):
     def kernel_layout(fmt: str, out_features: int, isa: str | None, exact: bool = False) -> tuple[str, int]:
         """(the layout the blocks are held in, rows per interleaved group) for such a layer."""
         interleaved = kernel_quant.INTERLEAVED.get(fmt)
-        if interleaved and isa == interleaved[1] and not exact and out_features % interleaved[2] == 0:
+        if interleaved and isa in interleaved[1] and not exact and out_features % interleaved[2] == 0:
             return interleaved[0], interleaved[2]
         return fmt, 1
 
