@@ -27,6 +27,16 @@ def _tolerance(x, w):
     return 1e-5 * (x.shape[-1] ** 0.5) * float(x.abs().max() * w.abs().max()) + 1e-6
 
 
+def _under(setting: str, value: str, call):
+    """call() with the environment variable `setting` = value (hypothesis tests take no monkeypatch)."""
+    os.environ[setting] = value
+    try:
+        with torch.inference_mode():
+            return call()
+    finally:
+        del os.environ[setting]
+
+
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(1, 40), k=st.integers(1, 70), n=st.integers(1, 37), with_bias=st.booleans(),
        three_d=st.booleans(), which=st.sampled_from(CHOICES), seed=st.integers(0, 2**16))
@@ -37,12 +47,7 @@ def test_each_gemm_equals_float64(rows, k, n, with_bias, three_d, which, seed):
     want = x.double() @ w.double().t() + (0 if b is None else b.double())
     if three_d:
         x, want = x.view(1, rows, k), want.view(1, rows, n)
-    os.environ["ALLOY_PREFILL_GEMM"] = which
-    try:
-        with torch.inference_mode():
-            got = gemm.linear(x, w, b)
-    finally:
-        del os.environ["ALLOY_PREFILL_GEMM"]
+    got = _under("ALLOY_PREFILL_GEMM", which, lambda: gemm.linear(x, w, b))
     assert got.shape == want.shape and got.dtype == torch.float32
     assert (got.double() - want).abs().max() <= _tolerance(x, w)
 
@@ -54,12 +59,7 @@ def test_each_bf16_gemm_equals_float64_on_bf16_operands(rows, k, n, with_bias, w
     g = torch.Generator().manual_seed(seed)
     x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g).bfloat16()
     b = torch.randn(n, generator=g) if with_bias else None
-    os.environ["ALLOY_PREFILL_BF16"] = which
-    try:
-        with torch.inference_mode():
-            got = gemm.linear_bf16(x, w, b)
-    finally:
-        del os.environ["ALLOY_PREFILL_BF16"]
+    got = _under("ALLOY_PREFILL_BF16", which, lambda: gemm.linear_bf16(x, w, b))
     product = x.bfloat16().double() @ w.double().t()
     want = product + (0 if b is None else b.double())
     # the fp32 sums' error, and for PyTorch's bf16 GEMM the rounding of its output (half an ulp, 2^-9)
@@ -89,42 +89,35 @@ def test_inputs_autograd_tracks_go_to_pytorch(monkeypatch):
     assert torch.allclose(x.grad, w.sum(0).expand(20, 8))
 
 
-@pytest.mark.skipif(len(CHOICES) < 2, reason="this PyTorch has no oneDNN linear: nothing to choose")
-def test_the_choice_is_measured_once_per_machine_and_every_process_reads_it(tmp_path, monkeypatch):
+RACES = [  # (what, the choice, its cached measurement, its record's name in the kernel cache, the choices)
+    pytest.param("choice", "_measured", "prefill-gemm-" + "?" * 16 + ".json", gemm.CHOICES, id="fp32",
+                 marks=pytest.mark.skipif(len(CHOICES) < 2, reason="this PyTorch has no oneDNN linear: nothing to choose")),
+    pytest.param("bf16_choice", "_measured_bf16", "prefill-gemm-bf16-*.json", gemm.BF16_CHOICES, id="bf16"),
+]
+
+
+@pytest.mark.parametrize("choose, measured, record_name, choices", RACES)
+def test_the_choice_is_measured_once_per_machine_and_every_process_reads_it(choose, measured, record_name, choices,
+                                                                           tmp_path, monkeypatch):
     monkeypatch.setenv("ALLOY_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("ALLOY_PREFILL_GEMM", raising=False)
-    gemm._measured.cache_clear()
+    for setting in ("ALLOY_PREFILL_GEMM", "ALLOY_PREFILL_BF16"):
+        monkeypatch.delenv(setting, raising=False)
+    getattr(gemm, measured).cache_clear()
     try:
-        chosen = gemm.choice()
+        chosen = getattr(gemm, choose)()
     finally:
         gemm._measured.cache_clear()  # later tests measure in their own cache
-    (record_path,) = tmp_path.glob("kernels/prefill-gemm-*.json")
+        gemm._measured_bf16.cache_clear()
+    (record_path,) = tmp_path.glob(f"kernels/{record_name}")
     record = json.loads(record_path.read_text())
     assert record["gemm"] == chosen == min(record["seconds"], key=record["seconds"].get)
-    assert set(record["seconds"]) == set(gemm.CHOICES) and record["threads"] == torch.get_num_threads()
+    assert set(record["seconds"]) == set(choices) and record["threads"] == torch.get_num_threads()
     stamp = record_path.stat().st_mtime_ns
     code = ("import torch; from alloy.kernels import gemm; "
-            f"torch.set_num_threads({torch.get_num_threads()}); print(gemm.choice())")
+            f"torch.set_num_threads({torch.get_num_threads()}); print(gemm.{choose}())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
                          env={**os.environ, "ALLOY_CACHE_DIR": str(tmp_path)}).stdout
     assert out.strip() == chosen and record_path.stat().st_mtime_ns == stamp
-
-
-def test_the_bf16_choice_is_measured_once_per_machine(tmp_path, monkeypatch):
-    monkeypatch.setenv("ALLOY_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("ALLOY_PREFILL_BF16", raising=False)
-    gemm._measured_bf16.cache_clear()
-    try:
-        chosen = gemm.bf16_choice()
-        (record_path,) = tmp_path.glob("kernels/prefill-gemm-bf16-*.json")
-        stamp = record_path.stat().st_mtime_ns
-        gemm._measured_bf16.cache_clear()
-        assert gemm.bf16_choice() == chosen and record_path.stat().st_mtime_ns == stamp  # read, not raced again
-    finally:
-        gemm._measured_bf16.cache_clear()
-    record = json.loads(record_path.read_text())
-    assert record["gemm"] == chosen == min(record["seconds"], key=record["seconds"].get)
-    assert set(record["seconds"]) == set(gemm.BF16_CHOICES)
 
 
 def test_a_bad_bf16_gemm_setting_is_a_config_error(monkeypatch):
