@@ -76,6 +76,20 @@ def test_the_fastest_variant_is_taken():
     assert kernels.library("no-such-variant") is None
 
 
+def test_a_variant_that_does_not_build_gives_way_to_the_next(monkeypatch):
+    # e.g. a compiler without -mavx512bf16 on a CPU with AVX512_BF16: the AVX-512 build, not none
+    variants = kernels.runnable_variants()
+    if len(variants) < 2:
+        pytest.skip("this CPU runs one gemv.c variant: nothing to fall back to")
+    real = kernels._library
+    monkeypatch.setattr(kernels, "_library", lambda variant: None if variant == variants[0] else real(variant))
+    kernels._default_library.cache_clear()
+    try:
+        assert kernels.library() is real(variants[1]) is not None
+    finally:
+        kernels._default_library.cache_clear()
+
+
 def test_gemv_runs_on_large_blocks_and_threads():
     # 3 x 1031 x 517: every path (8-row blocks and the tail, 4-row activation blocks) at a real size
     g = torch.Generator().manual_seed(0)

@@ -5,7 +5,7 @@ is how fast the weights stream from memory plus a fixed cost per op. `prepare(mo
 
 - fuses q/k/v and gate/up into one matmul each (fewer ops, longer GEMVs);
 - on CPU, swaps every nn.Linear (and a tied head) for a `DecodeLinear` that stores the weight in
-  `dtype` — fp32, bf16 or per-channel int8 — and runs decode steps on Alloy's AVX2 GEMV kernels
+  `dtype` — fp32, bf16 or per-channel int8 — and runs decode steps on Alloy's GEMV kernels
   (alloy.kernels). Everything else (norms, attention, the KV cache) stays fp32. int8 is
   weight-only: a quarter of the bytes to stream, fp32 arithmetic. bf16 is half the bytes, and its
   matmuls take bf16 operands, as llama.cpp's BF16 and PyTorch's bf16 linear do: the activation is
@@ -59,7 +59,8 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
 
 
 class DecodeLinear(nn.Module):
-    """y = x @ W.T + b with W [out, in] kept in fp32, bf16 or int8 (with a per-row fp32 scale); fp32 x."""
+    """y = x @ W.T + b with W [out, in] kept in fp32, bf16 or int8 (with a per-row fp32 scale); fp32 x
+    (rounded to bf16 on its way into a bf16 W: bf16 operands, fp32 sums)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, storage: str):
         super().__init__()

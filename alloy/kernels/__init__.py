@@ -172,8 +172,8 @@ def library(variant: str | None = None) -> ctypes.CDLL | None:
 
 @functools.cache
 def _default_library() -> ctypes.CDLL | None:
-    variants = runnable_variants()
-    return _library(variants[0]) if variants else None
+    # the first that builds: a compiler too old for a CPU's newest flags (-mavx512bf16) leaves the next
+    return next((lib for lib in map(_library, runnable_variants()) if lib is not None), None)
 
 
 @functools.cache
