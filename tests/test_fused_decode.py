@@ -15,7 +15,7 @@ from hf_cases import build_hf
 
 import alloy
 from alloy.infer import generate
-from alloy.infer.fused import FusedDecoder, NotFusable, fused_decoder
+from alloy.infer.fused import KV_BF16_ISAS, FusedDecoder, NotFusable, fused_decoder
 from alloy.infer.generate import ModelRunner
 from alloy.infer.optimize import DecodeLinear, prepare
 from alloy.kernels import quant as kernel_quant
@@ -167,14 +167,19 @@ def test_fused_step_on_q4_k():
     _assert_steps_agree(model, "q4_k", rows=1)
 
 
+@pytest.mark.parametrize("storage", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", ["llama-gqa", "mistral-sliding", "gemma3"])
-def test_slot_cache_rows_at_their_own_positions_equal_the_forward(name, built):
+def test_slot_cache_rows_at_their_own_positions_equal_the_forward(name, storage, built):
     """Serving's continuous batching: each row of a slot cache at its own length (one request long
     in, one just prefilled, one idle at 0 riding along); the fused step writes each row's keys at its
     own slot and attends over its own slots, as the forward does. Sliding windows and Gemma's local
-    RoPE table make the per-row span and tables matter."""
-    model = prepare(alloy.load(built(name, **WIDE)), "fp32")
+    RoPE table make the per-row span and tables matter. bf16: the cache in bf16 where the fused step
+    reads one (the AVX-512 builds), the forward writing it through PyTorch's rounding, the step
+    through its own."""
+    model = prepare(alloy.load(built(name, **WIDE)), storage)
     fused = FusedDecoder.build(model)
+    bf16_cache = storage == "bf16" and fused.isa in KV_BF16_ISAS
+    bound = 1e-4 if storage == "fp32" else max(1e-4, NUDGE_MARGIN * _rounding_sensitivity(model, 3))
     g = torch.Generator().manual_seed(0)
     own, mine = model.new_cache(3, 40, slots=True), model.new_cache(3, 40, slots=True)
     with torch.inference_mode():
@@ -187,12 +192,25 @@ def test_slot_cache_rows_at_their_own_positions_equal_the_forward(name, built):
             assert fused.accepts(token, None, None, mine)
             want, got = model(token, cache=own), fused(token, mine)
             assert torch.equal(own.lengths, mine.lengths) and own.lengths.tolist() == mine.lengths.tolist()
-            assert float((want - got).abs().max() / want.abs().max()) < 1e-4
+            assert float((want - got).abs().max() / want.abs().max()) < bound
             token = want[:, -1].argmax(-1, keepdim=True)
         for i in own.k:
+            assert own.k[i].dtype == (torch.bfloat16 if bf16_cache else torch.float32)
             for a, b in ((own.k[i], mine.k[i]), (own.v[i], mine.v[i])):
-                assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
+                assert float((a.float() - b.float()).abs().max()) <= bound * float(a.float().abs().max())
     assert own.lengths.tolist() == [28, 9, 5]
+
+
+def test_a_bf16_cache_only_where_the_fused_step_reads_it(built, monkeypatch):
+    # with the fused step on an AVX-512 build: bf16 keys and values; without it (its forward would
+    # widen the cache every step) fp32
+    model = prepare(alloy.load(built("llama-gqa", **WIDE)), "bf16")
+    fused = FusedDecoder.build(model)
+    want = torch.bfloat16 if fused.isa in KV_BF16_ISAS else torch.float32
+    assert model.new_cache(2, 8).k[0].dtype == want and model.new_cache(2, 8, slots=True).v[0].dtype == want
+    monkeypatch.setattr(kernel_quant, "best_isa", lambda: None)  # no fused step
+    unfused = prepare(alloy.load(built("llama-gqa", **WIDE)), "bf16")
+    assert unfused.new_cache(2, 8).k[0].dtype == torch.float32
 
 
 def test_each_new_cache_is_bound_afresh(built):

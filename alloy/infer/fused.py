@@ -35,6 +35,7 @@ SOURCE = Path(kernels.__file__).with_name("decode.c")
 LIN_KINDS = {torch.float32: 100, torch.bfloat16: 101, torch.int8: 102}
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
 ROPE_TABLES = 3  # RoPE table rows a layer may read (alloy.model.layers: ROPE_FULL, ROPE_LOCAL, ROPE_LONG)
+KV_BF16_ISAS = kernel_quant.VNNI_ISAS  # the AVX-512 builds, whose attention reads a bf16 KV cache
 
 
 class _Lin(ctypes.Structure):
@@ -53,7 +54,7 @@ class _Model(ctypes.Structure):
     _fields_ = [*[(name, ctypes.c_long) for name in ("rows", "hidden", "heads", "kv_heads", "head_dim", "rope_dim",
                                                     "ffn", "max_len")],
                 ("eps", ctypes.c_float), ("softmax_scale", ctypes.c_float),
-                *[(name, ctypes.c_int) for name in ("gated", "act", "qk_norm_per_head", "n_layers", "n_tables")],
+                *[(name, ctypes.c_int) for name in ("gated", "act", "qk_norm_per_head", "n_layers", "n_tables", "kv_bf16")],
                 ("layers", ctypes.POINTER(_Layer)), ("final_norm", ctypes.c_void_p), ("head", _Lin)]
 
 
@@ -106,8 +107,9 @@ def _norm(module: nn.Module | None, eps: float) -> int | None:
 class FusedDecoder:
     """One token per row through every layer, the final norm and the head, in one C call."""
 
-    def __init__(self, model: nn.Module, lib: ctypes.CDLL, layers: list[_Layer], head: _Lin, final_norm: int | None):
-        self.model, self.lib, self.layers, self.head, self.final_norm = model, lib, layers, head, final_norm
+    def __init__(self, model: nn.Module, lib: ctypes.CDLL, layers: list[_Layer], head: _Lin, final_norm: int | None,
+                 isa: str):
+        self.model, self.lib, self.layers, self.head, self.final_norm, self.isa = model, lib, layers, head, final_norm, isa
         # (the cache buffers' addresses, struct, layer array, the cache, rows): keyed by where every
         # layer's keys and values are, not by the cache object — a freed cache's id can come back
         # with its buffers elsewhere, and serving hands a fresh view of the same buffers each step;
@@ -163,11 +165,12 @@ class FusedDecoder:
         head = getattr(model, "head", None)
         if head is None:
             raise NotFusable("a tied head without its own module (prepare gives it one)")
-        return cls(model, lib, layers, _lin(head, isa), _norm(getattr(model, "norm", None), eps))
+        return cls(model, lib, layers, _lin(head, isa), _norm(getattr(model, "norm", None), eps), isa)
 
     def accepts(self, ids: torch.Tensor, positions, attention_mask, cache) -> bool:
         """Whether this call is a step the kernel takes: one new token per row, no padding, an fp32
-        cache (plain, or a slot cache's rows) with room in every row."""
+        cache (or bf16, on the AVX-512 builds: KV_BF16_ISAS) — plain, or a slot cache's rows — with
+        room in every row."""
         if not (ids.dim() == 2 and ids.shape[1] == 1 and positions is None and attention_mask is None):
             return False
         if type(cache) is KVCache:
@@ -175,7 +178,8 @@ class FusedDecoder:
         else:
             room = type(cache) is SlotCache and bool((cache.lengths < cache.max_len).all())
         k = next(iter(cache.k.values()))
-        return room and ids.shape[0] == k.shape[0] and k.dtype == torch.float32
+        kv_ok = k.dtype == torch.float32 or (k.dtype == torch.bfloat16 and self.isa in KV_BF16_ISAS)
+        return room and ids.shape[0] == k.shape[0] and kv_ok
 
     def _bind(self, cache: KVCache, rows: int) -> _Model:
         if self._bound is not None and self._bound[3]() is cache and self._bound[4] == rows:
@@ -198,6 +202,7 @@ class FusedDecoder:
                         ffn=mlp.down.in_features, max_len=cache.max_len, eps=spec.norm_eps,
                         softmax_scale=spec.softmax_scale, gated=int(mlp.gated), act=ACTIVATIONS[spec.activation],
                         qk_norm_per_head=int(spec.qk_norm_per_head), n_layers=len(self.layers), n_tables=ROPE_TABLES,
+                        kv_bf16=int(cache.k[int(next(iter(self.model.layers)))].dtype == torch.bfloat16),
                         layers=layers, final_norm=self.final_norm, head=self.head)
         self._bound = (key, struct, layers, weakref.ref(cache), rows)  # the array lives as long as the struct
         return struct

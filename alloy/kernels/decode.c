@@ -33,7 +33,7 @@ typedef struct {
     Lin qkv, o, up, down;  /* up: [gate; up] when gated */
     /* input norms (NULL: none, OLMo 2), output norms (Gemma's sandwich, OLMo 2), q/k norms; NULL: none */
     const float *attn_norm, *mlp_norm, *attn_post_norm, *mlp_post_norm, *q_norm, *k_norm;
-    float *k_cache, *v_cache;  /* [rows, kv_heads, max_len, head_dim] */
+    void *k_cache, *v_cache;   /* [rows, kv_heads, max_len, head_dim]: fp32, or bf16 (Model.kv_bf16) */
     long window;               /* 0: every earlier slot */
     int rope_row;              /* which of the step's cos/sin tables */
 } Layer;
@@ -42,6 +42,7 @@ typedef struct {
     long rows, hidden, heads, kv_heads, head_dim, rope_dim, ffn, max_len;
     float eps, softmax_scale;
     int gated, act, qk_norm_per_head, n_layers, n_tables;  /* n_tables: RoPE tables per row */
+    int kv_bf16;               /* the KV cache holds bf16 (AVX-512 builds only) */
     const Layer *layers;
     const float *final_norm;  /* NULL: none */
     Lin head;                 /* head.w NULL: no head (x is left normed in `out`) */
@@ -117,17 +118,22 @@ static inline __m512 exp512(__m512 x) {
 
 static inline __mmask16 tail16(long left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
 
+/* 16 of a cache's features from element `at`, fp32 or bf16 (widened: exact) */
+static inline __m512 kv_load(const void *cache, long at, __mmask16 m, const int bf16) {
+    return bf16 ? load16_bf16((const uint16_t *)cache + at, m) : _mm512_maskz_loadu_ps(m, (const float *)cache + at);
+}
+
 /* One (row, head): scores s[t] = softmax(scale q.k_t) over `span` slots, o = sum_t s[t] v_t.
- * 16 lanes; the head's features in registers 64 at a time (a Llama head is 64 or 128). */
-static void attend(const float *q, const float *kc, const float *vc, long span, long hd, float scale, float *s,
-                   float *o) {
+ * 16 lanes; the head's features in registers 64 at a time (a Llama head is 64 or 128). kc, vc: the
+ * head's first slot, fp32 or (BF16) bf16 — a constant at each call, so each is its own loop. */
+static inline __attribute__((always_inline)) void attend(const float *q, const void *kc, const void *vc, long span,
+                                                         long hd, float scale, float *s, float *o, const int BF16) {
     float top = -INFINITY;
     for (long t = 0; t < span; t++) {
-        const float *k = kc + t * hd;
         __m512 acc = _mm512_setzero_ps();
         for (long i = 0; i < hd; i += 16) {
             const __mmask16 m = tail16(hd - i);
-            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), _mm512_maskz_loadu_ps(m, k + i), acc);
+            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), kv_load(kc, t * hd + i, m, BF16), acc);
         }
         s[t] = _mm512_reduce_add_ps(acc) * scale;
         top = s[t] > top ? s[t] : top;
@@ -151,15 +157,16 @@ static void attend(const float *q, const float *kc, const float *vc, long span, 
         for (int u = 0; u < 4; u++) m[u] = i + 16 * u < hd ? tail16(hd - i - 16 * u) : 0, acc[u] = _mm512_setzero_ps();
         for (long t = 0; t < span; t++) {
             const __m512 pv = _mm512_set1_ps(s[t]);
-            const float *v = vc + t * hd + i;
-            for (int u = 0; u < 4; u++) acc[u] = _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m[u], v + 16 * u), acc[u]);
+            for (int u = 0; u < 4; u++) acc[u] = _mm512_fmadd_ps(pv, kv_load(vc, t * hd + i + 16 * u, m[u], BF16), acc[u]);
         }
         for (int u = 0; u < 4; u++) _mm512_mask_storeu_ps(o + i + 16 * u, m[u], acc[u]);
     }
 }
 #else
-static void attend(const float *q, const float *kc, const float *vc, long span, long hd, float scale, float *s,
-                   float *o) {
+static void attend(const float *q, const void *kc_, const void *vc_, long span, long hd, float scale, float *s,
+                   float *o, const int BF16) {
+    (void)BF16;  /* fp32 caches only here (alloy.infer.fused declines a bf16 cache without AVX-512) */
+    const float *kc = kc_, *vc = vc_;
     float top = -INFINITY;
     long t = 0;
     for (; t + 4 <= span; t += 4) dot4(q, kc + t * hd, hd, s + t);
@@ -204,8 +211,14 @@ static void attention(const Model *m, const Layer *l, const float *qkv, long qkv
         const long r = rh / m->heads, h = rh % m->heads, g = h / group;
         const long lo = l->window && pos[r] - l->window + 1 > 0 ? pos[r] - l->window + 1 : 0, span = pos[r] + 1 - lo;
         const long base = ((r * m->kv_heads + g) * m->max_len + lo) * hd;
-        attend(qkv + r * qkv_n + h * hd, l->k_cache + base, l->v_cache + base, span, hd, m->softmax_scale,
-               scores + rh * stride, out + r * m->heads * hd + h * hd);
+        const float *q = qkv + r * qkv_n + h * hd;
+        float *o = out + r * m->heads * hd + h * hd, *s = scores + rh * stride;
+        if (m->kv_bf16)
+            attend(q, (const uint16_t *)l->k_cache + base, (const uint16_t *)l->v_cache + base, span, hd,
+                   m->softmax_scale, s, o, 1);
+        else
+            attend(q, (const float *)l->k_cache + base, (const float *)l->v_cache + base, span, hd, m->softmax_scale,
+                   s, o, 0);
     }
 }
 
@@ -291,8 +304,16 @@ void alloy_decode_step(const Model *m, float *x, float *logits, const long *pos,
             }
             for (long g = 0; g < m->kv_heads; g++) {
                 const long slot = ((r * m->kv_heads + g) * m->max_len + pos[r]) * hd;
-                memcpy(l->k_cache + slot, k + g * hd, sizeof(float) * hd);
-                memcpy(l->v_cache + slot, v + g * hd, sizeof(float) * hd);
+                if (m->kv_bf16) {  /* rounded to nearest even, as PyTorch's copy into the cache rounds */
+                    uint16_t *kb = (uint16_t *)l->k_cache + slot, *vb = (uint16_t *)l->v_cache + slot;
+                    for (long i = 0; i < hd; i++) {
+                        kb[i] = (uint16_t)(round_bf16_scalar(k[g * hd + i]) >> 16);
+                        vb[i] = (uint16_t)(round_bf16_scalar(v[g * hd + i]) >> 16);
+                    }
+                } else {
+                    memcpy((float *)l->k_cache + slot, k + g * hd, sizeof(float) * hd);
+                    memcpy((float *)l->v_cache + slot, v + g * hd, sizeof(float) * hd);
+                }
             }
         }
         attention(m, l, qkv, qkv_n, att, pos, scores, stride, threads);

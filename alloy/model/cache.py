@@ -58,8 +58,9 @@ class SlotCache(KVCache):
         rows = torch.arange(B, device=k.device)[:, None]
         slots = start[:, None] + torch.arange(T, device=k.device)  # [B, T]
         end = int(start.max()) + T
-        self.k[layer][rows, :, slots] = k.transpose(1, 2)  # indexed as [B, T, kv_heads, hd]
-        self.v[layer][rows, :, slots] = v.transpose(1, 2)
+        cache_k, cache_v = self.k[layer], self.v[layer]
+        cache_k[rows, :, slots] = k.transpose(1, 2).to(cache_k.dtype)  # indexed as [B, T, kv_heads, hd]
+        cache_v[rows, :, slots] = v.transpose(1, 2).to(cache_v.dtype)
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def reset(self) -> None:

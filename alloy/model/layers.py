@@ -179,6 +179,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # (B, kv_heads, start + T, hd)
+            if k.dtype != q.dtype:  # a bf16 cache under fp32 activations (prepare(model, "bf16") on CPU)
+                k, v = k.to(q.dtype), v.to(q.dtype)
         attn_mask, is_causal = mask
         if spec.attn_softcap:
             out = _softcapped_attention(q, k, v, attn_mask, is_causal, spec.softmax_scale, spec.attn_softcap)
