@@ -6,7 +6,8 @@ is how fast the weights stream from memory plus a fixed cost per op. `prepare(mo
 - fuses q/k/v and gate/up into one matmul each (fewer ops, longer GEMVs);
 - on CPU, swaps every nn.Linear (and a tied head) for a `DecodeLinear` that stores the weight in
   `dtype` — fp32, bf16 or per-channel int8 — and runs decode steps on Alloy's GEMV kernels
-  (alloy.kernels). Everything else (norms, attention, the KV cache) stays fp32. int8 is
+  (alloy.kernels). Everything else (norms, attention, the KV cache: bf16 for bf16 where the fused
+  step reads it) stays fp32. int8 is
   weight-only: a quarter of the bytes to stream, fp32 arithmetic. bf16 is half the bytes, and its
   matmuls take bf16 operands, as llama.cpp's BF16 and PyTorch's bf16 linear do: the activation is
   rounded to bf16 as it enters one, the products (exact in fp32) summed in fp32 — on AVX512_BF16,
