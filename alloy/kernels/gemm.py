@@ -111,25 +111,25 @@ def _measured_bf16(threads: int, fp32_gemm: str) -> str:
 
 def _race_bf16() -> dict:
     """PyTorch's bf16 GEMM against the fp32 one on the widened weight (as linear_bf16 runs each)."""
-    from alloy import kernels
-
     g = torch.Generator().manual_seed(0)
     w = torch.randn(RACE_WIDTH, RACE_WIDTH, generator=g).bfloat16()
     x = torch.randn(RACE_ROWS, RACE_WIDTH, generator=g)
-    with torch.no_grad():
-        seconds = {"bf16": kernels.best_of(lambda: F.linear(x.bfloat16(), w).float()),
-                   "fp32": kernels.best_of(lambda: linear(x.bfloat16().float(), w.float()))}
-    return {"gemm": min(seconds, key=seconds.get), "seconds": seconds, "rows": RACE_ROWS, "width": RACE_WIDTH,
-            "threads": torch.get_num_threads()}
+    return _raced({"bf16": lambda: F.linear(x.bfloat16(), w).float(),
+                   "fp32": lambda: linear(x.bfloat16().float(), w.float())})
 
 
 def _race() -> dict:
-    """Both GEMMs on a RACE_WIDTH-square layer at RACE_ROWS rows, best of 3 each."""
-    from alloy import kernels
-
+    """Both fp32 GEMMs on a RACE_WIDTH-square layer at RACE_ROWS rows."""
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(RACE_WIDTH, RACE_WIDTH, generator=g), torch.randn(RACE_ROWS, RACE_WIDTH, generator=g)
+    return _raced({"torch": lambda: F.linear(x, w), "onednn": lambda: _onednn_linear(x, w)})
+
+
+def _raced(contenders: dict) -> dict:
+    """Each contender's best of 3 (kernels.best_of) and the fastest's name: a race's record."""
+    from alloy import kernels
+
     with torch.no_grad():
-        seconds = {"torch": kernels.best_of(lambda: F.linear(x, w)), "onednn": kernels.best_of(lambda: _onednn_linear(x, w))}
+        seconds = {name: kernels.best_of(call) for name, call in contenders.items()}
     return {"gemm": min(seconds, key=seconds.get), "seconds": seconds, "rows": RACE_ROWS, "width": RACE_WIDTH,
             "threads": torch.get_num_threads()}
