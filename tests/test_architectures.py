@@ -313,3 +313,11 @@ def test_published_moe_sizes():
     assert abs(qwen.num_params() / 30.53e9 - 1) < 0.01
     active = qwen.num_params() - 48 * (qwen.mlp_params(moe=True) - qwen.mlp_params(moe=True, active=True))
     assert abs(active / 3.3e9 - 1) < 0.05
+
+
+def test_a_query_pre_attn_scalar_too_large_to_write_back_is_a_one_line_error():
+    # hypothesis found it: 1.8e308 read, and its scale's inverse square overflowed on the way back
+    config = {"model_type": CASES["gemma3"][0], **CASES["gemma3"][1], "query_pre_attn_scalar": 1.7976931348623157e308}
+    with pytest.raises(ConfigError, match="query_pre_attn_scalar must be > 0 and at most 1e30") as err:
+        ModelSpec.from_hf_config(config)
+    assert "\n" not in str(err.value)

@@ -313,8 +313,10 @@ def _gemma2_knobs(cfg: dict[str, Any], default_sliding: Callable[[int], bool]) -
     bias = bool(cfg.get("attention_bias", False))
     window = cfg.get("sliding_window") or 0
     scalar = float(_get(cfg, "query_pre_attn_scalar", default=256))
-    if not scalar > 0:  # the softmax scale is its inverse square root
-        raise ConfigError(f"query_pre_attn_scalar must be > 0, got {scalar}")
+    # the softmax scale is its inverse square root; past 1e30 (real ones are a head's width) the
+    # scale's inverse square, written back, overflows a float
+    if not 0 < scalar <= 1e30:
+        raise ConfigError(f"query_pre_attn_scalar must be > 0 and at most 1e30, got {scalar}")
     return dict(
         qkv_bias=bias,
         o_bias=bias,
