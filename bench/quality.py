@@ -94,10 +94,13 @@ def train(size: str, data: torch.Tensor, seed: int = 0):
 
 @torch.inference_mode()
 def token_nll(model, chunks: torch.Tensor) -> torch.Tensor:
-    """chunks [n, seq] -> [n, seq - 1]: column j is -log p(chunk[j + 1] | chunk[:j + 1])."""
+    """chunks [n, seq] -> [n, seq - 1]: column j is -log p(chunk[j + 1] | chunk[:j + 1]). Scored
+    through the model's own KV cache, as decoding reads it: attention over the keys and values as
+    the cache holds them (bf16 where prepare chose a bf16 cache)."""
     out = []
     for rows in chunks.split(8):
-        logits = model(rows[:, :-1]).float()  # [8, seq - 1, vocab]
+        cache = model.new_cache(rows.shape[0], rows.shape[1] - 1)
+        logits = model(rows[:, :-1], cache=cache).float()  # [8, seq - 1, vocab]
         out.append(F.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none"))
     return torch.cat(out)
 

@@ -201,15 +201,18 @@ def test_slot_cache_rows_at_their_own_positions_equal_the_forward(name, storage,
     assert own.lengths.tolist() == [28, 9, 5]
 
 
-def test_a_bf16_cache_only_where_the_fused_step_reads_it(built, monkeypatch):
-    # with the fused step on an AVX-512 build: bf16 keys and values; without it (its forward would
-    # widen the cache every step) fp32
-    model = prepare(alloy.load(built("llama-gqa", **WIDE)), "bf16")
+@pytest.mark.parametrize("storage, reduced", [("bf16", True), ("q8_0", True), ("q4_0", True),
+                                               ("fp32", False), ("int8", False)])
+def test_a_bf16_cache_only_where_the_fused_step_reads_it(storage, reduced, built, monkeypatch):
+    # bf16 and the block formats, with the fused step on an AVX-512 build: bf16 keys and values (as
+    # llama.cpp keeps f16 ones); fp32 and int8 weights keep fp32 arithmetic there; without the fused
+    # step (its forward would widen the cache every step) fp32
+    model = prepare(alloy.load(built("llama-gqa", **WIDE)), storage)
     fused = FusedDecoder.build(model)
-    want = torch.bfloat16 if fused.isa in KV_BF16_ISAS else torch.float32
+    want = torch.bfloat16 if reduced and fused.isa in KV_BF16_ISAS else torch.float32
     assert model.new_cache(2, 8).k[0].dtype == want and model.new_cache(2, 8, slots=True).v[0].dtype == want
     monkeypatch.setattr(kernel_quant, "best_isa", lambda: None)  # no fused step
-    unfused = prepare(alloy.load(built("llama-gqa", **WIDE)), "bf16")
+    unfused = prepare(alloy.load(built("llama-gqa", **WIDE)), storage)
     assert unfused.new_cache(2, 8).k[0].dtype == torch.float32
 
 

@@ -94,7 +94,7 @@ class Transformer(nn.Module):
                   slots: bool = False) -> KVCache:
         """A preallocated KV cache for this slice's layers; `slots`: rows that fill independently. Its
         dtype: `dtype`, else the model's `kv_cache_dtype` (alloy.infer.optimize.prepare sets bf16 for
-        bf16 decoding on CPU), else the parameters'."""
+        bf16 and block-format decoding where the fused step reads it), else the parameters'."""
         param = next(self.parameters())
         dtype = dtype or getattr(self, "kv_cache_dtype", None) or param.dtype
         return (SlotCache if slots else KVCache)(self.spec, range(*self.layer_range), batch_size, max_len,
