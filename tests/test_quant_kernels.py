@@ -186,6 +186,10 @@ def test_quantized_model_generates_like_its_float64_twin(fmt, hidden, ffn, heads
     prompts = torch.randint(1, 96, (2, 20), generator=torch.Generator().manual_seed(3)).tolist()
     # without kernels (ALLOY_CPU_KERNELS=0) every path is the exact-activation fallback
     twin = _twin(model, fmt, act_rows=crossover if kernel_quant.best_isa() is not None else 0)
+    # the weights' arithmetic alone: keys and values in fp32 in both (the bf16 cache the fused step
+    # keeps, rounded from fp32 here and from float64 in the twin, would flip roundings of its own;
+    # tests/test_fused_decode.py checks it against the forward on the same cache)
+    prepared.kv_cache_dtype = None
     want = [g.tokens for g in generate(twin, prompts, max_new_tokens=32, eos_ids=())]
     assert [g.tokens for g in generate(prepared, prompts, max_new_tokens=32, eos_ids=())] == want
     # Against the plain dequantized fp32 model (no activation rounding) the logits move by the
@@ -294,3 +298,54 @@ def test_a_bad_crossover_setting_is_a_config_error(monkeypatch):
     monkeypatch.setenv("ALLOY_QUANT_KERNEL_ROWS", "many")
     with pytest.raises(ConfigError, match="ALLOY_QUANT_KERNEL_ROWS='many'"):
         kernel_rows("avx2", "q4_0")
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k"])
+def test_blocks_off_the_host_hold_ggufs_layout_and_decode_in_pytorch(fmt, monkeypatch):
+    # The compiled kernels read host memory: a layer whose blocks move to a GPU drops them and their
+    # interleaved layout. "Off the host" is simulated on CPU tensors here (on_host patched), so the
+    # unpacking and the fallback it switches to are checked on every machine; the real move is
+    # test_block_formats_on_cuda_equal_the_cpu_fallback (gpu).
+    from alloy.quant import linear
+
+    g = torch.Generator().manual_seed(0)
+    layer = QuantLinear.from_weight(torch.randn(16, 256, generator=g) * 0.05, torch.randn(16, generator=g), fmt)
+    table = QuantEmbedding(layer.blocks, fmt, 256, layout=layer.kernel_fmt)  # a tied head's lookup
+    gguf, weight = layer.gguf_blocks().clone(), layer.dequantized().double()
+    x, ids = torch.randn(3, 256, generator=g), torch.tensor([[0, 9], [15, 4]])
+    monkeypatch.setattr(linear, "on_host", lambda blocks: False)
+    layer.to("cpu"), table.to("cpu")  # what .to("cuda") runs after moving the tensors
+    monkeypatch.undo()
+    assert layer.isa is None and layer.kernel_fmt == fmt and layer.group_rows == 1
+    assert torch.equal(layer.blocks, gguf) and torch.equal(table.blocks, gguf) and table.layout == fmt
+    want = x.double() @ weight.t() + layer.bias.double()
+    assert ((layer(x).double() - want).abs() <= _tolerance(x, weight, False)).all()
+    assert torch.equal(table(ids).double(), weight[ids])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k"])
+def test_block_formats_on_cuda_equal_the_cpu_fallback(fmt, monkeypatch):
+    # The same blocks on the GPU, decoded by PyTorch there: fp32 arithmetic on the same weights as
+    # the CPU's fallback, so logits agree to fp32 rounding and greedy tokens are equal (this model's
+    # logits are far apart). Both routes: prepared on the GPU, and prepared on the CPU then moved.
+    from alloy.infer.fused import fused_decoder
+
+    model = _tiny_llama(256, 256, 4, tied=fmt == "q4_0")
+    prompts = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(3)).tolist()
+    on_gpu = prepare(copy.deepcopy(model).cuda(), fmt)
+    moved = prepare(copy.deepcopy(model), fmt).cuda()
+    monkeypatch.setenv("ALLOY_CPU_KERNELS", "0")
+    cpu = prepare(copy.deepcopy(model), fmt)
+    layers = [m for gpu in (on_gpu, moved) for m in gpu.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.blocks.is_cuda and m.isa is None and m.kernel_fmt == m.fmt for m in layers)
+    assert fused_decoder(on_gpu) is None and fused_decoder(moved) is None
+    ids = torch.tensor(prompts)
+    with torch.no_grad():
+        want = cpu(ids)
+        for gpu in (on_gpu, moved):
+            got = gpu(ids.cuda()).cpu()
+            assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
+    tokens = [g.tokens for g in generate(cpu, prompts, max_new_tokens=16, eos_ids=())]
+    for gpu in (on_gpu, moved):
+        assert [g.tokens for g in generate(gpu, prompts, max_new_tokens=16, eos_ids=())] == tokens

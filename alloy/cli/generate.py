@@ -25,7 +25,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--dtype", default="fp32", help="weights in fp32, bf16, int8 (per-channel) or a GGUF block format q8_0, q4_0, q4_1, q4_k (CPU only; head in q8_0). On CPU Alloy's kernels stream the smaller weights: int8 multiplies in fp32, bf16 rounds each matmul's input to bf16 and sums in fp32 (as llama.cpp's BF16), the block formats take int8 dot products; on GPU bf16/int8 compute in bf16 (default fp32)")
+    parser.add_argument("--dtype", default="fp32", help="weights in fp32, bf16, int8 (per-channel) or a GGUF block format q8_0, q4_0, q4_1, q4_k (head in q8_0; on a GPU the blocks stay in memory and PyTorch decodes them). On CPU Alloy's kernels stream the smaller weights: int8 multiplies in fp32, bf16 rounds each matmul's input to bf16 and sums in fp32 (as llama.cpp's BF16), the block formats take int8 dot products; on GPU bf16/int8 compute in bf16 (default fp32)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--system", default=None, help="system message (with --chat)")
     parser.add_argument("--devices", default=None,

@@ -22,7 +22,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--devices", default=None,
                         help="'auto' (this machine, measured) or an inventory JSON: plan a layer split over them")
     parser.add_argument("--plan", default=None, help="a plan JSON from `alloy plan --task infer`")
-    parser.add_argument("--dtype", default="fp32", help="weights in fp32, bf16, int8 or a GGUF block format q8_0, q4_0, q4_1, q4_k (CPU; default fp32)")
+    parser.add_argument("--dtype", default="fp32", help="weights in fp32, bf16, int8 or a GGUF block format q8_0, q4_0, q4_1, q4_k (default fp32)")
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting for a batch row before new ones get 429 (default 64)")

@@ -131,6 +131,8 @@ class FusedDecoder:
             raise NotFusable("a model alloy.infer.optimize.prepare has not converted")
         spec = model.spec
         isa = kernel_quant.best_isa()
+        if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
+            raise NotFusable("weights off the CPU (the kernels read host memory)")
         if isa is None or not kernels.enabled():
             raise NotFusable("no compiled kernels on this machine")
         if not (spec.causal and model.has_embed and model.has_head):

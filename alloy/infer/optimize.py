@@ -20,8 +20,11 @@ is how fast the weights stream from memory plus a fixed cost per op. `prepare(mo
   QuantLinear holding the blocks, quantized one layer at a time from the checkpoint's dtype (the
   model is never whole in fp32); the head is Q8_0 for every format (llama.cpp's 4-bit mixes
   also keep the output matrix at 6-8 bits), and so is the token table, whose blocks a tied
-  head shares. On CPU only; the arithmetic is the activation in int8 per 32
-  inputs against the blocks (decode) or fp32 (prefill, fallback).
+  head shares. On CPU the arithmetic is the activation in int8 per 32 inputs against the blocks
+  (decode) or fp32 (prefill, fallback), with keys and values in bf16 where the fused step reads
+  them (as llama.cpp's f16 cache). On a GPU the blocks are quantized on the host a layer at a
+  time, held on the device in GGUF's layout and decoded there by PyTorch, tile by tile, for an
+  fp32 GEMM: the memory of the format, not yet its speed (no fused GPU kernel).
 
 The result is for inference only: its state dict no longer matches the checkpoint's names.
 """
@@ -198,8 +201,11 @@ def _bf16_cache_where_fused(model: nn.Module) -> None:
 
 @torch.no_grad()
 def _prepare_quantized(model: nn.Module, fmt: str) -> nn.Module:
-    if next(model.parameters()).device.type != "cpu":
-        raise ConfigError(f"--dtype {fmt} runs on CPU only for now; use bf16 or int8 on {next(model.parameters()).device}")
+    """Every linear (and the token table) as GGUF blocks of `fmt`, quantized a layer at a time on
+    the CPU. On another device the blocks move there in GGUF's own layout and PyTorch decodes them
+    (alloy.quant.linear: the compiled kernels read host memory only)."""
+    device = next(model.parameters()).device
+    isa = "auto" if device.type == "cpu" else None
     # Check every width before quantizing anything, so a bad model fails in a second, not midway.
     for name, module in model.named_modules():
         if type(module) is nn.Linear:
@@ -213,21 +219,23 @@ def _prepare_quantized(model: nn.Module, fmt: str) -> nn.Module:
             if type(child) is nn.Linear:
                 # one layer at a time: the fp32 copy of a weight lives only inside quantize()
                 layer_fmt = HEAD_FORMAT if full == "head" else fmt
-                setattr(module, name, QuantLinear.from_weight(child.weight, child.bias, layer_fmt, name=full))
+                layer = QuantLinear.from_weight(child.weight, child.bias, layer_fmt, name=full, isa=isa)
+                setattr(module, name, layer.to(device))
     if embed is not None:
         # The token table in the head's format; a tied head reads the same blocks (one copy).
         dim = embed.tok.weight.shape[1]
-        blocks = quantize(embed.tok.weight, HEAD_FORMAT)
+        blocks = quantize(embed.tok.weight, HEAD_FORMAT).to(device)
         if getattr(model, "has_head", False) and not hasattr(model, "head"):
-            model.head = QuantLinear(blocks, HEAD_FORMAT, dim)  # (its kernel's layout: the lookup reads that)
-            embed.tok = QuantEmbedding(model.head.blocks, HEAD_FORMAT, dim, layout=model.head.kernel_fmt)
+            model.head = QuantLinear(blocks, HEAD_FORMAT, dim, isa=isa)  # (its kernel's layout: the lookup reads that)
+            embed.tok = QuantEmbedding(model.head.blocks, HEAD_FORMAT, dim, layout=model.head.kernel_fmt, isa=isa)
         else:
-            embed.tok = QuantEmbedding(blocks, HEAD_FORMAT, dim)
+            embed.tok = QuantEmbedding(blocks, HEAD_FORMAT, dim, isa=isa)
     model.to(torch.float32)  # what is left: norms, position embeddings, biases (the blocks are uint8)
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, Norm) and child.kind == "rmsnorm" and kernels.available():
-                setattr(module, name, DecodeNorm(child))
+    if device.type == "cpu" and kernels.available():
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, Norm) and child.kind == "rmsnorm":
+                    setattr(module, name, DecodeNorm(child))
     # Keys and values in bf16 too, as llama.cpp keeps them in f16 for every weight format: at batch
     # 8 a Q4_0 step read ~47 MB of fp32 cache against ~55 MB of blocks.
     _bf16_cache_where_fused(model)

@@ -7,8 +7,11 @@ Three paths, same result up to the activation's 8-bit rounding (kernel) or fp32 
   more rows) and run PyTorch's GEMM on them — or, on a machine where the integer-dot kernel
   measured faster at that many rows (`kernel_rows`: an AMD EPYC, where PyTorch's fp32 GEMM is half
   the Xeon's), the kernel again;
-- no compiled kernels (no compiler, no AVX2, ALLOY_CPU_KERNELS=0): the same tiles, dequantized
-  by PyTorch (alloy.quant.dequantize), with x in fp32 — exact weights, fp32 arithmetic.
+- no compiled kernels (no compiler, no AVX2, ALLOY_CPU_KERNELS=0), or blocks on a GPU: the same
+  tiles, dequantized by PyTorch (alloy.quant.dequantize), with x in fp32 — exact weights, fp32
+  arithmetic. The kernels read host memory only, so a layer moved off the CPU drops them and
+  holds its blocks in GGUF's own layout there (`_apply`); on a GPU the tiles are large
+  (DEVICE_TILE_BYTES), each layer a few launches.
 
 A frozen base under training (QLoRA: `exact=True`) always takes the tile path, which autograd
 differentiates through `x` by dequantizing the tiles again in the backward (dx = dy W): the
@@ -55,6 +58,10 @@ MIN_TILE_BYTES, MAX_TILE_BYTES = 1 << 20, 16 << 20
 # (measured on a 98M QLoRA run: peak RSS 1140 MiB where the live tensors peaked near 650), and
 # large tiles make few, wide GEMMs (the backward's dy @ W tile by tile).
 EXACT_TILE_BYTES = 16 << 20
+# On a GPU: fp32 bytes of weight dequantized at once. Each tile is ~10 kernel launches whatever its
+# size, and GPU memory is not a cache to stay inside: large tiles, few launches; a model's largest
+# matrices (an 8B model's head: 2 GB in fp32) still never exist whole.
+DEVICE_TILE_BYTES = 256 << 20
 _scratch: list[torch.Tensor] = []
 
 
@@ -73,8 +80,9 @@ class QuantLinear(nn.Module):
                               f"{in_features // spec.block_size * spec.type_size}], got {blocks.dtype} {tuple(blocks.shape)}")
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
         self.fmt, self.in_features, self.out_features = fmt, in_features, blocks.shape[0]
-        # None: the PyTorch fallback. Fixed at construction, so a test can pin every variant.
-        self.isa = kernel_quant.best_isa() if isa == "auto" else isa
+        # None: the PyTorch fallback. Fixed at construction, so a test can pin every variant; blocks
+        # off the CPU never take the kernels.
+        self.isa = None if not on_host(blocks) else kernel_quant.best_isa() if isa == "auto" else isa
         # exact: every row through the dequantized tiles in x's precision (at least fp32), never the
         # int8-activation GEMV, and differentiable in x: a frozen base that a backward passes through
         self.exact = exact
@@ -84,6 +92,20 @@ class QuantLinear(nn.Module):
         if self.kernel_fmt != fmt and not laid_out:
             blocks = kernel_quant.REPACK[self.kernel_fmt][0](blocks.contiguous())
         self.register_buffer("blocks", blocks.contiguous())
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._leave_kernels_off_host()
+        return self
+
+    def _leave_kernels_off_host(self) -> None:
+        """Blocks off the CPU: PyTorch's decode of GGUF's layout (the kernels' interleaved layouts
+        are theirs), unpacked through the host once."""
+        if on_host(self.blocks) or self.blocks.is_meta or self.isa is None:
+            return
+        if self.kernel_fmt != self.fmt:
+            self.blocks = kernel_quant.REPACK[self.kernel_fmt][1](self.blocks.cpu()).to(self.blocks.device)
+        self.isa, self.kernel_fmt, self.group_rows = None, self.fmt, 1
 
     @staticmethod
     def kernel_layout(fmt: str, out_features: int, isa: str | None, exact: bool = False) -> tuple[str, int]:
@@ -124,6 +146,8 @@ class QuantLinear(nn.Module):
     def _tile_rows(self, x_rows: int = 0) -> int:
         """Weight rows per tile for a product with `x_rows` activation rows."""
         tile_bytes = min(max(x_rows * TILE_BYTES_PER_ROW, MIN_TILE_BYTES), MAX_TILE_BYTES)
+        if not on_host(self.blocks):
+            tile_bytes = DEVICE_TILE_BYTES
         rows = max(1, (EXACT_TILE_BYTES if self.exact else tile_bytes) // (4 * self.in_features))
         return max(self.group_rows, rows // self.group_rows * self.group_rows)
 
@@ -139,7 +163,7 @@ class QuantLinear(nn.Module):
 
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 [rows, in] @ W.T over dequantized tiles, in x2's dtype; no bias, no autograd."""
-        y = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype)
+        y = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device)
         step = self._tile_rows(x2.shape[0])
         # Every tile of this call is dequantized into one buffer (one allocation per call, not per
         # tile; per call, not shared, as pipeline stages run layers on several threads at once).
@@ -163,7 +187,7 @@ class QuantLinear(nn.Module):
         step = self._tile_rows()
         if step >= self.out_features:
             return torch.mm(dy, self._exact_tile(0, self.out_features).to(dy.dtype))
-        dx = torch.zeros(dy.shape[0], self.in_features, dtype=dy.dtype)
+        dx = torch.zeros(dy.shape[0], self.in_features, dtype=dy.dtype, device=dy.device)
         for start in range(0, self.out_features, step):
             stop = min(start + step, self.out_features)
             dx.addmm_(dy[:, start:stop], self._exact_tile(start, stop).to(dy.dtype))
@@ -223,6 +247,20 @@ class QuantEmbedding(nn.Module):
         self.isa = kernel_quant.best_isa() if isa == "auto" else isa
         # a tied head's interleaved layout (QuantLinear.kernel_fmt), shared: rows are found in their group
         self.layout = layout or fmt
+        self._leave_kernels_off_host()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._leave_kernels_off_host()
+        return self
+
+    def _leave_kernels_off_host(self) -> None:
+        """As QuantLinear's: off the CPU, GGUF's layout and PyTorch's decode."""
+        if on_host(self.blocks) or self.blocks.is_meta:
+            return
+        if self.layout != self.fmt:
+            self.blocks = kernel_quant.REPACK[self.layout][1](self.blocks.cpu()).to(self.blocks.device)
+        self.isa, self.layout = None, self.fmt
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
@@ -241,6 +279,11 @@ class QuantEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.blocks.shape[0]} x {self.dim}, weights {self.fmt}"
+
+
+def on_host(blocks: torch.Tensor) -> bool:
+    """Whether the compiled kernels can read `blocks` (host memory: the CPU's)."""
+    return blocks.device.type == "cpu"
 
 
 def kernel_rows(isa: str, fmt: str) -> float:
