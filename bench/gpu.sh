@@ -2,6 +2,7 @@
 # The prepared GPU benchmark: one unattended run on a CUDA machine, under 8 minutes.
 #   (a) training tokens/s and MFU vs. transformers      -> train.json
 #   (b) decode tokens/s vs. transformers, HBM roofline   -> decode.json
+#       and Alloy in Q4_0 (GGUF blocks) vs. transformers bf16 -> decode_q4_0.json
 #   (c) GPU (capped) + CPU: Alloy's split vs. accelerate -> partition.json
 #   then summary.json (machine, versions, commit, headline figures, every raw sample) and gpu.log.
 # Results go to $OUT if set (the device tool's folder), else bench/results/gpu-<UTC time>/.
@@ -49,11 +50,12 @@ fi
 
 STATUS=()
 run() {  # NAME LIMIT_S [ARGS...]: one measurement in its own process; a failure does not stop the rest
-    local name=$1 limit=$2
+    # (MODULE=M run NAME ...: bench.gpu.M's measurement written as NAME.json)
+    local name=$1 limit=$2 module=${MODULE:-$1}
     shift 2
     echo "== $name (at most ${limit} s) $(date -u +%H:%M:%S)"
     # --budget-s: start no new round once 70% of the limit is gone, so the result is written whole.
-    timeout -k 10 "$limit" "$PY" -m "bench.gpu.$name" "${DEVICE_ARGS[@]}" --out "$OUT_DIR/$name.json" \
+    timeout -k 10 "$limit" "$PY" -m "bench.gpu.$module" "${DEVICE_ARGS[@]}" --out "$OUT_DIR/$name.json" \
         --budget-s $((limit * 7 / 10)) "$@" >/dev/null  # stdout repeats $name.json; stderr is the log
     local rc=$?
     [ "$rc" = 124 ] && echo "gpu.sh: $name ran past ${limit} s and was stopped; $name.json keeps the samples taken"
@@ -64,6 +66,9 @@ run() {  # NAME LIMIT_S [ARGS...]: one measurement in its own process; a failure
 START_S=$SECONDS
 run train 150
 run decode 100
+# Alloy's Q4_0 blocks on the GPU against transformers in bf16 (the tiny CPU smoke model's run is
+# tests/test_bench_gpu.py's; here it would only repeat the smoke's decode)
+[ "${BENCH_GPU_SMOKE:-0}" = 1 ] || MODULE=decode run decode_q4_0 50 --alloy-dtype q4_0 --rounds 2
 run partition 180
 "$PY" -m bench.gpu.summary --dir "$OUT_DIR" --commit "${ALLOY_COMMIT:-}" --status "${STATUS[@]}"
 echo "gpu.sh: done in $((SECONDS - START_S)) s: ${STATUS[*]}"

@@ -67,6 +67,24 @@ def test_decode_tiny_runs_both_batches_and_reports_roofline(smoke):
     assert doc["summary"]["ratio_tokens_per_s_b8"]["n"] == 1
 
 
+def test_decode_with_alloy_in_a_block_format_against_transformers(tmp_path):
+    # gpu.sh's decode_q4_0 step (GPU only there), on the tiny model on CPU: Alloy's side in Q4_0
+    # blocks, transformers' in --dtype; the summary quotes its ratios beside decode's
+    out = tmp_path / "decode_q4_0.json"
+    proc = run_entry("decode", "--device", "cpu", "--tiny", "--dtype", "fp32", "--alloy-dtype", "q4_0",
+                     "--out", str(out), timeout_s=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["complete"] and not doc["errors"] and doc["alloy_dtype"] == "q4_0" and doc["dtype"] == "fp32"
+    assert {(s["impl"], s["batch"]) for s in doc["samples"]} == {(i, b) for i in ("alloy", "transformers")
+                                                                 for b in (1, 8)}
+    bytes_ = doc["weight_bytes_per_token"]  # 4.5 bits a weight (the head in 8.5) against 32
+    assert bytes_["alloy"] < 0.3 * bytes_["transformers"]
+    assert summary.main(["--dir", str(tmp_path)]) == 0
+    headline = json.loads((tmp_path / "summary.json").read_text())["headline"]
+    assert headline["decode_q4_0_ratio_tokens_per_s_b8"] > 0
+
+
 def test_partition_tiny_plans_runs_and_matches_the_baseline_tokens(smoke):
     doc = tiny(smoke, "partition")
     alloy = [s for s in doc["samples"] if s["impl"] == "alloy"]

@@ -5,7 +5,10 @@ alternate A B A B on the same two loaded models. The roofline time of a token is
 a decode step reads (bench.decode.weight_bytes_per_token) over the memory bandwidth: the measured
 device-to-device copy rate and the H200's 4.8 TB/s datasheet figure; the fraction is that time
 over the measured time per step (1.0 = every weight streamed once per step at that rate).
-Run: python -m bench.gpu.decode --device cuda [--rounds 3] [--out decode.json]
+`--alloy-dtype q4_0` (or q8_0, q4_k) runs Alloy's side in that GGUF block format (its blocks held on
+the GPU and decoded there by PyTorch, alloy.quant.linear) against transformers in --dtype: what a
+user weighing a 4-bit model against the bf16 one would compare; the weight bytes are each side's.
+Run: python -m bench.gpu.decode --device cuda [--rounds 3] [--alloy-dtype q4_0] [--out decode.json]
 """
 
 from __future__ import annotations
@@ -66,13 +69,16 @@ def measure(run, device, vocab: int, batch: int, new: int) -> dict:
 def main(argv=None) -> int:
     p = common.parser(__doc__, "A B rounds per batch size (default 3; tiny 1)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per request (default 128)")
+    p.add_argument("--alloy-dtype", choices=["q8_0", "q4_0", "q4_k"], default=None,
+                   help="Alloy's weights in this GGUF block format instead of --dtype (transformers stays in --dtype)")
     args = p.parse_args(argv)
     device = common.check_args(p, args)
     size = "tiny" if args.tiny else "1b"
     rounds, new = args.rounds or (1 if args.tiny else 3), args.new_tokens or (8 if args.tiny else 128)
     config = common.llama_config(size)
     record = common.Record("decode", args, size=size, config=common.SIZES[size], dtype=args.dtype,
-                           prompt_tokens=PROMPT_TOKENS, new_tokens=new, rounds=rounds,
+                           alloy_dtype=args.alloy_dtype or args.dtype, prompt_tokens=PROMPT_TOKENS, new_tokens=new,
+                           rounds=rounds,
                            datasheet_bytes_per_s=common.H200_HBM_BYTES_PER_S)
     record.doc["gpu"] = common.gpu_name(device)
     bandwidth = copy_bytes_per_s(device, COPY_BYTES[size])
@@ -81,7 +87,8 @@ def main(argv=None) -> int:
     runners, weight_bytes = {}, {}
     for impl in IMPLS:
         try:
-            model, runners[impl] = build(impl, config, device, args.dtype)
+            dtype = (args.alloy_dtype or args.dtype) if impl == "alloy" else args.dtype
+            model, runners[impl] = build(impl, config, device, dtype)
             weight_bytes[impl] = weight_bytes_per_token(model)
         except Exception as err:
             record.error(f"build {impl}", err)

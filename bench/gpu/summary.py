@@ -19,6 +19,7 @@ from pathlib import Path
 from bench.harness import cpu_model
 
 MEASUREMENTS = ("train", "decode", "partition")
+OPTIONAL = ("decode_q4_0",)  # gpu.sh runs it on a GPU only: Alloy in Q4_0 against transformers in bf16
 PACKAGES = ("torch", "transformers", "accelerate", "pydantic", "numpy", "safetensors")
 
 
@@ -67,14 +68,13 @@ def headline(results: dict) -> dict:
             for key in ("tokens_per_s", "mfu_vs_peak", "mfu_vs_measured"):
                 out[f"train_{impl}_{key}"] = train[impl][key].get("median")
         out["train_ratio"] = train["ratio_tokens_per_s"].get("median")
-    decode = results.get("decode", {}).get("summary")
-    if decode:
-        for key, value in decode.items():
+    for name in ("decode", *OPTIONAL):
+        for key, value in (results.get(name, {}).get("summary") or {}).items():
             if key.startswith("ratio"):
-                out[f"decode_{key}"] = value.get("median")
+                out[f"{name}_{key}"] = value.get("median")
                 continue
             for figure, s in value.items():
-                out[f"decode_{key}_{figure}"] = s.get("median")
+                out[f"{name}_{key}_{figure}"] = s.get("median")
     partition = results.get("partition", {}).get("summary")
     if partition:
         for key, value in partition.items():
@@ -124,6 +124,9 @@ def main(argv=None) -> int:
             results[name] = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             missing.append(f"{name}: {type(err).__name__}: {err}")
+    for name in OPTIONAL:
+        if (directory / f"{name}.json").is_file():
+            results[name] = json.loads((directory / f"{name}.json").read_text())
     summary = {"environment": environment(args.commit), "status": status, "missing": missing,
                "headline": headline(results), "results": results}
     (directory / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
