@@ -130,3 +130,26 @@ def test_qlora_saves_only_where_the_quantized_base_runs():
     assert on[1][0] == on[1][1]  # the GPU: as plain LoRA
     assert on[0][1] == pytest.approx(on[0][0] - 4 * qlora.costs.layer_quant_saving_bytes)
     assert qlora.costs.layer_quant_saving_bytes > 0
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "q8_0", "q4_0"])
+def test_a_decode_plan_counts_at_least_the_kv_cache_the_prepared_model_makes(dtype):
+    """The plan's KV bytes per request token (a block format planned as int8, as `alloy generate
+    --devices` plans it) are never below what the prepared model's own cache holds per token:
+    int8 and the block formats are weights only, their keys and values fp32 (or bf16)."""
+    import torch
+
+    from alloy.infer.optimize import QUANT_FORMATS, prepare
+    from alloy.model import Transformer
+    from alloy.plan.cost import model_costs
+
+    model_spec = ModelSpec(family="llama", vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                           head_dim=16, intermediate_size=128, max_seq_len=32)  # widths every format takes
+    plan_dtype = "int8" if dtype in QUANT_FORMATS else dtype
+    costs = model_costs(model_spec, Workload("infer", 1, 16, dtype=plan_dtype, new_tokens=16))
+    planned_per_token = float(costs.layer_kv_bytes_per_sample.sum()) / 32
+    torch.manual_seed(0)
+    cache = prepare(Transformer(model_spec), dtype).new_cache(1, 32)
+    held_per_token = sum(t.numel() * t.element_size() for t in (*cache.k.values(), *cache.v.values())) / 32
+    assert planned_per_token >= held_per_token
+    assert planned_per_token <= 2 * held_per_token  # and not far above: at most fp32 for bf16's cache

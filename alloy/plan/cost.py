@@ -22,6 +22,10 @@ ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32 each
 MASTER_WEIGHT_BYTES = 4  # fp32 master copy kept when training in a 16/8-bit dtype
 LOGITS_BYTES = 4  # logits are upcast to fp32 for the loss / sampling
 MESSAGE_BYTES = 4  # fp32: a training step's activations and gradients on the wire
+# KV cache bytes per element where they are not the weights': int8 (and the GGUF block formats a
+# decode plan counts as int8) is weights only, the keys and values fp32 on a CPU (bf16 with the
+# block formats' fused step, bf16 on a GPU): the largest, so a plan never counts on room it lacks.
+KV_BYTES = {"int8": 4}
 # Far above any real step (BERT was trained at 65536 samples a step) yet bounded: the search
 # loops over micro-batch counts, so `--batch-size 10**18` must be refused, not iterated.
 MAX_BATCH = 1 << 20
@@ -203,7 +207,7 @@ def model_costs(spec: ModelSpec, work: Workload) -> ModelCosts:
         kept_act, peak = 0.0, full_act_bytes  # inference keeps nothing between layers
 
     context = S + work.new_tokens
-    kv_per_token = 2 * kv * hd * b
+    kv_per_token = 2 * kv * hd * KV_BYTES.get(work.dtype, b)
     kv_tokens = [min(context, w) if w else context for w in windows]
     mean_ctx = [min(S + work.new_tokens / 2, w) if w else S + work.new_tokens / 2 for w in windows]
 
