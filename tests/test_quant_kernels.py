@@ -340,6 +340,8 @@ def test_block_formats_on_cuda_equal_the_cpu_fallback(fmt, monkeypatch):
     layers = [m for gpu in (on_gpu, moved) for m in gpu.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.blocks.is_cuda and m.isa is None and m.kernel_fmt == m.fmt for m in layers)
     assert fused_decoder(on_gpu) is None and fused_decoder(moved) is None
+    # the bf16 cache is the CPU's fused step's: a moved model's cache is in its parameters' dtype
+    assert all(next(iter(m.new_cache(1, 4).k.values())).dtype == torch.float32 for m in (on_gpu, moved))
     ids = torch.tensor(prompts)
     with torch.no_grad():
         want = cpu(ids)

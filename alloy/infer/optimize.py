@@ -83,7 +83,8 @@ class DecodeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows <= GEMV_MAX_ROWS and x.dtype == torch.float32:
+        # (the kernels read host memory: a prepared model moved to a GPU takes PyTorch's ops)
+        if rows <= GEMV_MAX_ROWS and x.dtype == torch.float32 and x.is_cpu:
             y = kernels.gemv(x.reshape(rows, self.in_features).contiguous(), self.weight, self.scale, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
         if self.weight.dtype == torch.bfloat16 and x.dtype == torch.float32:  # bf16 operands, as the kernels take them
@@ -110,7 +111,7 @@ class DecodeNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[-1]
         rows = x.numel() // n
-        if rows <= GEMV_MAX_ROWS and x.dtype == torch.float32:
+        if rows <= GEMV_MAX_ROWS and x.dtype == torch.float32 and x.is_cpu:
             return kernels.rms_norm(x.reshape(rows, n).contiguous(), self.weight, self.eps).view(x.shape)
         return F.rms_norm(x.float(), (n,), self.weight, self.eps).to(x.dtype)
 

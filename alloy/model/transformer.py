@@ -94,9 +94,11 @@ class Transformer(nn.Module):
                   slots: bool = False) -> KVCache:
         """A preallocated KV cache for this slice's layers; `slots`: rows that fill independently. Its
         dtype: `dtype`, else the model's `kv_cache_dtype` (alloy.infer.optimize.prepare sets bf16 for
-        bf16 and block-format decoding where the fused step reads it), else the parameters'."""
+        bf16 and block-format decoding where the fused step reads it; on the CPU, where that step
+        runs: a prepared model moved to a GPU gets its parameters'), else the parameters'."""
         param = next(self.parameters())
-        dtype = dtype or getattr(self, "kv_cache_dtype", None) or param.dtype
+        chosen = getattr(self, "kv_cache_dtype", None) if param.device.type == "cpu" else None
+        dtype = dtype or chosen or param.dtype
         return (SlotCache if slots else KVCache)(self.spec, range(*self.layer_range), batch_size, max_len,
                                                  device=param.device, dtype=dtype)
 
