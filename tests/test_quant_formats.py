@@ -96,3 +96,15 @@ def test_bad_inputs_raise_one_line_config_errors():
         quant.quantize(torch.zeros(32), "q4_0")
     with pytest.raises(ConfigError, match="uint8"):
         quant.dequantize(torch.zeros(2, 33, dtype=torch.uint8), "q8_0")
+
+
+@pytest.mark.parametrize("fmt", list(quant.FORMATS))
+def test_quantizing_is_host_work_whatever_the_default_device(fmt):
+    # bench.gpu builds its models under `with torch.device("cuda")`; the blocks (and the C Q4_K
+    # quantizer's output, which it writes through a pointer) must still be made on the CPU. The meta
+    # device stands in for the GPU here: a tensor made there would come back without data.
+    weight = torch.randn(16, 256, generator=torch.Generator().manual_seed(0))
+    want = quant.quantize(weight, fmt)
+    with torch.device("meta"):
+        got = quant.quantize(weight, fmt)
+    assert got.device.type == "cpu" and torch.equal(got, want)

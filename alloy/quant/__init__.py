@@ -51,7 +51,14 @@ def quantize(weight, name: str, *, layout: str | None = None) -> torch.Tensor:
     CHUNK_WEIGHTS at a time, never whole. `layout`: a kernel layout of this format
     (alloy.kernels.quant.INTERLEAVED, e.g. "q4_0x8") to lay each chunk's rows out in as it is
     made, so the result is never repacked whole (a second copy, and its temporaries, of the blocks):
-    the interleaving only regroups whole groups of rows, so the bytes equal repacking afterwards."""
+    the interleaving only regroups whole groups of rows, so the bytes equal repacking afterwards.
+    Host work whatever the default device: under `with torch.device("cuda")` (as bench.gpu builds
+    its models) the blocks and every temporary are still made on the CPU."""
+    with torch.device("cpu"):
+        return _quantize(weight, name, layout)
+
+
+def _quantize(weight, name: str, layout: str | None) -> torch.Tensor:
     fmt = get_format(name)
     if weight.dim() != 2:
         raise ConfigError(f"quantize takes a 2-d weight [out, in], got shape {tuple(weight.shape)}")
