@@ -65,7 +65,24 @@ DEVICE_TILE_BYTES = 256 << 20
 _scratch: list[torch.Tensor] = []
 
 
-class QuantLinear(nn.Module):
+class _Blocks(nn.Module):
+    """A module over GGUF blocks (`self.blocks`) whose compiled kernels read host memory: moved off
+    the CPU (`.to("cuda")`), it drops them and holds GGUF's own layout (`_leave_kernels_off_host`)."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if not (on_host(self.blocks) or self.blocks.is_meta):
+            self._leave_kernels_off_host()
+        return self
+
+    def _gguf_layout_here(self, layout: str) -> None:
+        """`self.blocks`, held in kernel layout `layout`, back in its format's GGUF layout on its
+        device (unpacked through the host once)."""
+        if layout != self.fmt:
+            self.blocks = kernel_quant.REPACK[layout][1](self.blocks.cpu()).to(self.blocks.device)
+
+
+class QuantLinear(_Blocks):
     """A linear layer over GGUF blocks `blocks` uint8 [out, in / block * type_size]; fp32 in and out."""
 
     def __init__(self, blocks: torch.Tensor, fmt: str, in_features: int, bias: torch.Tensor | None = None,
@@ -93,18 +110,10 @@ class QuantLinear(nn.Module):
             blocks = kernel_quant.REPACK[self.kernel_fmt][0](blocks.contiguous())
         self.register_buffer("blocks", blocks.contiguous())
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self._leave_kernels_off_host()
-        return self
-
     def _leave_kernels_off_host(self) -> None:
         """Blocks off the CPU: PyTorch's decode of GGUF's layout (the kernels' interleaved layouts
-        are theirs), unpacked through the host once."""
-        if on_host(self.blocks) or self.blocks.is_meta or self.isa is None:
-            return
-        if self.kernel_fmt != self.fmt:
-            self.blocks = kernel_quant.REPACK[self.kernel_fmt][1](self.blocks.cpu()).to(self.blocks.device)
+        are theirs)."""
+        self._gguf_layout_here(self.kernel_fmt)
         self.isa, self.kernel_fmt, self.group_rows = None, self.fmt, 1
 
     @staticmethod
@@ -235,7 +244,7 @@ class _FrozenMatmul(torch.autograd.Function):
         return ctx.layer.matmul_t(dy.contiguous()), None
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_Blocks):
     """Token embedding rows kept as GGUF blocks [vocab, row_bytes]; a lookup decodes only the rows
     asked for. Can share its blocks with a tied head's QuantLinear (one copy of the table)."""
 
@@ -247,19 +256,12 @@ class QuantEmbedding(nn.Module):
         self.isa = kernel_quant.best_isa() if isa == "auto" else isa
         # a tied head's interleaved layout (QuantLinear.kernel_fmt), shared: rows are found in their group
         self.layout = layout or fmt
-        self._leave_kernels_off_host()
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self._leave_kernels_off_host()
-        return self
+        if not (on_host(blocks) or blocks.is_meta):
+            self._leave_kernels_off_host()
 
     def _leave_kernels_off_host(self) -> None:
         """As QuantLinear's: off the CPU, GGUF's layout and PyTorch's decode."""
-        if on_host(self.blocks) or self.blocks.is_meta:
-            return
-        if self.layout != self.fmt:
-            self.blocks = kernel_quant.REPACK[self.layout][1](self.blocks.cpu()).to(self.blocks.device)
+        self._gguf_layout_here(self.layout)
         self.isa, self.layout = None, self.fmt
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
